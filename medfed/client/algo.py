@@ -1,0 +1,234 @@
+"""A site's local work, free of Flower: pretraining rounds, fine-tuning rounds, evaluation.
+
+`SiteAlgo` is what the ClientApp calls in federated runs and what the centralized and
+local-only baselines call directly, so every arm of a comparison runs the same loop.
+One training loop (`train_loop`) serves both phases; FedProx (Li et al., MLSys 2020)
+adds ``mu/2 * ||w - w_global||^2`` over the shared weights when ``proximal_mu > 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.config import RunConfig
+from medfed.constants import FinetuneMode, Phase, TaskType
+from medfed.data.site import SiteData
+from medfed.data.transforms import AugmentSpec, augment
+from medfed.metrics import classification_metrics
+from medfed.models.encoders import Encoder, InputSpec, build_encoder, resolve_encoder_kind
+from medfed.models.heads import Classifier
+from medfed.selfsup.methods import SSLMethod, SSLSettings
+from medfed.selfsup.registry import build_method
+
+StateDict = dict[str, torch.Tensor]
+EVAL_BATCH = 512
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (run seed, site, phase, round), same on every machine."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module with weights drawn from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# ---- models -------------------------------------------------------------------------
+
+
+def new_encoder(cfg: RunConfig, spec: InputSpec) -> Encoder:
+    kind = resolve_encoder_kind(cfg.encoder, cfg.ssl_methods)
+    return _seeded_init(derive_seed(cfg.seed, "encoder-init"), lambda: build_encoder(kind, spec, cfg.width))  # type: ignore[return-value]
+
+
+def new_classifier(cfg: RunConfig, spec: InputSpec, task: TaskType, num_classes: int, encoder_state: StateDict | None) -> Classifier:
+    """Classifier with the given (pretrained) encoder weights and a seeded fresh head."""
+    model: Classifier = _seeded_init(
+        derive_seed(cfg.seed, "classifier-init"), lambda: Classifier(new_encoder(cfg, spec), task, num_classes)
+    )  # type: ignore[assignment]
+    if encoder_state is not None:
+        model.encoder.load_state_dict(encoder_state)
+    return model
+
+
+def ssl_settings(cfg: RunConfig) -> SSLSettings:
+    return SSLSettings(temperature=cfg.temperature, byol_momentum=cfg.byol_momentum, mask_ratio=cfg.mask_ratio)
+
+
+def finetune_shared_keys(cfg: RunConfig, classifier_keys: list[str]) -> list[str]:
+    """Keys a site sends after fine-tuning: the head only for a linear probe, else everything."""
+    if cfg.finetune_mode == FinetuneMode.LINEAR:
+        return [k for k in classifier_keys if k.startswith("head.")]
+    return list(classifier_keys)
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.0
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_examples: int
+    loss: float  # mean loss over the steps of the last epoch
+    steps: int
+    seconds: float
+
+
+def minibatches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
+    """Shuffled index batches; with ``drop_last`` a short tail is dropped unless it is the only batch."""
+    order = torch.randperm(n, generator=gen)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def train_loop(
+    params: list[nn.Parameter],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    settings: TrainSettings,
+    gen: torch.Generator,
+    *,
+    prox_params: list[nn.Parameter] | None = None,
+    on_step_end: Callable[[], None] | None = None,
+) -> TrainStats:
+    """AdamW over ``params`` for ``settings.epochs`` passes over ``n`` examples."""
+    start = time.perf_counter()
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    anchors = [p.detach().clone() for p in prox_params] if prox_params and settings.proximal_mu > 0 else None
+    steps, last_losses = 0, []
+    for _ in range(settings.epochs):
+        last_losses = []
+        for idx in minibatches(n, settings.batch_size, gen, settings.drop_last):
+            loss = batch_loss(idx)
+            if anchors is not None:
+                prox = sum((p - a).pow(2).sum() for p, a in zip(prox_params, anchors, strict=True))  # type: ignore[arg-type]
+                loss = loss + 0.5 * settings.proximal_mu * prox
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {steps}; lower the learning rate")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if on_step_end is not None:
+                on_step_end()
+            steps += 1
+            last_losses.append(float(loss.detach()))
+    return TrainStats(n, float(np.mean(last_losses)) if last_losses else float("nan"), steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor) -> np.ndarray:
+    """Probabilities ``(N, K)``."""
+    model.eval()
+    out = [model.probabilities(model(images[i : i + EVAL_BATCH])) for i in range(0, len(images), EVAL_BATCH)]
+    return torch.cat(out).numpy()
+
+
+def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, FPR and mean loss of ``model`` on a labelled set."""
+    probs = predict(model, images)
+    metrics = classification_metrics(model.task, labels.numpy(), probs)
+    with torch.no_grad():
+        logits = torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+        metrics["eval-loss"] = float(model.loss(logits, labels))
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+# ---- the site -----------------------------------------------------------------------
+
+
+class SiteAlgo:
+    """One site's training, given the run config and the site's data."""
+
+    def __init__(self, cfg: RunConfig, data: SiteData) -> None:
+        self.cfg, self.data = cfg, data
+
+    def _gen(self, phase: Phase, server_round: int) -> torch.Generator:
+        return generator(self.cfg.seed, self.data.site_id, phase.value, server_round)
+
+    def build_method(self, encoder_state: StateDict, local_state: StateDict | None) -> SSLMethod:
+        encoder = new_encoder(self.cfg, self.data.spec)
+        encoder.load_state_dict(encoder_state)
+        method = build_method(self.cfg.ssl_methods, self.cfg.ssl_weights, encoder, ssl_settings(self.cfg))
+        if local_state is not None:
+            method.load_local_state_dict(local_state)
+        return method
+
+    def pretrain_round(
+        self, encoder_state: StateDict, local_state: StateDict | None, server_round: int
+    ) -> tuple[StateDict, StateDict, TrainStats]:
+        """Train the global encoder on all of this site's images with the SSL objective.
+
+        Returns the new encoder weights (to share), the site-local state (heads, predictors,
+        decoders, momentum targets: to keep) and training statistics.
+        """
+        method = self.build_method(encoder_state, local_state)
+        method.train()
+        gen = self._gen(Phase.PRETRAIN, server_round)
+        images = self.data.train_images
+        settings = TrainSettings(
+            epochs=self.cfg.pretrain_epochs, batch_size=self.cfg.pretrain_batch_size, lr=self.cfg.pretrain_lr,
+            proximal_mu=self.cfg.proximal_mu, drop_last=True,
+        )
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        stats = train_loop(
+            trainable, lambda idx: method.loss(images[idx], gen), len(images), settings, gen,
+            prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
+        )
+        encoder_out = {k: v.detach().clone() for k, v in method.encoder.state_dict().items()}
+        return encoder_out, method.local_state_dict(), stats
+
+    def classifier(self, state: StateDict) -> Classifier:
+        model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
+        model.load_state_dict(state)
+        return model
+
+    def finetune_round(self, classifier_state: StateDict, server_round: int) -> tuple[StateDict, TrainStats]:
+        """Supervised training on the labelled subset; returns the weights to share and statistics."""
+        model = self.classifier(classifier_state)
+        linear = self.cfg.finetune_mode == FinetuneMode.LINEAR
+        model.encoder.requires_grad_(not linear)
+        model.train()
+        gen = self._gen(Phase.FINETUNE, server_round)
+        images, labels = self.data.labelled_images, self.data.labelled_labels
+        views = AugmentSpec.light()
+        settings = TrainSettings(
+            epochs=self.cfg.finetune_epochs, batch_size=self.cfg.finetune_batch_size, lr=self.cfg.finetune_lr,
+            proximal_mu=self.cfg.proximal_mu,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        stats = train_loop(
+            trainable, lambda idx: model.loss(model(augment(images[idx], views, gen)), labels[idx]), len(images),
+            settings, gen, prox_params=trainable,
+        )
+        state = model.state_dict()
+        keys = finetune_shared_keys(self.cfg, list(state))
+        return {k: state[k].detach().clone() for k in keys}, stats
+
+    def evaluate_val(self, classifier_state: StateDict) -> dict[str, float]:
+        return evaluate(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)

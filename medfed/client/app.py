@@ -1,0 +1,100 @@
+"""The ClientApp: translates Flower messages to and from `SiteAlgo`, nothing more.
+
+Each train message carries the run settings (flat kebab-case), the phase and the global
+weights. The reply carries only the shared weights (an ArrayRecord) and scalar metrics
+(a MetricRecord); the site-local SSL state (heads, predictors, decoders, momentum targets)
+is kept in ``context.state`` and never sent.
+
+Where a site's data comes from is the only thing that differs between simulation and
+deployment: a node config with ``data-path`` names the site's own file; otherwise
+``partition-id`` picks the site's share of the partition written to the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medfed.client.algo import SiteAlgo
+from medfed.config import RunConfig
+from medfed.constants import MetricKey, NodeConfigKey, Phase, RecordKey
+from medfed.data.medmnist import load_medmnist
+from medfed.data.site import SiteData, site_from_own_file, site_from_split
+from medfed.exceptions import DataError
+from medfed.simulations.partition import SitePlan
+
+# Keys the server adds to the run settings in every message.
+PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY = "phase", "run-dir", "data-file", "server-round"
+EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY)
+SPLIT_FILE = "split.json"
+
+app = ClientApp()
+
+
+def read_message_config(config: ConfigRecord) -> tuple[RunConfig, dict[str, object]]:
+    """Split a message's ConfigRecord into the RunConfig and the per-message extras."""
+    flat = {k: v for k, v in config.items() if k not in EXTRA_KEYS}
+    extras = {k: config[k] for k in EXTRA_KEYS if k in config}
+    return RunConfig.from_flat(flat), extras
+
+
+def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> SiteData:
+    """This site's data: its own file (deployment) or its partition (simulation)."""
+    if NodeConfigKey.DATA_PATH in node_config:
+        site_id = int(node_config.get(NodeConfigKey.PARTITION_ID, 0))
+        data = load_medmnist(str(node_config[NodeConfigKey.DATA_PATH]), download=False)
+        return site_from_own_file(data, site_id, cfg.label_fraction, cfg.seed)
+    if NodeConfigKey.PARTITION_ID not in node_config:
+        raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
+    site_id = int(node_config[NodeConfigKey.PARTITION_ID])
+    plan = SitePlan.load(Path(str(extras[RUN_DIR_KEY])) / SPLIT_FILE)
+    data = load_medmnist(str(extras[DATA_FILE_KEY]), download=False)
+    if data.sha256 != plan.data_sha256:
+        raise DataError(f"{data.path}: contents differ from the file the split was made from (sha256 mismatch)")
+    if not 0 <= site_id < len(plan.sites):
+        raise DataError(f"partition-id {site_id} is outside the split's {len(plan.sites)} sites")
+    return site_from_split(data, plan.sites[site_id])
+
+
+def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
+    content = RecordDict({RecordKey.METRICS.value: MetricRecord(metrics)})
+    if arrays is not None:
+        content[RecordKey.ARRAYS.value] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, extras = read_message_config(msg.content[RecordKey.CONFIG.value])
+    phase, server_round = Phase(str(extras[PHASE_KEY])), int(extras[ROUND_KEY])
+    site = load_site(dict(context.node_config), cfg, extras)
+    algo = SiteAlgo(cfg, site)
+    incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
+    if phase == Phase.PRETRAIN:
+        local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
+        local_state = local.to_torch_state_dict() if local is not None else None
+        shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
+        context.state[RecordKey.SITE_LOCAL.value] = ArrayRecord(new_local)
+    else:
+        shared, stats = algo.finetune_round(incoming, server_round)
+    metrics = {
+        MetricKey.NUM_EXAMPLES.value: stats.num_examples,
+        MetricKey.SITE_ID.value: site.site_id,
+        MetricKey.LOSS.value: stats.loss,
+        MetricKey.STEPS.value: stats.steps,
+        MetricKey.SECONDS.value: stats.seconds,
+    }
+    return _reply(msg, ArrayRecord(shared), metrics)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, extras = read_message_config(msg.content[RecordKey.CONFIG.value])
+    site = load_site(dict(context.node_config), cfg, extras)
+    state = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
+    metrics = SiteAlgo(cfg, site).evaluate_val(state)
+    metrics[MetricKey.NUM_EXAMPLES.value] = float(len(site.val_images))
+    metrics[MetricKey.SITE_ID.value] = float(site.site_id)
+    return _reply(msg, None, metrics)

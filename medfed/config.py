@@ -1,0 +1,221 @@
+"""The resolved settings of one medfed run.
+
+`RunConfig` is a frozen dataclass. It converts to and from Flower's flat run config
+(kebab-case keys such as ``num-sites``) exactly once, at the edges, and validates every
+value on construction: a bad value raises `ConfigError` naming the setting and its rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from medfed.constants import (
+    NO_PRETRAIN,
+    Baselines,
+    EncoderKind,
+    FinetuneMode,
+    Mode,
+    PartitionScheme,
+    StrategyName,
+)
+from medfed.exceptions import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; defaults are those of `medfed simulate` with no flags.
+
+    Defaults were sized so that the default run (5 sites, PneumoniaMNIST, 10 % labels,
+    pretraining then fine-tuning, plus the default baselines) finishes within 10 minutes
+    on 2 CPU cores; the measured time is in docs/RESULTS.md.
+    """
+
+    # data and sites
+    data: str = "pneumoniamnist"
+    num_sites: int = 5
+    partition: str = PartitionScheme.DIRICHLET.value
+    alpha: float = 0.5
+    label_fraction: float = 0.1
+    min_site_size: int = 10
+    seed: int = 0
+    # what to run
+    mode: str = Mode.FEDERATED.value
+    pretrain: str = "simclr"
+    pretrain_weights: str = ""  # comma list, one weight per method in `pretrain` (a+b)
+    encoder: str = EncoderKind.AUTO.value
+    width: int = 16
+    baselines: str = Baselines.DEFAULT.value
+    # pretraining
+    pretrain_rounds: int = 10
+    pretrain_epochs: int = 1
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 128
+    temperature: float = 0.2
+    byol_momentum: float = 0.99
+    mask_ratio: float = 0.75
+    # fine-tuning
+    finetune_mode: str = FinetuneMode.FULL.value
+    finetune_rounds: int = 10
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 32
+    # federation
+    strategy: str = StrategyName.FEDAVG.value
+    proximal_mu: float = 0.0
+    fraction_train: float = 1.0
+    client_cpus: int = 0  # 0: all cores of this machine for each simulated site
+    # outputs
+    out_dir: str = "runs"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- conversions -------------------------------------------------------------
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flower-style flat run config: kebab-case keys, scalar values."""
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "RunConfig":
+        """Build from a flat kebab-case mapping; unknown keys are an error, missing keys default."""
+        known = {_kebab(f.name): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in flat.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, f.type)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), indent=2, sort_keys=True)
+
+    # ---- derived -------------------------------------------------------------------
+    @property
+    def ssl_methods(self) -> list[str]:
+        """The SSL methods named by `pretrain` ('simclr+restore' -> ['simclr', 'restore'])."""
+        return [] if self.pretrain == NO_PRETRAIN else self.pretrain.split("+")
+
+    @property
+    def ssl_weights(self) -> list[float]:
+        methods = self.ssl_methods
+        if not self.pretrain_weights:
+            return [1.0] * len(methods)
+        return [float(w) for w in self.pretrain_weights.split(",")]
+
+    @property
+    def run_dir_name(self) -> str:
+        return self.run_name or f"{self.data_stem}-{self.mode}-{self.pretrain}-s{self.seed}"
+
+    @property
+    def data_stem(self) -> str:
+        return Path(self.data).stem if self.data.endswith(".npz") else self.data
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    target = _TYPES[str(type_name)]
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"setting {key!r} must be of type {target.__name__}, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{_kebab(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _validate(c: RunConfig) -> None:
+    # Imported here: the registry imports torch-heavy modules, the config must stay light.
+    from medfed.selfsup.registry import available_methods
+
+    for f in fields(c):
+        _coerce(_kebab(f.name), getattr(c, f.name), f.type)
+    if not c.data:
+        raise ConfigError("data must name a MedMNIST flag (e.g. pneumoniamnist) or a .npz path")
+    if c.num_sites < 1:
+        raise ConfigError(f"num-sites must be >= 1; got {c.num_sites}")
+    _choice("partition", c.partition, [p.value for p in PartitionScheme])
+    if not c.alpha > 0:
+        raise ConfigError(f"alpha (Dirichlet concentration) must be > 0; got {c.alpha}")
+    if not 0 < c.label_fraction <= 1:
+        raise ConfigError(f"label-fraction must be in (0, 1]; got {c.label_fraction}")
+    if c.min_site_size < 1:
+        raise ConfigError(f"min-site-size must be >= 1; got {c.min_site_size}")
+    _choice("mode", c.mode, [m.value for m in Mode])
+    _choice("encoder", c.encoder, [e.value for e in EncoderKind])
+    _choice("baselines", c.baselines, [b.value for b in Baselines])
+    _choice("finetune_mode", c.finetune_mode, [m.value for m in FinetuneMode])
+    _choice("strategy", c.strategy, [s.value for s in StrategyName])
+    known = available_methods()
+    methods = c.ssl_methods
+    if c.pretrain != NO_PRETRAIN:
+        if len(set(methods)) != len(methods) or not all(methods):
+            raise ConfigError(f"pretrain must be 'none' or distinct methods joined by '+'; got {c.pretrain!r}")
+        for m in methods:
+            if m not in known:
+                raise ConfigError(
+                    f"unknown self-supervised method {m!r} in pretrain; known: {', '.join(known)}, or 'none'"
+                )
+    if c.pretrain_weights:
+        try:
+            weights = [float(w) for w in c.pretrain_weights.split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"pretrain-weights must be comma-separated numbers; got {c.pretrain_weights!r}") from exc
+        if len(weights) != len(methods):
+            raise ConfigError(
+                f"pretrain-weights needs one weight per method in pretrain ({len(methods)}); got {len(weights)}"
+            )
+        if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ConfigError(f"pretrain-weights must be >= 0 with at least one > 0; got {c.pretrain_weights!r}")
+    if c.width < 4 or c.width % 4:
+        raise ConfigError(f"width must be a multiple of 4 and >= 4 (GroupNorm groups); got {c.width}")
+    for name in ("pretrain_rounds", "finetune_rounds"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"{_kebab(name)} must be >= 0; got {getattr(c, name)}")
+    if c.finetune_rounds < 1:
+        raise ConfigError(f"finetune-rounds must be >= 1 (the run ends with a fine-tuned model); got {c.finetune_rounds}")
+    if c.pretrain != NO_PRETRAIN and c.pretrain_rounds < 1:
+        raise ConfigError("pretrain-rounds must be >= 1 when a pretrain method is set (or use --pretrain none)")
+    for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{_kebab(name)} must be >= 1; got {getattr(c, name)}")
+    if "simclr" in methods and c.pretrain_batch_size < 2:
+        raise ConfigError("pretrain-batch-size must be >= 2 for simclr (it needs in-batch negatives)")
+    for name in ("pretrain_lr", "finetune_lr", "temperature"):
+        if not getattr(c, name) > 0:
+            raise ConfigError(f"{_kebab(name)} must be > 0; got {getattr(c, name)}")
+    if not 0 <= c.byol_momentum < 1:
+        raise ConfigError(f"byol-momentum must be in [0, 1); got {c.byol_momentum}")
+    if not 0 < c.mask_ratio < 1:
+        raise ConfigError(f"mask-ratio must be in (0, 1); got {c.mask_ratio}")
+    if c.proximal_mu < 0:
+        raise ConfigError(f"proximal-mu must be >= 0; got {c.proximal_mu}")
+    if c.strategy == StrategyName.FEDPROX and c.proximal_mu == 0:
+        raise ConfigError("strategy fedprox needs proximal-mu > 0 (with 0 it is FedAvg)")
+    if not 0 < c.fraction_train <= 1:
+        raise ConfigError(f"fraction-train must be in (0, 1]; got {c.fraction_train}")
+    if c.client_cpus < 0:
+        raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
+    if c.run_name and (Path(c.run_name).name != c.run_name or c.run_name.startswith(".")):
+        raise ConfigError(f"run-name must be a plain folder name; got {c.run_name!r}")
+

@@ -1,0 +1,281 @@
+"""Reader for MedMNIST-format ``.npz`` files (MedMNIST v2/v3 layout, Yang et al., Sci. Data 2023).
+
+A file holds ``train_images``, ``train_labels``, ``val_images``, ``val_labels``,
+``test_images`` and ``test_labels``. Images are ``(N, H, W)`` (2D grayscale),
+``(N, H, W, C)`` with C in {1, 3} (2D colour), ``(N, D, H, W)`` (3D) or ``(N, D, H, W, C)``.
+Labels are ``(N,)`` or ``(N, K)`` integers: one column for binary / multi-class /
+ordinal tasks, K columns of 0/1 for multi-label tasks.
+
+The official train/val/test splits are kept as they are. Every check raises `DataError`
+naming the file, the key and the rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medfed.constants import TaskType
+from medfed.exceptions import DataError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+DATA_PATH_ENV = "MEDFED_DATA_PATH"
+"""Colon-separated folders searched for ``<flag>.npz`` before ``~/.medmnist``."""
+
+# MedMNIST's own flags: (task, number of classes or labels). Ordinal regression
+# (retinamnist) is read as multi-class. Source: medmnist/info.py of medmnist 3.0.2.
+KNOWN_FLAGS: dict[str, tuple[TaskType, int]] = {
+    "pathmnist": (TaskType.MULTICLASS, 9),
+    "chestmnist": (TaskType.MULTILABEL, 14),
+    "dermamnist": (TaskType.MULTICLASS, 7),
+    "octmnist": (TaskType.MULTICLASS, 4),
+    "pneumoniamnist": (TaskType.BINARY, 2),
+    "retinamnist": (TaskType.MULTICLASS, 5),
+    "breastmnist": (TaskType.BINARY, 2),
+    "bloodmnist": (TaskType.MULTICLASS, 8),
+    "tissuemnist": (TaskType.MULTICLASS, 8),
+    "organamnist": (TaskType.MULTICLASS, 11),
+    "organcmnist": (TaskType.MULTICLASS, 11),
+    "organsmnist": (TaskType.MULTICLASS, 11),
+    "organmnist3d": (TaskType.MULTICLASS, 11),
+    "nodulemnist3d": (TaskType.BINARY, 2),
+    "adrenalmnist3d": (TaskType.BINARY, 2),
+    "fracturemnist3d": (TaskType.MULTICLASS, 3),
+    "vesselmnist3d": (TaskType.BINARY, 2),
+    "synapsemnist3d": (TaskType.BINARY, 2),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One official split. ``images``: uint8 or float, channel-first ``(N, C, *spatial)``;
+    ``labels``: int64 ``(N, K)`` (K = 1 unless multi-label)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
+class MedMNISTData:
+    """A validated MedMNIST-style dataset with its official splits."""
+
+    name: str
+    path: Path
+    sha256: str
+    train: Split
+    val: Split
+    test: Split
+    task: TaskType
+    num_classes: int  # classes (binary/multi-class) or labels (multi-label)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.train.images.shape[2:])
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "task": self.task.value,
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "spatial_shape": list(self.spatial_shape),
+            "sizes": {s: len(self.split(s)) for s in SPLITS},
+        }
+
+
+def is_path_like(data: str) -> bool:
+    return data.endswith(".npz") or os.sep in data or "/" in data
+
+
+def flag_base(flag: str) -> str:
+    """'pneumoniamnist_64' -> 'pneumoniamnist' (MedMNIST+ size suffixes)."""
+    base, _, size = flag.rpartition("_")
+    return base if base and size.isdigit() else flag
+
+
+def medmnist_home() -> Path:
+    return Path("~/.medmnist").expanduser()
+
+
+def resolve_data_path(data: str, *, download: bool = True) -> Path:
+    """Turn ``--data`` into a file path.
+
+    A path (ends with ``.npz`` or contains a separator) must exist. A flag such as
+    ``pneumoniamnist`` is looked up in the folders of ``$MEDFED_DATA_PATH``, then at
+    ``~/.medmnist/<flag>.npz``; if missing there and ``download`` is set, the optional
+    ``medmnist`` package downloads it; offline, the error names the path to place it at.
+    """
+    if is_path_like(data):
+        path = Path(data).expanduser()
+        if not path.is_file():
+            raise DataError(f"data file {str(path)!r} does not exist (or is not a file)")
+        return path
+    flag = data.lower()
+    for folder in os.environ.get(DATA_PATH_ENV, "").split(os.pathsep):
+        if folder and (Path(folder).expanduser() / f"{flag}.npz").is_file():
+            return Path(folder).expanduser() / f"{flag}.npz"
+    home_path = medmnist_home() / f"{flag}.npz"
+    if home_path.is_file():
+        return home_path
+    if flag_base(flag) not in KNOWN_FLAGS:
+        raise DataError(
+            f"{data!r} is neither a .npz path nor a known MedMNIST flag "
+            f"({', '.join(sorted(KNOWN_FLAGS))}), and {home_path} does not exist"
+        )
+    reason = "download disabled"
+    if download:
+        reason = _download_with_medmnist(flag, home_path.parent)
+        if home_path.is_file():
+            return home_path
+    raise DataError(
+        f"{flag}: no file at {home_path} ({reason}). Place the official MedMNIST file there, "
+        f"add its folder to ${DATA_PATH_ENV}, or pass --data PATH/TO/{flag}.npz"
+    )
+
+
+def _download_with_medmnist(flag: str, root: Path) -> str:
+    """Download with the medmnist package; returns why it did not work (or 'downloaded')."""
+    try:
+        import medmnist  # type: ignore[import-not-found]
+    except ImportError:
+        return "the optional 'medmnist' package is not installed, so it cannot be downloaded"
+    base, _, size = flag.rpartition("_")
+    info_flag, kwargs = (base, {"size": int(size)}) if base and size.isdigit() else (flag, {})
+    try:
+        cls = getattr(medmnist, medmnist.INFO[info_flag]["python_class"])
+        root.mkdir(parents=True, exist_ok=True)
+        cls(split="train", download=True, root=str(root), **kwargs)
+    except Exception as exc:  # network errors come in many types; report, do not hide
+        return f"download failed: {type(exc).__name__}: {exc}"
+    return "downloaded"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
+    """Resolve, read and validate a MedMNIST-style file (see module docstring for layouts)."""
+    path = resolve_data_path(str(data), download=download)
+    name = path.stem.lower()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in REQUIRED_KEYS if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing keys {', '.join(missing)}; a MedMNIST file needs {', '.join(REQUIRED_KEYS)}"
+                )
+            raw = {k: npz[k] for k in REQUIRED_KEYS}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+
+    splits = {s: _read_split(path, s, raw[f"{s}_images"], raw[f"{s}_labels"]) for s in SPLITS}
+    shapes = {s: splits[s].images.shape[1:] for s in SPLITS}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"{path}: image shapes differ between splits ({shapes}); all splits must match")
+    widths = {s: splits[s].labels.shape[1] for s in SPLITS}
+    if len(set(widths.values())) != 1:
+        raise DataError(f"{path}: label widths differ between splits ({widths}); all splits must match")
+    task, num_classes = _task_of(path, flag_base(name), splits)
+    return MedMNISTData(
+        name=name,
+        path=path.resolve(),
+        sha256=sha256_of(path),
+        task=task,
+        num_classes=num_classes,
+        **splits,
+    )
+
+
+def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
+    key = f"{split}_images"
+    if images.dtype == object or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise DataError(f"{path}: {key} must hold numbers, got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise DataError(f"{path}: {key} is empty; every official split needs at least one image")
+    if images.ndim == 3:  # (N, H, W)
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+        images = np.moveaxis(images, -1, 1)
+    elif images.ndim == 4:  # (N, D, H, W)
+        images = images[:, None]
+    elif images.ndim == 5 and images.shape[-1] in (1, 3):  # (N, D, H, W, C)
+        images = np.moveaxis(images, -1, 1)
+    else:
+        raise DataError(
+            f"{path}: {key} has shape {images.shape}; expected (N,H,W), (N,H,W,C) with C in 1 or 3, "
+            "(N,D,H,W) or (N,D,H,W,C)"
+        )
+    if min(images.shape[2:]) < 8:
+        raise DataError(f"{path}: {key} spatial size {images.shape[2:]} is below the minimum of 8 pixels per side")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise DataError(f"{path}: {key} contains NaN or infinite values")
+    lkey = f"{split}_labels"
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2:
+        raise DataError(f"{path}: {lkey} has shape {labels.shape}; expected (N,) or (N, K)")
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(f"{path}: {lkey} has {labels.shape[0]} rows but {key} has {images.shape[0]} images")
+    if not (np.issubdtype(labels.dtype, np.integer) or (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
+        raise DataError(f"{path}: {lkey} must hold whole numbers (class indices or 0/1), got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{path}: {lkey} has negative label {int(labels.min())}; labels must be >= 0")
+    return Split(images=np.ascontiguousarray(images), labels=labels)
+
+
+def _task_of(path: Path, base: str, splits: dict[str, Split]) -> tuple[TaskType, int]:
+    width = splits["train"].labels.shape[1]
+    all_labels = np.concatenate([splits[s].labels for s in SPLITS])
+    if base in KNOWN_FLAGS:
+        task, n = KNOWN_FLAGS[base]
+        expected_width = n if task == TaskType.MULTILABEL else 1
+        if width != expected_width:
+            raise DataError(f"{path}: {base} labels must have {expected_width} column(s); found {width}")
+    elif width > 1:
+        task, n = TaskType.MULTILABEL, width
+    else:
+        n = int(all_labels.max()) + 1
+        task = TaskType.BINARY if n == 2 else TaskType.MULTICLASS
+    if task == TaskType.MULTILABEL:
+        if not np.isin(all_labels, (0, 1)).all():
+            raise DataError(f"{path}: multi-label labels must be 0 or 1; found values {np.unique(all_labels)[:10]}")
+    else:
+        for s in SPLITS:
+            top = int(splits[s].labels.max())
+            if top >= n:
+                raise DataError(
+                    f"{path}: {s}_labels has label {top}, out of range for {n} classes (labels must be 0..{n - 1})"
+                )
+        if n < 2 or len(np.unique(splits["train"].labels)) < 2:
+            raise DataError(f"{path}: train_labels hold a single class; a classification task needs at least two")
+    return task, n

@@ -1,0 +1,1 @@
+"""Privacy accounting lives here (DP-SGD, ledger, audit): see the differential-privacy issue."""

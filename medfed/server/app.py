@@ -1,0 +1,38 @@
+"""The ServerApp: hands the Grid to the Flower-free phase runner.
+
+`make_server_app` closes over a prepared arm (used by ``medfed simulate``, which runs
+Flower's simulation runtime in-process). The module-level ``app`` is the same ServerApp
+for ``flwr run`` (components in pyproject.toml): it reads the flat run config from the
+context and prepares the run directory itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from medfed.server.phases import ArmContext, run_federated
+
+
+def make_server_app(ctx: ArmContext, on_result: Callable[[dict[str, float]], None]) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        on_result(run_federated(grid, ctx))
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: settings from the run config (pyproject defaults + overrides)."""
+    from medfed.config import RunConfig
+    from medfed.simulations.runner import run_arm_from_flwr
+
+    run_arm_from_flwr(grid, RunConfig.from_flat(dict(context.run_config)))

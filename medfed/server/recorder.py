@@ -1,0 +1,74 @@
+"""Per-round, per-site metrics of a run, appended to ``metrics.jsonl`` (one JSON object a line).
+
+Each line: ``arm``, ``phase``, ``round``, ``site`` (an int, or ``"global"``), ``split``
+(train, val or test), ``accepted`` (train replies), then the metric values. An optional
+listener sees every line as it is written (the CLI's progress display uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medfed.constants import Phase
+from medfed.strategies.shared_weights import SiteReport
+
+Listener = Callable[[dict[str, Any]], None]
+GLOBAL = "global"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "undefined" (e.g. AUC with one class)
+    return value
+
+
+class Recorder:
+    """Thread-safe writer of metrics.jsonl; keeps the rows in memory for the report."""
+
+    def __init__(self, path: Path, listener: Listener | None = None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self.listener = listener
+        self._lock = threading.Lock()
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        with self._lock:
+            self.rows.append(row)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.listener is not None:
+            self.listener(row)
+
+    def site_observer(self, arm: str) -> Callable[[SiteReport], None]:
+        """Adapter for the strategy's per-site reports."""
+
+        def observe(report: SiteReport) -> None:
+            row: dict[str, Any] = {
+                "arm": arm,
+                "phase": report.phase.value,
+                "round": report.server_round,
+                "site": report.site_id,
+                "split": "train" if report.kind == "train" else "val",
+                "accepted": report.accepted,
+            }
+            if report.reason:
+                row["reason"] = report.reason
+            if report.bytes_sent:
+                row["bytes-sent"] = report.bytes_sent
+            row.update(report.metrics)
+            self.write(row)
+
+        return observe
+
+    def record(self, arm: str, phase: Phase, server_round: int, site: int | str, split: str, metrics: dict[str, float]) -> None:
+        self.write({"arm": arm, "phase": phase.value, "round": server_round, "site": site, "split": split, **metrics})
+
+    @staticmethod
+    def load(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

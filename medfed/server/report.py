@@ -1,0 +1,144 @@
+"""``report.md`` and PNG plots for a finished run directory."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRIC_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def plot_losses(rows: list[dict], path: Path) -> Path | None:
+    """Training loss per site per round: one panel per (arm, phase) that has site rows."""
+    series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("split") == "train" and r.get("train-loss") is not None and r.get("accepted", True):
+            series[(r["arm"], r["phase"])][str(r["site"])].append((r["round"], r["train-loss"]))
+    if not series:
+        return None
+    panels = sorted(series)
+    cols = min(2, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.6 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        for site, points in sorted(series[key].items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"site {site}")
+        ax.set_title(f"{key[0]} - {key[1]}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_test_auc(rows: list[dict], path: Path) -> Path | None:
+    """Test AUC per fine-tuning round for every arm (local-only: mean over sites)."""
+    by_arm: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("split") == "test" and r.get("auc") is not None:
+            by_arm[r["arm"]][r["round"]].append(r["auc"])
+    if not by_arm:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, rounds in sorted(by_arm.items()):
+        xs = sorted(rounds)
+        ax.plot(xs, [sum(rounds[x]) / len(rounds[x]) for x in xs], marker="o", ms=3, label=arm)
+    ax.set_xlabel("fine-tuning round (0 = before fine-tuning)")
+    ax.set_ylabel("test AUC (official test split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict) -> Path:
+    """Write report.md (and plots/) into ``run_dir``."""
+    cfg = summary["config"]
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    loss_png = plot_losses(rows, plots / "loss_per_site.png")
+    auc_png = plot_test_auc(rows, plots / "test_auc_per_round.png")
+    lines = [
+        f"# medfed run: {run_dir.name}",
+        "",
+        f"Data: `{data_info['name']}` ({data_info['task']}, {data_info['num_classes']} classes, "
+        f"{data_info['channels']} channel(s), {'x'.join(map(str, data_info['spatial_shape']))}), "
+        f"sha256 `{data_info['sha256'][:16]}...`. Official splits: "
+        + ", ".join(f"{k} {v}" for k, v in data_info["sizes"].items()) + ".",
+        f"Sites: {cfg['num-sites']} ({cfg['partition']}, alpha {cfg['alpha']}), labelled fraction "
+        f"{cfg['label-fraction']}, seed {cfg['seed']}. Pretraining: {cfg['pretrain']} "
+        f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs); fine-tuning: "
+        f"{cfg['finetune-mode']} ({cfg['finetune-rounds']} rounds x {cfg['finetune-epochs']} local epochs); "
+        f"strategy {cfg['strategy']}.",
+        "",
+        "## Comparison on the official test split",
+        "",
+        "Every arm uses the same partition, labelled subsets and seed. Local-only: mean over sites.",
+        "Threshold 0.5 (argmax for multi-class); sensitivity, specificity and FPR are macro one-vs-rest.",
+        "",
+        "| arm | mode | pretrain | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in summary["arms"].items():
+        t = arm["test"]
+        lines.append(
+            f"| {name} | {arm['mode']} | {arm['pretrain']} | "
+            + " | ".join(_fmt(t.get(k)) for k in METRIC_COLUMNS)
+            + f" | {arm['wall_seconds']:.1f} | {arm['peak_memory_mb']:.0f} |"
+        )
+    lines += ["", "## Sites", "", "| site | train images | labelled | val images | train images per class |", "|---|---|---|---|---|"]
+    for s in data_info["sites"]:
+        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s['train_per_class']} |")
+    per_site = {name: arm["per_site_test"] for name, arm in summary["arms"].items() if arm.get("per_site_test")}
+    if per_site:
+        lines += ["", "## Per-site test metrics (sites trained alone)", "", "| arm | site | " + " | ".join(METRIC_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(METRIC_COLUMNS)]
+        for name, sites in per_site.items():
+            for site, m in sites.items():
+                lines.append(f"| {name} | {site} | " + " | ".join(_fmt(m.get(k)) for k in METRIC_COLUMNS) + " |")
+    val_rows = [r for r in rows if r.get("split") == "val" and r.get("accepted", True)]
+    if val_rows:
+        last: dict[tuple[str, int], dict] = {}
+        for r in val_rows:
+            key = (r["arm"], r["site"])
+            if key not in last or r["round"] >= last[key]["round"]:
+                last[key] = r
+        lines += ["", "## Per-site validation metrics of the global model (last round, federated evaluation)", "",
+                  "| arm | site | val images | " + " | ".join(METRIC_COLUMNS) + " |", "|---|---|---|" + "---|" * len(METRIC_COLUMNS)]
+        for (arm, site), r in sorted(last.items()):
+            lines.append(f"| {arm} | {site} | {int(r.get('num-examples', 0))} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
+    rejected = [r for r in rows if r.get("accepted") is False]
+    lines += ["", "## Rejected or failed site updates", ""]
+    lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}" for r in rejected] or ["None."]
+    lines += ["", "## Plots", ""]
+    if loss_png:
+        lines.append(f"![training loss per site per round](plots/{loss_png.name})")
+    if auc_png:
+        lines.append(f"![test AUC per round](plots/{auc_png.name})")
+    lines += ["", "Files: `config.json` (settings), `split.json` (partition), `metrics.jsonl` (every round), "
+              "`summary.json`, `arms/*/` (safetensors checkpoints).", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

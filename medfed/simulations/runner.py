@@ -1,0 +1,207 @@
+"""Run an experiment: the main arm plus its baselines, on one partition, into one run directory.
+
+Everything that can be wrong with the input (settings, data file, split) is checked before
+anything is written. The run directory is then built under a hidden ``.NAME.partial-PID``
+name and renamed into place only when the run finished; on any failure it is removed, so
+no half-written run directory is ever left behind.
+
+Run directory::
+
+    config.json        resolved settings (flat, as `medfed simulate` and `flwr run` take them)
+    data.json          the data file (path, sha256, task, shapes) and per-site counts
+    split.json         the partition: every site's train, labelled and val indices
+    metrics.jsonl      per-round, per-site metrics of every arm
+    summary.json       each arm's final test metrics, wall time and peak memory
+    report.md          comparison table, site table, plots
+    plots/*.png        loss per site per round, test AUC per round
+    arms/<arm>/*.safetensors   pretrained encoder and final model of each arm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.config import RunConfig
+from medfed.constants import NO_PRETRAIN, Baselines, Mode
+from medfed.data.medmnist import MedMNISTData, load_medmnist
+from medfed.data.transforms import scale_intensity
+from medfed.models.encoders import resolve_encoder_kind, vit_patch_size, InputSpec
+from medfed.constants import EncoderKind
+from medfed.resources import ResourceMonitor
+from medfed.server.evaluation import TestSet
+from medfed.server.phases import ArmContext
+from medfed.server.recorder import Listener, Recorder
+from medfed.simulations.partition import SitePlan, make_site_plan, summarize
+
+SPLIT_FILE = "split.json"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the comparison: where it trains and how it is pretrained."""
+
+    mode: str
+    pretrain: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-{self.pretrain}"
+
+
+def arms_for(cfg: RunConfig) -> list[Arm]:
+    """The main arm first, then the baselines asked for (duplicates dropped)."""
+    arms = [Arm(cfg.mode, cfg.pretrain)]
+    if cfg.baselines != Baselines.NONE:
+        arms += [Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), Arm(Mode.FEDERATED.value, NO_PRETRAIN)]
+        if cfg.baselines == Baselines.ALL and cfg.pretrain != NO_PRETRAIN:
+            arms += [Arm(Mode.CENTRALIZED.value, cfg.pretrain), Arm(Mode.LOCAL_ONLY.value, cfg.pretrain)]
+    unique: list[Arm] = []
+    for arm in arms:
+        if arm not in unique:
+            unique.append(arm)
+    return unique
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated experiment, ready to run."""
+
+    cfg: RunConfig
+    data: MedMNISTData
+    plan: SitePlan
+    test: TestSet
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and check the data, make the partition, check the model fits the data: no writes."""
+    data = load_medmnist(cfg.data)
+    spec = InputSpec(data.channels, data.spatial_shape)
+    kind = resolve_encoder_kind(cfg.encoder, cfg.ssl_methods)
+    if kind == EncoderKind.VIT:
+        vit_patch_size(spec)  # raises ConfigError when no patch size divides the image
+    plan = make_site_plan(
+        data.train.labels, data.val.labels, data.task, scheme=cfg.partition, num_sites=cfg.num_sites,
+        alpha=cfg.alpha, label_fraction=cfg.label_fraction, seed=cfg.seed, data_sha256=data.sha256,
+        min_site_size=cfg.min_site_size,
+    )
+    test = TestSet(scale_intensity(data.test.images), _labels(data), data.task, data.num_classes)
+    return Prepared(cfg, data, plan, test)
+
+
+def _labels(data: MedMNISTData) -> Any:
+    import torch
+
+    return torch.as_tensor(data.test.labels)
+
+
+def unique_dir(path: Path) -> Path:
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def run_arm(prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Run one arm; returns its test metrics and (local-only) per-site test metrics."""
+    cfg = prep.cfg.replace(mode=arm.mode, pretrain=arm.pretrain, pretrain_weights=prep.cfg.pretrain_weights if arm.pretrain == prep.cfg.pretrain else "")
+    ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder)
+    if arm.mode == Mode.FEDERATED:
+        return run_federated_simulation(ctx, verbose=verbose), {}
+    from medfed.simulations.standalone import run_standalone
+
+    return run_standalone(ctx, prep.data, prep.plan)
+
+
+def run_federated_simulation(ctx: ArmContext, *, verbose: bool = False) -> dict[str, float]:
+    """The federated arm on Flower's simulation runtime (Ray backend), one virtual SuperNode per site."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from medfed.client.app import app as client_app
+    from medfed.server.app import make_server_app
+
+    holder: list[dict[str, float]] = []
+    cpus = ctx.cfg.client_cpus or os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": verbose, "num_cpus": max(cpus, os.cpu_count() or 1)},
+    }
+    run_simulation(
+        server_app=make_server_app(ctx, holder.append), client_app=client_app, num_supernodes=ctx.cfg.num_sites,
+        backend_config=backend, verbose_logging=False,
+    )
+    if not holder:
+        from medfed.exceptions import FederationError
+
+        raise FederationError(f"federated arm {ctx.arm} ended without a result (see the log above)")
+    return holder[0]
+
+
+def progress_units(cfg: RunConfig) -> int:
+    """Site-rounds the whole experiment will train (for a progress bar)."""
+    total = 0
+    for arm in arms_for(cfg):
+        sites = 1 if arm.mode == Mode.CENTRALIZED else cfg.num_sites
+        pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN else 0
+        total += sites * (pre + cfg.finetune_rounds)
+    return total
+
+
+def run_experiment(cfg: RunConfig, *, listener: Listener | None = None, verbose: bool = False) -> Path:
+    """Run every arm of ``cfg`` and return the finished run directory."""
+    from medfed.server.report import write_report
+
+    prep = prepare(cfg)
+    out = Path(cfg.out_dir).expanduser()
+    final = unique_dir(out / cfg.run_dir_name)
+    partial = out / f".{final.name}.partial-{os.getpid()}"
+    try:
+        partial.mkdir(parents=True)
+        run_dir = partial.resolve()
+        (run_dir / "config.json").write_text(cfg.to_json())
+        prep.plan.save(run_dir / SPLIT_FILE)
+        data_info = {**prep.data.describe(), "sites": summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)}
+        (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
+        recorder = Recorder(run_dir / "metrics.jsonl", listener)
+        summary: dict[str, Any] = {"config": cfg.to_flat(), "arms": {}}
+        for arm in arms_for(cfg):
+            with ResourceMonitor() as monitor:
+                metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose)
+            summary["arms"][arm.name] = {
+                "mode": arm.mode,
+                "pretrain": arm.pretrain,
+                "test": metrics,
+                "per_site_test": {str(k): v for k, v in per_site.items()},
+                "wall_seconds": monitor.wall_seconds,
+                "peak_memory_mb": monitor.peak_bytes / 2**20,
+            }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
+        write_report(run_dir, summary, recorder.rows, data_info)
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+def run_arm_from_flwr(grid: Any, cfg: RunConfig) -> None:
+    """The federated arm when Flower's own runtime calls the ServerApp (``flwr run``)."""
+    from medfed.server.phases import run_federated
+
+    prep = prepare(cfg)
+    out = Path(cfg.out_dir).expanduser()
+    run_dir = unique_dir(out / cfg.run_dir_name)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+    prep.plan.save(run_dir / SPLIT_FILE)
+    recorder = Recorder(run_dir / "metrics.jsonl")
+    metrics = run_federated(grid, ArmContext(f"{cfg.mode}-{cfg.pretrain}", cfg, run_dir.resolve(), prep.data.path, prep.test, recorder))
+    (run_dir / "summary.json").write_text(json.dumps({"config": cfg.to_flat(), "arms": {f"{cfg.mode}-{cfg.pretrain}": {"test": metrics}}}, indent=1))

@@ -1,0 +1,61 @@
+"""Centralized and local-only arms: the same `SiteAlgo` rounds, without a federation.
+
+* centralized: one "site" holding every site's data (exactly the union of the partition).
+* local-only: each site trains alone on its own data; the arm's number is the mean of the
+  sites' test metrics (the per-site values are recorded too).
+
+Rounds keep their meaning (each round = the same local epochs as a federated round), so
+curves and budgets line up with the federated arms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medfed.client.algo import SiteAlgo, new_classifier, new_encoder
+from medfed.constants import MetricKey, Mode, Phase
+from medfed.data.medmnist import MedMNISTData
+from medfed.data.site import SiteData, pooled_site, site_from_split
+from medfed.server.checkpoints import save_checkpoint
+from medfed.server.evaluation import evaluate_state
+from medfed.server.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
+from medfed.server.recorder import GLOBAL
+from medfed.simulations.partition import SitePlan
+
+
+def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: str) -> dict[str, float]:
+    cfg, rec = ctx.cfg, ctx.recorder
+    algo = SiteAlgo(cfg, site)
+    encoder_state = new_encoder(cfg, site.spec).state_dict()
+    local = None
+    meta = {"arm": ctx.arm, "config": cfg.to_json(), "site": str(site_label)}
+    for rnd in range(1, cfg.pretrain_rounds + 1 if cfg.ssl_methods else 1):
+        encoder_state, local, stats = algo.pretrain_round(encoder_state, local, rnd)
+        rec.record(ctx.arm, Phase.PRETRAIN, rnd, site_label, "train",
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples})
+    if cfg.ssl_methods:
+        save_checkpoint(ctx.arm_dir / f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors", encoder_state, meta)
+    state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
+    metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state)
+    rec.record(ctx.arm, Phase.FINETUNE, 0, site_label, "test", metrics)
+    for rnd in range(1, cfg.finetune_rounds + 1):
+        shared, stats = algo.finetune_round(state, rnd)
+        state.update(shared)
+        rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "train",
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples})
+        metrics = evaluate_state(cfg, ctx.test, state)
+        rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
+    save_checkpoint(ctx.arm_dir / f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors", state, meta)
+    return metrics
+
+
+def run_standalone(ctx: ArmContext, data: MedMNISTData, plan: SitePlan) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Returns the arm's test metrics and, for local-only, each site's."""
+    if ctx.cfg.mode == Mode.CENTRALIZED:
+        return _train_one(ctx, pooled_site(data, plan), GLOBAL, ""), {}
+    per_site = {
+        s.site_id: _train_one(ctx, site_from_split(data, s), s.site_id, f"_site{s.site_id}") for s in plan.sites
+    }
+    keys = next(iter(per_site.values())).keys()
+    mean = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in keys}
+    return mean, per_site

@@ -1,0 +1,214 @@
+"""FedAvg / FedProx that aggregate only the weights sites are allowed to share.
+
+Every train reply is checked against the contract before aggregation: exactly the
+expected array keys (the encoder in pretraining; encoder + head, or only the head for a
+linear probe, in fine-tuning), each with the shape and dtype the server sent, finite
+values, and a MetricRecord of scalars with ``num-examples`` and ``site-id``. A reply that
+breaks it is rejected with a logged reason and recorded, never averaged. Weights that
+sites do not send (a frozen encoder under a linear probe) are carried over unchanged.
+
+Aggregation itself is Flower's: example-weighted FedAvg (McMahan et al., AISTATS 2017);
+FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from medfed.constants import MetricKey, Phase, StrategyName
+from medfed.exceptions import FederationError
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What the strategy tells its observer about one site in one round."""
+
+    phase: Phase
+    server_round: int
+    kind: str  # "train" or "evaluate"
+    site_id: int
+    node_id: int
+    metrics: dict[str, float]
+    accepted: bool
+    reason: str = ""
+    bytes_sent: int = 0
+
+
+Observer = Callable[[SiteReport], None]
+
+
+def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]) -> str:
+    """Return why a train reply breaks the contract, or '' if it holds."""
+    if len(content.array_records) != 1:
+        return f"expected one ArrayRecord, found {len(content.array_records)}"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, found {len(content.metric_records)}"
+    arrays = next(iter(content.array_records.values()))
+    keys = list(arrays.keys())
+    if set(keys) != set(expected_keys):
+        extra = sorted(set(keys) - set(expected_keys))
+        missing = sorted(set(expected_keys) - set(keys))
+        return f"array keys differ from the shared weights: unexpected {extra[:5]}, missing {missing[:5]}"
+    for key in keys:
+        got, want = arrays[key], sent[key]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            return f"array {key!r} is {got.dtype}{tuple(got.shape)}, expected {want.dtype}{tuple(want.shape)}"
+        values = got.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"array {key!r} holds NaN or infinite values"
+    metrics = next(iter(content.metric_records.values()))
+    for key in (MetricKey.NUM_EXAMPLES, MetricKey.SITE_ID):
+        if key not in metrics:
+            return f"metric {key.value!r} missing"
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            return f"metric {key!r} is a list; sites may only send scalar metrics"
+    if metrics[MetricKey.NUM_EXAMPLES] <= 0:
+        return "num-examples must be > 0"
+    return ""
+
+
+def sum_examples(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Train metrics across sites: example-weighted mean loss and total examples (site ids dropped)."""
+    total = sum(float(next(iter(r.metric_records.values()))[weighting_key]) for r in records)
+    loss = sum(
+        float(m[MetricKey.LOSS]) * float(m[weighting_key])
+        for m in (next(iter(r.metric_records.values())) for r in records)
+        if MetricKey.LOSS in m
+    )
+    return MetricRecord({MetricKey.LOSS.value: loss / total, "total-examples": total, "sites": len(records)})
+
+
+def weighted_eval_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Evaluation metrics across sites, example-weighted, ignoring ids and NaNs (undefined AUC)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    out: dict[str, float] = {}
+    keys = {k for m in rows for k in m if k not in (weighting_key, MetricKey.SITE_ID)}
+    for key in sorted(keys):
+        pairs = [(float(m[key]), float(m[weighting_key])) for m in rows if key in m and np.isfinite(float(m[key]))]
+        if pairs:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    return MetricRecord(out)
+
+
+class SharedWeightsMixin:
+    """Adds the contract check, per-site reporting and carried-over frozen weights to a FedAvg."""
+
+    phase: Phase
+    shared_keys: list[str]
+    observer: Observer | None
+    _sent: ArrayRecord | None
+
+    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None) -> None:
+        self.phase, self.shared_keys, self.observer = phase, list(shared_keys), observer
+        self._sent = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._sent = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _report(self, report: SiteReport) -> None:
+        if self.observer is not None:
+            self.observer(report)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._sent is None:
+            raise FederationError("aggregate_train called before configure_train")
+        replies = list(replies)
+        valid: list[Message] = []
+        errors: list[str] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = f"site error: {msg.error.reason}"
+                errors.append(f"node {node}: {reason}")
+                self._report(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
+                continue
+            reason = check_reply(msg.content, self._sent, self.shared_keys)
+            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values()), {}).items()} if msg.content.metric_records else {}
+            site_id = int(metrics.get(MetricKey.SITE_ID, -1))
+            if reason:
+                log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
+                errors.append(f"node {node}: {reason}")
+                self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, reason))
+                continue
+            sent_bytes = sum(a.numpy().nbytes for a in next(iter(msg.content.array_records.values())).values())
+            self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, True, bytes_sent=sent_bytes))
+            valid.append(msg)
+        if not valid:
+            raise FederationError(
+                f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
+            )
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is None:
+            raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
+        merged = ArrayRecord()
+        for key in self._sent.keys():  # keep the sent order; frozen weights carried over
+            merged[key] = arrays[key] if key in arrays else self._sent[key]
+        return merged, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self._report(SiteReport(self.phase, server_round, "evaluate", -1, node, {}, False, msg.error.reason))
+                continue
+            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
+            self._report(SiteReport(self.phase, server_round, "evaluate", int(metrics.get(MetricKey.SITE_ID, -1)), node, metrics, True))
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+
+
+class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
+    """FedAvg over the shared weights only, with the reply contract enforced."""
+
+    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, **fedavg_kwargs: object) -> None:
+        FedAvg.__init__(self, **fedavg_kwargs)  # type: ignore[arg-type]
+        self._setup(phase, shared_keys, observer)
+
+
+class SharedWeightsFedProx(SharedWeightsMixin, FedProx):
+    """FedProx over the shared weights only (sites add the proximal term)."""
+
+    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, **fedprox_kwargs: object) -> None:
+        FedProx.__init__(self, **fedprox_kwargs)  # type: ignore[arg-type]
+        self._setup(phase, shared_keys, observer)
+
+
+def make_strategy(
+    name: str,
+    *,
+    phase: Phase,
+    shared_keys: list[str],
+    num_sites: int,
+    fraction_train: float,
+    evaluate: bool,
+    proximal_mu: float = 0.0,
+    observer: Observer | None = None,
+) -> SharedWeightsMixin:
+    """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off."""
+    min_nodes = max(1, min(num_sites, int(num_sites * fraction_train)))
+    common = dict(
+        fraction_train=fraction_train,
+        fraction_evaluate=1.0 if evaluate else 0.0,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=num_sites if evaluate else 1,
+        min_available_nodes=num_sites,
+        weighted_by_key=MetricKey.NUM_EXAMPLES.value,
+        train_metrics_aggr_fn=sum_examples,
+        evaluate_metrics_aggr_fn=weighted_eval_metrics,
+    )
+    if StrategyName(name) == StrategyName.FEDPROX:
+        return SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu, **common)
+    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, **common)
+
+
+__all__ = ["SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_reply", "make_strategy"]
