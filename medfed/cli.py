@@ -93,7 +93,8 @@ def _run_with_progress(cfg: RunConfig, verbose: bool) -> None:
         run_dir = run_experiment(cfg, listener=listener, verbose=verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
     table = Table(title=f"test split of {cfg.data} ({run_dir})")
-    for col in ("arm", "AUC", "accuracy", "sensitivity", "specificity", "FPR", "wall s"):
+    table.add_column("arm", no_wrap=True)
+    for col in ("AUC", "accuracy", "sensitivity", "specificity", "FPR", "wall s"):
         table.add_column(col)
     for name, arm in summary["arms"].items():
         t = arm["test"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,10 @@ def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
     path = resolve_data_path(str(data), download=download)
     name = path.stem.lower()
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: holds a single array (.npy), not a .npz archive with {', '.join(REQUIRED_KEYS)}")
+        with loaded as npz:
             missing = [k for k in REQUIRED_KEYS if k not in npz.files]
             if missing:
                 raise DataError(
@@ -194,7 +198,7 @@ def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
             raw = {k: npz[k] for k in REQUIRED_KEYS}
     except DataError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
     splits = {s: _read_split(path, s, raw[f"{s}_images"], raw[f"{s}_labels"]) for s in SPLITS}

@@ -73,15 +73,15 @@ def plot_test_auc(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict) -> Path:
-    """Write report.md (and plots/) into ``run_dir``."""
+def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
+    """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     loss_png = plot_losses(rows, plots / "loss_per_site.png")
     auc_png = plot_test_auc(rows, plots / "test_auc_per_round.png")
     lines = [
-        f"# medfed run: {run_dir.name}",
+        f"# medfed run: {title or run_dir.name}",
         "",
         f"Data: `{data_info['name']}` ({data_info['task']}, {data_info['num_classes']} classes, "
         f"{data_info['channels']} channel(s), {'x'.join(map(str, data_info['spatial_shape']))}), "

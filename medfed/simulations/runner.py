@@ -20,6 +20,7 @@ Run directory::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
-from medfed.constants import NO_PRETRAIN, Baselines, Mode
+import torch
+
+from medfed.constants import NO_PRETRAIN, Baselines, EncoderKind, Mode
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.transforms import scale_intensity
-from medfed.models.encoders import resolve_encoder_kind, vit_patch_size, InputSpec
-from medfed.constants import EncoderKind
+from medfed.models.encoders import InputSpec, resolve_encoder_kind, vit_patch_size
 from medfed.resources import ResourceMonitor
 from medfed.server.evaluation import TestSet
 from medfed.server.phases import ArmContext
@@ -90,14 +92,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         alpha=cfg.alpha, label_fraction=cfg.label_fraction, seed=cfg.seed, data_sha256=data.sha256,
         min_site_size=cfg.min_site_size,
     )
-    test = TestSet(scale_intensity(data.test.images), _labels(data), data.task, data.num_classes)
+    test = TestSet(scale_intensity(data.test.images), torch.as_tensor(data.test.labels), data.task, data.num_classes)
     return Prepared(cfg, data, plan, test)
-
-
-def _labels(data: MedMNISTData) -> Any:
-    import torch
-
-    return torch.as_tensor(data.test.labels)
 
 
 def unique_dir(path: Path) -> Path:
@@ -134,10 +130,18 @@ def run_federated_simulation(ctx: ArmContext, *, verbose: bool = False) -> dict[
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": verbose, "num_cpus": max(cpus, os.cpu_count() or 1)},
     }
-    run_simulation(
-        server_app=make_server_app(ctx, holder.append), client_app=client_app, num_supernodes=ctx.cfg.num_sites,
-        backend_config=backend, verbose_logging=False,
-    )
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:  # Flower logs every round at INFO and warns that run_simulation is deprecated
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        run_simulation(
+            server_app=make_server_app(ctx, holder.append), client_app=client_app, num_supernodes=ctx.cfg.num_sites,
+            backend_config=backend, verbose_logging=False,
+        )
+    finally:
+        flwr_logger.setLevel(level)
     if not holder:
         from medfed.exceptions import FederationError
 
@@ -155,8 +159,10 @@ def progress_units(cfg: RunConfig) -> int:
     return total
 
 
-def run_experiment(cfg: RunConfig, *, listener: Listener | None = None, verbose: bool = False) -> Path:
-    """Run every arm of ``cfg`` and return the finished run directory."""
+def run_experiment(
+    cfg: RunConfig, *, listener: Listener | None = None, verbose: bool = False, arms: list[Arm] | None = None
+) -> Path:
+    """Run every arm of ``cfg`` (or the given ``arms``) and return the finished run directory."""
     from medfed.server.report import write_report
 
     prep = prepare(cfg)
@@ -172,7 +178,7 @@ def run_experiment(cfg: RunConfig, *, listener: Listener | None = None, verbose:
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
         summary: dict[str, Any] = {"config": cfg.to_flat(), "arms": {}}
-        for arm in arms_for(cfg):
+        for arm in arms or arms_for(cfg):
             with ResourceMonitor() as monitor:
                 metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose)
             summary["arms"][arm.name] = {
@@ -184,7 +190,7 @@ def run_experiment(cfg: RunConfig, *, listener: Listener | None = None, verbose:
                 "peak_memory_mb": monitor.peak_bytes / 2**20,
             }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
-        write_report(run_dir, summary, recorder.rows, data_info)
+        write_report(run_dir, summary, recorder.rows, data_info, title=final.name)
         partial.rename(final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -76,6 +76,14 @@ def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]
     return ""
 
 
+def _scalar_metrics(content: RecordDict) -> dict[str, float]:
+    """The scalar metrics of a reply (lists, which the contract forbids, are left out)."""
+    if not content.metric_records:
+        return {}
+    record = next(iter(content.metric_records.values()))
+    return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
+
+
 def sum_examples(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     """Train metrics across sites: example-weighted mean loss and total examples (site ids dropped)."""
     total = sum(float(next(iter(r.metric_records.values()))[weighting_key]) for r in records)
@@ -133,7 +141,7 @@ class SharedWeightsMixin:
                 self._report(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
                 continue
             reason = check_reply(msg.content, self._sent, self.shared_keys)
-            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values()), {}).items()} if msg.content.metric_records else {}
+            metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
             if reason:
                 log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
@@ -162,7 +170,7 @@ class SharedWeightsMixin:
             if msg.has_error():
                 self._report(SiteReport(self.phase, server_round, "evaluate", -1, node, {}, False, msg.error.reason))
                 continue
-            metrics = {k: float(v) for k, v in next(iter(msg.content.metric_records.values())).items()}
+            metrics = _scalar_metrics(msg.content)
             self._report(SiteReport(self.phase, server_round, "evaluate", int(metrics.get(MetricKey.SITE_ID, -1)), node, metrics, True))
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 

@@ -1,0 +1,140 @@
+"""Label-efficiency benchmark: federated SSL against its alternatives on PneumoniaMNIST.
+
+For each labelled fraction and seed, one experiment runs four arms on the same partition
+(5 sites, Dirichlet alpha 0.5), the same labelled subsets and the same seed:
+
+* federated SSL (SimCLR pretraining on every site's images, then federated fine-tuning),
+* centralized SSL (the same, on all sites' data pooled),
+* local-only supervised (each site alone, from scratch; mean over sites),
+* supervised from scratch (federated fine-tuning without pretraining).
+
+Writes mean and standard deviation over seeds, per-run wall time and peak memory, the
+targets and the command into docs/RESULTS.md (between this benchmark's markers).
+
+    python benchmarks/label_efficiency.py --data ../shared/data/medmnist/pneumoniamnist.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medfed.config import RunConfig
+from medfed.constants import NO_PRETRAIN, Mode
+from medfed.simulations.runner import Arm, run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+START, END = "<!-- label_efficiency:start -->", "<!-- label_efficiency:end -->"
+METRICS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
+
+
+def arms(ssl: str) -> list[tuple[str, Arm]]:
+    return [
+        ("federated SSL", Arm(Mode.FEDERATED.value, ssl)),
+        ("centralized SSL", Arm(Mode.CENTRALIZED.value, ssl)),
+        ("local-only supervised (mean over sites)", Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN)),
+        ("supervised from scratch (federated)", Arm(Mode.FEDERATED.value, NO_PRETRAIN)),
+    ]
+
+
+def write_section(text: str) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    current = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n\n"
+    block = f"{START}\n{text}\n{END}"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        current = head + block + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(current)
+
+
+def mean_sd(values: list[float]) -> str:
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if arr.size == 0:
+        return "n/a"
+    return f"{arr.mean():.3f} ± {arr.std(ddof=1) if arr.size > 1 else 0.0:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="pneumoniamnist")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out-dir", default="runs/benchmarks/label_efficiency")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="RunConfig overrides in flat form, e.g. pretrain-rounds=20")
+    args = parser.parse_args()
+
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)  # numbers and booleans
+        except json.JSONDecodeError:
+            overrides[key] = value
+    base = RunConfig.from_flat({**RunConfig().to_flat(), **overrides, "data": args.data, "out-dir": args.out_dir})
+
+    results: dict[float, dict[str, list[dict]]] = {}
+    started = time.time()
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            cfg = base.replace(label_fraction=fraction, seed=seed, run_name=f"frac{fraction}-seed{seed}")
+            chosen = arms(cfg.pretrain)
+            print(f"[label_efficiency] fraction {fraction} seed {seed}", flush=True)
+            run_dir = run_experiment(cfg, arms=[a for _, a in chosen])
+            summary = json.loads((run_dir / "summary.json").read_text())["arms"]
+            for label, arm in chosen:
+                entry = summary[arm.name]
+                results.setdefault(fraction, {}).setdefault(label, []).append(
+                    {**entry["test"], "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "seed": seed}
+                )
+
+    command = "python benchmarks/label_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [
+        "## Label efficiency on PneumoniaMNIST (issue: federated SSL end to end)",
+        "",
+        f"Command: `{command}`",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, total {(time.time() - started) / 60:.1f} min. Settings: "
+        f"{base.num_sites} sites, {base.partition} alpha {base.alpha}, pretrain {base.pretrain} "
+        f"{base.pretrain_rounds} rounds x {base.pretrain_epochs} epochs (batch {base.pretrain_batch_size}), "
+        f"fine-tune {base.finetune_mode} {base.finetune_rounds} rounds x {base.finetune_epochs} epochs, "
+        f"width {base.width}, seeds {args.seeds}.",
+        "Test metrics on the official test split (624 images), mean ± standard deviation over seeds.",
+        "",
+    ]
+    for fraction, by_arm in results.items():
+        lines += [f"### {fraction:.0%} labels", "",
+                  "| arm | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, runs in by_arm.items():
+            lines.append(f"| {label} | " + " | ".join(mean_sd([r[m] for r in runs]) for m in METRICS)
+                         + f" | {mean_sd([r['wall'] for r in runs])} | {mean_sd([r['peak'] for r in runs])} |")
+        fed = np.mean([r["auc"] for r in by_arm["federated SSL"]])
+        cen = np.mean([r["auc"] for r in by_arm["centralized SSL"]])
+        loc = np.mean([r["auc"] for r in by_arm["local-only supervised (mean over sites)"]])
+        lines += ["", f"Targets at this fraction: federated SSL AUC {fed:.3f}"
+                  + (f" (target >= 0.95: {'met' if fed >= 0.95 else 'missed'})" if abs(fraction - 0.1) < 1e-9 else "")
+                  + f"; federated - centralized {fed - cen:+.3f} (target within 0.01: {'met' if abs(fed - cen) <= 0.01 else 'missed'}"
+                  + f"); federated - local-only {fed - loc:+.3f} (target >= +0.05: {'met' if fed - loc >= 0.05 else 'missed'}).", ""]
+    lines += ["Per-run numbers (seed: AUC, wall s):", ""]
+    for fraction, by_arm in results.items():
+        for label, runs in by_arm.items():
+            lines.append(f"- {fraction:.0%} {label}: " + ", ".join(f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" for r in runs))
+    write_section("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

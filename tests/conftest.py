@@ -1,0 +1,71 @@
+"""Shared fixtures: the pinned MedMNIST files beside the project, flwr message helpers, --runslow."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(
+    os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
+)
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of the pinned official MedMNIST files (../shared/data/medmnist)."""
+    if not (SHARED_DATA / "breastmnist.npz").is_file():
+        pytest.fail(f"pinned MedMNIST files not found at {SHARED_DATA}; set MEDFED_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture()
+def data_path_env(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make flags such as 'breastmnist' resolve to the shared files."""
+    monkeypatch.setenv("MEDFED_DATA_PATH", str(shared_data))
+    return shared_data
+
+
+def make_metadata(dst_node_id: int = 1, src_node_id: int = 0, message_type: str = "train"):
+    from flwr.app import Metadata
+
+    return Metadata(
+        run_id=1, message_id=f"m{time.time_ns()}", src_node_id=src_node_id, dst_node_id=dst_node_id,
+        reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type=message_type,
+    )
+
+
+@pytest.fixture()
+def flwr_task_identity():
+    """Flower's per-process task identity, needed to create instruction messages outside a runtime."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

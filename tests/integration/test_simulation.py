@@ -1,0 +1,113 @@
+"""Real runs: a 2-site, 2-round Flower simulation on BreastMNIST, standalone arms, and failure clean-up."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from medfed.client.algo import new_classifier, new_encoder
+from medfed.config import RunConfig
+from medfed.server.recorder import Recorder
+from medfed.simulations import runner
+
+
+def small(tmp_path: Path, **changes: object) -> RunConfig:
+    base = dict(
+        data="breastmnist", num_sites=2, pretrain_rounds=2, pretrain_epochs=1, finetune_rounds=2, finetune_epochs=1,
+        pretrain_batch_size=64, width=8, baselines="none", out_dir=str(tmp_path / "runs"), client_cpus=1,
+    )
+    base.update(changes)
+    return RunConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(120)
+def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, data_path_env: Path) -> None:
+    cfg = small(tmp_path)
+    run_dir = runner.run_experiment(cfg)
+    assert run_dir == tmp_path / "runs" / "breastmnist-federated-simclr-s0"
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no partial left
+    for name in ("config.json", "split.json", "data.json", "metrics.jsonl", "summary.json", "report.md",
+                 "plots/loss_per_site.png", "plots/test_auc_per_round.png"):
+        assert (run_dir / name).is_file(), name
+    assert RunConfig.from_flat(json.loads((run_dir / "config.json").read_text())) == cfg
+
+    rows = Recorder.load(run_dir / "metrics.jsonl")
+    arm = "federated-simclr"
+    pre = {(r["round"], r["site"]) for r in rows if r["phase"] == "pretrain" and r["split"] == "train" and r["accepted"]}
+    fine = {(r["round"], r["site"]) for r in rows if r["phase"] == "finetune" and r["split"] == "train" and r["accepted"]}
+    val = {(r["round"], r["site"]) for r in rows if r["split"] == "val"}
+    test = sorted(r["round"] for r in rows if r["split"] == "test" and r["site"] == "global")
+    expected = {(rnd, site) for rnd in (1, 2) for site in (0, 1)}
+    assert pre == expected and fine == expected and val == expected and test == [0, 1, 2]
+    assert all(r["arm"] == arm for r in rows)
+
+    # only encoder bytes travelled in pretraining
+    spec = runner.prepare(cfg).test.spec
+    encoder = new_encoder(cfg, spec).state_dict()
+    encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
+    assert {r["bytes-sent"] for r in rows if r["phase"] == "pretrain"} == {encoder_bytes}
+
+    ckpt = run_dir / "arms" / arm
+    assert list(load_file(str(ckpt / "pretrained_encoder.safetensors"))) == sorted(encoder)
+    classifier_keys = set(new_classifier(cfg, spec, runner.prepare(cfg).test.task, 2, None).state_dict())
+    assert set(load_file(str(ckpt / "final_model.safetensors"))) == classifier_keys
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = summary["arms"][arm]["test"]
+    assert 0.0 <= final["auc"] <= 1.0 and math.isclose(final["fpr"], 1 - final["specificity"])
+    last_test = [r for r in rows if r["split"] == "test" and r["round"] == 2][0]
+    assert math.isclose(last_test["auc"], final["auc"])
+    report = (run_dir / "report.md").read_text()
+    assert "| federated-simclr | federated | simclr |" in report and "test_auc_per_round.png" in report
+
+
+def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, data_path_env: Path) -> None:
+    cfg = small(tmp_path, mode="local-only", pretrain="byol", baselines="all", pretrain_rounds=1, finetune_rounds=1)
+    names = [a.name for a in runner.arms_for(cfg)]
+    assert names == ["local-only-byol", "local-only-none", "federated-none", "centralized-byol"]
+    cfg = cfg.replace(baselines="none")
+    run_dir = runner.run_experiment(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())["arms"]["local-only-byol"]
+    per_site = summary["per_site_test"]
+    assert set(per_site) == {"0", "1"}
+    assert math.isclose(summary["test"]["auc"], (per_site["0"]["auc"] + per_site["1"]["auc"]) / 2)
+    central = runner.run_experiment(cfg.replace(mode="centralized", pretrain="none", run_name="central"))
+    rows = Recorder.load(central / "metrics.jsonl")
+    split = json.loads((central / "split.json").read_text())
+    labelled = sum(len(s["labelled"]) for s in split["sites"])
+    assert {r["num-examples"] for r in rows if r["split"] == "train"} == {labelled}  # the union of the sites' labels
+
+
+def test_a_failing_run_leaves_no_run_directory(tmp_path: Path, data_path_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        assert any(p.name.startswith(".") for p in (tmp_path / "runs").iterdir())  # the partial dir existed
+        raise RuntimeError("site crashed")
+
+    monkeypatch.setattr(runner, "run_arm", explode)
+    with pytest.raises(RuntimeError, match="site crashed"):
+        runner.run_experiment(small(tmp_path))
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_an_existing_run_directory_is_not_overwritten(tmp_path: Path, data_path_env: Path) -> None:
+    cfg = small(tmp_path, pretrain="none", finetune_rounds=1, mode="centralized")
+    first = runner.run_experiment(cfg)
+    second = runner.run_experiment(cfg)
+    assert first.name == "breastmnist-centralized-none-s0" and second.name == "breastmnist-centralized-none-s0-2"
+
+
+@pytest.mark.timeout(300)
+def test_3d_smoke_run_on_adrenalmnist3d(tmp_path: Path, data_path_env: Path) -> None:
+    cfg = small(
+        tmp_path, data="adrenalmnist3d", pretrain="simclr", pretrain_rounds=1, finetune_rounds=1, width=4,
+        pretrain_batch_size=64, finetune_batch_size=32,
+    )
+    run_dir = runner.run_experiment(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["spatial_shape"] == [28, 28, 28]
+    assert 0.0 <= summary["arms"]["federated-simclr"]["test"]["auc"] <= 1.0

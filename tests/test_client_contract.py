@@ -1,0 +1,127 @@
+"""What a site sends: only the shared weights and scalar metrics (the encoder-only contract).
+
+The real ClientApp is called with real Flower messages on BreastMNIST; the reply is inspected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+
+from conftest import make_metadata
+from medfed.client.algo import finetune_shared_keys, new_classifier, new_encoder
+from medfed.client.app import app as client_app
+from medfed.config import RunConfig
+from medfed.constants import Phase
+from medfed.exceptions import DataError
+from medfed.server.phases import ArmContext
+from medfed.server.recorder import Recorder
+from medfed.simulations.runner import SPLIT_FILE, prepare
+
+ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
+
+
+@pytest.fixture()
+def arm(tmp_path: Path, data_path_env: Path) -> ArmContext:
+    def make(**changes: object) -> ArmContext:
+        cfg = RunConfig(data="breastmnist", num_sites=2, pretrain_batch_size=64, finetune_batch_size=16, width=8, **changes)
+        prep = prepare(cfg)
+        prep.plan.save(tmp_path / SPLIT_FILE)
+        return ArmContext("test", cfg, tmp_path, prep.data.path, prep.test, Recorder(tmp_path / "m.jsonl"))
+
+    return make  # type: ignore[return-value]
+
+
+def send(ctx: ArmContext, phase: Phase, arrays: dict[str, torch.Tensor], context: Context, kind: str = "train", rnd: int = 1) -> Message:
+    config = ctx.message_config(phase)
+    config["server-round"] = rnd
+    msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=make_metadata(dst_node_id=5, message_type=kind))
+    return client_app(msg, context)
+
+
+def site_context(site: int = 0) -> Context:
+    return Context(run_id=1, node_id=5, node_config={"partition-id": site, "num-partitions": 2}, state=RecordDict(), run_config={})
+
+
+def assert_no_data_leaves(reply: Message, n_images: int, image_shape: tuple[int, ...]) -> None:
+    for record in reply.content.array_records.values():
+        for key, array in record.items():
+            shape = tuple(array.shape)
+            assert shape[-len(image_shape):] != image_shape, f"{key} has an image-shaped tail {shape}"
+            assert not shape or shape[0] != n_images, f"{key} has one row per image {shape}"
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert set(metrics) <= ALLOWED_METRICS, set(metrics) - ALLOWED_METRICS
+    assert all(not isinstance(v, list) for v in metrics.values())
+    assert not reply.content.config_records
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "simclr+restore"])
+def test_pretrain_reply_holds_exactly_the_encoder(arm, method: str) -> None:
+    ctx = arm(pretrain=method, pretrain_epochs=1)
+    encoder = new_encoder(ctx.cfg, ctx.test.spec).state_dict()
+    context = site_context(0)
+    reply = send(ctx, Phase.PRETRAIN, encoder, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    sent_back = reply.content["arrays"]
+    assert list(sent_back.keys()) == list(encoder.keys())
+    for key, value in encoder.items():
+        assert tuple(sent_back[key].shape) == tuple(value.shape)
+    assert sum(a.numpy().nbytes for a in sent_back.values()) == sum(v.numel() * v.element_size() for v in encoder.values())
+    n_site = len(__import__("json").loads((ctx.run_dir / SPLIT_FILE).read_text())["sites"][0]["train"])
+    assert_no_data_leaves(reply, n_site, (28, 28))
+    # the heads stayed at the site, in its state, and none of them was sent
+    local = context.state.array_records["site-local"]
+    assert len(local) > 0 and not set(local.keys()) & set(sent_back.keys())
+    assert any(k.startswith(("projector", "parts.0.projector")) for k in local.keys())
+    assert not np.allclose(sent_back["features.0.conv.weight"].numpy(), encoder["features.0.conv.weight"].numpy())
+
+
+def test_byol_target_persists_at_the_site_between_rounds(arm) -> None:
+    ctx = arm(pretrain="byol", pretrain_epochs=1)
+    encoder = new_encoder(ctx.cfg, ctx.test.spec).state_dict()
+    context = site_context(1)
+    send(ctx, Phase.PRETRAIN, encoder, context, rnd=1)
+    after_round_1 = context.state.array_records["site-local"].to_torch_state_dict()
+    target_key = next(k for k in after_round_1 if k.startswith("target_encoder."))
+    reply = send(ctx, Phase.PRETRAIN, encoder, context, rnd=2)
+    after_round_2 = context.state.array_records["site-local"].to_torch_state_dict()
+    assert not torch.equal(after_round_1[target_key], after_round_2[target_key])  # kept and moved on
+    assert target_key not in reply.content["arrays"]
+
+
+def test_linear_probe_sends_only_the_head_and_full_sends_all(arm) -> None:
+    for mode, expect_encoder in (("linear", False), ("full", True)):
+        ctx = arm(pretrain="none", finetune_mode=mode, finetune_epochs=1)
+        state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
+        reply = send(ctx, Phase.FINETUNE, state, site_context(0))
+        keys = list(reply.content["arrays"].keys())
+        assert keys == finetune_shared_keys(ctx.cfg, list(state))
+        assert any(k.startswith("encoder.") for k in keys) is expect_encoder
+        assert {"head.weight", "head.bias"} <= set(keys)
+        assert_no_data_leaves(reply, 43, (28, 28))
+
+
+def test_evaluate_reply_holds_only_metrics(arm) -> None:
+    ctx = arm(pretrain="none")
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
+    reply = send(ctx, Phase.FINETUNE, state, site_context(0), kind="evaluate")
+    assert not reply.content.array_records
+    metrics = next(iter(reply.content.metric_records.values()))
+    assert {"auc", "accuracy", "sensitivity", "specificity", "fpr", "num-examples", "site-id"} <= set(metrics)
+
+
+def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:
+    ctx = arm(pretrain="none")
+    bogus = tmp_path / "breastmnist.npz"
+    data = dict(np.load(ctx.data_file))
+    data["train_images"] = data["train_images"].copy()
+    data["train_images"][0] ^= 1
+    np.savez_compressed(bogus, **data)
+    ctx2 = ArmContext(ctx.arm, ctx.cfg, ctx.run_dir, bogus, ctx.test, ctx.recorder)
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
+    with pytest.raises(DataError, match="sha256 mismatch"):  # the runtime turns this into an error reply
+        send(ctx2, Phase.FINETUNE, state, site_context(0))

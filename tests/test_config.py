@@ -1,0 +1,78 @@
+"""RunConfig: defaults, flat round trip, pyproject agreement, and a table of bad values."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from medfed.config import RunConfig
+from medfed.exceptions import ConfigError
+
+
+def test_defaults_are_the_documented_default_run() -> None:
+    cfg = RunConfig()
+    assert (cfg.data, cfg.num_sites, cfg.partition, cfg.alpha, cfg.label_fraction) == (
+        "pneumoniamnist", 5, "dirichlet", 0.5, 0.1,
+    )
+    assert cfg.ssl_methods == ["simclr"] and cfg.mode == "federated"
+
+
+def test_flat_round_trip_and_kebab_keys() -> None:
+    cfg = RunConfig(num_sites=3, pretrain="simclr+restore", pretrain_weights="1,0.5")
+    flat = cfg.to_flat()
+    assert flat["num-sites"] == 3 and "num_sites" not in flat
+    assert RunConfig.from_flat(flat) == cfg
+    assert cfg.ssl_methods == ["simclr", "restore"] and cfg.ssl_weights == [1.0, 0.5]
+
+
+def test_pyproject_flwr_defaults_match_runconfig() -> None:
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_flat()
+
+
+def test_from_flat_accepts_ints_for_floats_and_rejects_unknown_keys() -> None:
+    assert RunConfig.from_flat({"alpha": 1}).alpha == 1.0
+    with pytest.raises(ConfigError, match="unknown setting 'num-site'"):
+        RunConfig.from_flat({"num-site": 3})
+    with pytest.raises(ConfigError, match="'num-sites' must be of type int"):
+        RunConfig.from_flat({"num-sites": "three"})
+
+
+BAD = [
+    ({"label_fraction": 0.0}, "label-fraction must be in (0, 1]"),
+    ({"label_fraction": 1.5}, "label-fraction must be in (0, 1]"),
+    ({"num_sites": 0}, "num-sites must be >= 1"),
+    ({"alpha": 0.0}, "alpha (Dirichlet concentration) must be > 0"),
+    ({"partition": "random"}, "partition must be one of iid, dirichlet, quantity"),
+    ({"pretrain": "moco"}, "unknown self-supervised method 'moco'"),
+    ({"pretrain": "simclr+simclr"}, "distinct methods"),
+    ({"pretrain": "simclr+restore", "pretrain_weights": "1"}, "one weight per method"),
+    ({"pretrain": "simclr+restore", "pretrain_weights": "0,0"}, "at least one > 0"),
+    ({"pretrain_weights": "a"}, "comma-separated numbers"),
+    ({"mode": "cloud"}, "mode must be one of federated, centralized, local-only"),
+    ({"encoder": "resnet"}, "encoder must be one of"),
+    ({"finetune_rounds": 0}, "finetune-rounds must be >= 1"),
+    ({"pretrain_rounds": 0}, "pretrain-rounds must be >= 1 when a pretrain method is set"),
+    ({"pretrain_batch_size": 1}, "pretrain-batch-size must be >= 2 for simclr"),
+    ({"finetune_lr": -1.0}, "finetune-lr must be > 0"),
+    ({"byol_momentum": 1.0}, "byol-momentum must be in [0, 1)"),
+    ({"mask_ratio": 1.0}, "mask-ratio must be in (0, 1)"),
+    ({"strategy": "fedprox"}, "fedprox needs proximal-mu > 0"),
+    ({"fraction_train": 0.0}, "fraction-train must be in (0, 1]"),
+    ({"width": 6}, "width must be a multiple of 4"),
+    ({"run_name": "../escape"}, "run-name must be a plain folder name"),
+    ({"num_sites": True}, "must be of type int"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD, ids=[str(c) for c, _ in BAD])
+def test_bad_values_raise_config_error_naming_the_rule(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**changes)
+    assert message in str(info.value)
+
+
+def test_pretrain_none_needs_no_pretrain_rounds() -> None:
+    assert RunConfig(pretrain="none", pretrain_rounds=0).ssl_methods == []

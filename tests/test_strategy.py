@@ -1,0 +1,109 @@
+"""Shared-weights FedAvg over mocked Flower replies: weighted averaging and the reply contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from conftest import make_metadata
+from medfed.constants import Phase
+from medfed.exceptions import FederationError
+from medfed.strategies.shared_weights import SiteReport, check_reply, make_strategy
+
+SENT = ArrayRecord({"encoder.w": Array(np.zeros((2, 3), np.float32)), "encoder.b": Array(np.zeros(3, np.float32))})
+
+
+def reply(arrays: dict[str, np.ndarray] | None, metrics: dict, node: int = 1) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return Message(content, metadata=make_metadata(dst_node_id=0, src_node_id=node))
+
+
+def good(value: float, n: int, site: int) -> Message:
+    arrays = {"encoder.w": np.full((2, 3), value, np.float32), "encoder.b": np.full(3, value, np.float32)}
+    return reply(arrays, {"num-examples": n, "site-id": site, "train-loss": value}, node=site + 10)
+
+
+def strategy(shared: list[str] | None = None, reports: list | None = None):
+    s = make_strategy(
+        "fedavg", phase=Phase.PRETRAIN, shared_keys=shared or list(SENT.keys()), num_sites=3, fraction_train=1.0,
+        evaluate=False, observer=(reports.append if reports is not None else None),
+    )
+    s._sent = SENT  # what configure_train would have remembered
+    return s
+
+
+def test_example_weighted_average_of_two_sites() -> None:
+    arrays, metrics = strategy().aggregate_train(1, [good(0.0, 1, 0), good(4.0, 3, 1)])
+    np.testing.assert_allclose(arrays["encoder.w"].numpy(), np.full((2, 3), 3.0))  # (0*1 + 4*3) / 4
+    assert metrics["train-loss"] == pytest.approx(3.0) and metrics["total-examples"] == 4
+
+
+BROKEN = {
+    "extra projector array": (
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32), "projector.w": np.zeros((3, 3), np.float32)},
+        {"num-examples": 5, "site-id": 2},
+        "unexpected ['projector.w']",
+    ),
+    "missing array": ({"encoder.w": np.zeros((2, 3), np.float32)}, {"num-examples": 5, "site-id": 2}, "missing ['encoder.b']"),
+    "wrong shape": (
+        {"encoder.w": np.zeros((3, 2), np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"num-examples": 5, "site-id": 2},
+        "expected float32(2, 3)",
+    ),
+    "NaN": (
+        {"encoder.w": np.full((2, 3), np.nan, np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"num-examples": 5, "site-id": 2},
+        "NaN or infinite",
+    ),
+    "list metric (e.g. labels)": (
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"num-examples": 5, "site-id": 2, "labels": [0, 1, 1]},
+        "is a list",
+    ),
+    "no example count": (
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"site-id": 2},
+        "'num-examples' missing",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_reply_is_rejected_logged_and_not_averaged(case: str) -> None:
+    arrays, metrics, reason = BROKEN[case]
+    assert reason in check_reply(reply(arrays, metrics).content, SENT, list(SENT.keys()))
+    reports: list[SiteReport] = []
+    out, _ = strategy(reports=reports).aggregate_train(1, [good(2.0, 1, 0), reply(arrays, metrics, node=12)])
+    np.testing.assert_allclose(out["encoder.w"].numpy(), 2.0)  # only the good site counted
+    rejected = [r for r in reports if not r.accepted]
+    assert len(rejected) == 1 and reason in rejected[0].reason and rejected[0].site_id == 2
+
+
+def test_all_replies_invalid_or_failed_raises() -> None:
+    failed = Message(Error(code=0, reason="site crashed"), metadata=make_metadata(dst_node_id=0, src_node_id=11))
+    with pytest.raises(FederationError, match="no valid site update.*site crashed"):
+        strategy().aggregate_train(3, [failed])
+
+
+def test_frozen_weights_are_carried_over_for_a_linear_probe() -> None:
+    head_only = reply({"encoder.b": np.full(3, 5.0, np.float32)}, {"num-examples": 2, "site-id": 0})
+    out, _ = strategy(shared=["encoder.b"]).aggregate_train(1, [head_only])
+    assert list(out.keys()) == list(SENT.keys())
+    np.testing.assert_allclose(out["encoder.b"].numpy(), 5.0)
+    np.testing.assert_allclose(out["encoder.w"].numpy(), 0.0)  # not sent, kept from the global model
+
+
+def test_fedprox_sends_proximal_mu_to_sites(flwr_task_identity: None) -> None:
+    s = make_strategy("fedprox", phase=Phase.FINETUNE, shared_keys=["a"], num_sites=2, fraction_train=1.0,
+                      evaluate=True, proximal_mu=0.1)
+
+    class Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    messages = list(s.configure_train(1, SENT, ConfigRecord({"phase": "finetune"}), Grid()))
+    assert len(messages) == 2
+    assert messages[0].content["config"]["proximal-mu"] == pytest.approx(0.1)
