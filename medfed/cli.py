@@ -41,6 +41,8 @@ HELP: dict[str, str] = {
     "pretrain_weights": "Comma-separated weight per method when combining (e.g. 1,0.5 for simclr+restore).",
     "encoder": "auto (ViT for MAE, CNN otherwise), cnn or vit.",
     "width": "Channels of the CNN's first stage (doubles per stage).",
+    "encoder_init": "A pretrained encoder (e.g. arms/ARM/pretrained_encoder.safetensors of an earlier run) to "
+    "fine-tune instead of pretraining again; --pretrain then only names how it was made.",
     "baselines": "Comparison arms run beside the main one: none, default (local-only and federated "
     "supervised from scratch) or all (also centralized and local-only with the same pretraining).",
     "pretrain_rounds": "Federated rounds of self-supervised pretraining.",

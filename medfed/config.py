@@ -52,6 +52,7 @@ class RunConfig:
     pretrain_weights: str = ""  # comma list, one weight per method in `pretrain` (a+b)
     encoder: str = EncoderKind.AUTO.value
     width: int = 16
+    encoder_init: str = ""  # safetensors of a pretrained encoder: skip pretraining, start from it
     baselines: str = Baselines.DEFAULT.value
     # pretraining
     pretrain_rounds: int = 10
@@ -64,8 +65,8 @@ class RunConfig:
     # fine-tuning
     finetune_mode: str = FinetuneMode.FULL.value
     finetune_rounds: int = 10
-    finetune_epochs: int = 3
-    finetune_lr: float = 1e-3
+    finetune_epochs: int = 5
+    finetune_lr: float = 3e-4
     finetune_batch_size: int = 32
     # federation
     strategy: str = StrategyName.FEDAVG.value
@@ -176,6 +177,8 @@ def _validate(c: RunConfig) -> None:
                 raise ConfigError(
                     f"unknown self-supervised method {m!r} in pretrain; known: {', '.join(known)}, or 'none'"
                 )
+    if c.encoder_init and c.pretrain == NO_PRETRAIN:
+        raise ConfigError("encoder-init needs --pretrain naming how that encoder was pretrained (not 'none')")
     if c.pretrain_weights:
         try:
             weights = [float(w) for w in c.pretrain_weights.split(",")]

@@ -64,6 +64,7 @@ BAD = [
     ({"width": 6}, "width must be a multiple of 4"),
     ({"run_name": "../escape"}, "run-name must be a plain folder name"),
     ({"num_sites": True}, "must be of type int"),
+    ({"pretrain": "none", "encoder_init": "enc.safetensors"}, "encoder-init needs --pretrain"),
 ]
 
 

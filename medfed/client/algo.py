@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from medfed.config import RunConfig
 from medfed.constants import FinetuneMode, Phase, TaskType
+from medfed.exceptions import ConfigError
 from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.metrics import classification_metrics
@@ -64,6 +66,33 @@ def new_classifier(cfg: RunConfig, spec: InputSpec, task: TaskType, num_classes:
     if encoder_state is not None:
         model.encoder.load_state_dict(encoder_state)
     return model
+
+
+def initial_encoder_state(cfg: RunConfig, spec: InputSpec) -> StateDict:
+    """The encoder a run starts from: ``encoder-init`` when given (checked against the data), else a seeded fresh one."""
+    fresh = new_encoder(cfg, spec).state_dict()
+    if not cfg.encoder_init:
+        return fresh
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(cfg.encoder_init).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"encoder-init {str(path)!r} does not exist")
+    try:
+        loaded = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"encoder-init {str(path)!r} is not a readable safetensors file ({exc})") from exc
+    for key, value in fresh.items():
+        if key not in loaded or tuple(loaded[key].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"encoder-init {str(path)!r} does not fit this encoder ({cfg.encoder}, width {cfg.width}, input "
+                f"{spec.channels}x{'x'.join(map(str, spec.spatial_shape))}): {key!r} missing or of another shape"
+            )
+    extra = sorted(set(loaded) - set(fresh))
+    if extra:
+        raise ConfigError(f"encoder-init {str(path)!r} holds arrays this encoder lacks: {extra[:3]}")
+    return {k: loaded[k] for k in fresh}
 
 
 def ssl_settings(cfg: RunConfig) -> SSLSettings:

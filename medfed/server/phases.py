@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from medfed.client.algo import finetune_shared_keys, new_classifier, new_encoder
+from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
 from medfed.client.app import DATA_FILE_KEY, PHASE_KEY, RUN_DIR_KEY
 from medfed.config import RunConfig
 from medfed.constants import Phase
@@ -52,8 +52,8 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     """Run both phases over the grid; returns the final global test metrics."""
     cfg, spec, test = ctx.cfg, ctx.test.spec, ctx.test
     meta = {"arm": ctx.arm, "config": cfg.to_json()}
-    encoder_state = new_encoder(cfg, spec).state_dict()
-    if cfg.ssl_methods:
+    encoder_state = initial_encoder_state(cfg, spec)
+    if cfg.ssl_methods and not cfg.encoder_init:
         strategy = make_strategy(
             cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), num_sites=cfg.num_sites,
             fraction_train=cfg.fraction_train, evaluate=False, proximal_mu=cfg.proximal_mu,

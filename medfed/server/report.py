@@ -89,7 +89,9 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         + ", ".join(f"{k} {v}" for k, v in data_info["sizes"].items()) + ".",
         f"Sites: {cfg['num-sites']} ({cfg['partition']}, alpha {cfg['alpha']}), labelled fraction "
         f"{cfg['label-fraction']}, seed {cfg['seed']}. Pretraining: {cfg['pretrain']} "
-        f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs); fine-tuning: "
+        + (f"(not run here: encoder loaded from `{cfg['encoder-init']}`)" if cfg.get("encoder-init") else
+           f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs)")
+        + "; fine-tuning: "
         f"{cfg['finetune-mode']} ({cfg['finetune-rounds']} rounds x {cfg['finetune-epochs']} local epochs); "
         f"strategy {cfg['strategy']}.",
         "",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.client.algo import initial_encoder_state
 from medfed.config import RunConfig
 import torch
 
@@ -87,6 +88,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     kind = resolve_encoder_kind(cfg.encoder, cfg.ssl_methods)
     if kind == EncoderKind.VIT:
         vit_patch_size(spec)  # raises ConfigError when no patch size divides the image
+    initial_encoder_state(cfg, spec)  # raises ConfigError when encoder-init does not fit
     plan = make_site_plan(
         data.train.labels, data.val.labels, data.task, scheme=cfg.partition, num_sites=cfg.num_sites,
         alpha=cfg.alpha, label_fraction=cfg.label_fraction, seed=cfg.seed, data_sha256=data.sha256,
@@ -107,7 +109,11 @@ def unique_dir(path: Path) -> Path:
 
 def run_arm(prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Run one arm; returns its test metrics and (local-only) per-site test metrics."""
-    cfg = prep.cfg.replace(mode=arm.mode, pretrain=arm.pretrain, pretrain_weights=prep.cfg.pretrain_weights if arm.pretrain == prep.cfg.pretrain else "")
+    same_ssl = arm.pretrain == prep.cfg.pretrain
+    cfg = prep.cfg.replace(
+        mode=arm.mode, pretrain=arm.pretrain, pretrain_weights=prep.cfg.pretrain_weights if same_ssl else "",
+        encoder_init=prep.cfg.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",
+    )
     ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder)
     if arm.mode == Mode.FEDERATED:
         return run_federated_simulation(ctx, verbose=verbose), {}
@@ -154,7 +160,7 @@ def progress_units(cfg: RunConfig) -> int:
     total = 0
     for arm in arms_for(cfg):
         sites = 1 if arm.mode == Mode.CENTRALIZED else cfg.num_sites
-        pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN else 0
+        pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN and not cfg.encoder_init else 0
         total += sites * (pre + cfg.finetune_rounds)
     return total
 

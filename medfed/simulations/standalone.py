@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medfed.client.algo import SiteAlgo, new_classifier, new_encoder
+from medfed.client.algo import SiteAlgo, initial_encoder_state, new_classifier
 from medfed.constants import MetricKey, Mode, Phase
 from medfed.data.medmnist import MedMNISTData
 from medfed.data.site import SiteData, pooled_site, site_from_split
@@ -26,14 +26,15 @@ from medfed.simulations.partition import SitePlan
 def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: str) -> dict[str, float]:
     cfg, rec = ctx.cfg, ctx.recorder
     algo = SiteAlgo(cfg, site)
-    encoder_state = new_encoder(cfg, site.spec).state_dict()
+    encoder_state = initial_encoder_state(cfg, site.spec)
+    pretrain = bool(cfg.ssl_methods) and not cfg.encoder_init
     local = None
     meta = {"arm": ctx.arm, "config": cfg.to_json(), "site": str(site_label)}
-    for rnd in range(1, cfg.pretrain_rounds + 1 if cfg.ssl_methods else 1):
+    for rnd in range(1, cfg.pretrain_rounds + 1 if pretrain else 1):
         encoder_state, local, stats = algo.pretrain_round(encoder_state, local, rnd)
         rec.record(ctx.arm, Phase.PRETRAIN, rnd, site_label, "train",
                    {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples})
-    if cfg.ssl_methods:
+    if pretrain:
         save_checkpoint(ctx.arm_dir / f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors", encoder_state, meta)
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state)

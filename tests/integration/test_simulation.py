@@ -111,3 +111,27 @@ def test_3d_smoke_run_on_adrenalmnist3d(tmp_path: Path, data_path_env: Path) -> 
     data = json.loads((run_dir / "data.json").read_text())
     assert data["spatial_shape"] == [28, 28, 28]
     assert 0.0 <= summary["arms"]["federated-simclr"]["test"]["auc"] <= 1.0
+
+
+def test_encoder_init_reuses_a_pretrained_encoder_and_skips_pretraining(tmp_path: Path, data_path_env: Path) -> None:
+    from medfed.exceptions import ConfigError
+
+    cfg = small(tmp_path, mode="centralized", pretrain="byol", pretrain_rounds=1, finetune_rounds=1, run_name="first")
+    first = runner.run_experiment(cfg)
+    encoder_file = first / "arms" / "centralized-byol" / "pretrained_encoder.safetensors"
+    second = runner.run_experiment(cfg.replace(encoder_init=str(encoder_file), run_name="second", label_fraction=0.5))
+    rows = Recorder.load(second / "metrics.jsonl")
+    assert not [r for r in rows if r["phase"] == "pretrain"]
+    assert not (second / "arms" / "centralized-byol" / "pretrained_encoder.safetensors").exists()
+    assert "encoder loaded from" in (second / "report.md").read_text()
+    # the second run starts from the first run's pretrained encoder and the same seeded head, so their
+    # models before fine-tuning (round 0) are identical
+    r0 = lambda d: [r for r in Recorder.load(d / "metrics.jsonl") if r["split"] == "test" and r["round"] == 0][0]  # noqa: E731
+    assert r0(first)["auc"] == r0(second)["auc"]
+
+    wrong = cfg.replace(width=16, encoder_init=str(encoder_file), run_name="third")
+    with pytest.raises(ConfigError, match="does not fit this encoder"):
+        runner.run_experiment(wrong)
+    with pytest.raises(ConfigError, match="does not exist"):
+        runner.run_experiment(cfg.replace(encoder_init=str(tmp_path / "none.safetensors"), run_name="fourth"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["first", "second"]
