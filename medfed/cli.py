@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -57,6 +56,9 @@ HELP: dict[str, str] = {
     "finetune_epochs": "Local epochs per fine-tuning round.",
     "finetune_lr": "AdamW learning rate for fine-tuning.",
     "finetune_batch_size": "Batch size for fine-tuning.",
+    "finetune_loss": "ce, or logit-adjusted: cross-entropy on logits plus the log of the site's own label prior "
+    "(Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with skewed labels does not drag the shared head "
+    "towards its majority class. Single-label tasks only.",
     "strategy": "Aggregation: fedavg (example-weighted) or fedprox.",
     "proximal_mu": "FedProx proximal weight mu (> 0 with --strategy fedprox).",
     "fraction_train": "Fraction of sites sampled each round.",

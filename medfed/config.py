@@ -68,6 +68,7 @@ class RunConfig:
     finetune_epochs: int = 5
     finetune_lr: float = 3e-4
     finetune_batch_size: int = 32
+    finetune_loss: str = "ce"  # ce | logit-adjusted (label-skew-robust, Menon et al. 2021)
     # federation
     strategy: str = StrategyName.FEDAVG.value
     proximal_mu: float = 0.0
@@ -167,6 +168,7 @@ def _validate(c: RunConfig) -> None:
     _choice("baselines", c.baselines, [b.value for b in Baselines])
     _choice("finetune_mode", c.finetune_mode, [m.value for m in FinetuneMode])
     _choice("strategy", c.strategy, [s.value for s in StrategyName])
+    _choice("finetune_loss", c.finetune_loss, ["ce", "logit-adjusted"])
     known = available_methods()
     methods = c.ssl_methods
     if c.pretrain != NO_PRETRAIN:

@@ -17,9 +17,5 @@ class SplitError(MedfedError, ValueError):
     """The requested division of data into sites cannot be made."""
 
 
-class ContractError(MedfedError, RuntimeError):
-    """A site reply breaks the encoder-only contract (wrong keys, shapes or values)."""
-
-
 class FederationError(MedfedError, RuntimeError):
     """A federated round could not complete (for example, every site failed)."""

@@ -203,7 +203,10 @@ class SiteAlgo:
     def build_method(self, encoder_state: StateDict, local_state: StateDict | None) -> SSLMethod:
         encoder = new_encoder(self.cfg, self.data.spec)
         encoder.load_state_dict(encoder_state)
-        method = build_method(self.cfg.ssl_methods, self.cfg.ssl_weights, encoder, ssl_settings(self.cfg))
+        method: SSLMethod = _seeded_init(  # heads, predictors and decoders: seeded per site
+            derive_seed(self.cfg.seed, self.data.site_id, "ssl-heads"),
+            lambda: build_method(self.cfg.ssl_methods, self.cfg.ssl_weights, encoder, ssl_settings(self.cfg)),
+        )  # type: ignore[assignment]
         if local_state is not None:
             method.load_local_state_dict(local_state)
         return method
@@ -251,13 +254,24 @@ class SiteAlgo:
             proximal_mu=self.cfg.proximal_mu,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
+        shift = self.logit_shift()
         stats = train_loop(
-            trainable, lambda idx: model.loss(model(augment(images[idx], views, gen)), labels[idx]), len(images),
-            settings, gen, prox_params=trainable,
+            trainable, lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]),
+            len(images), settings, gen, prox_params=trainable,
         )
         state = model.state_dict()
         keys = finetune_shared_keys(self.cfg, list(state))
         return {k: state[k].detach().clone() for k in keys}, stats
+
+    def logit_shift(self) -> torch.Tensor | float:
+        """Training-time logit shift: log of this site's label prior (add-one smoothed) for the
+        logit-adjusted loss (Menon et al., ICLR 2021), else 0. Predictions use raw logits."""
+        if self.cfg.finetune_loss != "logit-adjusted":
+            return 0.0
+        if self.data.task == TaskType.MULTILABEL:
+            raise ConfigError("finetune-loss logit-adjusted needs a single-label task; this data is multi-label")
+        counts = torch.bincount(self.data.labelled_labels[:, 0], minlength=self.data.num_classes).float() + 1.0
+        return torch.log(counts / counts.sum())
 
     def evaluate_val(self, classifier_state: StateDict) -> dict[str, float]:
         return evaluate(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)

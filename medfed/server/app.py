@@ -1,9 +1,9 @@
 """The ServerApp: hands the Grid to the Flower-free phase runner.
 
 `make_server_app` closes over a prepared arm (used by ``medfed simulate``, which runs
-Flower's simulation runtime in-process). The module-level ``app`` is the same ServerApp
-for ``flwr run`` (components in pyproject.toml): it reads the flat run config from the
-context and prepares the run directory itself.
+Flower's simulation runtime in-process). The module-level ``app`` (components in
+pyproject.toml) is the entry point when a Flower runtime starts the ServerApp itself: it
+reads the flat run config from the context and runs the same experiment on its grid.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run``: settings from the run config (pyproject defaults + overrides)."""
+    """Entry point inside a Flower runtime (``flwr run``): settings from the run config
+    (pyproject defaults plus overrides); federated arms use this ServerApp's grid."""
     from medfed.config import RunConfig
-    from medfed.simulations.runner import run_arm_from_flwr
+    from medfed.simulations.runner import run_experiment
 
-    run_arm_from_flwr(grid, RunConfig.from_flat(dict(context.run_config)))
+    run_experiment(RunConfig.from_flat(dict(context.run_config)), grid=grid)

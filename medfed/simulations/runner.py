@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +106,14 @@ def unique_dir(path: Path) -> Path:
     return path.with_name(f"{path.name}-{n}")
 
 
-def run_arm(prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-    """Run one arm; returns its test metrics and (local-only) per-site test metrics."""
+def run_arm(
+    prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False, grid: Any = None
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Run one arm; returns its test metrics and (local-only) per-site test metrics.
+
+    A federated arm runs on ``grid`` when the caller is a ServerApp already inside a Flower
+    runtime (``flwr run``), else on Flower's simulation runtime started here.
+    """
     same_ssl = arm.pretrain == prep.cfg.pretrain
     cfg = prep.cfg.replace(
         mode=arm.mode, pretrain=arm.pretrain, pretrain_weights=prep.cfg.pretrain_weights if same_ssl else "",
@@ -116,6 +121,10 @@ def run_arm(prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verb
     )
     ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder)
     if arm.mode == Mode.FEDERATED:
+        if grid is not None:
+            from medfed.server.phases import run_federated
+
+            return run_federated(grid, ctx), {}
         return run_federated_simulation(ctx, verbose=verbose), {}
     from medfed.simulations.standalone import run_standalone
 
@@ -166,9 +175,17 @@ def progress_units(cfg: RunConfig) -> int:
 
 
 def run_experiment(
-    cfg: RunConfig, *, listener: Listener | None = None, verbose: bool = False, arms: list[Arm] | None = None
+    cfg: RunConfig,
+    *,
+    listener: Listener | None = None,
+    verbose: bool = False,
+    arms: list[Arm] | None = None,
+    grid: Any = None,
 ) -> Path:
-    """Run every arm of ``cfg`` (or the given ``arms``) and return the finished run directory."""
+    """Run every arm of ``cfg`` (or the given ``arms``) and return the finished run directory.
+
+    ``grid``: the Flower Grid when called from a ServerApp inside a Flower runtime.
+    """
     from medfed.server.report import write_report
 
     prep = prepare(cfg)
@@ -186,7 +203,7 @@ def run_experiment(
         summary: dict[str, Any] = {"config": cfg.to_flat(), "arms": {}}
         for arm in arms or arms_for(cfg):
             with ResourceMonitor() as monitor:
-                metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose)
+                metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid)
             summary["arms"][arm.name] = {
                 "mode": arm.mode,
                 "pretrain": arm.pretrain,
@@ -202,18 +219,3 @@ def run_experiment(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return final
-
-
-def run_arm_from_flwr(grid: Any, cfg: RunConfig) -> None:
-    """The federated arm when Flower's own runtime calls the ServerApp (``flwr run``)."""
-    from medfed.server.phases import run_federated
-
-    prep = prepare(cfg)
-    out = Path(cfg.out_dir).expanduser()
-    run_dir = unique_dir(out / cfg.run_dir_name)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(cfg.to_json())
-    prep.plan.save(run_dir / SPLIT_FILE)
-    recorder = Recorder(run_dir / "metrics.jsonl")
-    metrics = run_federated(grid, ArmContext(f"{cfg.mode}-{cfg.pretrain}", cfg, run_dir.resolve(), prep.data.path, prep.test, recorder))
-    (run_dir / "summary.json").write_text(json.dumps({"config": cfg.to_flat(), "arms": {f"{cfg.mode}-{cfg.pretrain}": {"test": metrics}}}, indent=1))

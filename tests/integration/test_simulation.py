@@ -135,3 +135,31 @@ def test_encoder_init_reuses_a_pretrained_encoder_and_skips_pretraining(tmp_path
     with pytest.raises(ConfigError, match="does not exist"):
         runner.run_experiment(cfg.replace(encoder_init=str(tmp_path / "none.safetensors"), run_name="fourth"))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["first", "second"]
+
+
+@pytest.mark.timeout(180)
+def test_module_level_server_app_reads_the_run_config_from_its_context(tmp_path: Path, data_path_env: Path) -> None:
+    """The ServerApp declared in pyproject.toml, started by Flower with a run config (as `flwr run` does).
+
+    Flower's public `run_simulation` always passes an empty run config, so this drives the same
+    simulation engine through its internal entry point with a context that carries one.
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.telemetry import EventType
+    from flwr.simulation.run_simulation import _run_simulation
+
+    from medfed.client.app import app as client_app
+    from medfed.server.app import app as server_app
+
+    cfg = small(tmp_path, pretrain_rounds=1, finetune_rounds=1, run_name="from-flwr")
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat())
+    _run_simulation(
+        num_supernodes=2, client_app=client_app, server_app=server_app, server_app_context=context,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+    )
+    run_dir = tmp_path / "runs" / "from-flwr"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["arms"]) == ["federated-simclr"]
+    rows = Recorder.load(run_dir / "metrics.jsonl")
+    assert {r["site"] for r in rows if r["phase"] == "pretrain"} == {0, 1}
