@@ -47,11 +47,14 @@ def arms(ssl: str) -> list[tuple[str, Arm]]:
     ]
 
 
-def mean_sd(values: list[float]) -> str:
+ORDER = [label for label, _ in arms("simclr")]
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if arr.size == 0:
         return "n/a"
-    return f"{arr.mean():.3f} ± {arr.std(ddof=1) if arr.size > 1 else 0.0:.3f}"
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1) if arr.size > 1 else 0.0:.{digits}f}"
 
 
 def main() -> None:
@@ -130,9 +133,10 @@ def main() -> None:
         lines += [f"### {fraction:.0%} labels", "",
                   "| arm | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
                   "|---|---|---|---|---|---|---|---|"]
-        for label, runs in by_arm.items():
+        for label in ORDER:
+            runs = by_arm[label]
             lines.append(f"| {label} | " + " | ".join(mean_sd([r[m] for r in runs]) for m in METRICS)
-                         + f" | {mean_sd([r['wall'] for r in runs])} | {mean_sd([r['peak'] for r in runs])} |")
+                         + f" | {mean_sd([r['wall'] for r in runs], 0)} | {mean_sd([r['peak'] for r in runs], 0)} |")
         fed = np.mean([r["auc"] for r in by_arm["federated SSL"]])
         cen = np.mean([r["auc"] for r in by_arm["centralized SSL"]])
         loc = np.mean([r["auc"] for r in by_arm["local-only supervised (mean over sites)"]])
@@ -142,7 +146,8 @@ def main() -> None:
                   + f"); federated - local-only {fed - loc:+.3f} (target >= +0.05: {'met' if fed - loc >= 0.05 else 'missed'}).", ""]
     lines += ["Per-run numbers (seed: AUC, wall s):", ""]
     for fraction, by_arm in results.items():
-        for label, runs in by_arm.items():
+        for label in ORDER:
+            runs = by_arm[label]
             lines.append(f"- {fraction:.0%} {label}: " + ", ".join(f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" for r in runs))
     write_section("label_efficiency", "\n".join(lines))
     print("\n".join(lines))

@@ -64,8 +64,8 @@ class RunConfig:
     mask_ratio: float = 0.75
     # fine-tuning
     finetune_mode: str = FinetuneMode.FULL.value
-    finetune_rounds: int = 10
-    finetune_epochs: int = 5
+    finetune_rounds: int = 25
+    finetune_epochs: int = 1
     finetune_lr: float = 3e-4
     finetune_batch_size: int = 32
     finetune_loss: str = "ce"  # ce | logit-adjusted (label-skew-robust, Menon et al. 2021)
