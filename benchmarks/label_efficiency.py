@@ -11,7 +11,7 @@ For each labelled fraction and seed, one experiment runs four arms on the same p
 Writes mean and standard deviation over seeds, per-run wall time and peak memory, the
 targets and the command into docs/RESULTS.md (between this benchmark's markers).
 
-    python benchmarks/label_efficiency.py --data ../shared/data/medmnist/pneumoniamnist.npz
+    python benchmarks/label_efficiency.py --set pretrain-rounds=30
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="pneumoniamnist")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"),
+                        help="MedMNIST flag or file (default: the pinned copy in ../shared/data/medmnist)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out-dir", default="runs/benchmarks/label_efficiency")
@@ -148,7 +149,8 @@ def main() -> None:
     for fraction, by_arm in results.items():
         for label in ORDER:
             runs = by_arm[label]
-            lines.append(f"- {fraction:.0%} {label}: " + ", ".join(f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" for r in runs))
+            lines.append(f"- {fraction:.0%} {label}: " + ", ".join(
+                f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" + (" (pretraining reused)" if r["reused"] else "") for r in runs))
     write_section("label_efficiency", "\n".join(lines))
     print("\n".join(lines))
 

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfed import __version__
-from medfed.config import RunConfig
+from medfed.config import SETTING_TYPES, RunConfig
 from medfed.exceptions import MedfedError
 from medfed.selfsup.registry import available_methods
 
@@ -115,12 +115,11 @@ def _build_simulate_signature() -> inspect.Signature:
             default=typer.Option(False, "--verbose", help="Show Flower's and Ray's logs."),
         )
     ]
-    types = {"int": int, "float": float, "str": str, "bool": bool}
     for f in fields(RunConfig):
         default = f.default
         params.append(
             inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[str(f.type)],
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=SETTING_TYPES[str(f.type)],
                 default=typer.Option(default, f"--{f.name.replace('_', '-')}", help=HELP.get(f.name, "")),
             )
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,7 +36,7 @@ class RunConfig:
 
     Defaults were sized so that the default run (5 sites, PneumoniaMNIST, 10 % labels,
     pretraining then fine-tuning, plus the default baselines) finishes within 10 minutes
-    on 2 CPU cores; the measured time is in docs/RESULTS.md.
+    on 2 CPU cores; `benchmarks/default_run.py` measures it into docs/RESULTS.md.
     """
 
     # data and sites
@@ -127,11 +128,12 @@ class RunConfig:
         return Path(self.data).stem if self.data.endswith(".npz") else self.data
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+SETTING_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+"""RunConfig field annotations (strings, under postponed evaluation) -> Python types."""
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    target = _TYPES[str(type_name)]
+    target = SETTING_TYPES[str(type_name)]
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target is int and isinstance(value, float) and value.is_integer():
@@ -151,7 +153,11 @@ def _validate(c: RunConfig) -> None:
     from medfed.selfsup.registry import available_methods
 
     for f in fields(c):
-        _coerce(_kebab(f.name), getattr(c, f.name), f.type)
+        value = _coerce(_kebab(f.name), getattr(c, f.name), f.type)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{_kebab(f.name)} must be a finite number; got {value}")
+    if c.seed < 0:
+        raise ConfigError(f"seed must be >= 0; got {c.seed}")
     if not c.data:
         raise ConfigError("data must name a MedMNIST flag (e.g. pneumoniamnist) or a .npz path")
     if c.num_sites < 1:
@@ -217,6 +223,8 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"proximal-mu must be >= 0; got {c.proximal_mu}")
     if c.strategy == StrategyName.FEDPROX and c.proximal_mu == 0:
         raise ConfigError("strategy fedprox needs proximal-mu > 0 (with 0 it is FedAvg)")
+    if c.strategy != StrategyName.FEDPROX and c.proximal_mu > 0:
+        raise ConfigError(f"proximal-mu > 0 needs --strategy fedprox; got strategy {c.strategy}")
     if not 0 < c.fraction_train <= 1:
         raise ConfigError(f"fraction-train must be in (0, 1]; got {c.fraction_train}")
     if c.client_cpus < 0:

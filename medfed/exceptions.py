@@ -19,3 +19,7 @@ class SplitError(MedfedError, ValueError):
 
 class FederationError(MedfedError, RuntimeError):
     """A federated round could not complete (for example, every site failed)."""
+
+
+class TrainingDiverged(MedfedError, FloatingPointError):
+    """The training loss became NaN or infinite (usually a learning rate too high)."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medfed.data.transforms import AugmentSpec, augment, gaussian_blur, mask_patches, scale_intensity
+from medfed.data.transforms import AugmentSpec, augment, gaussian_blur, mask_patches, random_affine, scale_intensity
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,11 +42,11 @@ def test_scale_intensity_uint8_is_not_min_max():
     assert out[0, 0, 0, 0].item() == pytest.approx(0.4)
 
 
-def test_scale_intensity_float_min_max():
-    images = np.array([-100.0, 0.0, 300.0], dtype=np.float64).reshape(1, 1, 1, 3)
-    out = scale_intensity(images)
+def test_scale_intensity_float_uses_the_given_range_and_clips():
+    images = np.array([-100.0, 0.0, 300.0, 500.0], dtype=np.float64).reshape(1, 1, 1, 4)
+    out = scale_intensity(images, (-100.0, 300.0))
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 0.25, 1.0]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 0.25, 1.0, 1.0]))
 
 
 # ---------------------------------------------------------------- augment
@@ -113,7 +113,8 @@ def test_flip_only_spec_flips_left_right():
 
 def test_gaussian_blur_preserves_constant_and_mass():
     x = torch.full((1, 2, 9, 9), 0.3)
-    torch.testing.assert_close(gaussian_blur(x, 1.0)[..., 3:6, 3:6], x[..., 3:6, 3:6])
+    torch.testing.assert_close(gaussian_blur(x, 1.0), x)  # borders too: reflect padding, no darkening
+    torch.testing.assert_close(gaussian_blur(torch.full((1, 1, 6, 6, 6), 0.7), 1.0), torch.full((1, 1, 6, 6, 6), 0.7))
     impulse = torch.zeros(1, 1, 15, 15, 15)
     impulse[0, 0, 7, 7, 7] = 1.0
     out = gaussian_blur(impulse, 0.8)
@@ -149,3 +150,11 @@ def test_mask_patches_deterministic_and_ragged_edges():
     _, none = mask_patches(x, 4, 0.0, _gen(0))
     _, full = mask_patches(x, 4, 1.0, _gen(0))
     assert none.sum() == 0 and full.sum() == full.numel()
+
+
+def test_flips_left_right_in_2d_and_every_axis_in_3d():
+    only_flip = AugmentSpec(crop_scale=(1.0, 1.0), rotate_degrees=0.0, flip_prob=1.0)
+    x2 = _images((2, 1, 12, 12))
+    torch.testing.assert_close(random_affine(x2, only_flip, _gen(0)), x2.flip(-1), atol=1e-5, rtol=0)
+    x3 = _images((2, 1, 8, 8, 8))
+    torch.testing.assert_close(random_affine(x3, only_flip, _gen(0)), x3.flip(-1, -2, -3), atol=1e-5, rtol=0)

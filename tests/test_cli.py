@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,20 @@ def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown method": (["--data", str(_write(tmp / "ok3.npz")), "--pretrain", "moco"], "unknown self-supervised method 'moco'"),
         "mae on a cnn": (["--data", str(_write(tmp / "ok4.npz")), "--pretrain", "mae", "--encoder", "cnn"], "needs a vit encoder"),
         "unknown flag": (["--data", "nosuchmnist"], "neither a .npz path nor a known MedMNIST flag"),
+        "out-dir is a file": (["--data", str(_write(tmp / "ok5.npz")), "--out-dir", str(corrupt)], "is not a folder"),
+        "logit-adjusted on multi-label": (
+            ["--data", str(_write(tmp / "ml.npz", **{f"{sp}_labels": np.tile([[0, 1, 1]], (n, 1)) for sp, n in (("train", 40), ("val", 10), ("test", 10))})),
+             "--finetune-loss", "logit-adjusted"],
+            "needs a single-label task",
+        ),
+        "negative seed": (["--data", str(_write(tmp / "ok6.npz")), "--seed", "-1"], "seed must be >= 0"),
     }
 
 
 CASES = [
     "missing file", "corrupt file", "missing keys", "mismatched rows", "mismatched shapes", "label out of range",
     "fraction zero", "fraction above one", "more sites than images", "unknown method", "mae on a cnn", "unknown flag",
+    "out-dir is a file", "logit-adjusted on multi-label", "negative seed",
 ]
 
 
@@ -70,7 +79,8 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case: str, tm
     assert sorted(cases) == sorted(CASES)
     args, message = cases[case]
     out = tmp_path / "runs"
-    result = runner.invoke(app, ["simulate", *args, "--out-dir", str(out)], env={"COLUMNS": "300"})
+    extra = [] if "--out-dir" in args else ["--out-dir", str(out)]
+    result = runner.invoke(app, ["simulate", *args, *extra], env={"COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not out.exists() or not any(out.iterdir())
@@ -79,7 +89,8 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case: str, tm
 def test_inspect_data_describes_a_file(shared_data: Path) -> None:
     result = runner.invoke(app, ["inspect-data", str(shared_data / "adrenalmnist3d.npz")])
     assert result.exit_code == 0
-    assert '"spatial_shape": [\n  28,\n  28,\n  28\n ]' in result.output or '"task": "binary-class"' in result.output
+    info = json.loads(result.output)
+    assert (info["task"], info["spatial_shape"], info["sizes"]) == ("binary-class", [28, 28, 28], {"train": 1188, "val": 98, "test": 298})
 
 
 def test_methods_lists_dp_readiness() -> None:

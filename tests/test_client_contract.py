@@ -20,7 +20,8 @@ from medfed.constants import Phase
 from medfed.exceptions import DataError
 from medfed.server.phases import ArmContext
 from medfed.server.recorder import Recorder
-from medfed.simulations.runner import SPLIT_FILE, prepare
+from medfed.simulations.partition import SPLIT_FILE
+from medfed.simulations.runner import prepare
 
 ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
 

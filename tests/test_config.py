@@ -65,6 +65,12 @@ BAD = [
     ({"run_name": "../escape"}, "run-name must be a plain folder name"),
     ({"num_sites": True}, "must be of type int"),
     ({"pretrain": "none", "encoder_init": "enc.safetensors"}, "encoder-init needs --pretrain"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"alpha": float("inf")}, "alpha must be a finite number"),
+    ({"strategy": "fedprox", "proximal_mu": float("nan")}, "proximal-mu must be a finite number"),
+    ({"pretrain_lr": float("inf")}, "pretrain-lr must be a finite number"),
+    ({"proximal_mu": 0.1}, "proximal-mu > 0 needs --strategy fedprox"),
+    ({"finetune_loss": "focal"}, "finetune-loss must be one of ce, logit-adjusted"),
 ]
 
 

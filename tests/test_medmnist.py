@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import urllib.error
+import urllib.request
 import sys
 import zipfile
 from pathlib import Path
@@ -11,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from medfed.constants import TaskType
 from medfed.data import medmnist as mm
 from medfed.data.medmnist import DATA_PATH_ENV, load_medmnist, resolve_data_path, sha256_of
 from medfed.exceptions import DataError
 
-SHARED = Path(
-    os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
-)
-
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "SHA256SUMS").is_file(), reason=f"shared MedMNIST files not found at {SHARED}"
-)
+SHARED = SHARED_DATA
+needs_shared = pytest.mark.usefixtures("shared_data")  # fails, not skips, when the pinned files are missing
 
 
 # ---------------------------------------------------------------- helpers
@@ -53,7 +52,10 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
     monkeypatch.delenv(DATA_PATH_ENV, raising=False)
-    monkeypatch.setitem(sys.modules, "medmnist", None)  # `import medmnist` raises ImportError
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     return home
 
 
@@ -251,7 +253,7 @@ def test_download_hook_called_for_known_flag(isolated_home, monkeypatch):
         write_npz(root / f"{flag}.npz")
         return "downloaded"
 
-    monkeypatch.setattr(mm, "_download_with_medmnist", fake_download)
+    monkeypatch.setattr(mm, "download_official", fake_download)
     data = load_medmnist("breastmnist")
     assert calls == [("breastmnist", isolated_home / ".medmnist")]
     assert data.path == (isolated_home / ".medmnist" / "breastmnist.npz").resolve()
@@ -261,7 +263,7 @@ def test_download_disabled_does_not_call_hook(isolated_home, monkeypatch):
     def boom(flag, root):  # pragma: no cover - must not run
         raise AssertionError("download attempted")
 
-    monkeypatch.setattr(mm, "_download_with_medmnist", boom)
+    monkeypatch.setattr(mm, "download_official", boom)
     with pytest.raises(DataError) as err:
         load_medmnist("breastmnist", download=False)
     msg = str(err.value)
@@ -270,7 +272,7 @@ def test_download_disabled_does_not_call_hook(isolated_home, monkeypatch):
 
 
 def test_download_failure_reason_in_message(isolated_home, monkeypatch):
-    monkeypatch.setattr(mm, "_download_with_medmnist", lambda flag, root: "download failed: URLError: offline")
+    monkeypatch.setattr(mm, "download_official", lambda flag, root: "download failed: URLError: offline")
     with pytest.raises(DataError) as err:
         load_medmnist("pneumoniamnist")
     msg = str(err.value)
@@ -279,10 +281,43 @@ def test_download_failure_reason_in_message(isolated_home, monkeypatch):
     assert DATA_PATH_ENV in msg
 
 
-def test_download_helper_reports_missing_package(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "medmnist", None)
-    reason = mm._download_with_medmnist("breastmnist", tmp_path)
-    assert "'medmnist' package is not installed" in reason
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_official_download_lands_md5_checked(tmp_path, monkeypatch):
+    payload = (SHARED / "breastmnist.npz").read_bytes()
+    urls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: urls.append(url) or _FakeResponse(payload))
+    assert mm.download_official("breastmnist", tmp_path / "root") == "downloaded"
+    assert urls == ["https://zenodo.org/record/6496656/files/breastmnist.npz?download=1"]
+    assert (tmp_path / "root" / "breastmnist.npz").read_bytes() == payload
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["breastmnist.npz"]
+
+
+def test_official_download_with_a_wrong_checksum_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: _FakeResponse(b"not the file"))
+    reason = mm.download_official("breastmnist", tmp_path)
+    assert "failed its MD5 check" in reason
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_official_download_offline_and_unknown_flags(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert "URLError" in mm.download_official("breastmnist", tmp_path) and list(tmp_path.iterdir()) == []
+    assert "no official download is known" in mm.download_official("pneumoniamnist_64", tmp_path)
+
+
+def test_pinned_files_match_the_official_md5s():
+    for name in ("pneumoniamnist", "breastmnist", "adrenalmnist3d"):
+        assert hashlib.md5((SHARED / f"{name}.npz").read_bytes()).hexdigest() == mm.OFFICIAL_MD5[name]
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -341,7 +376,7 @@ def _known_flag_offline_patched(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv(DATA_PATH_ENV, raising=False)
-    monkeypatch.setattr(mm, "_download_with_medmnist", lambda flag, root: "download failed: OSError: no network")
+    monkeypatch.setattr(mm, "download_official", lambda flag, root: "download failed: OSError: no network")
     return "adrenalmnist3d"
 
 

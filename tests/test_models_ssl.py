@@ -123,7 +123,9 @@ def test_no_batchnorm_anywhere():
         assert any(issubclass(k, (nn.GroupNorm, nn.LayerNorm)) for k in kinds), name
 
 
-@pytest.mark.parametrize("name", ["classifier-cnn", "byol", "mae", "restore"])
+@pytest.mark.parametrize(
+    "name", ["classifier-cnn", "classifier-vit", "simclr", "byol", "mae", "restore", "restore-3d", "combined"]
+)
 def test_opacus_validator_accepts(name):
     model = _all_models()[name]
     assert ModuleValidator.validate(model, strict=False) == []
@@ -182,8 +184,8 @@ def test_per_example_flags_and_dp_support():
     assert supports_dp(["mae"]) is True
     assert supports_dp(["byol", "simclr"]) is False
     combined = build_method(["byol", "restore"], [1.0, 1.0], cnn(), SETTINGS)
-    assert combined.per_example is True
-    assert build_method(["byol", "simclr"], [1.0, 1.0], cnn(), SETTINGS).per_example is False
+    assert combined.per_example_loss is True
+    assert build_method(["byol", "simclr"], [1.0, 1.0], cnn(), SETTINGS).per_example_loss is False
 
 
 def test_encoder_kind_resolution():

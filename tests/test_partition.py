@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED_DATA
 from medfed.constants import TaskType
 from medfed.exceptions import SplitError
 from medfed.simulations.partition import SitePlan, make_site_plan, stratify_key, summarize
 
-SHARED = Path(
-    os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
-)
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "pneumoniamnist.npz").is_file(), reason=f"PneumoniaMNIST not found at {SHARED}"
-)
+SHARED = SHARED_DATA
+pytestmark = pytest.mark.usefixtures("shared_data")  # fails, not skips, when the pinned files are missing
 
 SCHEMES = ("iid", "dirichlet", "quantity")
 HYP = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,3 +175,16 @@ def test_multilabel_stratify_key_and_summary():
     assert [r["train"] for r in rows] == [len(s.train) for s in plan.sites]
     assert sum(sum(r["train_per_class"]) for r in rows) == len(train)
     assert sum(r["train_per_class"][1] for r in rows) == 3494
+
+
+def test_test_split_shares_partition_it_and_leave_other_draws_unchanged() -> None:
+    train, val = pneumonia_labels()
+    with np.load(SHARED / "pneumoniamnist.npz") as npz:
+        test = npz["test_labels"].astype(np.int64)
+    common = dict(scheme="dirichlet", num_sites=5, alpha=0.5, label_fraction=0.1, seed=3)
+    with_test = make_site_plan(train, val, TaskType.BINARY, test_labels=test, **common)
+    without = make_site_plan(train, val, TaskType.BINARY, **common)
+    shares = np.concatenate([s.test for s in with_test.sites])
+    assert sorted(shares.tolist()) == list(range(len(test)))
+    for a, b in zip(with_test.sites, without.sites, strict=True):
+        assert (a.train, a.labelled, a.val) == (b.train, b.labelled, b.val) and b.test == []

@@ -63,6 +63,16 @@ BROKEN = {
         {"num-examples": 5, "site-id": 2, "labels": [0, 1, 1]},
         "is a list",
     ),
+    "fractional example count": (
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"num-examples": 2.5, "site-id": 2},
+        "num-examples must be a whole number > 0",
+    ),
+    "NaN example count": (
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32)},
+        {"num-examples": float("nan"), "site-id": 2},
+        "num-examples must be a whole number > 0",
+    ),
     "no example count": (
         {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32)},
         {"site-id": 2},
@@ -107,3 +117,20 @@ def test_fedprox_sends_proximal_mu_to_sites(flwr_task_identity: None) -> None:
     messages = list(s.configure_train(1, SENT, ConfigRecord({"phase": "finetune"}), Grid()))
     assert len(messages) == 2
     assert messages[0].content["config"]["proximal-mu"] == pytest.approx(0.1)
+
+
+def test_a_second_update_from_the_same_site_is_rejected() -> None:
+    reports: list[SiteReport] = []
+    out, _ = strategy(reports=reports).aggregate_train(1, [good(2.0, 1, 0), good(8.0, 1, 0)])
+    np.testing.assert_allclose(out["encoder.w"].numpy(), 2.0)
+    assert [r.accepted for r in reports] == [True, False] and "second update from site 0" in reports[1].reason
+
+
+def test_evaluate_replies_carrying_arrays_are_not_aggregated() -> None:
+    reports: list[SiteReport] = []
+    s = strategy(reports=reports)
+    honest = reply(None, {"num-examples": 10, "site-id": 0, "auc": 0.8})
+    leaky = reply({"encoder.w": np.zeros((2, 3), np.float32)}, {"num-examples": 30, "site-id": 1, "auc": 0.2}, node=11)
+    metrics = s.aggregate_evaluate(1, [honest, leaky])
+    assert metrics["auc"] == pytest.approx(0.8)
+    assert [r.accepted for r in reports] == [True, False] and "must not carry arrays" in reports[1].reason

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from medfed.config import RunConfig
-from medfed.constants import FinetuneMode, Phase, TaskType
-from medfed.exceptions import ConfigError
+from medfed.constants import FinetuneMode, MetricKey, Mode, Phase, TaskType
+from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.metrics import classification_metrics
@@ -95,6 +95,11 @@ def initial_encoder_state(cfg: RunConfig, spec: InputSpec) -> StateDict:
     return {k: loaded[k] for k in fresh}
 
 
+def check_loss_fits_task(cfg: RunConfig, task: TaskType) -> None:
+    if cfg.finetune_loss == "logit-adjusted" and task == TaskType.MULTILABEL:
+        raise ConfigError("finetune-loss logit-adjusted needs a single-label task; this data is multi-label")
+
+
 def ssl_settings(cfg: RunConfig) -> SSLSettings:
     return SSLSettings(temperature=cfg.temperature, byol_momentum=cfg.byol_momentum, mask_ratio=cfg.mask_ratio)
 
@@ -159,7 +164,7 @@ def train_loop(
                 prox = sum((p - a).pow(2).sum() for p, a in zip(prox_params, anchors, strict=True))  # type: ignore[arg-type]
                 loss = loss + 0.5 * settings.proximal_mu * prox
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {steps}; lower the learning rate")
+                raise TrainingDiverged(f"training loss became {float(loss)} at step {steps}; lower the learning rate")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -171,21 +176,24 @@ def train_loop(
 
 
 @torch.no_grad()
-def predict(model: Classifier, images: torch.Tensor) -> np.ndarray:
-    """Probabilities ``(N, K)``."""
+def logits_of(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, K)`` in evaluation mode, in batches."""
     model.eval()
-    out = [model.probabilities(model(images[i : i + EVAL_BATCH])) for i in range(0, len(images), EVAL_BATCH)]
-    return torch.cat(out).numpy()
+    return torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+
+
+def metrics_from_logits(model: Classifier, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, FPR and mean loss for precomputed logits."""
+    with torch.no_grad():
+        probs = model.probabilities(logits).numpy()
+        metrics = classification_metrics(model.task, labels.numpy(), probs)
+        metrics[MetricKey.EVAL_LOSS] = float(model.loss(logits, labels))
+    return {str(k): float(v) for k, v in metrics.items()}
 
 
 def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC, accuracy, sensitivity, specificity, FPR and mean loss of ``model`` on a labelled set."""
-    probs = predict(model, images)
-    metrics = classification_metrics(model.task, labels.numpy(), probs)
-    with torch.no_grad():
-        logits = torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
-        metrics["eval-loss"] = float(model.loss(logits, labels))
-    return {str(k): float(v) for k, v in metrics.items()}
+    """Metrics of ``model`` on a labelled set (one forward pass)."""
+    return metrics_from_logits(model, logits_of(model, images), labels)
 
 
 # ---- the site -----------------------------------------------------------------------
@@ -196,6 +204,11 @@ class SiteAlgo:
 
     def __init__(self, cfg: RunConfig, data: SiteData) -> None:
         self.cfg, self.data = cfg, data
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's mu, for federated runs only: baselines have no global model to stay near."""
+        return self.cfg.proximal_mu if self.cfg.mode == Mode.FEDERATED else 0.0
 
     def _gen(self, phase: Phase, server_round: int) -> torch.Generator:
         return generator(self.cfg.seed, self.data.site_id, phase.value, server_round)
@@ -225,7 +238,7 @@ class SiteAlgo:
         images = self.data.train_images
         settings = TrainSettings(
             epochs=self.cfg.pretrain_epochs, batch_size=self.cfg.pretrain_batch_size, lr=self.cfg.pretrain_lr,
-            proximal_mu=self.cfg.proximal_mu, drop_last=True,
+            proximal_mu=self.proximal_mu, drop_last=True,
         )
         trainable = [p for p in method.parameters() if p.requires_grad]
         stats = train_loop(
@@ -251,7 +264,7 @@ class SiteAlgo:
         views = AugmentSpec.light()
         settings = TrainSettings(
             epochs=self.cfg.finetune_epochs, batch_size=self.cfg.finetune_batch_size, lr=self.cfg.finetune_lr,
-            proximal_mu=self.cfg.proximal_mu,
+            proximal_mu=self.proximal_mu,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         shift = self.logit_shift()
@@ -268,8 +281,7 @@ class SiteAlgo:
         logit-adjusted loss (Menon et al., ICLR 2021), else 0. Predictions use raw logits."""
         if self.cfg.finetune_loss != "logit-adjusted":
             return 0.0
-        if self.data.task == TaskType.MULTILABEL:
-            raise ConfigError("finetune-loss logit-adjusted needs a single-label task; this data is multi-label")
+        check_loss_fits_task(self.cfg, self.data.task)
         counts = torch.bincount(self.data.labelled_labels[:, 0], minlength=self.data.num_classes).float() + 1.0
         return torch.log(counts / counts.sum())
 

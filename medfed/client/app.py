@@ -12,6 +12,7 @@ deployment: a node config with ``data-path`` names the site's own file; otherwis
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,15 +21,14 @@ from flwr.clientapp import ClientApp
 from medfed.client.algo import SiteAlgo
 from medfed.config import RunConfig
 from medfed.constants import MetricKey, NodeConfigKey, Phase, RecordKey
-from medfed.data.medmnist import load_medmnist
+from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.exceptions import DataError
-from medfed.simulations.partition import SitePlan
+from medfed.simulations.partition import SPLIT_FILE, SitePlan
 
 # Keys the server adds to the run settings in every message.
 PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY = "phase", "run-dir", "data-file", "server-round"
 EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY)
-SPLIT_FILE = "split.json"
 
 app = ClientApp()
 
@@ -40,21 +40,38 @@ def read_message_config(config: ConfigRecord) -> tuple[RunConfig, dict[str, obje
     return RunConfig.from_flat(flat), extras
 
 
+@functools.lru_cache(maxsize=4)
+def _read(path: str, size: int, mtime_ns: int) -> MedMNISTData:
+    """Validated file contents, cached by file identity (a site reads its file every round)."""
+    return load_medmnist(path, download=False)
+
+
+def read_data(path: str) -> MedMNISTData:
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise DataError(f"data file {path!r} cannot be read at this site ({exc})") from exc
+    return _read(path, stat.st_size, stat.st_mtime_ns)
+
+
 def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> SiteData:
     """This site's data: its own file (deployment) or its partition (simulation)."""
     if NodeConfigKey.DATA_PATH in node_config:
         site_id = int(node_config.get(NodeConfigKey.PARTITION_ID, 0))
-        data = load_medmnist(str(node_config[NodeConfigKey.DATA_PATH]), download=False)
+        data = read_data(str(node_config[NodeConfigKey.DATA_PATH]))
         return site_from_own_file(data, site_id, cfg.label_fraction, cfg.seed)
     if NodeConfigKey.PARTITION_ID not in node_config:
         raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
     site_id = int(node_config[NodeConfigKey.PARTITION_ID])
     plan = SitePlan.load(Path(str(extras[RUN_DIR_KEY])) / SPLIT_FILE)
-    data = load_medmnist(str(extras[DATA_FILE_KEY]), download=False)
+    data = read_data(str(extras[DATA_FILE_KEY]))
     if data.sha256 != plan.data_sha256:
         raise DataError(f"{data.path}: contents differ from the file the split was made from (sha256 mismatch)")
     if not 0 <= site_id < len(plan.sites):
         raise DataError(f"partition-id {site_id} is outside the split's {len(plan.sites)} sites")
+    partitions = node_config.get(NodeConfigKey.NUM_PARTITIONS)
+    if partitions is not None and int(partitions) != len(plan.sites):
+        raise DataError(f"this SuperNode is one of {partitions} partitions but the split has {len(plan.sites)} sites")
     return site_from_split(data, plan.sites[site_id])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ DATA_PATH_ENV = "MEDFED_DATA_PATH"
 """Colon-separated folders searched for ``<flag>.npz`` before ``~/.medmnist``."""
 
 # MedMNIST's own flags: (task, number of classes or labels). Ordinal regression
-# (retinamnist) is read as multi-class. Source: medmnist/info.py of medmnist 3.0.2.
+# (retinamnist) is read as multi-class. Source: medmnist/info.py (MedMNIST v2).
 KNOWN_FLAGS: dict[str, tuple[TaskType, int]] = {
     "pathmnist": (TaskType.MULTICLASS, 9),
     "chestmnist": (TaskType.MULTILABEL, 14),
@@ -50,6 +51,30 @@ KNOWN_FLAGS: dict[str, tuple[TaskType, int]] = {
     "fracturemnist3d": (TaskType.MULTICLASS, 3),
     "vesselmnist3d": (TaskType.BINARY, 2),
     "synapsemnist3d": (TaskType.BINARY, 2),
+}
+
+# Official MedMNIST v2 (28-pixel) files and their MD5 checksums, as published in MedMNIST's
+# medmnist/info.py; the three pinned files in ../shared/data/medmnist match these values.
+OFFICIAL_URL = "https://zenodo.org/record/6496656/files/{flag}.npz?download=1"
+OFFICIAL_MD5: dict[str, str] = {
+    "pathmnist": "a8b06965200029087d5bd730944a56c1",
+    "chestmnist": "02c8a6516a18b556561a56cbdd36c4a8",
+    "dermamnist": "0744692d530f8e62ec473284d019b0c7",
+    "octmnist": "c68d92d5b585d8d81f7112f81e2d0842",
+    "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+    "retinamnist": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+    "bloodmnist": "7053d0359d879ad8a5505303e11de1dc",
+    "tissuemnist": "ebe78ee8b05294063de985d821c1c34b",
+    "organamnist": "866b832ed4eeba67bfb9edee1d5544e6",
+    "organcmnist": "0afa5834fb105f7705a7d93372119a21",
+    "organsmnist": "e5c39f1af030238290b9557d9503af9d",
+    "organmnist3d": "21f0a239e7f502e6eca33c3fc453c0b6",
+    "nodulemnist3d": "8755a7e9e05a4d9ce80a24c3e7a256f3",
+    "adrenalmnist3d": "bbd3c5a5576322bc4cdfea780653b1ce",
+    "fracturemnist3d": "6aa7b0143a6b42da40027a9dda61302f",
+    "vesselmnist3d": "2ba5b80617d705141f3f85627108fce8",
+    "synapsemnist3d": "1235b78a3cd6280881dd7850a78eadb6",
 }
 
 
@@ -77,6 +102,7 @@ class MedMNISTData:
     test: Split
     task: TaskType
     num_classes: int  # classes (binary/multi-class) or labels (multi-label)
+    intensity_range: tuple[float, float]  # one mapping to [0, 1] for every split and site
 
     @property
     def channels(self) -> int:
@@ -102,6 +128,7 @@ class MedMNISTData:
             "num_classes": self.num_classes,
             "channels": self.channels,
             "spatial_shape": list(self.spatial_shape),
+            "intensity_range": list(self.intensity_range),
             "sizes": {s: len(self.split(s)) for s in SPLITS},
         }
 
@@ -125,8 +152,9 @@ def resolve_data_path(data: str, *, download: bool = True) -> Path:
 
     A path (ends with ``.npz`` or contains a separator) must exist. A flag such as
     ``pneumoniamnist`` is looked up in the folders of ``$MEDFED_DATA_PATH``, then at
-    ``~/.medmnist/<flag>.npz``; if missing there and ``download`` is set, the optional
-    ``medmnist`` package downloads it; offline, the error names the path to place it at.
+    ``~/.medmnist/<flag>.npz`` (the medmnist package's layout); if missing there and
+    ``download`` is set, the official file is downloaded there and MD5-checked; offline, the
+    error names the path to place it at.
     """
     if is_path_like(data):
         path = Path(data).expanduser()
@@ -147,7 +175,7 @@ def resolve_data_path(data: str, *, download: bool = True) -> Path:
         )
     reason = "download disabled"
     if download:
-        reason = _download_with_medmnist(flag, home_path.parent)
+        reason = download_official(flag, home_path.parent)
         if home_path.is_file():
             return home_path
     raise DataError(
@@ -156,20 +184,31 @@ def resolve_data_path(data: str, *, download: bool = True) -> Path:
     )
 
 
-def _download_with_medmnist(flag: str, root: Path) -> str:
-    """Download with the medmnist package; returns why it did not work (or 'downloaded')."""
+def download_official(flag: str, root: Path) -> str:
+    """Download the official MedMNIST v2 file for ``flag`` into ``root``; returns what happened.
+
+    The file is streamed to a temporary name, its MD5 checked against MedMNIST's published
+    value, then renamed into place, so a failed or partial download never leaves a file.
+    """
+    if flag not in OFFICIAL_MD5:
+        return f"no official download is known for {flag!r} (MedMNIST v2 28-pixel flags only)"
+    url = OFFICIAL_URL.format(flag=flag)
+    target = root / f"{flag}.npz"
+    tmp = root / f".{flag}.npz.download-{os.getpid()}"
+    digest = hashlib.md5()  # noqa: S324 - MedMNIST publishes MD5 checksums
     try:
-        import medmnist  # type: ignore[import-not-found]
-    except ImportError:
-        return "the optional 'medmnist' package is not installed, so it cannot be downloaded"
-    base, _, size = flag.rpartition("_")
-    info_flag, kwargs = (base, {"size": int(size)}) if base and size.isdigit() else (flag, {})
-    try:
-        cls = getattr(medmnist, medmnist.INFO[info_flag]["python_class"])
         root.mkdir(parents=True, exist_ok=True)
-        cls(split="train", download=True, root=str(root), **kwargs)
-    except Exception as exc:  # network errors come in many types; report, do not hide
-        return f"download failed: {type(exc).__name__}: {exc}"
+        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as fh:  # noqa: S310
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                fh.write(chunk)
+        if digest.hexdigest() != OFFICIAL_MD5[flag]:
+            return f"download from {url} failed its MD5 check ({digest.hexdigest()} != {OFFICIAL_MD5[flag]})"
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        return f"download from {url} failed ({type(exc).__name__}: {exc})"
+    finally:
+        tmp.unlink(missing_ok=True)
     return "downloaded"
 
 
@@ -210,6 +249,7 @@ def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
         raise DataError(f"{path}: label widths differ between splits ({widths}); all splits must match")
     task, num_classes = _task_of(path, flag_base(name), splits)
     return MedMNISTData(
+        intensity_range=_intensity_range(path, splits),
         name=name,
         path=path.resolve(),
         sha256=sha256_of(path),
@@ -217,6 +257,16 @@ def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
         num_classes=num_classes,
         **splits,
     )
+
+
+def _intensity_range(path: Path, splits: dict[str, Split]) -> tuple[float, float]:
+    """0..255 for 8-bit files; otherwise the train split's min and max, used for every split."""
+    if all(splits[s].images.dtype == np.uint8 for s in SPLITS):
+        return 0.0, 255.0
+    low, high = float(splits["train"].images.min()), float(splits["train"].images.max())
+    if not high > low:
+        raise DataError(f"{path}: train_images are constant ({low}); there is nothing to learn from")
+    return low, high
 
 
 def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Split:

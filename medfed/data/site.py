@@ -60,12 +60,13 @@ def site_from_own_file(data: MedMNISTData, site_id: int, label_fraction: float, 
 
 
 def _site(data: MedMNISTData, site_id: int, train: np.ndarray, labelled: np.ndarray, val: np.ndarray) -> SiteData:
+    scale = data.intensity_range
     return SiteData(
         site_id=site_id,
-        train_images=scale_intensity(data.train.images[train]),
-        labelled_images=scale_intensity(data.train.images[labelled]),
+        train_images=scale_intensity(data.train.images[train], scale),
+        labelled_images=scale_intensity(data.train.images[labelled], scale),
         labelled_labels=torch.as_tensor(data.train.labels[labelled]),
-        val_images=scale_intensity(data.val.images[val]),
+        val_images=scale_intensity(data.val.images[val], scale),
         val_labels=torch.as_tensor(data.val.labels[val]),
         task=data.task,
         num_classes=data.num_classes,

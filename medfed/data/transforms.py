@@ -1,13 +1,13 @@
 """Intensity scaling and batched augmentations for 2D and 3D medical images.
 
-Intensity scaling uses MONAI (`ScaleIntensityRange` for 8-bit data, `ScaleIntensity`
-otherwise). Augmentations run on whole batches ``(B, C, *spatial)`` with per-sample random
+Intensity scaling uses MONAI's `ScaleIntensityRange` with one range per file. Augmentations run on whole batches ``(B, C, *spatial)`` with per-sample random
 parameters drawn from one seeded `torch.Generator`: MONAI's per-sample dictionary transforms
 cost about 2.5 ms per 28x28 view on this project's 2-core CI machine (measured, see
 docs/RESULTS.md), more than a training step of the encoder itself, so the SSL view
 pipeline is batched here instead. One affine warp (crop-and-resize, small rotation, flip)
 and then intensity changes (brightness, contrast, gamma, Gaussian noise, Gaussian blur)
-that suit grayscale X-ray, ultrasound and CT. Colour jitter is never applied to grayscale
+that suit grayscale X-ray, ultrasound and CT. 2D flips are left-right only; 3D volumes are
+flipped along each axis. Colour jitter is never applied to grayscale
 images; for RGB images only a mild per-channel gain is used.
 
 The view recipe follows SimCLR (Chen et al., ICML 2020) with the medical adaptations of
@@ -23,20 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import ScaleIntensity, ScaleIntensityRange
+from monai.transforms import ScaleIntensityRange
 
 
-def scale_intensity(images: np.ndarray) -> torch.Tensor:
+def scale_intensity(images: np.ndarray, value_range: tuple[float, float] = (0.0, 255.0)) -> torch.Tensor:
     """Channel-first images ``(N, C, *spatial)`` -> float32 tensor in [0, 1] (MONAI scaling).
 
-    8-bit data maps 0..255 to 0..1; float data is min-max scaled over the whole array.
+    ``value_range`` maps to 0..1 linearly and values outside it are clipped. Use the file's
+    one range (`MedMNISTData.intensity_range`) for every split and site, so all of them see
+    the same mapping.
     """
-    array = np.asarray(images)
-    if array.dtype == np.uint8:
-        scaler = ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
-    else:
-        scaler = ScaleIntensity(minv=0.0, maxv=1.0)
-    out = scaler(torch.as_tensor(array.astype(np.float32)))
+    low, high = value_range
+    scaler = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    out = scaler(torch.as_tensor(np.asarray(images, dtype=np.float32)))
     return torch.as_tensor(out, dtype=torch.float32).contiguous()
 
 
@@ -71,7 +70,8 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 def random_affine(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
     """Per-sample random crop-and-resize, in-plane rotation and flips in one warp.
 
-    ``x``: ``(B, C, H, W)`` or ``(B, C, D, H, W)``; returns the same shape.
+    ``x``: ``(B, C, H, W)`` or ``(B, C, D, H, W)``; returns the same shape. 2D images are flipped
+    left-right only; 3D volumes along each axis independently (as in Models Genesis).
     """
     b, nd = x.shape[0], x.ndim - 2
     area = _uniform(b, *spec.crop_scale, gen)
@@ -101,23 +101,29 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur over every spatial axis of ``(B, C, *spatial)``."""
+    """Separable Gaussian blur over every spatial axis of ``(B, C, *spatial)``, reflect-padded
+    (zero padding would darken the borders)."""
     k = _gaussian_kernel(sigma).to(x.dtype)
     c, nd = x.shape[1], x.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    radius = k.numel() // 2
     out = x
     for axis in range(nd):
         shape = [1] * nd
         shape[axis] = k.numel()
         weight = k.reshape(1, 1, *shape).repeat(c, 1, *([1] * nd))
-        pad = [0] * nd
-        pad[axis] = k.numel() // 2
-        out = conv(out, weight, padding=tuple(pad), groups=c)
+        pad = [0] * (2 * nd)  # F.pad lists the last axis first
+        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = min(radius, x.shape[2 + axis] - 1)
+        padded = F.pad(out, tuple(pad), mode="reflect")
+        out = conv(padded, weight, groups=c)
+        if out.shape[2 + axis] != x.shape[2 + axis]:  # kernel wider than the image allows to reflect
+            out = F.interpolate(out, size=x.shape[2:], mode="nearest")
     return out
 
 
 def random_intensity(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, gamma, noise and blur with per-sample random strength. ``x`` in [0, 1]."""
+    """Brightness, contrast, gamma and noise with per-sample random strength; blur applied to a
+    random subset of the batch with one sigma drawn per batch. ``x`` in [0, 1]."""
     b, c, nd = x.shape[0], x.shape[1], x.ndim - 2
     view = (b,) + (1,) * (nd + 1)
     mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)

@@ -56,9 +56,6 @@ class SSLMethod(nn.Module, ABC):
     def on_step_end(self) -> None:
         """Called after each optimiser step (BYOL updates its momentum target here)."""
 
-    def on_round_start(self) -> None:
-        """Called after the global encoder is loaded at the start of a round."""
-
     # ---- what stays at the site ----------------------------------------------------
     def _encoder_tensor_ids(self) -> set[int]:
         return {id(t) for t in self.encoder.state_dict(keep_vars=True).values()}
@@ -221,7 +218,7 @@ class Combined(SSLMethod):
     """
 
     name = "combined"
-    per_example_loss = False
+    per_example_loss = False  # class default; instances say whether every part is per-example
 
     def __init__(self, encoder: Encoder, parts: list[SSLMethod], weights: list[float]) -> None:
         super().__init__(encoder, parts[0].settings)
@@ -229,7 +226,7 @@ class Combined(SSLMethod):
             raise ValueError("every combined method must share the same encoder")
         self.parts = nn.ModuleList(parts)
         self.weights = list(weights)
-        self.per_example = all(p.per_example_loss for p in parts)
+        self.per_example_loss = all(p.per_example_loss for p in parts)  # type: ignore[misc]
 
     def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return sum(w * p.loss(x, gen) for p, w in zip(self.parts, self.weights, strict=True) if w > 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -13,6 +13,3 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], metadata: dict[s
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata or {})
     return path
 
-
-def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))

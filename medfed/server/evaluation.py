@@ -6,11 +6,12 @@ site-held validation data are evaluated at the sites (federated evaluation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from medfed.client.algo import evaluate, new_classifier
+from medfed.client.algo import logits_of, metrics_from_logits, new_classifier
 from medfed.config import RunConfig
 from medfed.constants import TaskType
 from medfed.models.encoders import InputSpec
@@ -22,6 +23,7 @@ class TestSet:
     labels: torch.Tensor  # (N, K)
     task: TaskType
     num_classes: int
+    site_indices: dict[int, np.ndarray] = field(default_factory=dict)  # each site's share (per-site metrics)
 
     @property
     def spec(self) -> InputSpec:
@@ -29,7 +31,21 @@ class TestSet:
 
 
 def evaluate_state(cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics of a classifier (given by its weights) on the test set."""
+    """Metrics of a classifier (given by its weights) on the whole test set."""
+    return evaluate_with_sites(cfg, test, classifier_state)[0]
+
+
+def evaluate_with_sites(
+    cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Metrics on the whole test set and on each site's share of it (one forward pass)."""
     model = new_classifier(cfg, test.spec, test.task, test.num_classes, None)
     model.load_state_dict(classifier_state)
-    return evaluate(model, test.images, test.labels)
+    logits = logits_of(model, test.images)
+    overall = metrics_from_logits(model, logits, test.labels)
+    per_site = {
+        site: metrics_from_logits(model, logits[idx], test.labels[idx])
+        for site, idx in test.site_indices.items()
+        if len(idx)
+    }
+    return overall, per_site

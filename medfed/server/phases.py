@@ -19,11 +19,12 @@ from medfed.client.app import DATA_FILE_KEY, PHASE_KEY, RUN_DIR_KEY
 from medfed.config import RunConfig
 from medfed.constants import Phase
 from medfed.server.checkpoints import save_checkpoint
-from medfed.server.evaluation import TestSet, evaluate_state
+from medfed.server.evaluation import TestSet, evaluate_with_sites
 from medfed.server.recorder import GLOBAL, Recorder
 from medfed.strategies.shared_weights import make_strategy
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
+TEST_SITE_SPLIT = "test-site"  # metrics.jsonl split name: a site's share of the official test split
 FINAL_MODEL = "final_model.safetensors"
 
 
@@ -74,8 +75,10 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        metrics = evaluate_state(cfg, test, arrays.to_torch_state_dict())
+        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict())
         ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, GLOBAL, "test", metrics)
+        for site, site_metrics in per_site.items():  # the global model on each site's share of the test split
+            ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)
         return MetricRecord(metrics)
 
     config = ctx.message_config(Phase.FINETUNE)

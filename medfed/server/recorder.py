@@ -21,9 +21,15 @@ Listener = Callable[[dict[str, Any]], None]
 GLOBAL = "global"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null (JSON has no NaN; null means "undefined", e.g. an AUC
+    on a one-class subset), recursively through dicts and lists."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; null means "undefined" (e.g. AUC with one class)
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -37,7 +43,7 @@ class Recorder:
         self._lock = threading.Lock()
 
     def write(self, row: dict[str, Any]) -> None:
-        row = {k: _clean(v) for k, v in row.items()}
+        row = json_safe(row)
         with self._lock:
             self.rows.append(row)
             with self.path.open("a") as fh:

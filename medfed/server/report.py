@@ -73,6 +73,17 @@ def plot_test_auc(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _last_round_per_site(rows: list[dict], split: str) -> dict[tuple[str, int], dict]:
+    last: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r.get("split") != split or r.get("accepted") is False:
+            continue
+        key = (r["arm"], r["site"])
+        if key not in last or r["round"] >= last[key]["round"]:
+            last[key] = r
+    return last
+
+
 def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
     """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
@@ -98,7 +109,8 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         "## Comparison on the official test split",
         "",
         "Every arm uses the same partition, labelled subsets and seed. Local-only: mean over sites.",
-        "Threshold 0.5 (argmax for multi-class); sensitivity, specificity and FPR are macro one-vs-rest.",
+        "Threshold 0.5 (argmax for multi-class). Sensitivity and specificity are those of the positive class "
+        "(label 1) for binary tasks and macro one-vs-rest averages for multi-class and multi-label tasks; FPR = 1 - specificity.",
         "",
         "| arm | mode | pretrain | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -110,27 +122,31 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
             + " | ".join(_fmt(t.get(k)) for k in METRIC_COLUMNS)
             + f" | {arm['wall_seconds']:.1f} | {arm['peak_memory_mb']:.0f} |"
         )
-    lines += ["", "## Sites", "", "| site | train images | labelled | val images | train images per class |", "|---|---|---|---|---|"]
+    per_class = "train images per class" if data_info["task"] != "multi-label" else "train images per first positive label (last: none)"
+    lines += ["", "## Sites", "", f"| site | train images | labelled | val images | test share | {per_class} |", "|---|---|---|---|---|---|"]
     for s in data_info["sites"]:
-        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s['train_per_class']} |")
+        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s.get('test', 0)} | {s['train_per_class']} |")
+    sites_by_id = {s["site"]: s for s in data_info["sites"]}
     per_site = {name: arm["per_site_test"] for name, arm in summary["arms"].items() if arm.get("per_site_test")}
     if per_site:
-        lines += ["", "## Per-site test metrics (sites trained alone)", "", "| arm | site | " + " | ".join(METRIC_COLUMNS) + " |",
+        lines += ["", "## Per-site test metrics of models trained at one site alone (whole official test split)", "", "| arm | site | " + " | ".join(METRIC_COLUMNS) + " |",
                   "|---|---|" + "---|" * len(METRIC_COLUMNS)]
         for name, sites in per_site.items():
             for site, m in sites.items():
                 lines.append(f"| {name} | {site} | " + " | ".join(_fmt(m.get(k)) for k in METRIC_COLUMNS) + " |")
-    val_rows = [r for r in rows if r.get("split") == "val" and r.get("accepted", True)]
-    if val_rows:
-        last: dict[tuple[str, int], dict] = {}
-        for r in val_rows:
-            key = (r["arm"], r["site"])
-            if key not in last or r["round"] >= last[key]["round"]:
-                last[key] = r
-        lines += ["", "## Per-site validation metrics of the global model (last round, federated evaluation)", "",
-                  "| arm | site | val images | " + " | ".join(METRIC_COLUMNS) + " |", "|---|---|---|" + "---|" * len(METRIC_COLUMNS)]
+    for split, title, count in (
+        ("test-site", "Per-site test metrics of the global model (last round; each site's share of the official "
+                      "test split, cut like its data)", "test images"),
+        ("val", "Per-site validation metrics of the global model (last round, federated evaluation)", "val images"),
+    ):
+        last = _last_round_per_site(rows, split)
+        if not last:
+            continue
+        lines += ["", f"## {title}", "", f"| arm | site | {count} | " + " | ".join(METRIC_COLUMNS) + " |",
+                  "|---|---|---|" + "---|" * len(METRIC_COLUMNS)]
         for (arm, site), r in sorted(last.items()):
-            lines.append(f"| {arm} | {site} | {int(r.get('num-examples', 0))} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
+            n = sites_by_id.get(site, {}).get("test", "") if split == "test-site" else int(r.get("num-examples", 0))
+            lines.append(f"| {arm} | {site} | {n} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
     rejected = [r for r in rows if r.get("accepted") is False]
     lines += ["", "## Rejected or failed site updates", ""]
     lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}" for r in rejected] or ["None."]

@@ -8,8 +8,9 @@ Schemes (all seeded with `numpy.random.default_rng`):
   sites dominated by few classes.
 * ``quantity`` - quantity skew: site sizes follow Dir(alpha) shares, labels IID.
 
-The same site proportions cut both the official train split and the official val split,
-so each site's validation data follow its own distribution. Inside a site's train part a
+The same site proportions cut the official train, val and test splits, so each site's
+validation data (and its share of the test split, used only to report per-site test
+metrics of the global model) follow its own distribution. Inside a site's train part a
 ``label_fraction`` is labelled (at least one image); every train image, labelled or not,
 is used for self-supervised pretraining. Flower Datasets' partitioners work on Hugging Face
 datasets, not on in-memory index arrays shared by two splits, so this module stays small
@@ -19,7 +20,7 @@ and is tested directly instead.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from medfed.constants import PartitionScheme, TaskType
 from medfed.exceptions import SplitError
 
 MAX_DRAWS = 200
+SPLIT_FILE = "split.json"  # the plan's file name inside a run directory
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SiteSplit:
     train: list[int]  # official-train indices (all used for pretraining)
     labelled: list[int]  # subset of `train` whose labels the site may use
     val: list[int]  # official-val indices (site's held-out labelled data)
+    test: list[int] = field(default_factory=list)  # official-test indices cut like the site's data (evaluation only)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def make_site_plan(
     val_labels: np.ndarray,
     task: TaskType,
     *,
+    test_labels: np.ndarray | None = None,
     scheme: str,
     num_sites: int,
     alpha: float,
@@ -141,11 +145,17 @@ def make_site_plan(
             f"or no val image in {MAX_DRAWS} seeded draws; raise alpha, lower num-sites ({num_sites}) "
             "or lower min-site-size"
         )
+    # The test split is cut with the same proportions but its own generator, so adding it
+    # leaves the train, val and labelled draws of a seed unchanged.
+    test_parts = (
+        assign(stratify_key(test_labels, task), props, np.random.default_rng([seed, 2]))
+        if test_labels is not None else [np.array([], dtype=int)] * num_sites
+    )
     sites = []
-    for site_id, (tr, va) in enumerate(zip(train_parts, val_parts, strict=True)):
+    for site_id, (tr, va, te) in enumerate(zip(train_parts, val_parts, test_parts, strict=True)):
         n_lab = max(1, int(round(label_fraction * len(tr))))
         labelled = np.sort(rng.choice(tr, size=n_lab, replace=False))
-        sites.append(SiteSplit(site_id, tr.tolist(), labelled.tolist(), va.tolist()))
+        sites.append(SiteSplit(site_id, tr.tolist(), labelled.tolist(), va.tolist(), te.tolist()))
     return SitePlan(
         scheme=scheme_enum.value,
         num_sites=num_sites,
@@ -158,7 +168,8 @@ def make_site_plan(
 
 
 def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, task: TaskType) -> list[dict]:
-    """Per-site counts (train, labelled, val, and labelled images per class) for reports."""
+    """Per-site counts for reports: train, labelled, val, test share, and train images per class
+    (for multi-label data: per first positive label, last bucket = no label)."""
     tk, vk = stratify_key(train_labels, task), stratify_key(val_labels, task)
     classes = int(max(tk.max(), vk.max())) + 1
     rows = []
@@ -170,6 +181,7 @@ def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, 
                 "train": len(s.train),
                 "labelled": len(s.labelled),
                 "val": len(s.val),
+                "test": len(s.test),
                 "train_per_class": per_class,
             }
         )

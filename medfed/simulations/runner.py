@@ -27,21 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.client.algo import initial_encoder_state
+from medfed.client.algo import check_loss_fits_task, initial_encoder_state
 from medfed.config import RunConfig
+from medfed.exceptions import ConfigError
+import numpy as np
 import torch
 
-from medfed.constants import NO_PRETRAIN, Baselines, EncoderKind, Mode
+from medfed.constants import NO_PRETRAIN, Baselines, EncoderKind, FinetuneMode, Mode
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.transforms import scale_intensity
 from medfed.models.encoders import InputSpec, resolve_encoder_kind, vit_patch_size
 from medfed.resources import ResourceMonitor
 from medfed.server.evaluation import TestSet
 from medfed.server.phases import ArmContext
-from medfed.server.recorder import Listener, Recorder
-from medfed.simulations.partition import SitePlan, make_site_plan, summarize
-
-SPLIT_FILE = "split.json"
+from medfed.server.recorder import Listener, Recorder, json_safe
+from medfed.simulations.partition import SPLIT_FILE, SitePlan, make_site_plan, summarize
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def arms_for(cfg: RunConfig) -> list[Arm]:
     if cfg.baselines != Baselines.NONE:
         arms += [Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), Arm(Mode.FEDERATED.value, NO_PRETRAIN)]
         if cfg.baselines == Baselines.ALL and cfg.pretrain != NO_PRETRAIN:
-            arms += [Arm(Mode.CENTRALIZED.value, cfg.pretrain), Arm(Mode.LOCAL_ONLY.value, cfg.pretrain)]
+            arms += [Arm(mode.value, cfg.pretrain) for mode in (Mode.FEDERATED, Mode.CENTRALIZED, Mode.LOCAL_ONLY)]
     unique: list[Arm] = []
     for arm in arms:
         if arm not in unique:
@@ -88,13 +88,30 @@ def prepare(cfg: RunConfig) -> Prepared:
     if kind == EncoderKind.VIT:
         vit_patch_size(spec)  # raises ConfigError when no patch size divides the image
     initial_encoder_state(cfg, spec)  # raises ConfigError when encoder-init does not fit
+    check_loss_fits_task(cfg, data.task)
+    check_out_dir(Path(cfg.out_dir).expanduser())
     plan = make_site_plan(
-        data.train.labels, data.val.labels, data.task, scheme=cfg.partition, num_sites=cfg.num_sites,
+        data.train.labels, data.val.labels, data.task, test_labels=data.test.labels, scheme=cfg.partition,
+        num_sites=cfg.num_sites,
         alpha=cfg.alpha, label_fraction=cfg.label_fraction, seed=cfg.seed, data_sha256=data.sha256,
         min_site_size=cfg.min_site_size,
     )
-    test = TestSet(scale_intensity(data.test.images), torch.as_tensor(data.test.labels), data.task, data.num_classes)
+    test = TestSet(
+        scale_intensity(data.test.images, data.intensity_range), torch.as_tensor(data.test.labels), data.task,
+        data.num_classes, site_indices={s.site_id: np.asarray(s.test, dtype=np.int64) for s in plan.sites},
+    )
     return Prepared(cfg, data, plan, test)
+
+
+def check_out_dir(out: Path) -> None:
+    """The output folder must be a writable folder (or creatable under one)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"out-dir {str(out)!r}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out-dir {str(out)!r}: {str(existing)!r} is not writable")
 
 
 def unique_dir(path: Path) -> Path:
@@ -106,6 +123,25 @@ def unique_dir(path: Path) -> Path:
     return path.with_name(f"{path.name}-{n}")
 
 
+def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
+    """Settings of one arm: the main settings with the arm's mode and pretraining.
+
+    Baselines keep the main arm's resolved encoder (so a MAE run compares ViTs with ViTs), and
+    a supervised-from-scratch baseline always fine-tunes fully (a linear probe on a random
+    encoder measures nothing).
+    """
+    same_ssl = arm.pretrain == main.pretrain
+    baseline_from_scratch = arm.pretrain == NO_PRETRAIN and main.pretrain != NO_PRETRAIN
+    return main.replace(
+        mode=arm.mode,
+        pretrain=arm.pretrain,
+        pretrain_weights=main.pretrain_weights if same_ssl else "",
+        encoder_init=main.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",
+        encoder=resolve_encoder_kind(main.encoder, main.ssl_methods).value,
+        finetune_mode=FinetuneMode.FULL.value if baseline_from_scratch else main.finetune_mode,
+    )
+
+
 def run_arm(
     prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False, grid: Any = None
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
@@ -114,11 +150,7 @@ def run_arm(
     A federated arm runs on ``grid`` when the caller is a ServerApp already inside a Flower
     runtime (``flwr run``), else on Flower's simulation runtime started here.
     """
-    same_ssl = arm.pretrain == prep.cfg.pretrain
-    cfg = prep.cfg.replace(
-        mode=arm.mode, pretrain=arm.pretrain, pretrain_weights=prep.cfg.pretrain_weights if same_ssl else "",
-        encoder_init=prep.cfg.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",
-    )
+    cfg = arm_config(prep.cfg, arm)
     ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder)
     if arm.mode == Mode.FEDERATED:
         if grid is not None:
@@ -164,6 +196,17 @@ def run_federated_simulation(ctx: ArmContext, *, verbose: bool = False) -> dict[
     return holder[0]
 
 
+def arms_for_flower_runtime(cfg: RunConfig, arms: list[Arm], grid: Any) -> list[Arm]:
+    """Inside a Flower runtime only federated arms run: the others would train on the server's
+    own copy of the data, which in a deployment is not the sites' data."""
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < cfg.num_sites:
+        raise ConfigError(f"num-sites is {cfg.num_sites} but only {nodes} SuperNodes are connected")
+    if arms[0].mode != Mode.FEDERATED:
+        raise ConfigError(f"mode {arms[0].mode} trains outside the federation; run it with `medfed simulate`")
+    return [a for a in arms if a.mode == Mode.FEDERATED]
+
+
 def progress_units(cfg: RunConfig) -> int:
     """Site-rounds the whole experiment will train (for a progress bar)."""
     total = 0
@@ -172,6 +215,20 @@ def progress_units(cfg: RunConfig) -> int:
         pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN and not cfg.encoder_init else 0
         total += sites * (pre + cfg.finetune_rounds)
     return total
+
+
+def publish(partial: Path, final: Path) -> Path:
+    """Rename the finished partial directory into place; if another run took the name meanwhile,
+    take the next free one instead of failing (and losing the finished run)."""
+    for _ in range(100):
+        try:
+            partial.rename(final)
+            return final
+        except OSError:
+            if not final.exists():
+                raise
+            final = unique_dir(final)
+    raise FileExistsError(f"could not find a free run directory name near {final}")
 
 
 def run_experiment(
@@ -189,6 +246,9 @@ def run_experiment(
     from medfed.server.report import write_report
 
     prep = prepare(cfg)
+    arms = arms or arms_for(cfg)
+    if grid is not None:
+        arms = arms_for_flower_runtime(cfg, arms, grid)
     out = Path(cfg.out_dir).expanduser()
     final = unique_dir(out / cfg.run_dir_name)
     partial = out / f".{final.name}.partial-{os.getpid()}"
@@ -201,7 +261,7 @@ def run_experiment(
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
         summary: dict[str, Any] = {"config": cfg.to_flat(), "arms": {}}
-        for arm in arms or arms_for(cfg):
+        for arm in arms:
             with ResourceMonitor() as monitor:
                 metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid)
             summary["arms"][arm.name] = {
@@ -212,9 +272,9 @@ def run_experiment(
                 "wall_seconds": monitor.wall_seconds,
                 "peak_memory_mb": monitor.peak_bytes / 2**20,
             }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
+        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
         write_report(run_dir, summary, recorder.rows, data_info, title=final.name)
-        partial.rename(final)
+        final = publish(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

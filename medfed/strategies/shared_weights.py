@@ -71,8 +71,23 @@ def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]
     for key, value in metrics.items():
         if isinstance(value, list):
             return f"metric {key!r} is a list; sites may only send scalar metrics"
-    if metrics[MetricKey.NUM_EXAMPLES] <= 0:
-        return "num-examples must be > 0"
+    n = metrics[MetricKey.NUM_EXAMPLES]
+    if not (np.isfinite(n) and float(n).is_integer() and n > 0):
+        return f"num-examples must be a whole number > 0; got {n}"
+    return ""
+
+
+def check_evaluate_reply(content: RecordDict) -> str:
+    """Return why an evaluate reply breaks the contract (it may hold scalar metrics only), or ''."""
+    if content.array_records:
+        return "an evaluate reply must not carry arrays"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, found {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    if any(isinstance(v, list) for v in metrics.values()):
+        return "evaluate metrics must be scalars"
+    if MetricKey.NUM_EXAMPLES not in metrics or MetricKey.SITE_ID not in metrics:
+        return "evaluate metrics need num-examples and site-id"
     return ""
 
 
@@ -133,6 +148,7 @@ class SharedWeightsMixin:
         replies = list(replies)
         valid: list[Message] = []
         errors: list[str] = []
+        seen_sites: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -143,6 +159,9 @@ class SharedWeightsMixin:
             reason = check_reply(msg.content, self._sent, self.shared_keys)
             metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
+            if not reason and site_id in seen_sites:
+                reason = f"a second update from site {site_id} in the same round"
+            seen_sites.add(site_id)
             if reason:
                 log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
                 errors.append(f"node {node}: {reason}")
@@ -164,15 +183,21 @@ class SharedWeightsMixin:
         return merged, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self._report(SiteReport(self.phase, server_round, "evaluate", -1, node, {}, False, msg.error.reason))
                 continue
             metrics = _scalar_metrics(msg.content)
-            self._report(SiteReport(self.phase, server_round, "evaluate", int(metrics.get(MetricKey.SITE_ID, -1)), node, metrics, True))
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+            site_id = int(metrics.get(MetricKey.SITE_ID, -1))
+            reason = check_evaluate_reply(msg.content)
+            if reason:
+                log(WARNING, "Rejected evaluation from node %s in round %s: %s", node, server_round, reason)
+            else:
+                valid.append(msg)
+            self._report(SiteReport(self.phase, server_round, "evaluate", site_id, node, metrics, not reason, reason))
+        return super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[misc]
 
 
 class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
@@ -219,4 +244,4 @@ def make_strategy(
     return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, **common)
 
 
-__all__ = ["SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_reply", "make_strategy"]
+__all__ = ["check_evaluate_reply", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_reply", "make_strategy"]

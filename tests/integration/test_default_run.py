@@ -12,7 +12,7 @@ from medfed.cli import app
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)  # the bound: at most 10 minutes on 2 CPU cores
 def test_default_simulate_runs_and_reports(tmp_path: Path, data_path_env: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output

@@ -41,6 +41,8 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     fine = {(r["round"], r["site"]) for r in rows if r["phase"] == "finetune" and r["split"] == "train" and r["accepted"]}
     val = {(r["round"], r["site"]) for r in rows if r["split"] == "val"}
     test = sorted(r["round"] for r in rows if r["split"] == "test" and r["site"] == "global")
+    test_site = {(r["round"], r["site"]) for r in rows if r["split"] == "test-site"}
+    assert test_site == {(rnd, site) for rnd in (0, 1, 2) for site in (0, 1)}  # each site's share of the test split
     expected = {(rnd, site) for rnd in (1, 2) for site in (0, 1)}
     assert pre == expected and fine == expected and val == expected and test == [0, 1, 2]
     assert all(r["arm"] == arm for r in rows)
@@ -63,6 +65,9 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     assert math.isclose(last_test["auc"], final["auc"])
     report = (run_dir / "report.md").read_text()
     assert "| federated-simclr | federated | simclr |" in report and "test_auc_per_round.png" in report
+    assert "Per-site test metrics of the global model" in report and "Per-site validation metrics" in report
+    split = json.loads((run_dir / "split.json").read_text())
+    assert sorted(i for s in split["sites"] for i in s["test"]) == list(range(156))  # BreastMNIST test split
 
 
 def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, data_path_env: Path) -> None:

@@ -1,0 +1,85 @@
+"""Runner pieces without a simulation: arm settings, the Flower-runtime arm filter, publishing, scaling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfed.client.algo import SiteAlgo
+from medfed.config import RunConfig
+from medfed.data.medmnist import load_medmnist
+from medfed.data.site import site_from_own_file
+from medfed.exceptions import ConfigError
+from medfed.simulations.runner import Arm, arm_config, arms_for, arms_for_flower_runtime, publish
+
+
+def test_baselines_from_scratch_fine_tune_fully_and_keep_the_main_encoder() -> None:
+    main = RunConfig(pretrain="mae", finetune_mode="linear")
+    scratch = arm_config(main, Arm("federated", "none"))
+    assert (scratch.encoder, scratch.finetune_mode, scratch.pretrain) == ("vit", "full", "none")
+    same = arm_config(main, Arm("centralized", "mae"))
+    assert (same.encoder, same.finetune_mode) == ("vit", "linear")
+
+
+def test_baselines_all_include_every_mode_with_the_same_pretraining() -> None:
+    names = [a.name for a in arms_for(RunConfig(mode="centralized", pretrain="byol", baselines="all"))]
+    assert names == ["centralized-byol", "local-only-none", "federated-none", "federated-byol", "local-only-byol"]
+
+
+class FakeGrid:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(self.n))
+
+
+def test_inside_a_flower_runtime_only_federated_arms_run() -> None:
+    cfg = RunConfig(num_sites=3)
+    kept = arms_for_flower_runtime(cfg, arms_for(cfg), FakeGrid(3))
+    assert [a.name for a in kept] == ["federated-simclr", "federated-none"]
+    with pytest.raises(ConfigError, match="only 2 SuperNodes are connected"):
+        arms_for_flower_runtime(cfg, arms_for(cfg), FakeGrid(2))
+    local = RunConfig(num_sites=3, mode="local-only")
+    with pytest.raises(ConfigError, match="trains outside the federation"):
+        arms_for_flower_runtime(local, arms_for(local), FakeGrid(3))
+
+
+def test_publish_takes_the_next_free_name_if_another_run_took_it(tmp_path: Path) -> None:
+    partial = tmp_path / ".run.partial-1"
+    partial.mkdir()
+    (partial / "report.md").write_text("mine")
+    taken = tmp_path / "run"
+    taken.mkdir()
+    (taken / "report.md").write_text("theirs")
+    final = publish(partial, taken)
+    assert final == tmp_path / "run-2" and (final / "report.md").read_text() == "mine"
+    assert (taken / "report.md").read_text() == "theirs"
+
+
+def test_fedprox_term_only_in_federated_runs(shared_data: Path) -> None:
+    site = site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), 0, 0.1, 0)
+    fed = RunConfig(strategy="fedprox", proximal_mu=0.5)
+    assert SiteAlgo(fed, site).proximal_mu == 0.5
+    assert SiteAlgo(fed.replace(mode="centralized"), site).proximal_mu == 0.0
+    assert SiteAlgo(fed.replace(mode="local-only"), site).proximal_mu == 0.0
+
+
+def test_float_files_use_one_intensity_mapping_for_every_split_and_site(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n, top in (("train", 30, 100.0), ("val", 10, 400.0), ("test", 10, 50.0)):
+        arrays[f"{split}_images"] = (rng.random((n, 16, 16)) * top - 20.0).astype(np.float32)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1)
+    path = tmp_path / "ct.npz"
+    np.savez_compressed(path, **arrays)
+    data = load_medmnist(path)
+    low, high = float(arrays["train_images"].min()), float(arrays["train_images"].max())
+    assert data.intensity_range == pytest.approx((low, high))
+    site = site_from_own_file(data, 0, 1.0, 0)
+    value = arrays["val_images"][0]  # val values above the train range clip to 1, others map linearly
+    expected = np.clip((value - low) / (high - low), 0, 1)
+    torch.testing.assert_close(site.val_images[0, 0], torch.as_tensor(expected), atol=1e-5, rtol=0)
