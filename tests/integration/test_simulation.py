@@ -73,7 +73,7 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
 def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, data_path_env: Path) -> None:
     cfg = small(tmp_path, mode="local-only", pretrain="byol", baselines="all", pretrain_rounds=1, finetune_rounds=1)
     names = [a.name for a in runner.arms_for(cfg)]
-    assert names == ["local-only-byol", "local-only-none", "federated-none", "centralized-byol"]
+    assert names == ["local-only-byol", "local-only-none", "federated-none", "federated-byol", "centralized-byol"]
     cfg = cfg.replace(baselines="none")
     run_dir = runner.run_experiment(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())["arms"]["local-only-byol"]
