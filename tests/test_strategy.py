@@ -134,3 +134,10 @@ def test_evaluate_replies_carrying_arrays_are_not_aggregated() -> None:
     metrics = s.aggregate_evaluate(1, [honest, leaky])
     assert metrics["auc"] == pytest.approx(0.8)
     assert [r.accepted for r in reports] == [True, False] and "must not carry arrays" in reports[1].reason
+
+
+def test_aggregation_does_not_depend_on_reply_order() -> None:
+    values = [(0.1, 3, 0), (0.7, 5, 1), (0.3, 7, 2), (0.9, 11, 3)]
+    forward, _ = strategy().aggregate_train(1, [good(v, n, s) for v, n, s in values])
+    backward, _ = strategy().aggregate_train(1, [good(v, n, s) for v, n, s in reversed(values)])
+    assert np.array_equal(forward["encoder.w"].numpy(), backward["encoder.w"].numpy())  # bitwise

@@ -174,6 +174,8 @@ class SharedWeightsMixin:
             raise FederationError(
                 f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
             )
+        # Replies arrive in any order; summing them in site order makes the float result reproducible.
+        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is None:
             raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
@@ -197,6 +199,7 @@ class SharedWeightsMixin:
             else:
                 valid.append(msg)
             self._report(SiteReport(self.phase, server_round, "evaluate", site_id, node, metrics, not reason, reason))
+        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
         return super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[misc]
 
 
