@@ -9,13 +9,7 @@ import torch
 from medfed.data.transforms import AugmentSpec, augment, gaussian_blur, mask_patches, random_affine, scale_intensity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and avoids spin-wait stalls on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -17,13 +17,7 @@ from medfed.selfsup.methods import BYOL, MAE, Combined, Restore, SimCLR, SSLSett
 from medfed.selfsup.registry import available_methods, build_method, method_class, supports_dp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and avoids spin-wait stalls on a busy 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 SMALL_VIT = ViTSize(
     hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2,
