@@ -20,7 +20,7 @@ from medfed.constants import Phase
 from medfed.exceptions import DataError
 from medfed.server.phases import ArmContext
 from medfed.server.recorder import Recorder
-from medfed.simulations.partition import SPLIT_FILE
+from medfed.simulations.partition import SPLIT_FILE, SitePlan
 from medfed.simulations.runner import prepare
 
 ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
@@ -72,7 +72,7 @@ def test_pretrain_reply_holds_exactly_the_encoder(arm, method: str) -> None:
     for key, value in encoder.items():
         assert tuple(sent_back[key].shape) == tuple(value.shape)
     assert sum(a.numpy().nbytes for a in sent_back.values()) == sum(v.numel() * v.element_size() for v in encoder.values())
-    n_site = len(__import__("json").loads((ctx.run_dir / SPLIT_FILE).read_text())["sites"][0]["train"])
+    n_site = len(SitePlan.load(ctx.run_dir / SPLIT_FILE).sites[0].train)
     assert_no_data_leaves(reply, n_site, (28, 28))
     # the heads stayed at the site, in its state, and none of them was sent
     local = context.state.array_records["site-local"]
@@ -105,7 +105,7 @@ def test_linear_probe_sends_only_the_head_and_full_sends_all(arm) -> None:
         assert keys == finetune_shared_keys(ctx.cfg, list(state))
         assert any(k.startswith("encoder.") for k in keys) is expect_encoder
         assert {"head.weight", "head.bias"} <= set(keys)
-        assert_no_data_leaves(reply, 43, (28, 28))
+        assert_no_data_leaves(reply, len(SitePlan.load(ctx.run_dir / SPLIT_FILE).sites[0].labelled), (28, 28))
 
 
 def test_evaluate_reply_holds_only_metrics(arm) -> None:
