@@ -23,3 +23,11 @@ class FederationError(MedfedError, RuntimeError):
 
 class TrainingDiverged(MedfedError, FloatingPointError):
     """The training loss became NaN or infinite (usually a learning rate too high)."""
+
+
+class PrivacyBudgetExceeded(MedfedError, RuntimeError):
+    """A DP round would take a site past its lifetime (epsilon, delta) budget, so it is refused."""
+
+
+class LedgerError(MedfedError, RuntimeError):
+    """A privacy ledger is missing, unreadable, tampered with, or signed by another key."""
