@@ -21,7 +21,7 @@ from rich.table import Table
 
 from medfed import __version__
 from medfed.config import SETTING_TYPES, RunConfig
-from medfed.exceptions import MedfedError
+from medfed.exceptions import ConfigError, MedfedError
 from medfed.selfsup.registry import available_methods
 
 app = typer.Typer(help="Federated self-supervised learning for medical imaging on Flower.", no_args_is_help=True, add_completion=False)
@@ -51,7 +51,8 @@ HELP: dict[str, str] = {
     "temperature": "NT-Xent temperature (SimCLR).",
     "byol_momentum": "Momentum of BYOL's target network (kept at each site).",
     "mask_ratio": "Fraction of patches MAE hides.",
-    "finetune_mode": "full (encoder and head) or linear (head only; only the head is sent).",
+    "finetune_mode": "full (encoder and head), linear (head only; only the head is sent) or lora (low-rank adapters "
+    "on the encoder's conv/linear layers plus the head; only those are sent).",
     "finetune_rounds": "Federated rounds of supervised fine-tuning.",
     "finetune_epochs": "Local epochs per fine-tuning round.",
     "finetune_lr": "AdamW learning rate for fine-tuning.",
@@ -59,6 +60,20 @@ HELP: dict[str, str] = {
     "finetune_loss": "ce, or logit-adjusted: cross-entropy on logits plus the log of the site's own label prior "
     "(Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with skewed labels does not drag the shared head "
     "towards its majority class. Single-label tasks only.",
+    "lora_rank": "Rank of the LoRA adapters (finetune-mode lora).",
+    "lora_alpha": "LoRA scaling numerator: adapters are scaled by lora-alpha / lora-rank.",
+    "dp": "Phases trained with DP-SGD at every site: none, finetune, pretrain or all. DP pretraining needs a "
+    "per-example method (mae, byol, restore); SimCLR's in-batch negatives are refused.",
+    "dp_epsilon": "Each site's lifetime epsilon budget, across rounds and runs (a site's node config may lower it).",
+    "dp_delta": "Each site's delta; must be below 1/(examples at the site).",
+    "dp_accountant": "Site accountant: rdp (Mironov 2017) or prv (Gopi et al. 2021).",
+    "dp_max_grad_norm": "Per-example gradient clipping bound C.",
+    "dp_noise_multiplier": "Noise multiplier sigma; 0 plans it so the planned rounds spend the remaining budget.",
+    "dp_grad_sample_mode": "How Opacus computes per-example gradients: hooks or functorch.",
+    "dp_secure_rng": "Draw Poisson sampling and noise from OS entropy (not reproducible) with Opacus' "
+    "floating-point-attack-resistant noise.",
+    "ledger_dir": "Folder of the simulated sites' privacy ledgers and signing keys, kept across runs "
+    "(default: RUN_DIR/ledgers, one budget per run).",
     "strategy": "Aggregation: fedavg (example-weighted) or fedprox.",
     "proximal_mu": "FedProx proximal weight mu (> 0 with --strategy fedprox).",
     "fraction_train": "Fraction of sites sampled each round.",
@@ -144,6 +159,55 @@ def methods() -> None:
         cls = method_class(name)
         kinds = "/".join(k.value for k in cls.encoder_kinds)
         print(f"{name:8s} encoder {kinds:8s} per-example loss: {'yes' if cls.per_example_loss else 'no (in-batch negatives)'}")
+
+
+@app.command("audit")
+def audit(
+    targets: list[str] = typer.Argument(..., help="Run directories, ledger folders or ledger files (*.ledger.sqlite)."),
+    out: str = typer.Option("", "--out", help="Folder for audit.json, audit.md, audit_epsilon.png (default: "
+                            "TARGET/audit for one run directory, else ./audit)."),
+    trusted_keys: str = typer.Option("", "--trusted-keys", help="Folder of site-ID.pub files (or one .pub file) the "
+                                     "ledgers must be signed with; default: the key stored in each ledger."),
+    budget: float = typer.Option(0.0, "--budget", help="Budget line for the plot (default: the run's dp-epsilon)."),
+    tolerance: float = typer.Option(0.01, "--tolerance", help="Largest relative difference accepted between the "
+                                    "reported and the independently recomputed epsilon."),
+    empirical: bool = typer.Option(False, "--empirical", help="Also run the empirical canary audit (trains one site "
+                                   "with canaries under the run's settings; minutes)."),
+    canaries: int = typer.Option(500, "--canaries", help="Number of canaries for --empirical."),
+) -> None:
+    """Verify every site's privacy ledger and recompute its epsilon with an independent accountant.
+
+    Exit code 0: every chain, signature and epsilon checks out; 1: problems found (listed);
+    2: bad input (nothing written).
+    """
+    from pathlib import Path
+
+    from medfed.privacy.audit import render_markdown, run_audit, write_audit
+
+    try:
+        paths = [Path(t).expanduser() for t in targets]
+        if not 0 < tolerance < 1:
+            raise ConfigError(f"--tolerance must be in (0, 1); got {tolerance}")
+        if budget < 0:
+            raise ConfigError(f"--budget must be > 0 (or 0 for the run's own); got {budget}")
+        report = run_audit(paths, trusted_keys=Path(trusted_keys).expanduser() if trusted_keys else None,
+                           budget=budget or None, tolerance=tolerance)
+        empirical_result = None
+        if empirical:
+            from medfed.privacy.canary import run_empirical_audit
+
+            if len(paths) != 1 or not (paths[0] / "config.json").is_file():
+                raise ConfigError("--empirical needs exactly one run directory (its settings are replayed)")
+            empirical_result = run_empirical_audit(paths[0], num_canaries=canaries)
+        out_dir = Path(out).expanduser() if out else (paths[0] / "audit" if len(paths) == 1 and paths[0].is_dir() else Path("audit"))
+        written = write_audit(report, out_dir, empirical=empirical_result)
+    except MedfedError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=2) from None
+    print(render_markdown(report, None, empirical=empirical_result))
+    console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
+    if not report.ok:
+        raise typer.Exit(code=1)
 
 
 @app.command("inspect-data")

@@ -17,8 +17,10 @@ from typing import Any, Mapping
 from medfed.constants import (
     NO_PRETRAIN,
     Baselines,
+    DPScope,
     EncoderKind,
     FinetuneMode,
+    GradSampleMode,
     Mode,
     PartitionScheme,
     StrategyName,
@@ -70,6 +72,18 @@ class RunConfig:
     finetune_lr: float = 3e-4
     finetune_batch_size: int = 32
     finetune_loss: str = "ce"  # ce | logit-adjusted (label-skew-robust, Menon et al. 2021)
+    lora_rank: int = 4  # finetune-mode lora: rank of the adapters on every encoder conv/linear layer
+    lora_alpha: float = 8.0  # adapter scaling is lora-alpha / lora-rank
+    # differential privacy at the sites (DP-SGD with Opacus; a signed ledger per site)
+    dp: str = DPScope.NONE.value  # none | finetune | pretrain | all
+    dp_epsilon: float = 8.0  # each site's lifetime budget across rounds and runs
+    dp_delta: float = 1e-5
+    dp_accountant: str = "rdp"  # rdp | prv
+    dp_max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = 0.0  # 0: planned from the remaining budget and the planned rounds
+    dp_grad_sample_mode: str = GradSampleMode.HOOKS.value
+    dp_secure_rng: bool = False
+    ledger_dir: str = ""  # where simulated sites keep their ledgers; '': <run dir>/ledgers
     # federation
     strategy: str = StrategyName.FEDAVG.value
     proximal_mu: float = 0.0
@@ -229,6 +243,46 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"fraction-train must be in (0, 1]; got {c.fraction_train}")
     if c.client_cpus < 0:
         raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
+    _validate_privacy(c)
     if c.run_name and (Path(c.run_name).name != c.run_name or c.run_name.startswith(".")):
         raise ConfigError(f"run-name must be a plain folder name; got {c.run_name!r}")
 
+
+
+def _validate_privacy(c: RunConfig) -> None:
+    """DP and LoRA settings, and the combinations DP-SGD cannot honour."""
+    if c.lora_rank < 1:
+        raise ConfigError(f"lora-rank must be >= 1; got {c.lora_rank}")
+    if not c.lora_alpha > 0:
+        raise ConfigError(f"lora-alpha must be > 0; got {c.lora_alpha}")
+    _choice("dp", c.dp, [s.value for s in DPScope])
+    _choice("dp_grad_sample_mode", c.dp_grad_sample_mode, [m.value for m in GradSampleMode])
+    if c.dp == DPScope.NONE:
+        return
+    from medfed.privacy.accounting import check_accountant, check_budget
+    from medfed.selfsup.registry import method_class
+
+    check_budget(c.dp_epsilon, c.dp_delta)
+    check_accountant(c.dp_accountant)
+    if not c.dp_max_grad_norm > 0:
+        raise ConfigError(f"dp-max-grad-norm must be > 0; got {c.dp_max_grad_norm}")
+    if c.dp_noise_multiplier < 0:
+        raise ConfigError(f"dp-noise-multiplier must be >= 0 (0 plans it from the budget); got {c.dp_noise_multiplier}")
+    scope = DPScope(c.dp)
+    pretrains = bool(c.ssl_methods) and not c.encoder_init
+    if scope == DPScope.PRETRAIN and not pretrains:
+        raise ConfigError("dp pretrain needs a pretraining phase (a pretrain method and no encoder-init)")
+    if scope in (DPScope.PRETRAIN, DPScope.ALL) and pretrains:
+        coupled = [m for m in c.ssl_methods if not method_class(m).per_example_loss]
+        if coupled:
+            raise ConfigError(
+                f"pretrain {c.pretrain!r} cannot run under DP-SGD: {', '.join(coupled)} couples the examples of a batch "
+                "(in-batch negatives), so one image changes every other image's gradient and per-example clipping "
+                "no longer bounds its influence. Use a per-example method under DP (mae, byol, restore) or --dp finetune."
+            )
+    if c.strategy == StrategyName.FEDPROX:
+        raise ConfigError("strategy fedprox cannot be combined with dp: Opacus clips per-example gradients and would "
+                          "drop the proximal term's gradient; use fedavg under dp")
+    if scope.covers_finetune and c.finetune_loss == "logit-adjusted":
+        raise ConfigError("finetune-loss logit-adjusted uses the site's label counts, which DP-SGD does not protect; "
+                          "use finetune-loss ce under dp")

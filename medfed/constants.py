@@ -31,6 +31,30 @@ class FinetuneMode(StrEnum):
 
     LINEAR = "linear"
     FULL = "full"
+    LORA = "lora"  # low-rank adapters on the encoder's conv/linear layers + head (Hu et al., ICLR 2022)
+
+
+class DPScope(StrEnum):
+    """Which phases train under DP-SGD at the sites."""
+
+    NONE = "none"
+    FINETUNE = "finetune"
+    PRETRAIN = "pretrain"
+    ALL = "all"
+
+    def covers(self, phase: Phase) -> bool:
+        return self == DPScope.ALL or self.value == phase.value
+
+    @property
+    def covers_finetune(self) -> bool:
+        return self.covers(Phase.FINETUNE)
+
+
+class GradSampleMode(StrEnum):
+    """How Opacus computes per-example gradients in training (hooks or functorch fall-back)."""
+
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
 
 
 class StrategyName(StrEnum):
@@ -71,6 +95,7 @@ class RecordKey(StrEnum):
     CONFIG = "config"
     METRICS = "metrics"
     SITE_LOCAL = "site-local"  # heads, predictors, decoders, momentum targets: never sent
+    REFUSAL = "refusal"  # ConfigRecord of a site that refuses a round (its privacy budget)
 
 
 class MetricKey(StrEnum):
@@ -87,6 +112,15 @@ class MetricKey(StrEnum):
     SPECIFICITY = "specificity"
     FPR = "fpr"
     EVAL_LOSS = "eval-loss"
+    # privacy (a site's cumulative spending, reported with every train reply under DP)
+    EPSILON = "epsilon"
+    DELTA = "delta"
+    EPSILON_BUDGET = "epsilon-budget"
+    EPSILON_PROJECTED = "epsilon-projected"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    SAMPLE_RATE = "sample-rate"
+    DP_STEPS = "dp-steps"
+    REFUSED = "refused"
 
 
 class NodeConfigKey(StrEnum):
@@ -95,6 +129,10 @@ class NodeConfigKey(StrEnum):
     PARTITION_ID = "partition-id"
     NUM_PARTITIONS = "num-partitions"
     DATA_PATH = "data-path"  # deployment: the site's own MedMNIST-style file
+    LEDGER_PATH = "ledger-path"  # the site's privacy ledger (SQLite) on its own disk
+    SIGNING_KEY = "signing-key"  # the site's Ed25519 private key (PEM) that signs its ledger rows
+    DP_EPSILON = "dp-epsilon"  # the site's own lifetime budget: the server can lower it, never raise it
+    DP_DELTA = "dp-delta"
 
 
 NO_PRETRAIN = "none"

@@ -8,24 +8,28 @@ adds ``mu/2 * ||w - w_global||^2`` over the shared weights when ``proximal_mu > 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from medfed.config import RunConfig
-from medfed.constants import FinetuneMode, MetricKey, Mode, Phase, TaskType
+from medfed.constants import DPScope, FinetuneMode, MetricKey, Mode, Phase, TaskType
 from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.metrics import classification_metrics
 from medfed.models.encoders import Encoder, InputSpec, build_encoder, resolve_encoder_kind
 from medfed.models.heads import Classifier
+from medfed.models.lora import add_lora, is_lora_key
+from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
+from medfed.privacy.guard import PrivacyGuard, RoundPlan
 from medfed.selfsup.methods import SSLMethod, SSLSettings
 from medfed.selfsup.registry import build_method
 
@@ -59,12 +63,15 @@ def new_encoder(cfg: RunConfig, spec: InputSpec) -> Encoder:
 
 
 def new_classifier(cfg: RunConfig, spec: InputSpec, task: TaskType, num_classes: int, encoder_state: StateDict | None) -> Classifier:
-    """Classifier with the given (pretrained) encoder weights and a seeded fresh head."""
+    """Classifier with the given (pretrained) encoder weights and a seeded fresh head; under
+    ``finetune-mode lora`` the encoder then gets seeded LoRA adapters (its own weights frozen)."""
     model: Classifier = _seeded_init(
         derive_seed(cfg.seed, "classifier-init"), lambda: Classifier(new_encoder(cfg, spec), task, num_classes)
     )  # type: ignore[assignment]
     if encoder_state is not None:
         model.encoder.load_state_dict(encoder_state)
+    if cfg.finetune_mode == FinetuneMode.LORA:
+        _seeded_init(derive_seed(cfg.seed, "lora-init"), lambda: add_lora(model.encoder, cfg.lora_rank, cfg.lora_alpha))
     return model
 
 
@@ -105,9 +112,12 @@ def ssl_settings(cfg: RunConfig) -> SSLSettings:
 
 
 def finetune_shared_keys(cfg: RunConfig, classifier_keys: list[str]) -> list[str]:
-    """Keys a site sends after fine-tuning: the head only for a linear probe, else everything."""
+    """Keys a site sends after fine-tuning: the head for a linear probe, the adapters and the
+    head under LoRA, else everything."""
     if cfg.finetune_mode == FinetuneMode.LINEAR:
         return [k for k in classifier_keys if k.startswith("head.")]
+    if cfg.finetune_mode == FinetuneMode.LORA:
+        return [k for k in classifier_keys if k.startswith("head.") or is_lora_key(k)]
     return list(classifier_keys)
 
 
@@ -127,9 +137,10 @@ class TrainSettings:
 @dataclass(frozen=True)
 class TrainStats:
     num_examples: int
-    loss: float  # mean loss over the steps of the last epoch
+    loss: float  # mean loss over the steps of the last epoch (DP: over the round's non-empty steps)
     steps: int
     seconds: float
+    privacy: dict[str, float] = field(default_factory=dict)  # epsilon, delta, budget, sigma, q (metric keys)
 
 
 def minibatches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
@@ -200,10 +211,17 @@ def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> d
 
 
 class SiteAlgo:
-    """One site's training, given the run config and the site's data."""
+    """One site's training, given the run config and the site's data.
 
-    def __init__(self, cfg: RunConfig, data: SiteData) -> None:
-        self.cfg, self.data = cfg, data
+    With a `PrivacyGuard` the phases that ``dp`` covers run DP-SGD (each round planned,
+    projected, refused past the budget and recorded in the site's ledger) and the other
+    phases record their weight releases as uncovered exposure.
+    """
+
+    def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None) -> None:
+        self.cfg, self.data, self.privacy = cfg, data, privacy
+        if cfg.dp != DPScope.NONE and privacy is None:
+            raise ConfigError("dp is on but this site has no privacy guard (ledger)")
 
     @property
     def proximal_mu(self) -> float:
@@ -224,13 +242,82 @@ class SiteAlgo:
             method.load_local_state_dict(local_state)
         return method
 
+    # ---- privacy ---------------------------------------------------------------------
+    def _is_private(self, phase: Phase) -> bool:
+        return DPScope(self.cfg.dp).covers(phase)
+
+    def _schedule(self, phase: Phase) -> PoissonSchedule:
+        if phase == Phase.PRETRAIN:
+            return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.pretrain_batch_size, self.cfg.pretrain_epochs)
+        return PoissonSchedule.for_round(len(self.data.labelled_images), self.cfg.finetune_batch_size, self.cfg.finetune_epochs)
+
+    def _later_dp_rounds(self, phase: Phase, server_round: int) -> list[tuple[float, int]]:
+        """The DP rounds this run still plans after this one (for planning the noise)."""
+        later: list[tuple[float, int]] = []
+        if phase == Phase.PRETRAIN:
+            s = self._schedule(Phase.PRETRAIN)
+            later += [(s.sample_rate, s.steps)] * max(0, self.cfg.pretrain_rounds - server_round)
+            if self._is_private(Phase.FINETUNE):
+                f = self._schedule(Phase.FINETUNE)
+                later += [(f.sample_rate, f.steps)] * self.cfg.finetune_rounds
+        else:
+            f = self._schedule(Phase.FINETUNE)
+            later += [(f.sample_rate, f.steps)] * max(0, self.cfg.finetune_rounds - server_round)
+        return later
+
+    def _plan(self, phase: Phase, server_round: int) -> tuple[RoundPlan, DPStepSettings]:
+        """Plan and project a DP round; raises PrivacyBudgetExceeded (nothing written) past the budget."""
+        if self.privacy is None:
+            raise ConfigError("a DP round needs the site's privacy guard")
+        schedule = self._schedule(phase)
+        n = len(self.data.train_images) if phase == Phase.PRETRAIN else len(self.data.labelled_images)
+        self.privacy.check_site_size(n)
+        plan = self.privacy.plan(schedule.sample_rate, schedule.steps, self._later_dp_rounds(phase, server_round))
+        p = self.privacy.privacy
+        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, p.grad_sample_mode, p.secure_rng)
+
+    def _record(self, phase: Phase, server_round: int, plan: RoundPlan | None) -> dict[str, float]:
+        """Append the round to the ledger; returns the privacy metrics of the reply."""
+        if self.privacy is None:
+            return {}
+        p = self.privacy.privacy
+        if plan is None:
+            entry = self.privacy.record_uncovered(phase, server_round)
+            return {MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
+                    MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: 0.0}
+        entry = self.privacy.record_dp(plan, phase, server_round)
+        return {
+            MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
+            MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: plan.noise_multiplier,
+            MetricKey.SAMPLE_RATE.value: plan.sample_rate, MetricKey.DP_STEPS.value: float(plan.steps),
+        }
+
+    def _train(
+        self, phase: Phase, server_round: int, module: nn.Module, trainable: list[nn.Parameter],
+        batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int, settings: TrainSettings, gen: torch.Generator,
+        prox_params: list[nn.Parameter], on_step_end: Callable[[], None] | None = None,
+    ) -> TrainStats:
+        """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way."""
+        if not self._is_private(phase):
+            stats = train_loop(trainable, batch_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end)
+            return dataclasses.replace(stats, privacy=self._record(phase, server_round, None))
+        plan, dp = self._plan(phase, server_round)
+        dp_stats = dp_train_loop(
+            module, trainable, batch_loss, n, dp, lr=settings.lr, weight_decay=settings.weight_decay, gen=gen,
+            on_step_end=on_step_end,
+        )
+        privacy = self._record(phase, server_round, plan)
+        return TrainStats(n, dp_stats.loss, dp_stats.steps, dp_stats.seconds, privacy)
+
+    # ---- phases ----------------------------------------------------------------------
     def pretrain_round(
         self, encoder_state: StateDict, local_state: StateDict | None, server_round: int
     ) -> tuple[StateDict, StateDict, TrainStats]:
         """Train the global encoder on all of this site's images with the SSL objective.
 
         Returns the new encoder weights (to share), the site-local state (heads, predictors,
-        decoders, momentum targets: to keep) and training statistics.
+        decoders, momentum targets: to keep) and training statistics. Under DP raises
+        `PrivacyBudgetExceeded` before training when the round would pass the budget.
         """
         method = self.build_method(encoder_state, local_state)
         method.train()
@@ -241,9 +328,9 @@ class SiteAlgo:
             proximal_mu=self.proximal_mu, drop_last=True,
         )
         trainable = [p for p in method.parameters() if p.requires_grad]
-        stats = train_loop(
-            trainable, lambda idx: method.loss(images[idx], gen), len(images), settings, gen,
-            prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
+        stats = self._train(
+            Phase.PRETRAIN, server_round, method, trainable, lambda idx: method.loss(images[idx], gen), len(images),
+            settings, gen, prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
         )
         encoder_out = {k: v.detach().clone() for k, v in method.encoder.state_dict().items()}
         return encoder_out, method.local_state_dict(), stats
@@ -254,10 +341,14 @@ class SiteAlgo:
         return model
 
     def finetune_round(self, classifier_state: StateDict, server_round: int) -> tuple[StateDict, TrainStats]:
-        """Supervised training on the labelled subset; returns the weights to share and statistics."""
+        """Supervised training on the labelled subset; returns the weights to share and statistics.
+
+        Full: encoder and head train; linear: the head; lora: the adapters and the head.
+        Under DP raises `PrivacyBudgetExceeded` before training when the round would pass the budget.
+        """
         model = self.classifier(classifier_state)
-        linear = self.cfg.finetune_mode == FinetuneMode.LINEAR
-        model.encoder.requires_grad_(not linear)
+        if self.cfg.finetune_mode == FinetuneMode.LINEAR:
+            model.encoder.requires_grad_(False)
         model.train()
         gen = self._gen(Phase.FINETUNE, server_round)
         images, labels = self.data.labelled_images, self.data.labelled_labels
@@ -268,9 +359,10 @@ class SiteAlgo:
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         shift = self.logit_shift()
-        stats = train_loop(
-            trainable, lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]),
-            len(images), settings, gen, prox_params=trainable,
+        stats = self._train(
+            Phase.FINETUNE, server_round, model, trainable,
+            lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]), len(images), settings, gen,
+            prox_params=trainable,
         )
         state = model.state_dict()
         keys = finetune_shared_keys(self.cfg, list(state))

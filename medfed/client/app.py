@@ -20,15 +20,19 @@ from flwr.clientapp import ClientApp
 
 from medfed.client.algo import SiteAlgo
 from medfed.config import RunConfig
-from medfed.constants import MetricKey, NodeConfigKey, Phase, RecordKey
+from medfed.constants import DPScope, MetricKey, NodeConfigKey, Phase, RecordKey
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
-from medfed.exceptions import DataError
+from medfed.exceptions import ConfigError, DataError, PrivacyBudgetExceeded
+from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
 
 # Keys the server adds to the run settings in every message.
 PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY = "phase", "run-dir", "data-file", "server-round"
-EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY)
+RUN_ID_KEY = "run-id"  # names the run in the sites' ledgers
+LEDGER_DIR_KEY = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
+EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY)
+REFUSAL_REASON = "reason"
 
 app = ClientApp()
 
@@ -75,6 +79,31 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     return site_from_split(data, plan.sites[site_id])
 
 
+def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard | None:
+    """The site's privacy guard when ``dp`` is on: its ledger and key from the node config
+    (deployment), else under the simulation's ledger folder."""
+    if cfg.dp == DPScope.NONE:
+        return None
+    if NodeConfigKey.DATA_PATH in node_config and NodeConfigKey.LEDGER_PATH not in node_config:
+        raise ConfigError("dp is on: this site's node config must name its 'ledger-path' (on the site's own disk)")
+    default_dir = Path(str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
+    privacy = SitePrivacy.resolve(cfg, str(site.site_id), node_config, default_dir)
+    return PrivacyGuard(privacy, str(extras.get(RUN_ID_KEY, "")))
+
+
+def _refusal(msg: Message, site: SiteData, guard: PrivacyGuard, exc: PrivacyBudgetExceeded) -> Message:
+    """A site's refusal: no arrays, its spending so far, and why (the server records it)."""
+    p = guard.privacy
+    metrics = {
+        MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0, MetricKey.EPSILON.value: guard.spent(),
+        MetricKey.DELTA.value: p.delta, MetricKey.EPSILON_BUDGET.value: p.epsilon,
+    }
+    content = RecordDict({
+        RecordKey.METRICS.value: MetricRecord(metrics), RecordKey.REFUSAL.value: ConfigRecord({REFUSAL_REASON: str(exc)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
     content = RecordDict({RecordKey.METRICS.value: MetricRecord(metrics)})
     if arrays is not None:
@@ -86,22 +115,30 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) 
 def train(msg: Message, context: Context) -> Message:
     cfg, extras = read_message_config(msg.content[RecordKey.CONFIG.value])
     phase, server_round = Phase(str(extras[PHASE_KEY])), int(extras[ROUND_KEY])
-    site = load_site(dict(context.node_config), cfg, extras)
-    algo = SiteAlgo(cfg, site)
+    node_config = dict(context.node_config)
+    site = load_site(node_config, cfg, extras)
+    guard = privacy_guard(cfg, site, node_config, extras)
+    algo = SiteAlgo(cfg, site, guard)
     incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
-    if phase == Phase.PRETRAIN:
-        local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
-        local_state = local.to_torch_state_dict() if local is not None else None
-        shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
-        context.state[RecordKey.SITE_LOCAL.value] = ArrayRecord(new_local)
-    else:
-        shared, stats = algo.finetune_round(incoming, server_round)
+    try:
+        if phase == Phase.PRETRAIN:
+            local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
+            local_state = local.to_torch_state_dict() if local is not None else None
+            shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
+            context.state[RecordKey.SITE_LOCAL.value] = ArrayRecord(new_local)
+        else:
+            shared, stats = algo.finetune_round(incoming, server_round)
+    except PrivacyBudgetExceeded as exc:
+        if guard is None:  # only a privacy guard refuses rounds
+            raise
+        return _refusal(msg, site, guard, exc)
     metrics = {
         MetricKey.NUM_EXAMPLES.value: stats.num_examples,
         MetricKey.SITE_ID.value: site.site_id,
         MetricKey.LOSS.value: stats.loss,
         MetricKey.STEPS.value: stats.steps,
         MetricKey.SECONDS.value: stats.seconds,
+        **stats.privacy,
     }
     return _reply(msg, ArrayRecord(shared), metrics)
 

@@ -17,7 +17,7 @@ from medfed.models.encoders import CNNEncoder, Encoder, group_norm
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear -> LayerNorm -> ReLU -> Linear: SimCLR projector, BYOL projector and predictor."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
     )
 
 

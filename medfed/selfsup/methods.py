@@ -114,10 +114,14 @@ class BYOL(SSLMethod):
             module.requires_grad_(False)
 
     def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        v = torch.cat([augment(x, self.settings.views, gen), augment(x, self.settings.views, gen)])
-        p1, p2 = self.predictor(self.projector(self.encoder(v))).chunk(2)
+        # The two views go through the online network in two passes of B (not one of 2B): with
+        # batch-free norms the result is the same, and under DP-SGD Opacus then accumulates ONE
+        # per-example gradient per image (a 2B batch would clip each view separately).
+        v1, v2 = augment(x, self.settings.views, gen), augment(x, self.settings.views, gen)
+        p1 = self.predictor(self.projector(self.encoder(v1)))
+        p2 = self.predictor(self.projector(self.encoder(v2)))
         with torch.no_grad():
-            t1, t2 = self.target_projector(self.target_encoder(v)).chunk(2)
+            t1, t2 = self.target_projector(self.target_encoder(torch.cat([v1, v2]))).chunk(2)
         return 0.5 * (byol_loss(p1, t2) + byol_loss(p2, t1))
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
-from medfed.client.app import DATA_FILE_KEY, PHASE_KEY, RUN_DIR_KEY
+from medfed.client.app import DATA_FILE_KEY, LEDGER_DIR_KEY, PHASE_KEY, RUN_DIR_KEY, RUN_ID_KEY
 from medfed.config import RunConfig
 from medfed.constants import Phase
 from medfed.server.checkpoints import save_checkpoint
@@ -38,6 +38,14 @@ class ArmContext:
     data_file: Path
     test: TestSet
     recorder: Recorder
+    run_id: str = ""
+
+    @property
+    def ledger_dir(self) -> Path:
+        """Where the simulated sites of this arm keep their ledgers: ``ledger-dir`` (kept across
+        runs) or the run directory's ``ledgers/``, one folder per arm (arms are separate worlds)."""
+        root = Path(self.cfg.ledger_dir).expanduser() if self.cfg.ledger_dir else self.run_dir / "ledgers"
+        return root / self.arm
 
     @property
     def arm_dir(self) -> Path:
@@ -45,7 +53,11 @@ class ArmContext:
 
     def message_config(self, phase: Phase) -> ConfigRecord:
         return ConfigRecord(
-            {**self.cfg.to_flat(), PHASE_KEY: phase.value, RUN_DIR_KEY: str(self.run_dir), DATA_FILE_KEY: str(self.data_file)}
+            {
+                **self.cfg.to_flat(), PHASE_KEY: phase.value, RUN_DIR_KEY: str(self.run_dir),
+                DATA_FILE_KEY: str(self.data_file), RUN_ID_KEY: f"{self.run_id}/{self.arm}",
+                LEDGER_DIR_KEY: str(self.ledger_dir),
+            }
         )
 
 

@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from medfed.privacy.plots import plot_epsilon  # noqa: E402
+
 METRIC_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
 
 
@@ -84,6 +86,52 @@ def _last_round_per_site(rows: list[dict], split: str) -> dict[tuple[str, int], 
     return last
 
 
+def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
+    """Epsilon per site per round as the server received it (the aggregate is the max, never a mean)."""
+    private = [r for r in rows if r.get("split") == "train" and r.get("epsilon") is not None]
+    if cfg.get("dp", "none") == "none":
+        return ["", "## Privacy", "", "No differential privacy in this run (`--dp none`): every weight update that "
+                "left a site is uncovered exposure. See `medfed audit`."]
+    lines = ["", "## Privacy: epsilon per site per round (as reported to the server)", "",
+             f"DP-SGD at the sites for: {cfg['dp']}; budget per site epsilon {cfg['dp-epsilon']}, delta {cfg['dp-delta']} "
+             f"({cfg['dp-accountant']} accountant, clipping {cfg['dp-max-grad-norm']}). Unit of privacy: one training image "
+             "of a site. Cumulative across rounds and runs (each site's ledger). The federation's epsilon is the max over "
+             "sites. A round marked R was refused by the site (budget); `-` means the site was not asked.", ""]
+    by_panel: dict[tuple[str, str], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    offset: dict[str, int] = {}
+    for r in rows:
+        if r.get("split") != "train" or r.get("epsilon") is None and not r.get("refused"):
+            continue
+        cell = "R" if r.get("refused") else _fmt(r["epsilon"])
+        by_panel[(r["arm"], r["phase"])][r["round"]][r["site"]] = cell
+    for r in private:
+        if r.get("refused"):
+            continue
+        key = r["arm"]
+        if r["phase"] == "pretrain":
+            offset[key] = max(offset.get(key, 0), r["round"])
+    for r in private:
+        if r.get("refused"):
+            continue
+        x = r["round"] + (offset.get(r["arm"], 0) if r["phase"] == "finetune" else 0)
+        series[f"{r['arm']} site {r['site']}"].append((x, float(r["epsilon"])))
+    for (arm, phase), per_round in sorted(by_panel.items()):
+        sites = sorted({s for cells in per_round.values() for s in cells}, key=str)
+        lines += [f"**{arm}, {phase}**", "", "| round | " + " | ".join(f"site {s}" for s in sites) + " | max |",
+                  "|---|" + "---|" * (len(sites) + 1)]
+        for rnd in sorted(per_round):
+            cells = per_round[rnd]
+            values = [float(c) for c in cells.values() if c not in ("R", "n/a")]
+            lines.append(f"| {rnd} | " + " | ".join(cells.get(s, "-") for s in sites) + f" | {_fmt(max(values)) if values else 'n/a'} |")
+        lines.append("")
+    png = plot_epsilon(series, {k: float(cfg["dp-epsilon"]) for k in series}, plots / "epsilon_per_site.png",
+                       xlabel="round (pretraining rounds, then fine-tuning rounds)", title="privacy spent per site")
+    if png:
+        lines.append(f"![epsilon per site per round](plots/{png.name})")
+    return lines
+
+
 def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
     """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
@@ -147,6 +195,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         for (arm, site), r in sorted(last.items()):
             n = sites_by_id.get(site, {}).get("test", "") if split == "test-site" else int(r.get("num-examples", 0))
             lines.append(f"| {arm} | {site} | {n} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
+    lines += privacy_section(rows, cfg, plots)
     rejected = [r for r in rows if r.get("accepted") is False]
     lines += ["", "## Rejected or failed site updates", ""]
     lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}" for r in rejected] or ["None."]

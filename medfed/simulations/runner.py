@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from medfed.exceptions import ConfigError
 import numpy as np
 import torch
 
-from medfed.constants import NO_PRETRAIN, Baselines, EncoderKind, FinetuneMode, Mode
+from medfed.constants import NO_PRETRAIN, Baselines, DPScope, EncoderKind, FinetuneMode, Mode, Phase
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.transforms import scale_intensity
 from medfed.models.encoders import InputSpec, resolve_encoder_kind, vit_patch_size
@@ -96,11 +97,32 @@ def prepare(cfg: RunConfig) -> Prepared:
         alpha=cfg.alpha, label_fraction=cfg.label_fraction, seed=cfg.seed, data_sha256=data.sha256,
         min_site_size=cfg.min_site_size,
     )
+    check_delta_fits_sites(cfg, plan)
     test = TestSet(
         scale_intensity(data.test.images, data.intensity_range), torch.as_tensor(data.test.labels), data.task,
         data.num_classes, site_indices={s.site_id: np.asarray(s.test, dtype=np.int64) for s in plan.sites},
     )
     return Prepared(cfg, data, plan, test)
+
+
+def check_delta_fits_sites(cfg: RunConfig, plan: SitePlan) -> None:
+    """Under DP every site's delta must be below 1/n for the n examples its DP phases train on."""
+    if cfg.dp == DPScope.NONE:
+        return
+    from medfed.privacy.accounting import check_budget
+
+    scope = DPScope(cfg.dp)
+    for site in plan.sites:
+        sizes = []
+        if scope.covers(Phase.PRETRAIN) and cfg.ssl_methods:
+            sizes.append(len(site.train))
+        if scope.covers(Phase.FINETUNE):
+            sizes.append(len(site.labelled))
+        for n in sizes:
+            try:
+                check_budget(cfg.dp_epsilon, cfg.dp_delta, site_size=n)
+            except ConfigError as exc:
+                raise ConfigError(f"site {site.site_id}: {exc}") from None
 
 
 def check_out_dir(out: Path) -> None:
@@ -139,11 +161,21 @@ def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
         encoder_init=main.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",
         encoder=resolve_encoder_kind(main.encoder, main.ssl_methods).value,
         finetune_mode=FinetuneMode.FULL.value if baseline_from_scratch else main.finetune_mode,
+        dp=_arm_dp(main, arm),
     )
 
 
+def _arm_dp(main: RunConfig, arm: Arm) -> str:
+    """An arm without pretraining keeps DP only for fine-tuning (there is no pretraining to protect)."""
+    scope = DPScope(main.dp)
+    if arm.pretrain != NO_PRETRAIN and not (arm.pretrain == main.pretrain and main.encoder_init):
+        return scope.value
+    return DPScope.FINETUNE.value if scope.covers(Phase.FINETUNE) else DPScope.NONE.value
+
+
 def run_arm(
-    prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False, grid: Any = None
+    prep: Prepared, arm: Arm, run_dir: Path, recorder: Recorder, *, verbose: bool = False, grid: Any = None,
+    run_id: str = "",
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Run one arm; returns its test metrics and (local-only) per-site test metrics.
 
@@ -151,7 +183,7 @@ def run_arm(
     runtime (``flwr run``), else on Flower's simulation runtime started here.
     """
     cfg = arm_config(prep.cfg, arm)
-    ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder)
+    ctx = ArmContext(arm.name, cfg, run_dir, prep.data.path, prep.test, recorder, run_id or run_dir.name)
     if arm.mode == Mode.FEDERATED:
         if grid is not None:
             from medfed.server.phases import run_federated
@@ -252,6 +284,7 @@ def run_experiment(
     out = Path(cfg.out_dir).expanduser()
     final = unique_dir(out / cfg.run_dir_name)
     partial = out / f".{final.name}.partial-{os.getpid()}"
+    run_id = f"{final.name}-{uuid.uuid4().hex[:8]}"
     try:
         partial.mkdir(parents=True)
         run_dir = partial.resolve()
@@ -260,10 +293,10 @@ def run_experiment(
         data_info = {**prep.data.describe(), "sites": summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
-        summary: dict[str, Any] = {"config": cfg.to_flat(), "arms": {}}
+        summary: dict[str, Any] = {"config": cfg.to_flat(), "run_id": run_id, "arms": {}}
         for arm in arms:
             with ResourceMonitor() as monitor:
-                metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid)
+                metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid, run_id=run_id)
             summary["arms"][arm.name] = {
                 "mode": arm.mode,
                 "pretrain": arm.pretrain,

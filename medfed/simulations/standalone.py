@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.client.algo import SiteAlgo, initial_encoder_state, new_classifier
-from medfed.constants import MetricKey, Mode, Phase
+from medfed.constants import DPScope, MetricKey, Mode, Phase
 from medfed.data.medmnist import MedMNISTData
+from medfed.exceptions import PrivacyBudgetExceeded
+from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.data.site import SiteData, pooled_site, site_from_split
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import evaluate_state
@@ -23,27 +25,48 @@ from medfed.server.recorder import GLOBAL
 from medfed.simulations.partition import SitePlan
 
 
+def _guard(ctx: ArmContext, site_label: int | str) -> PrivacyGuard | None:
+    """A baseline's "site" keeps its own ledger under the arm's ledger folder (the pooled site of
+    the centralized arm is one data holder with one budget)."""
+    if ctx.cfg.dp == DPScope.NONE:
+        return None
+    return PrivacyGuard(SitePrivacy.resolve(ctx.cfg, str(site_label), {}, ctx.ledger_dir), f"{ctx.run_id}/{ctx.arm}")
+
+
+def _refused(ctx: ArmContext, phase: Phase, rnd: int, site_label: int | str, exc: PrivacyBudgetExceeded) -> None:
+    ctx.recorder.write({"arm": ctx.arm, "phase": phase.value, "round": rnd, "site": site_label, "split": "train",
+                        "accepted": False, "reason": f"refused: {exc}", MetricKey.REFUSED.value: 1.0})
+
+
 def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: str) -> dict[str, float]:
     cfg, rec = ctx.cfg, ctx.recorder
-    algo = SiteAlgo(cfg, site)
+    algo = SiteAlgo(cfg, site, _guard(ctx, site_label))
     encoder_state = initial_encoder_state(cfg, site.spec)
     pretrain = bool(cfg.ssl_methods) and not cfg.encoder_init
     local = None
     meta = {"arm": ctx.arm, "config": cfg.to_json(), "site": str(site_label)}
     for rnd in range(1, cfg.pretrain_rounds + 1 if pretrain else 1):
-        encoder_state, local, stats = algo.pretrain_round(encoder_state, local, rnd)
+        try:
+            encoder_state, local, stats = algo.pretrain_round(encoder_state, local, rnd)
+        except PrivacyBudgetExceeded as exc:  # the site keeps its current encoder and stops
+            _refused(ctx, Phase.PRETRAIN, rnd, site_label, exc)
+            break
         rec.record(ctx.arm, Phase.PRETRAIN, rnd, site_label, "train",
-                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples})
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples, **stats.privacy})
     if pretrain:
         save_checkpoint(ctx.arm_dir / f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors", encoder_state, meta)
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state)
     rec.record(ctx.arm, Phase.FINETUNE, 0, site_label, "test", metrics)
     for rnd in range(1, cfg.finetune_rounds + 1):
-        shared, stats = algo.finetune_round(state, rnd)
+        try:
+            shared, stats = algo.finetune_round(state, rnd)
+        except PrivacyBudgetExceeded as exc:
+            _refused(ctx, Phase.FINETUNE, rnd, site_label, exc)
+            break
         state.update(shared)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "train",
-                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples})
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples, **stats.privacy})
         metrics = evaluate_state(cfg, ctx.test, state)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
     save_checkpoint(ctx.arm_dir / f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors", state, meta)

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from medfed.constants import MetricKey, Phase, StrategyName
+from medfed.constants import MetricKey, Phase, RecordKey, StrategyName
 from medfed.exceptions import FederationError
 
 
@@ -99,15 +99,38 @@ def _scalar_metrics(content: RecordDict) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
 
 
+PRIVACY_MAX_KEYS = (MetricKey.EPSILON, MetricKey.DELTA)
+"""Privacy metrics aggregate as the MAX over sites: the federation is as private as its most
+exposed site. (Flower's default, an example-weighted mean, would understate it.)"""
+
+
 def sum_examples(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Train metrics across sites: example-weighted mean loss and total examples (site ids dropped)."""
-    total = sum(float(next(iter(r.metric_records.values()))[weighting_key]) for r in records)
-    loss = sum(
-        float(m[MetricKey.LOSS]) * float(m[weighting_key])
-        for m in (next(iter(r.metric_records.values())) for r in records)
-        if MetricKey.LOSS in m
-    )
-    return MetricRecord({MetricKey.LOSS.value: loss / total, "total-examples": total, "sites": len(records)})
+    """Train metrics across sites: example-weighted mean loss, total examples, and the max
+    epsilon and delta over the sites that report them (site ids dropped)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    total = sum(float(m[weighting_key]) for m in rows)
+    loss = sum(float(m[MetricKey.LOSS]) * float(m[weighting_key]) for m in rows if MetricKey.LOSS in m)
+    out = {MetricKey.LOSS.value: loss / total, "total-examples": total, "sites": len(records)}
+    out.update(max_privacy_metrics(rows))
+    return MetricRecord(out)
+
+
+def max_privacy_metrics(rows: Iterable[dict[str, float] | MetricRecord]) -> dict[str, float]:
+    """``epsilon`` and ``delta``: the max over the sites that report them (absent if none does)."""
+    out: dict[str, float] = {}
+    for key in PRIVACY_MAX_KEYS:
+        values = [float(m[key]) for m in rows if key in m]  # type: ignore[operator]
+        if values:
+            out[key.value] = max(values)
+    return out
+
+
+def refusal_reason(content: RecordDict) -> str | None:
+    """The reason a site refused the round (its privacy budget), or None for an ordinary reply."""
+    record = content.config_records.get(RecordKey.REFUSAL.value)
+    if record is None or content.array_records:
+        return None
+    return str(record.get("reason", "refused"))
 
 
 def weighted_eval_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -148,6 +171,7 @@ class SharedWeightsMixin:
         replies = list(replies)
         valid: list[Message] = []
         errors: list[str] = []
+        refusals: list[int] = []
         seen_sites: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -156,9 +180,15 @@ class SharedWeightsMixin:
                 errors.append(f"node {node}: {reason}")
                 self._report(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
                 continue
-            reason = check_reply(msg.content, self._sent, self.shared_keys)
             metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
+            refused = refusal_reason(msg.content)
+            if refused is not None:  # a site at its privacy budget: recorded, not averaged, not an error
+                log(WARNING, "Site %s refused %s round %s: %s", site_id, self.phase.value, server_round, refused)
+                self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, f"refused: {refused}"))
+                refusals.append(site_id)
+                continue
+            reason = check_reply(msg.content, self._sent, self.shared_keys)
             if not reason and site_id in seen_sites:
                 reason = f"a second update from site {site_id} in the same round"
             seen_sites.add(site_id)
@@ -170,6 +200,10 @@ class SharedWeightsMixin:
             sent_bytes = sum(a.numpy().nbytes for a in next(iter(msg.content.array_records.values())).values())
             self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, True, bytes_sent=sent_bytes))
             valid.append(msg)
+        if not valid and refusals and not errors:
+            log(WARNING, "%s round %s: every replying site refused (privacy budgets); the global model is kept",
+                self.phase.value, server_round)
+            return None, MetricRecord({"refused-sites": len(refusals)})
         if not valid:
             raise FederationError(
                 f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
@@ -179,6 +213,8 @@ class SharedWeightsMixin:
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is None:
             raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
+        if refusals and metrics is not None:
+            metrics["refused-sites"] = len(refusals)
         merged = ArrayRecord()
         for key in self._sent.keys():  # keep the sent order; frozen weights carried over
             merged[key] = arrays[key] if key in arrays else self._sent[key]

@@ -1,0 +1,186 @@
+"""DP-SGD at a site with Opacus: per-example clipping, Gaussian noise, Poisson sampling.
+
+DP-SGD (Abadi et al., CCS 2016): every step includes each of the site's ``n`` examples
+independently with probability ``q`` (Poisson sampling, which the accountants assume), clips
+each example's gradient to L2 norm ``C`` (``max_grad_norm``), sums, adds Gaussian noise of
+standard deviation ``sigma * C`` and divides by the expected batch size ``q * n``. One
+training round is then ``steps`` compositions of the Poisson-subsampled Gaussian mechanism
+with parameters ``(q, sigma)``: exactly what the site's ledger records.
+
+Opacus supplies the per-example gradients (`GradSampleModule`, hooks or the functorch
+fall-back) and the clip-and-noise optimizer (`DPOptimizer`, wrapping AdamW; Adam's moments
+are post-processing of the noisy gradient). Sampling is ours so that the executed
+``(q, steps)`` are exactly those accounted for. The hooks sit on the trainable leaf
+modules, so losses that call sub-modules several times (BYOL's two views) accumulate one
+per-example gradient per example, as privacy requires.
+
+Secure RNG: Opacus' ``secure_mode`` needs torchcsprng, which is archived and does not build
+for this torch. With ``secure_rng`` medfed draws every step's sampling and noise generators
+from fresh OS entropy (``os.urandom``; not reproducible) and turns on Opacus' floating-point-
+attack-resistant noise (the sum of 2x2 Gaussian draws, Holohan et al. 2021). The generator
+itself remains torch's (not a CSPRNG); docs/PRIVACY.md says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.constants import GradSampleMode
+from medfed.exceptions import ConfigError, TrainingDiverged
+
+
+@dataclass(frozen=True)
+class PoissonSchedule:
+    """Sampling rate and number of steps of one round: ``q = B / n``, ``ceil(n / B)`` steps per epoch."""
+
+    sample_rate: float
+    steps: int
+
+    @classmethod
+    def for_round(cls, n: int, batch_size: int, epochs: int) -> "PoissonSchedule":
+        if n < 1:
+            raise ConfigError("a DP round needs at least one example at the site")
+        return cls(min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))
+
+
+@dataclass(frozen=True)
+class DPStepSettings:
+    """The mechanism one round runs: ``steps`` draws with rate ``sample_rate`` and noise ``noise_multiplier``."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    schedule: PoissonSchedule
+    grad_sample_mode: str = GradSampleMode.HOOKS.value
+    secure_rng: bool = False
+
+
+def check_private_model(module: nn.Module, what: str = "model") -> None:
+    """Opacus' validator over ``module``: a clear ConfigError listing what DP-SGD cannot handle."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:5])
+        raise ConfigError(f"the {what} cannot be trained with DP-SGD (Opacus validator): {listed}")
+
+
+UNUSED_UNDER_DP = ("norm_cross_attn",)  # MONAI transformer blocks build a cross-attention norm they never use
+
+
+def freeze_for_dp(module: nn.Module) -> list[str]:
+    """Freeze the parameters Opacus cannot give per-example gradients; returns their names.
+
+    Those are parameters registered directly on a composite module (a ViT's class token,
+    MAE's mask token: used in tensor code, not through a layer Opacus knows) and parameters
+    no loss uses (MONAI's unused cross-attention norms). They keep their initial or
+    pretrained values; every layer (conv, linear, norms, attention projections) still trains.
+    """
+    from opacus import GradSampleModule
+
+    supported = set(GradSampleModule.GRAD_SAMPLERS)
+    frozen: list[str] = []
+    for name, sub in module.named_modules():
+        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(sub) not in supported or any(tag in name for tag in UNUSED_UNDER_DP):
+            for n, p in own:
+                p.requires_grad_(False)
+                frozen.append(f"{name}.{n}" if name else n)
+    return frozen
+
+
+def _entropy_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
+@dataclass(frozen=True)
+class DPTrainStats:
+    num_examples: int
+    loss: float  # mean loss over the non-empty steps
+    steps: int
+    seconds: float
+    mean_batch: float  # realised mean Poisson batch size
+
+
+def dp_train_loop(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    dp: DPStepSettings,
+    *,
+    lr: float,
+    weight_decay: float,
+    gen: torch.Generator,
+    on_step_end: Callable[[], None] | None = None,
+) -> DPTrainStats:
+    """Run ``dp.schedule.steps`` DP-SGD steps over ``module``'s trainable ``params``.
+
+    ``batch_loss(idx)`` must return the MEAN over the examples ``idx`` of per-example losses
+    computed through ``module``'s sub-modules (Opacus' ``loss_reduction="mean"``).
+    ``gen`` seeds sampling and noise (ignored with ``secure_rng``).
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    check_private_model(module)
+    freeze_for_dp(module)
+    params = [p for p in params if p.requires_grad]
+    start = time.perf_counter()
+    q, steps = dp.schedule.sample_rate, dp.schedule.steps
+    expected = max(1, round(q * n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
+        gsm = GradSampleModule(
+            module, batch_first=True, loss_reduction="mean", strict=False,
+            force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
+        )
+    sample_gen = gen
+    noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    optimiser = DPOptimizer(
+        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
+        loss_reduction="mean", generator=noise_gen, secure_mode=dp.secure_rng,
+    )
+    losses: list[float] = []
+    sizes: list[int] = []
+    try:
+        for step in range(steps):
+            if dp.secure_rng:
+                sample_gen = _entropy_generator()
+                optimiser.generator = _entropy_generator()
+            idx = torch.nonzero(torch.rand(n, generator=sample_gen) < q).flatten()
+            sizes.append(len(idx))
+            optimiser.zero_grad(set_to_none=True)
+            if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            else:
+                loss = batch_loss(idx)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"DP training loss became {float(loss)} at step {step}; lower the learning rate")
+                loss.backward()
+                losses.append(float(loss.detach()))
+            optimiser.step()
+            if on_step_end is not None:
+                on_step_end()
+    finally:
+        gsm._close()  # remove the hooks and per-example gradients: the module is plain again
+        for p in params:
+            for attr in ("summed_grad", "grad_sample", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    return DPTrainStats(
+        n, float(np.mean(losses)) if losses else float("nan"), steps, time.perf_counter() - start,
+        float(np.mean(sizes)) if sizes else 0.0,
+    )

@@ -1,0 +1,174 @@
+"""A site's privacy guard: budget, ledger, projection and refusal, round by round.
+
+Before a DP round the guard opens the site's ledger (verifying every row's chain and
+signature), rebuilds the accountant from the ledger's whole history (all earlier rounds and
+runs: a fresh Opacus PrivacyEngine per round would only know the current round), plans the
+noise multiplier if it was not given, and projects the epsilon after the round. If that
+would pass the site's budget the round is refused (`PrivacyBudgetExceeded`) and nothing is
+written. After the round it appends one signed row. Weights that leave the site from a
+non-DP phase are appended as ``mechanism = none`` rows: exposure no epsilon covers.
+
+The site's budget is its own: in a deployment the node config's ``dp-epsilon``/``dp-delta``
+set it and the run config (which comes from the server) can only lower it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from medfed.config import RunConfig
+from medfed.constants import NodeConfigKey, Phase
+from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
+from medfed.privacy.accounting import (
+    MechanismStep,
+    check_accountant,
+    check_budget,
+    epsilon_spent,
+    plan_noise_multiplier,
+    project_epsilon,
+)
+from medfed.privacy.ledger import (
+    MECHANISM_DP_SGD,
+    MECHANISM_NONE,
+    Ledger,
+    LedgerEntry,
+    Release,
+    load_or_create_signing_key,
+)
+
+LEDGER_SUFFIX = ".ledger.sqlite"
+KEY_SUFFIX = ".ed25519.pem"
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """One site's resolved privacy settings and where its ledger and key live."""
+
+    site: str
+    epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: float  # 0: plan
+    grad_sample_mode: str
+    secure_rng: bool
+    ledger_path: Path
+    key_path: Path
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig, site: str, node_config: Mapping[str, object], default_ledger_dir: Path) -> "SitePrivacy":
+        """Run settings, overridden by the site's node config (ledger path, key, a lower budget)."""
+        epsilon, delta = cfg.dp_epsilon, cfg.dp_delta
+        if NodeConfigKey.DP_EPSILON in node_config:
+            epsilon = min(epsilon, _number(node_config, NodeConfigKey.DP_EPSILON))
+        if NodeConfigKey.DP_DELTA in node_config:
+            delta = min(delta, _number(node_config, NodeConfigKey.DP_DELTA))
+        check_budget(epsilon, delta)
+        ledger = Path(str(node_config.get(NodeConfigKey.LEDGER_PATH, default_ledger_dir / f"site-{site}{LEDGER_SUFFIX}")))
+        key = Path(str(node_config.get(NodeConfigKey.SIGNING_KEY, ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + KEY_SUFFIX))))
+        return cls(
+            site=site, epsilon=epsilon, delta=delta, accountant=check_accountant(cfg.dp_accountant),
+            max_grad_norm=cfg.dp_max_grad_norm, noise_multiplier=cfg.dp_noise_multiplier,
+            grad_sample_mode=cfg.dp_grad_sample_mode, secure_rng=cfg.dp_secure_rng,
+            ledger_path=ledger.expanduser(), key_path=key.expanduser(),
+        )
+
+
+def _number(node_config: Mapping[str, object], key: str) -> float:
+    try:
+        return float(node_config[key])  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"node config {key!r} must be a number; got {node_config[key]!r}") from exc
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The mechanism a DP round will run and what the site will have spent after it."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    spent_before: float
+    projected: float
+
+
+class PrivacyGuard:
+    """Projects, refuses and records one site's DP rounds against its ledger."""
+
+    def __init__(self, privacy: SitePrivacy, run_id: str) -> None:
+        self.privacy, self.run_id = privacy, run_id
+
+    def _open(self) -> Ledger:
+        key = load_or_create_signing_key(self.privacy.key_path)
+        public = self.privacy.key_path.with_name(self.privacy.key_path.name.removesuffix(KEY_SUFFIX) + ".pub")
+        if self.privacy.key_path.name.endswith(KEY_SUFFIX) and not public.exists():
+            public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        return Ledger.open(self.privacy.ledger_path, key, self.privacy.site)
+
+    def history(self) -> list[MechanismStep]:
+        """Every DP release in the ledger, in order (all rounds, all runs)."""
+        if not self.privacy.ledger_path.exists():
+            return []
+        with self._open() as ledger:
+            return _history(ledger.entries())
+
+    def spent(self) -> float:
+        return epsilon_spent(self.history(), self.privacy.delta, self.privacy.accountant)
+
+    def check_site_size(self, n: int) -> None:
+        check_budget(self.privacy.epsilon, self.privacy.delta, site_size=n)
+
+    def plan(self, sample_rate: float, steps: int, later: Sequence[tuple[float, int]]) -> RoundPlan:
+        """The round's noise multiplier (given, or planned so this round plus ``later`` rounds
+        spend the remaining budget) and its projected epsilon; refuses past the budget."""
+        p = self.privacy
+        history = self.history()
+        spent = epsilon_spent(history, p.delta, p.accountant)
+        if spent >= p.epsilon:
+            raise PrivacyBudgetExceeded(
+                f"site {p.site} has spent its budget: epsilon {spent:.4g} of {p.epsilon:g} (delta {p.delta:g})"
+            )
+        sigma = p.noise_multiplier
+        if sigma <= 0:
+            sigma = plan_noise_multiplier(p.epsilon, p.delta, history, [(sample_rate, steps), *later], p.accountant)
+        step = MechanismStep(sigma, sample_rate, steps)
+        projected = project_epsilon(history, step, p.delta, p.accountant)
+        if projected > p.epsilon:
+            raise PrivacyBudgetExceeded(
+                f"site {p.site} refuses the round: epsilon would reach {projected:.4g} > budget {p.epsilon:g} "
+                f"(spent {spent:.4g}; sigma {sigma:.3g}, q {sample_rate:.3g}, {steps} steps)"
+            )
+        return RoundPlan(sigma, sample_rate, steps, spent, projected)
+
+    def record_dp(self, plan: RoundPlan, phase: Phase, server_round: int) -> LedgerEntry:
+        """Append the executed round; the epsilon after is recomputed from the ledger it extends."""
+        p = self.privacy
+        with self._open() as ledger:
+            history = _history(ledger.entries())
+            after = project_epsilon(history, MechanismStep(plan.noise_multiplier, plan.sample_rate, plan.steps), p.delta, p.accountant)
+            return ledger.append(Release(
+                run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_DP_SGD,
+                sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier, steps=plan.steps,
+                delta=p.delta, epsilon_after=after, accountant=p.accountant,
+            ))
+
+    def record_uncovered(self, phase: Phase, server_round: int) -> LedgerEntry:
+        """Weights leave the site from a non-DP phase: an exposure row (no epsilon covers it)."""
+        p = self.privacy
+        with self._open() as ledger:
+            spent = epsilon_spent(_history(ledger.entries()), p.delta, p.accountant)
+            return ledger.append(Release(
+                run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_NONE,
+                sample_rate=0.0, noise_multiplier=0.0, steps=0, delta=p.delta, epsilon_after=spent,
+                accountant=p.accountant,
+            ))
+
+
+def _history(entries: Sequence[LedgerEntry]) -> list[MechanismStep]:
+    return [
+        MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism == MECHANISM_DP_SGD
+    ]
