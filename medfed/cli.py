@@ -173,7 +173,8 @@ def audit(
                                     "reported and the independently recomputed epsilon."),
     empirical: bool = typer.Option(False, "--empirical", help="Also run the empirical canary audit (trains one site "
                                    "with canaries under the run's settings; minutes)."),
-    canaries: int = typer.Option(500, "--canaries", help="Number of canaries for --empirical."),
+    canaries: int = typer.Option(0, "--canaries", help="Number of canaries for --empirical (0: up to 500, as many "
+                                 "as the official test split holds)."),
 ) -> None:
     """Verify every site's privacy ledger and recompute its epsilon with an independent accountant.
 

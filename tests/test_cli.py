@@ -14,7 +14,7 @@ from medfed.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["methods"], ["inspect-data"]])
+@pytest.mark.parametrize("command", [[], ["simulate"], ["methods"], ["inspect-data"], ["audit"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -62,13 +62,21 @@ def bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
             "needs a single-label task",
         ),
         "negative seed": (["--data", str(_write(tmp / "ok6.npz")), "--seed", "-1"], "seed must be >= 0"),
+        "epsilon zero": (["--data", str(_write(tmp / "ok7.npz")), "--dp", "finetune", "--dp-epsilon", "0"], "epsilon"),
+        "delta above one over site size": (
+            ["--data", str(_write(tmp / "ok8.npz")), "--dp", "finetune", "--dp-delta", "0.2", "--num-sites", "2",
+             "--pretrain", "none", "--label-fraction", "1"], "delta"),
+        "unknown accountant": (["--data", str(_write(tmp / "ok9.npz")), "--dp", "finetune", "--dp-accountant", "moments"],
+                               "unknown accountant"),
+        "simclr under dp": (["--data", str(_write(tmp / "ok10.npz")), "--dp", "all"], "in-batch negatives"),
     }
 
 
 CASES = [
     "missing file", "corrupt file", "missing keys", "mismatched rows", "mismatched shapes", "label out of range",
     "fraction zero", "fraction above one", "more sites than images", "unknown method", "mae on a cnn", "unknown flag",
-    "out-dir is a file", "logit-adjusted on multi-label", "negative seed",
+    "out-dir is a file", "logit-adjusted on multi-label", "negative seed", "epsilon zero",
+    "delta above one over site size", "unknown accountant", "simclr under dp",
 ]
 
 

@@ -71,6 +71,23 @@ BAD = [
     ({"pretrain_lr": float("inf")}, "pretrain-lr must be a finite number"),
     ({"proximal_mu": 0.1}, "proximal-mu > 0 needs --strategy fedprox"),
     ({"finetune_loss": "focal"}, "finetune-loss must be one of ce, logit-adjusted"),
+    # differential privacy and LoRA
+    ({"dp": "everything"}, "dp must be one of none, finetune, pretrain, all"),
+    ({"dp": "finetune", "dp_epsilon": 0.0}, "epsilon"),
+    ({"dp": "finetune", "dp_epsilon": -1.0}, "epsilon"),
+    ({"dp": "finetune", "dp_delta": 0.0}, "delta"),
+    ({"dp": "finetune", "dp_delta": 1.0}, "delta"),
+    ({"dp": "finetune", "dp_accountant": "gdp"}, "unknown accountant 'gdp'"),
+    ({"dp": "finetune", "dp_max_grad_norm": 0.0}, "dp-max-grad-norm must be > 0"),
+    ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
+    ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
+    ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),
+    ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),
+    ({"dp": "finetune", "strategy": "fedprox", "proximal_mu": 0.1}, "fedprox cannot be combined with dp"),
+    ({"dp": "finetune", "finetune_loss": "logit-adjusted"}, "DP-SGD does not protect"),
+    ({"dp_grad_sample_mode": "ghost"}, "dp-grad-sample-mode must be one of hooks, functorch"),
+    ({"lora_rank": 0}, "lora-rank must be >= 1"),
+    ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
 ]
 
 
@@ -83,3 +100,8 @@ def test_bad_values_raise_config_error_naming_the_rule(changes: dict, message: s
 
 def test_pretrain_none_needs_no_pretrain_rounds() -> None:
     assert RunConfig(pretrain="none", pretrain_rounds=0).ssl_methods == []
+
+
+def test_per_example_pretraining_is_accepted_under_dp() -> None:
+    for method in ("mae", "byol", "restore", "byol+restore"):
+        assert RunConfig(dp="all", pretrain=method).dp == "all"

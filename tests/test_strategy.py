@@ -141,3 +141,49 @@ def test_aggregation_does_not_depend_on_reply_order() -> None:
     forward, _ = strategy().aggregate_train(1, [good(v, n, s) for v, n, s in values])
     backward, _ = strategy().aggregate_train(1, [good(v, n, s) for v, n, s in reversed(values)])
     assert np.array_equal(forward["encoder.w"].numpy(), backward["encoder.w"].numpy())  # bitwise
+
+
+# ---- privacy: refusals and the max-epsilon aggregate --------------------------------
+
+
+def refusal(site: int, epsilon: float) -> Message:
+    content = RecordDict({
+        "metrics": MetricRecord({"site-id": site, "refused": 1.0, "epsilon": epsilon, "delta": 1e-5, "epsilon-budget": 3.0}),
+        "refusal": ConfigRecord({"reason": f"site {site} refuses the round: epsilon would reach 3.2 > budget 3"}),
+    })
+    return Message(content, metadata=make_metadata(dst_node_id=0, src_node_id=site + 10))
+
+
+def private(value: float, n: int, site: int, epsilon: float) -> Message:
+    msg = good(value, n, site)
+    metrics = msg.content["metrics"]
+    metrics["epsilon"], metrics["delta"] = epsilon, 1e-5
+    return msg
+
+
+def test_epsilon_aggregates_as_the_max_over_sites_not_the_weighted_mean() -> None:
+    _, metrics = strategy().aggregate_train(1, [private(0.0, 100, 0, 0.5), private(1.0, 1, 1, 2.5)])
+    assert metrics["epsilon"] == pytest.approx(2.5)  # a weighted mean would say ~0.52
+    assert metrics["delta"] == pytest.approx(1e-5)
+
+
+def test_a_refusing_site_is_recorded_and_the_round_goes_on_with_the_others() -> None:
+    reports: list[SiteReport] = []
+    arrays, metrics = strategy(reports=reports).aggregate_train(2, [private(2.0, 4, 0, 1.0), refusal(1, 2.9)])
+    np.testing.assert_allclose(arrays["encoder.w"].numpy(), np.full((2, 3), 2.0))  # only site 0 averaged
+    assert metrics["refused-sites"] == 1
+    refused = [r for r in reports if not r.accepted]
+    assert len(refused) == 1 and refused[0].site_id == 1 and refused[0].reason.startswith("refused: ")
+    assert refused[0].metrics["epsilon"] == pytest.approx(2.9)
+
+
+def test_when_every_site_refuses_the_global_model_is_kept() -> None:
+    arrays, metrics = strategy().aggregate_train(3, [refusal(0, 2.9), refusal(1, 2.95)])
+    assert arrays is None and metrics["refused-sites"] == 2  # Flower keeps the previous global arrays
+
+
+def test_a_refusal_that_carries_arrays_is_not_a_refusal() -> None:
+    msg = good(1.0, 2, 0)
+    msg.content["refusal"] = ConfigRecord({"reason": "sneaky"})
+    with pytest.raises(FederationError):  # treated as a normal reply, which breaks the contract (extra record)
+        strategy().aggregate_train(1, [msg])

@@ -33,7 +33,7 @@ from medfed.constants import DPScope, TaskType
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import SiteData, site_from_split
 from medfed.data.transforms import scale_intensity
-from medfed.exceptions import ConfigError
+from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
 from medfed.privacy.empirical import AuditResult, audit_from_scores, canary_inclusion
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
@@ -103,6 +103,8 @@ def audit_site_training(
     encoder_state: dict[str, torch.Tensor], num_canaries: int, rounds: int, beta: float = 0.05,
 ) -> EmpiricalResult:
     """Insert canaries into ``site``, fine-tune ``rounds`` rounds as the run would, score, bound."""
+    if num_canaries <= 0:  # default: up to 500, as many as the test split holds
+        num_canaries = min(500, len(pool_images))
     if num_canaries < 2 or num_canaries > len(pool_images):
         raise ConfigError(f"canaries must be in [2, {len(pool_images)}] (the official test split); got {num_canaries}")
     start = time.perf_counter()
@@ -123,21 +125,26 @@ def audit_site_training(
         run = run.replace(mode="local-only")
         algo = SiteAlgo(run, audited, guard)
         state = new_classifier(run, site.spec, site.task, site.num_classes, encoder_state).state_dict()
+        trained = 0
         for rnd in range(1, rounds + 1):
-            shared, _ = algo.finetune_round(state, rnd)
+            try:
+                shared, _ = algo.finetune_round(state, rnd)
+            except PrivacyBudgetExceeded:  # the site stops at its budget, as in the run
+                break
             state.update(shared)
+            trained = rnd
         accountant_epsilon = guard.spent() if guard is not None else math.inf
     model = algo.classifier(state)
     result: AuditResult = audit_from_scores(canary_scores(model, images, labels), inserted, delta=cfg.dp_delta, beta=beta)
     return EmpiricalResult(
         dp=private, site=site.site_id, num_canaries=num_canaries, num_inserted=int(inserted.sum()),
         epsilon_lower_bound=result.epsilon_lower_bound, accountant_epsilon=accountant_epsilon, delta=cfg.dp_delta,
-        beta=beta, guesses=result.num_guesses, correct=result.num_correct, rounds=rounds,
+        beta=beta, guesses=result.num_guesses, correct=result.num_correct, rounds=trained,
         seconds=time.perf_counter() - start,
     )
 
 
-def run_empirical_audit(run_dir: Path, *, num_canaries: int = 500, site_id: int = 0, rounds: int | None = None,
+def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 0, rounds: int | None = None,
                         dp: str | None = None) -> EmpiricalResult:
     """Replay a run's fine-tuning at one site with canaries (its settings, split and pretrained encoder).
 

@@ -51,6 +51,8 @@ def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]
         return f"expected one ArrayRecord, found {len(content.array_records)}"
     if len(content.metric_records) != 1:
         return f"expected one MetricRecord, found {len(content.metric_records)}"
+    if content.config_records:
+        return f"unexpected ConfigRecord(s) {sorted(content.config_records)} in a train reply"
     arrays = next(iter(content.array_records.values()))
     keys = list(arrays.keys())
     if set(keys) != set(expected_keys):

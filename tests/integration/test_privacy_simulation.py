@@ -83,6 +83,14 @@ def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_pa
         assert (run_dir / "audit" / name).is_file()
     assert json.loads((run_dir / "audit" / "audit.json").read_text())["ok"] is True
 
+    # the empirical canary audit replays site 0's fine-tuning with canaries under the run's DP settings
+    result = CliRunner().invoke(cli_app, ["audit", str(run_dir), "--empirical", "--canaries", "60",
+                                          "--out", str(tmp_path / "audit-empirical")])
+    assert result.exit_code == 0, result.output
+    empirical = json.loads((tmp_path / "audit-empirical" / "audit.json").read_text())["empirical"]
+    assert empirical["dp"] and empirical["consistent"]
+    assert empirical["epsilon_lower_bound"] <= empirical["accountant_epsilon"] <= cfg.dp_epsilon
+
     # tamper with a row (after dropping the append-only triggers, as an attacker with file access could)
     with sqlite3.connect(ledgers[1]) as conn:
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
