@@ -58,13 +58,20 @@ def main() -> None:
     parser.add_argument("--out", default="bench-runs/dp_utility")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder", default="", help="reuse a pretrained encoder (safetensors) of an earlier run of this script")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     rounds = dict(pretrain_rounds=2, finetune_rounds=3) if args.quick else {}
     base = RunConfig(baselines="none", out_dir=str(out), seed=args.seed, **rounds)  # type: ignore[arg-type]
-    pre_dir, pre = run(base.replace(run_name=f"pretrain-s{args.seed}", finetune_rounds=1))
-    encoder = pre_dir / "arms" / "federated-simclr" / "pretrained_encoder.safetensors"
-    print(f"pretrained encoder: {encoder} ({pre['seconds']:.0f} s)", flush=True)
+    if args.encoder:
+        encoder = Path(args.encoder).resolve()
+        pre_dir = encoder.parents[2]
+        rows = Recorder.load(pre_dir / "metrics.jsonl")
+        pre = {"bytes_pretrain": max(r["bytes-sent"] for r in rows if r["phase"] == "pretrain" and r.get("bytes-sent"))}
+    else:
+        pre_dir, pre = run(base.replace(run_name=f"pretrain-s{args.seed}", finetune_rounds=1))
+        encoder = pre_dir / "arms" / "federated-simclr" / "pretrained_encoder.safetensors"
+        print(f"pretrained encoder: {encoder} ({pre['seconds']:.0f} s)", flush=True)
     results: dict[tuple[str, str], dict] = {}
     for mode in MODES:
         for eps in (None, *EPSILONS):
@@ -76,7 +83,9 @@ def main() -> None:
             r = results[(mode, name)]
             print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {r['sigma']} ({r['seconds']:.0f} s)", flush=True)
     flags = "--quick " if args.quick else ""
-    command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}".replace("  ", " ")
+    command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}"
+    if args.encoder:  # the pretraining step of an earlier run of this same script, reused
+        command += f" --encoder {os.path.relpath(encoder, Path.cwd())}"
     lines = [
         f"## Utility under DP (PneumoniaMNIST, 5 sites, 10 % labels, delta 1e-5)\n\nCommand: `{command}` "
         f"(one run, {os.cpu_count()} CPU cores). Encoder: federated SimCLR pretraining without DP "

@@ -165,3 +165,38 @@ def test_lora_on_a_3d_encoder_and_a_vit() -> None:
         from medfed.privacy.dp_sgd import check_private_model
 
         check_private_model(model)
+
+
+# ---- no schedule overspends (the real guard and ledger, across "runs") -----------------
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROUND = st.tuples(st.floats(0.02, 0.6), st.integers(1, 30), st.one_of(st.just(0.0), st.floats(0.4, 4.0)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.floats(0.3, 8.0), runs=st.lists(st.lists(ROUND, min_size=1, max_size=6), min_size=1, max_size=3))
+def test_no_generated_schedule_of_rounds_and_runs_overspends(tmp_path_factory, budget: float, runs: list) -> None:
+    folder = tmp_path_factory.mktemp("ledger")
+    c = cfg(dp_epsilon=budget, dp_delta=1e-5)
+    for run_index, rounds in enumerate(runs):
+        g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, folder), f"run-{run_index}")  # a new process per run
+        for i, (q, steps, sigma) in enumerate(rounds):
+            later = [(r[0], r[1]) for r in rounds[i + 1:]]
+            try:
+                if sigma > 0:
+                    g = PrivacyGuard(SitePrivacy.resolve(c.replace(dp_noise_multiplier=sigma), "0", {}, folder), f"run-{run_index}")
+                else:
+                    g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, folder), f"run-{run_index}")
+                plan = g.plan(q, steps, later)
+            except PrivacyBudgetExceeded:
+                # a refusal must be justified: the round at the given noise would overspend
+                if sigma > 0:
+                    assert epsilon_spent(g.history() + [MechanismStep(sigma, q, steps)], 1e-5, "rdp") > budget
+                continue
+            g.record_dp(plan, Phase.FINETUNE, i + 1)
+    entries = verify_ledger(folder / "site-0.ledger.sqlite").entries if (folder / "site-0.ledger.sqlite").exists() else []
+    assert all(e.epsilon_after <= budget * (1 + 1e-9) for e in entries)
+    history = [MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+    assert epsilon_spent(history, 1e-5, "rdp") <= budget * (1 + 1e-9)

@@ -220,8 +220,6 @@ class SiteAlgo:
 
     def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None) -> None:
         self.cfg, self.data, self.privacy = cfg, data, privacy
-        if cfg.dp != DPScope.NONE and privacy is None:
-            raise ConfigError("dp is on but this site has no privacy guard (ledger)")
 
     @property
     def proximal_mu(self) -> float:
@@ -268,7 +266,7 @@ class SiteAlgo:
     def _plan(self, phase: Phase, server_round: int) -> tuple[RoundPlan, DPStepSettings]:
         """Plan and project a DP round; raises PrivacyBudgetExceeded (nothing written) past the budget."""
         if self.privacy is None:
-            raise ConfigError("a DP round needs the site's privacy guard")
+            raise ConfigError("dp is on but this site has no privacy guard (ledger) to account for the round")
         schedule = self._schedule(phase)
         n = len(self.data.train_images) if phase == Phase.PRETRAIN else len(self.data.labelled_images)
         self.privacy.check_site_size(n)

@@ -330,7 +330,7 @@ def plan_noise_multiplier(
 
         hi, _ = _search(objective(eps_prv), x0, -1.0, x_min, x_max, tol, exceeded, target_epsilon)
 
-    sigma = math.exp(hi)
+    sigma = MIN_NOISE if hi <= x_min else max_noise if hi >= x_max else math.exp(hi)
     while not fits(sigma):  # the search's sums and epsilon_spent's may differ in the last bits
         if sigma >= max_noise:
             raise exceeded(math.inf)
@@ -353,14 +353,14 @@ def _search(
     Returns ``(hi, slope)``: f(hi) <= 0 and either hi == x_min or f(hi - tol') > 0 for some
     tol' <= tol was evaluated; ``slope`` is the last secant slope (a start for a refinement).
     Each step predicts the root with the secant of the last two points (``slope`` at first) and
-    evaluates just beyond it, on the side opposite the current point, so that the bracket closes
-    from both ends; a step that does not halve the bracket is followed by a bisection.
+    evaluates just beyond it (0.3 tol), on the side opposite the current point, so that the bracket
+    closes from both ends; after two steps that do not halve the bracket, a bisection.
     Raises ``exceeded(epsilon at x_max)`` when f(x_max) > 0.
     """
     lo: float | None = None  # the largest x seen with f > 0
     hi: float | None = None  # the smallest x seen with f <= 0
     x, previous = x0, None
-    last_width = math.inf
+    width, slow = math.inf, 0
     for _ in range(100):
         fx = f(x)
         if fx > 0:
@@ -378,16 +378,15 @@ def _search(
                 slope = secant
         previous = (x, fx)
         root = x - fx / slope
-        step = x + (root - x) * 1.1 + (0.5 * tol if fx > 0 else -0.5 * tol)  # overshoot a little
-        if lo is not None and hi is not None:
-            width = hi - lo
-            if width > 0.5 * last_width:  # slow progress: bisect
-                step = 0.5 * (lo + hi)
-            last_width = width
-            step = min(max(step, lo + 0.25 * tol), hi - 0.25 * tol)
-        x = min(max(step, x_min), x_max)
-        if lo is not None and x <= lo:
-            x = min(lo + tol, x_max)
-        if hi is not None and x >= hi:
-            x = max(hi - tol, x_min)
+        if lo is None or hi is None:  # no bracket yet: overshoot the predicted root
+            x = x + 1.2 * (root - x) + (tol if fx > 0 else -tol)
+            x = min(max(x, x_min), x_max)
+            continue
+        slow = slow + 1 if hi - lo > 0.5 * width else 0
+        width = hi - lo
+        if slow >= 2:  # two steps without halving the bracket: bisect
+            x, slow = 0.5 * (lo + hi), 0
+        else:  # just past the predicted root, on the other side from this point
+            x = root + (0.3 * tol if fx > 0 else -0.3 * tol)
+        x = min(max(x, lo + 0.1 * tol), hi - 0.1 * tol)
     raise RuntimeError("noise multiplier search did not converge")  # pragma: no cover

@@ -46,7 +46,7 @@ class PoissonSchedule:
     steps: int
 
     @classmethod
-    def for_round(cls, n: int, batch_size: int, epochs: int) -> "PoissonSchedule":
+    def for_round(cls, n: int, batch_size: int, epochs: int) -> PoissonSchedule:
         if n < 1:
             raise ConfigError("a DP round needs at least one example at the site")
         return cls(min(1.0, batch_size / n), epochs * math.ceil(n / batch_size))

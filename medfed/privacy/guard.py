@@ -60,7 +60,7 @@ class SitePrivacy:
     key_path: Path
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, site: str, node_config: Mapping[str, object], default_ledger_dir: Path) -> "SitePrivacy":
+    def resolve(cls, cfg: RunConfig, site: str, node_config: Mapping[str, object], default_ledger_dir: Path) -> SitePrivacy:
         """Run settings, overridden by the site's node config (ledger path, key, a lower budget)."""
         epsilon, delta = cfg.dp_epsilon, cfg.dp_delta
         if NodeConfigKey.DP_EPSILON in node_config:
