@@ -273,6 +273,9 @@ def _validate_privacy(c: RunConfig) -> None:
     if scope == DPScope.PRETRAIN and not pretrains:
         raise ConfigError("dp pretrain needs a pretraining phase (a pretrain method and no encoder-init)")
     if scope in (DPScope.PRETRAIN, DPScope.ALL) and pretrains:
+        if any(w == 0 for w in c.ssl_weights):
+            raise ConfigError("pretrain-weights of 0 under dp: that method's heads would get no per-example gradient; "
+                              "drop the method instead")
         coupled = [m for m in c.ssl_methods if not method_class(m).per_example_loss]
         if coupled:
             raise ConfigError(

@@ -133,6 +133,7 @@ class NodeConfigKey(StrEnum):
     SIGNING_KEY = "signing-key"  # the site's Ed25519 private key (PEM) that signs its ledger rows
     DP_EPSILON = "dp-epsilon"  # the site's own lifetime budget: the server can lower it, never raise it
     DP_DELTA = "dp-delta"
+    DP_REQUIRE = "dp-require"  # none | finetune | pretrain | all: phases this site only trains under DP
 
 
 NO_PRETRAIN = "none"

@@ -128,3 +128,31 @@ def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:
     state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
     with pytest.raises(DataError, match="sha256 mismatch"):  # the runtime turns this into an error reply
         send(ctx2, Phase.FINETUNE, state, site_context(0))
+
+
+# ---- under DP --------------------------------------------------------------------------
+
+DP_METRICS = {"num-examples", "site-id", "steps", "train-seconds", "epsilon", "delta", "epsilon-budget",
+              "noise-multiplier", "sample-rate", "dp-steps"}
+
+
+def test_a_dp_reply_reports_its_cost_and_keeps_the_loss_at_the_site(arm) -> None:
+    ctx = arm(pretrain="none", dp="finetune", dp_epsilon=5.0, dp_delta=1e-4, label_fraction=0.3)
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, 2, None).state_dict()
+    reply = send(ctx, Phase.FINETUNE, state, site_context(0))
+    metrics = dict(next(iter(reply.content.metric_records.values())))
+    assert set(metrics) == DP_METRICS
+    assert 0 < metrics["epsilon"] <= 5.0 and metrics["noise-multiplier"] > 0
+    ledger = ctx.ledger_dir / "site-0.ledger.sqlite"
+    assert ledger.is_file()
+
+
+def test_a_site_that_requires_dp_refuses_a_non_dp_round(arm) -> None:
+    ctx = arm(pretrain="none")
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, 2, None).state_dict()
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2, "dp-require": "finetune"},
+                      state=RecordDict(), run_config={})
+    reply = send(ctx, Phase.FINETUNE, state, context)
+    assert not reply.content.array_records  # no weights leave
+    assert "requires DP" in str(reply.content.config_records["refusal"]["reason"])
+    assert dict(next(iter(reply.content.metric_records.values())))["refused"] == 1.0

@@ -227,6 +227,11 @@ class SiteAlgo:
         return self.cfg.proximal_mu if self.cfg.mode == Mode.FEDERATED else 0.0
 
     def _gen(self, phase: Phase, server_round: int) -> torch.Generator:
+        """The round's generator (sampling, augmentation, DP noise). Under DP it is keyed by the
+        site's secret signing key and the run id: the server knows the run seed, and must not be
+        able to re-derive a site's noise or Poisson batches (nor may two runs reuse them)."""
+        if self.privacy is not None and self._is_private(phase):
+            return torch.Generator().manual_seed(self.privacy.secret_seed(self.cfg.seed, phase.value, server_round))
         return generator(self.cfg.seed, self.data.site_id, phase.value, server_round)
 
     def build_method(self, encoder_state: StateDict, local_state: StateDict | None) -> SSLMethod:

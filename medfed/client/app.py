@@ -91,13 +91,13 @@ def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dic
     return PrivacyGuard(privacy, str(extras.get(RUN_ID_KEY, "")))
 
 
-def _refusal(msg: Message, site: SiteData, guard: PrivacyGuard, exc: PrivacyBudgetExceeded) -> Message:
+def _refusal(msg: Message, site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExceeded) -> Message:
     """A site's refusal: no arrays, its spending so far, and why (the server records it)."""
-    p = guard.privacy
-    metrics = {
-        MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0, MetricKey.EPSILON.value: guard.spent(),
-        MetricKey.DELTA.value: p.delta, MetricKey.EPSILON_BUDGET.value: p.epsilon,
-    }
+    metrics = {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}
+    if guard is not None:
+        p = guard.privacy
+        metrics |= {MetricKey.EPSILON.value: guard.spent(), MetricKey.DELTA.value: p.delta,
+                    MetricKey.EPSILON_BUDGET.value: p.epsilon}
     content = RecordDict({
         RecordKey.METRICS.value: MetricRecord(metrics), RecordKey.REFUSAL.value: ConfigRecord({REFUSAL_REASON: str(exc)}),
     })
@@ -117,6 +117,13 @@ def train(msg: Message, context: Context) -> Message:
     phase, server_round = Phase(str(extras[PHASE_KEY])), int(extras[ROUND_KEY])
     node_config = dict(context.node_config)
     site = load_site(node_config, cfg, extras)
+    try:
+        required = DPScope(str(node_config.get(NodeConfigKey.DP_REQUIRE, DPScope.NONE.value)))
+    except ValueError:
+        raise ConfigError(f"node config dp-require must be one of {', '.join(s.value for s in DPScope)}") from None
+    if required.covers(phase) and not DPScope(cfg.dp).covers(phase):
+        return _refusal(msg, site, None, PrivacyBudgetExceeded(
+            f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); the run has dp {cfg.dp}"))
     guard = privacy_guard(cfg, site, node_config, extras)
     algo = SiteAlgo(cfg, site, guard)
     incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
@@ -140,6 +147,8 @@ def train(msg: Message, context: Context) -> Message:
         MetricKey.SECONDS.value: stats.seconds,
         **stats.privacy,
     }
+    if DPScope(cfg.dp).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
+        metrics.pop(MetricKey.LOSS.value)
     return _reply(msg, ArrayRecord(shared), metrics)
 
 

@@ -238,7 +238,7 @@ def plan_noise_multiplier(
     secant steps that alternate sides of the predicted root (bisection as a safeguard). For ``rdp``
     it first runs on the integer orders alone (Opacus computes those ~10x faster than the
     fractional ones) -- the epsilon over a subset of the orders is never smaller, so that answer
-    fits -- and then refines downward with all of `RDP_ORDERS`, usually in 2-4 evaluations. The
+    fits -- and then refines downward with all of `RDP_ORDERS`, usually in 3-5 evaluations. The
     prior's RDP is summed once per call. The returned sigma is confirmed with `epsilon_spent`.
 
     Raises `PrivacyBudgetExceeded` when the prior history has already spent the target, or when even

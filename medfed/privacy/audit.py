@@ -87,6 +87,7 @@ class AuditReport:
     run_problems: list[str]
     uncovered_runs: list[str]  # run directories without DP at all
     tolerance: float
+    trusted_keys: bool = False
 
     @property
     def ok(self) -> bool:
@@ -147,6 +148,12 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
                 f"row {entry.seq}: reported epsilon {entry.epsilon_after:.6g} but {method} recomputes {recomputed:.6g} "
                 f"(more than {tolerance:.0%} apart)"
             )
+    if budget is not None:
+        over = [e.seq for e in entries if e.epsilon_after > budget * (1 + 1e-9)]
+        if over:
+            first = next(e for e in entries if e.seq == over[0])
+            problems.append(f"row {first.seq}: epsilon {first.epsilon_after:.6g} is over the budget {budget:g} "
+                            f"({len(over)} row(s) over)")
     history = _history(entries)
     delta = entries[-1].delta if entries else 0.0
     recomputed_final = {m: independent_epsilon(history, delta, m) for m in ("rdp", "pld")} if history else {}
@@ -194,6 +201,17 @@ def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:
     return problems
 
 
+def _arms_without_ledgers(run_dir: Path, config: dict[str, Any], found: list[SiteAudit]) -> list[str]:
+    """Arms of a DP run that kept no ledger (e.g. a from-scratch baseline of a DP-pretraining run)
+    trained without DP: every update they sent is uncovered."""
+    summary = run_dir / "summary.json"
+    if config.get("dp", "none") == "none" or not summary.is_file():
+        return []
+    arms = json.loads(summary.read_text()).get("arms", {})
+    groups = {s.group for s in found}
+    return [f"{run_dir}: arm {arm} kept no privacy ledger: its updates were not DP" for arm in arms if arm not in groups]
+
+
 def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budget: float | None = None,
               tolerance: float = TOLERANCE) -> AuditReport:
     """Audit run directories, ledger folders or ledger files. ``trusted_keys``: a folder of
@@ -216,7 +234,9 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
         sites += found
         if config is not None:
             run_problems += _server_view_problems(target, found)
-    return AuditReport([str(t) for t in targets], UNIT_OF_PRIVACY, sites, run_problems, uncovered_runs, tolerance)
+            uncovered_runs += _arms_without_ledgers(target, config, found)
+    return AuditReport([str(t) for t in targets], UNIT_OF_PRIVACY, sites, run_problems, uncovered_runs, tolerance,
+                       trusted_keys is not None)
 
 
 def _trusted_key_for(trusted: Path | None, ledger: Path) -> Path | None:
@@ -240,7 +260,10 @@ def render_markdown(report: AuditReport, png: str | None, *, empirical: Any = No
     lines = [
         "# medfed privacy audit", "", f"**Verdict: {verdict}.** Targets: " + ", ".join(f"`{t}`" for t in report.targets), "",
         f"**Unit of privacy:** {report.unit_of_privacy}", "",
-        "Each ledger's chain, row hashes, Ed25519 signatures and signed head were verified; each DP row's epsilon was "
+        ("Signatures were checked against the trusted keys given (`--trusted-keys`). " if report.trusted_keys else
+         "**No trusted keys were given**: signatures were checked against the public key stored in each ledger, which "
+         "proves integrity since that key signed, not who signed; pass `--trusted-keys` with the keys from provisioning. ")
+        + "Each ledger's chain, row hashes, Ed25519 signatures and signed head were verified; each DP row's epsilon was "
         f"recomputed with Google's dp-accounting (RDP with Opacus' orders for RDP ledgers, PLD for PRV ledgers) and "
         f"compared with the reported value (tolerance {report.tolerance:.0%}).", "",
         "| ledger | site | rows | reported epsilon | delta | dp-accounting RDP | dp-accounting PLD | budget | uncovered releases | status |",

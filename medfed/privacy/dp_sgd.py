@@ -164,7 +164,7 @@ def dp_train_loop(
             optimiser.zero_grad(set_to_none=True)
             if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
                 loss = batch_loss(idx)
                 if not torch.isfinite(loss):

@@ -18,11 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from medfed.config import RunConfig
 from medfed.constants import NodeConfigKey, Phase
-from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
+from medfed.exceptions import ConfigError, LedgerError, PrivacyBudgetExceeded
 from medfed.privacy.accounting import (
     MechanismStep,
     check_accountant,
@@ -94,6 +97,7 @@ class RoundPlan:
     steps: int
     spent_before: float
     projected: float
+    ledger_rows: int = 0  # rows the projection was made from: recording checks nothing was added since
 
 
 class PrivacyGuard:
@@ -108,6 +112,14 @@ class PrivacyGuard:
         if self.privacy.key_path.name.endswith(KEY_SUFFIX) and not public.exists():
             public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
         return Ledger.open(self.privacy.ledger_path, key, self.privacy.site)
+
+    def secret_seed(self, *parts: object) -> int:
+        """A 63-bit seed only this site can derive: HMAC-SHA256 keyed by its private signing key
+        over the run id and ``parts`` (reproducible at the site, unpredictable to the server)."""
+        key = load_or_create_signing_key(self.privacy.key_path)
+        raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        digest = hmac.new(raw, repr((self.run_id, self.privacy.site, *parts)).encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
     def history(self) -> list[MechanismStep]:
         """Every DP release in the ledger, in order (all rounds, all runs)."""
@@ -126,7 +138,12 @@ class PrivacyGuard:
         """The round's noise multiplier (given, or planned so this round plus ``later`` rounds
         spend the remaining budget) and its projected epsilon; refuses past the budget."""
         p = self.privacy
-        history = self.history()
+        rows = 0
+        history: list[MechanismStep] = []
+        if p.ledger_path.exists():
+            with self._open() as ledger:
+                entries = ledger.entries()
+            rows, history = len(entries), _history(entries)
         spent = epsilon_spent(history, p.delta, p.accountant)
         if spent >= p.epsilon:
             raise PrivacyBudgetExceeded(
@@ -142,14 +159,25 @@ class PrivacyGuard:
                 f"site {p.site} refuses the round: epsilon would reach {projected:.4g} > budget {p.epsilon:g} "
                 f"(spent {spent:.4g}; sigma {sigma:.3g}, q {sample_rate:.3g}, {steps} steps)"
             )
-        return RoundPlan(sigma, sample_rate, steps, spent, projected)
+        return RoundPlan(sigma, sample_rate, steps, spent, projected, rows)
 
     def record_dp(self, plan: RoundPlan, phase: Phase, server_round: int) -> LedgerEntry:
         """Append the executed round; the epsilon after is recomputed from the ledger it extends."""
         p = self.privacy
         with self._open() as ledger:
-            history = _history(ledger.entries())
+            entries = ledger.entries()
+            if len(entries) != plan.ledger_rows:
+                raise LedgerError(
+                    f"{p.ledger_path}: {len(entries) - plan.ledger_rows} release(s) were recorded since this round was "
+                    "planned (another run at this site?); the round's weights are not released"
+                )
+            history = _history(entries)
             after = project_epsilon(history, MechanismStep(plan.noise_multiplier, plan.sample_rate, plan.steps), p.delta, p.accountant)
+            if after > p.epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"site {p.site}: epsilon after the round would be {after:.4g} > budget {p.epsilon:g}; not released"
+                )
+            after = max(after, _floor(entries, p.delta, p.accountant))
             return ledger.append(Release(
                 run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_DP_SGD,
                 sample_rate=plan.sample_rate, noise_multiplier=plan.noise_multiplier, steps=plan.steps,
@@ -160,12 +188,21 @@ class PrivacyGuard:
         """Weights leave the site from a non-DP phase: an exposure row (no epsilon covers it)."""
         p = self.privacy
         with self._open() as ledger:
-            spent = epsilon_spent(_history(ledger.entries()), p.delta, p.accountant)
+            entries = ledger.entries()
+            spent = max(epsilon_spent(_history(entries), p.delta, p.accountant), _floor(entries, p.delta, p.accountant))
             return ledger.append(Release(
                 run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_NONE,
                 sample_rate=0.0, noise_multiplier=0.0, steps=0, delta=p.delta, epsilon_after=spent,
                 accountant=p.accountant,
             ))
+
+
+def _floor(entries: Sequence[LedgerEntry], delta: float, accountant: str) -> float:
+    """The last recorded epsilon with the same delta and accountant: cumulative epsilon must not go
+    down, and PRV's numerics can move the last digits down when a very noisy round is added (the
+    larger value is still a valid upper bound)."""
+    same = [e.epsilon_after for e in entries if e.delta == delta and e.accountant == accountant]
+    return same[-1] if same else 0.0
 
 
 def _history(entries: Sequence[LedgerEntry]) -> list[MechanismStep]:

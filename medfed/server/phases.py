@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
 from medfed.client.app import DATA_FILE_KEY, LEDGER_DIR_KEY, PHASE_KEY, RUN_DIR_KEY, RUN_ID_KEY
 from medfed.config import RunConfig
-from medfed.constants import Phase
+from medfed.constants import DPScope, Phase
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import TestSet, evaluate_with_sites
 from medfed.server.recorder import GLOBAL, Recorder
@@ -70,7 +70,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         strategy = make_strategy(
             cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), num_sites=cfg.num_sites,
             fraction_train=cfg.fraction_train, evaluate=False, proximal_mu=cfg.proximal_mu,
-            observer=ctx.recorder.site_observer(ctx.arm),
+            observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.PRETRAIN),
         )
         result = strategy.start(
             grid, ArrayRecord(encoder_state), num_rounds=cfg.pretrain_rounds,
@@ -83,7 +83,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     strategy = make_strategy(
         cfg.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
         num_sites=cfg.num_sites, fraction_train=cfg.fraction_train, evaluate=True, proximal_mu=cfg.proximal_mu,
-        observer=ctx.recorder.site_observer(ctx.arm),
+        observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.FINETUNE),
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -277,6 +277,8 @@ def run_experiment(
     """
     from medfed.server.report import write_report
 
+    if cfg.ledger_dir:  # the audit may run from another folder: record where the ledgers really are
+        cfg = cfg.replace(ledger_dir=str(Path(cfg.ledger_dir).expanduser().resolve()))
     prep = prepare(cfg)
     arms = arms or arms_for(cfg)
     if grid is not None:

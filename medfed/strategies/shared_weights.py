@@ -102,6 +102,7 @@ def _scalar_metrics(content: RecordDict) -> dict[str, float]:
 
 
 PRIVACY_MAX_KEYS = (MetricKey.EPSILON, MetricKey.DELTA)
+DP_REPLY_KEYS = (MetricKey.EPSILON, MetricKey.DELTA, MetricKey.NOISE_MULTIPLIER, MetricKey.SAMPLE_RATE, MetricKey.DP_STEPS)
 """Privacy metrics aggregate as the MAX over sites: the federation is as private as its most
 exposed site. (Flower's default, an example-weighted mean, would understate it.)"""
 
@@ -155,8 +156,9 @@ class SharedWeightsMixin:
     observer: Observer | None
     _sent: ArrayRecord | None
 
-    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None) -> None:
+    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None, private: bool = False) -> None:
         self.phase, self.shared_keys, self.observer = phase, list(shared_keys), observer
+        self.private = private  # a DP phase: every update must say what it cost
         self._sent = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -174,6 +176,7 @@ class SharedWeightsMixin:
         valid: list[Message] = []
         errors: list[str] = []
         refusals: list[int] = []
+        refusal_epsilons: list[float | None] = []
         seen_sites: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -189,8 +192,13 @@ class SharedWeightsMixin:
                 log(WARNING, "Site %s refused %s round %s: %s", site_id, self.phase.value, server_round, refused)
                 self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, f"refused: {refused}"))
                 refusals.append(site_id)
+                refusal_epsilons.append(metrics.get(MetricKey.EPSILON))
                 continue
             reason = check_reply(msg.content, self._sent, self.shared_keys)
+            if not reason and self.private:
+                missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
+                if missing:
+                    reason = f"a DP round's update must report {', '.join(missing)}"
             if not reason and site_id in seen_sites:
                 reason = f"a second update from site {site_id} in the same round"
             seen_sites.add(site_id)
@@ -217,6 +225,9 @@ class SharedWeightsMixin:
             raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
         if refusals and metrics is not None:
             metrics["refused-sites"] = len(refusals)
+            refused_eps = [float(v) for v in refusal_epsilons if v is not None]
+            if refused_eps:  # a site that refused has still spent what it spent
+                metrics[MetricKey.EPSILON.value] = max([float(metrics.get(MetricKey.EPSILON.value, 0.0)), *refused_eps])
         merged = ArrayRecord()
         for key in self._sent.keys():  # keep the sent order; frozen weights carried over
             merged[key] = arrays[key] if key in arrays else self._sent[key]
@@ -244,17 +255,19 @@ class SharedWeightsMixin:
 class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
     """FedAvg over the shared weights only, with the reply contract enforced."""
 
-    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, **fedavg_kwargs: object) -> None:
+    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
+                 **fedavg_kwargs: object) -> None:
         FedAvg.__init__(self, **fedavg_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer)
+        self._setup(phase, shared_keys, observer, private)
 
 
 class SharedWeightsFedProx(SharedWeightsMixin, FedProx):
     """FedProx over the shared weights only (sites add the proximal term)."""
 
-    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, **fedprox_kwargs: object) -> None:
+    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
+                 **fedprox_kwargs: object) -> None:
         FedProx.__init__(self, **fedprox_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer)
+        self._setup(phase, shared_keys, observer, private)
 
 
 def make_strategy(
@@ -267,6 +280,7 @@ def make_strategy(
     evaluate: bool,
     proximal_mu: float = 0.0,
     observer: Observer | None = None,
+    private: bool = False,
 ) -> SharedWeightsMixin:
     """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off."""
     min_nodes = max(1, min(num_sites, int(num_sites * fraction_train)))
@@ -281,8 +295,9 @@ def make_strategy(
         evaluate_metrics_aggr_fn=weighted_eval_metrics,
     )
     if StrategyName(name) == StrategyName.FEDPROX:
-        return SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu, **common)
-    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, **common)
+        return SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu,
+                                    private=private, **common)
+    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private, **common)
 
 
 __all__ = ["check_evaluate_reply", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_reply", "make_strategy"]

@@ -60,6 +60,7 @@ def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_pa
     eps = {(r["round"], r["site"]): r["epsilon"] for r in train if r["accepted"]}
     assert all(eps[(2, s)] > eps[(1, s)] > 0 for s in (0, 1))  # cumulative, not per round
     assert all(v <= cfg.dp_epsilon for v in eps.values())
+    assert not any("train-loss" in r for r in train)  # the loss is a non-private statistic: kept at the site
     val = {(r["round"], r["site"]) for r in rows if r["split"] == "val" and r["accepted"]}
     assert val == {(rnd, s) for rnd in (1, 2, 3) for s in (0, 1)}  # federated evaluation works under DP
     report = (run_dir / "report.md").read_text()
