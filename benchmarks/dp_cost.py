@@ -139,7 +139,8 @@ def main() -> None:
             print(lines[-1], flush=True)
     if notes:
         lines += ["", "Modes that failed on a model:"] + [f"- {n}" for n in notes]
-    command = f"python benchmarks/dp_cost.py --device {args.device}" + (f" --threads {args.threads}" if args.threads else "")
+    command = f"python benchmarks/dp_cost.py --device {args.device} --rounds {args.rounds} --batches {args.batches}" + (
+        f" --threads {args.threads}" if args.threads else "")
     text = f"## Cost of DP-SGD ({args.device})\n\nCommand: `{command}`\n\n" + "\n".join(lines)
     write_section(f"dp_cost_{args.device}", text)
     print(text)
