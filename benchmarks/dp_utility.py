@@ -57,6 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-runs/dp_utility")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="fine-tuning modes (full, lora, linear)")
+    parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
+    parser.add_argument("--no-reference", action="store_true", help="skip the non-DP reference arms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder", default="", help="reuse a pretrained encoder (safetensors) of an earlier run of this script")
     args = parser.parse_args()
@@ -73,8 +76,10 @@ def main() -> None:
         encoder = pre_dir / "arms" / "federated-simclr" / "pretrained_encoder.safetensors"
         print(f"pretrained encoder: {encoder} ({pre['seconds']:.0f} s)", flush=True)
     results: dict[tuple[str, str], dict] = {}
-    for mode in MODES:
-        for eps in (None, *EPSILONS):
+    modes = args.modes.split(",")
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    for mode in modes:
+        for eps in ([] if args.no_reference else [None]) + epsilons:
             name = f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}"
             cfg = base.replace(encoder_init=str(encoder), finetune_mode=mode, run_name=name)
             if eps is not None:
@@ -84,6 +89,8 @@ def main() -> None:
             print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {r['sigma']} ({r['seconds']:.0f} s)", flush=True)
     flags = "--quick " if args.quick else ""
     command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}"
+    if modes != list(MODES) or epsilons != list(EPSILONS) or args.no_reference:
+        command += f" --modes {args.modes} --epsilons {args.epsilons}" + (" --no-reference" if args.no_reference else "")
     if args.encoder:  # the pretraining step of an earlier run of this same script, reused
         command += f" --encoder {os.path.relpath(encoder, Path.cwd())}"
     lines = [
@@ -101,7 +108,11 @@ def main() -> None:
         reached = "-" if "nodp" in name else f"{r['epsilon']:.3f}"
         sigma = "-" if not r["sigma"] else ", ".join(f"{s:g}" for s in r["sigma"][:3])
         lines.append(f"| {mode} | {target} | {reached} | {sigma} | {r['auc']:.4f} | {r['accuracy']:.4f} | {r['seconds']:.0f} |")
-    write_section("dp_utility", "\n".join(lines))
+    default = modes == list(MODES)
+    write_section("dp_utility" if default else f"dp_utility_{'_'.join(modes)}", "\n".join(lines))
+    if not default:
+        print("\n".join(lines))
+        return
     full = next(r for (m, _), r in results.items() if m == "full")
     lora = next(r for (m, _), r in results.items() if m == "lora")
     comm = [
