@@ -36,7 +36,8 @@ from medfed.privacy.plots import plot_epsilon
 LEDGER_GLOB = "*.ledger.sqlite"
 UNIT_OF_PRIVACY = (
     "one training image of one site (example-level DP): adding or removing one image of a site's training data "
-    "changes what leaves that site by at most (epsilon, delta). MedMNIST files carry no patient identifiers, so a "
+    "changes the distribution of the weights that leave that site by at most (epsilon, delta) (scalar metrics such "
+    "as example counts and validation scores are not covered; see docs/PRIVACY.md). MedMNIST files carry no patient identifiers, so a "
     "patient with several images is protected per image, not as a person; deployments with patient ids should "
     "group a patient's images into one example."
 )
