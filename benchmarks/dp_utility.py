@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +46,7 @@ def run(cfg: RunConfig) -> tuple[Path, dict]:
         "auc": arm["test"]["auc"],
         "accuracy": arm["test"]["accuracy"],
         "epsilon": max((r.get("epsilon", 0.0) for r in fine), default=0.0) if cfg.dp != "none" else float("inf"),
-        "sigma": sorted({round(r["noise-multiplier"], 3) for r in fine if "noise-multiplier" in r}),
+        "sigma": [r["noise-multiplier"] for r in fine if "noise-multiplier" in r],
         "refused": sum(1 for r in rows if r.get("refused")),
         "bytes_finetune": max((r["bytes-sent"] for r in fine), default=0),
         "bytes_pretrain": max((r["bytes-sent"] for r in train if r["phase"] == "pretrain"), default=0),
@@ -83,10 +84,14 @@ def main() -> None:
             name = f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}"
             cfg = base.replace(encoder_init=str(encoder), finetune_mode=mode, run_name=name)
             if eps is not None:
-                cfg = cfg.replace(dp="finetune", dp_epsilon=eps, dp_delta=1e-5, ledger_dir=str(out / "ledgers" / name))
+                # fresh ledgers for every arm of every invocation: a budget spent by an earlier (or aborted)
+                # invocation must not shrink this one's
+                ledgers = out / "ledgers" / f"{name}-{uuid.uuid4().hex[:8]}"
+                cfg = cfg.replace(dp="finetune", dp_epsilon=eps, dp_delta=1e-5, ledger_dir=str(ledgers))
             _, results[(mode, name)] = run(cfg)
             r = results[(mode, name)]
-            print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {r['sigma']} ({r['seconds']:.0f} s)", flush=True)
+            sig = f"{min(r['sigma']):.3g}-{max(r['sigma']):.3g}" if r["sigma"] else "-"
+            print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {sig} ({r['seconds']:.0f} s)", flush=True)
     flags = "--quick " if args.quick else ""
     command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}"
     if modes != list(MODES) or epsilons != list(EPSILONS) or args.no_reference:
@@ -100,13 +105,13 @@ def main() -> None:
         "rounds of federated fine-tuning with DP-SGD at every site (noise planned from the budget, RDP accountant, "
         "clipping 1, Poisson sampling, batch 32). Target: AUC >= 0.93 at epsilon 8.",
         "",
-        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier | test AUC | accuracy | wall s |",
+        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC | accuracy | wall s |",
         "|---|---|---|---|---|---|---|",
     ]
     for (mode, name), r in results.items():
         target = "no DP" if "nodp" in name else name.split("-")[1].removeprefix("eps")
         reached = "-" if "nodp" in name else f"{r['epsilon']:.3f}"
-        sigma = "-" if not r["sigma"] else ", ".join(f"{s:g}" for s in r["sigma"][:3])
+        sigma = "-" if not r["sigma"] else f"{min(r['sigma']):.3g}-{max(r['sigma']):.3g}"
         lines.append(f"| {mode} | {target} | {reached} | {sigma} | {r['auc']:.4f} | {r['accuracy']:.4f} | {r['seconds']:.0f} |")
     default = modes == list(MODES)
     write_section("dp_utility" if default else f"dp_utility_{'_'.join(modes)}", "\n".join(lines))
