@@ -57,15 +57,15 @@ def test_step_gradient_is_mean_of_clipped_per_example_gradients() -> None:
 
 
 def test_noise_has_the_planned_standard_deviation() -> None:
-    """Zero data gradient (huge batch of zeros is not needed): with clip C, sigma and expected batch B,
-    the noise on every coordinate has std sigma*C/B."""
+    """Zero data gradient (zero inputs): with clip C, sigma and expected batch B the noise on every
+    coordinate has standard deviation sigma*C/B."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(50, 40, bias=False))
     nn.init.zeros_(model[0].weight)
     x = torch.zeros(4, 50)
     params = list(model.parameters())
     sigma, clip = 2.0, 0.5
-    dp_train_loop(model, params, lambda idx: model(x[idx]).sum() * 0 + model(x[idx]).mean(), 4,
+    dp_train_loop(model, params, lambda idx: model(x[idx]).mean(), 4,
                   DPStepSettings(sigma, clip, PoissonSchedule(1.0, 1)), lr=1e-3, weight_decay=0.0,
                   gen=torch.Generator().manual_seed(3))
     std = float(params[0].grad.std())

@@ -36,7 +36,7 @@ def run(cfg: RunConfig, breast) -> object:
 def test_without_dp_the_audit_finds_leakage(breast) -> None:
     result = run(RunConfig(data="breastmnist", pretrain="none", width=8, finetune_lr=3e-3), breast)
     assert result.epsilon_lower_bound > 0.3, result.describe()  # the audit has power
-    assert result.num_inserted + 0 > 50 and result.rounds == 30
+    assert result.num_inserted > 50 and result.rounds == 30
 
 
 @pytest.mark.timeout(120)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -57,6 +56,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
+from medfed.privacy.mechanism import MechanismStep
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -69,32 +69,6 @@ _PRV_MIN_EPS_ERROR = 1e-5  # floor (relative accuracy is meaningless as epsilon 
 _PRV_PASSES = 3
 
 MIN_NOISE = 0.1  # the planner never goes below this noise multiplier
-
-
-@dataclass(frozen=True)
-class MechanismStep:
-    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism (one DP-SGD release).
-
-    Each step samples every example independently with probability ``sample_rate`` (q), clips
-    per-example gradients and adds Gaussian noise of standard deviation ``noise_multiplier`` times
-    the clipping norm (Abadi et al. 2016).
-    """
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ConfigError(f"noise_multiplier must be a finite number > 0; got {sigma!r}")
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-            raise ConfigError(f"sample_rate must be in (0, 1]; got {q!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ConfigError(f"steps must be an integer >= 1; got {steps!r}")
-        object.__setattr__(self, "noise_multiplier", float(sigma))
-        object.__setattr__(self, "sample_rate", float(q))
-        object.__setattr__(self, "steps", int(steps))
 
 
 def check_accountant(name: str) -> str:

@@ -69,7 +69,12 @@ class SiteAudit:
     row_checks: list[RowCheck]
     uncovered: list[dict[str, Any]]
     budget: float | None
-    series: list[tuple[int, float]] = field(default_factory=list)  # (release number, epsilon after)
+    releases: list[dict[str, Any]] = field(default_factory=list)  # seq, run_id, phase, round, mechanism, epsilon
+
+    @property
+    def series(self) -> list[tuple[int, float]]:
+        """(release number, epsilon after) for the plot."""
+        return [(i + 1, r["epsilon"]) for i, r in enumerate(self.releases)]
 
     @property
     def ok(self) -> bool:
@@ -132,9 +137,7 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
     entries = verification.entries
     problems = list(verification.problems)
     checks: list[RowCheck] = []
-    series: list[tuple[int, float]] = []
     for i, entry in enumerate(entries):
-        series.append((i + 1, entry.epsilon_after))
         if entry.mechanism != MECHANISM_DP_SGD:
             continue
         method = INDEPENDENT_FOR.get(entry.accountant)
@@ -158,14 +161,17 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
     history = _history(entries)
     delta = entries[-1].delta if entries else 0.0
     recomputed_final = {m: independent_epsilon(history, delta, m) for m in ("rdp", "pld")} if history else {}
-    uncovered = [
-        {"seq": e.seq, "run_id": e.run_id, "phase": e.phase, "round": e.server_round}
-        for e in entries if e.mechanism == MECHANISM_NONE
+    releases = [
+        {"seq": e.seq, "run_id": e.run_id, "phase": e.phase, "round": e.server_round, "mechanism": e.mechanism,
+         "epsilon": e.epsilon_after}
+        for e in entries
     ]
+    uncovered = [r for r in releases if r["mechanism"] == MECHANISM_NONE]
     return SiteAudit(
         ledger=str(path), group=path.parent.name, site=verification.site, public_key=verification.public_key_hex,
         rows=len(entries), problems=problems, reported_epsilon=entries[-1].epsilon_after if entries else 0.0,
-        delta=delta, recomputed=recomputed_final, row_checks=checks, uncovered=uncovered, budget=budget, series=series,
+        delta=delta, recomputed=recomputed_final, row_checks=checks, uncovered=uncovered, budget=budget,
+        releases=releases,
     )
 
 
@@ -175,13 +181,9 @@ def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:
     if not metrics.is_file() or not summary.is_file():
         return []
     run_id = json.loads(summary.read_text()).get("run_id", "")
-    by_key: dict[tuple[str, str], dict[tuple[str, str, int], float]] = {}
-    for s in sites:
-        try:
-            entries = verify_ledger(Path(s.ledger)).entries
-        except LedgerError:
-            continue
-        by_key[(s.group, s.site)] = {(e.run_id, e.phase, e.server_round): e.epsilon_after for e in entries}
+    by_key = {
+        (s.group, s.site): {(r["run_id"], r["phase"], r["round"]): r["epsilon"] for r in s.releases} for s in sites
+    }
     problems = []
     for line in metrics.read_text().splitlines():
         row = json.loads(line)

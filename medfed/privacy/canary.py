@@ -116,13 +116,9 @@ def audit_site_training(
     audited = with_canaries(site, images, labels, inserted)
     private = DPScope(cfg.dp).covers_finetune
     with tempfile.TemporaryDirectory(prefix="medfed-canary-ledger-") as tmp:
-        guard = None
-        if cfg.dp != DPScope.NONE:
-            run = cfg.replace(dp=DPScope.FINETUNE.value if private else DPScope.NONE.value, finetune_rounds=rounds)
-            guard = PrivacyGuard(SitePrivacy.resolve(run, str(site.site_id), {}, Path(tmp)), "empirical-audit") if private else None
-        else:
-            run = cfg.replace(finetune_rounds=rounds)
-        run = run.replace(mode="local-only")
+        run = cfg.replace(dp=DPScope.FINETUNE.value if private else DPScope.NONE.value, finetune_rounds=rounds,
+                          mode="local-only")
+        guard = PrivacyGuard(SitePrivacy.resolve(run, str(site.site_id), {}, Path(tmp)), "empirical-audit") if private else None
         algo = SiteAlgo(run, audited, guard)
         state = new_classifier(run, site.spec, site.task, site.num_classes, encoder_state).state_dict()
         trained = 0

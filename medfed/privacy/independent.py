@@ -73,6 +73,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import integrate
 
 from medfed.exceptions import ConfigError
+from medfed.privacy.mechanism import MechanismStep
 
 METHODS = ("rdp", "pld")
 INDEPENDENT_FOR = {"rdp": "rdp", "prv": "pld"}  # training-time accountant -> the method that checks it
@@ -97,13 +98,8 @@ def _check_history(history: Sequence[tuple[float, float, int]]) -> list[tuple[fl
             sigma, q, steps = row
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"history rows must be (noise_multiplier, sample_rate, steps); got {row!r}") from exc
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ConfigError(f"noise_multiplier must be a finite number > 0; got {sigma!r}")
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-            raise ConfigError(f"sample_rate must be in (0, 1]; got {q!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ConfigError(f"steps must be an integer >= 1; got {steps!r}")
-        rows.append((float(sigma), float(q), int(steps)))
+        step = MechanismStep(sigma, q, steps)  # the same validation as the site's accountant
+        rows.append((step.noise_multiplier, step.sample_rate, step.steps))
     return rows
 
 
