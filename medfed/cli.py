@@ -53,10 +53,11 @@ HELP: dict[str, str] = {
     "mask_ratio": "Fraction of patches MAE hides.",
     "finetune_mode": "full (encoder and head), linear (head only; only the head is sent) or lora (low-rank adapters "
     "on the encoder's conv/linear layers plus the head; only those are sent).",
-    "finetune_rounds": "Federated rounds of supervised fine-tuning.",
+    "finetune_rounds": "Federated rounds of supervised fine-tuning (0: the recipe's, 25 without DP; under DP "
+    "the recipe chosen on validation data, docs/RESULTS.md dp_recipe).",
     "finetune_epochs": "Local epochs per fine-tuning round.",
-    "finetune_lr": "AdamW learning rate for fine-tuning.",
-    "finetune_batch_size": "Batch size for fine-tuning.",
+    "finetune_lr": "AdamW learning rate for fine-tuning (0: the recipe's, 3e-4 without DP).",
+    "finetune_batch_size": "Batch size for fine-tuning, expected Poisson batch under DP (0: the recipe's, 32 without DP).",
     "finetune_loss": "ce, or logit-adjusted: cross-entropy on logits plus the log of the site's own label prior "
     "(Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with skewed labels does not drag the shared head "
     "towards its majority class. Single-label tasks only.",

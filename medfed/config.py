@@ -33,6 +33,27 @@ def _kebab(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class FinetuneRecipe:
+    """How federated fine-tuning steps: AdamW learning rate, (Poisson) batch size, rounds."""
+
+    lr: float
+    batch_size: int
+    rounds: int
+
+
+FINETUNE_RECIPE = FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
+"""Fine-tuning without DP (sized with `benchmarks/default_run.py`)."""
+
+DP_FINETUNE_RECIPE: dict[str, FinetuneRecipe] = {
+    FinetuneMode.FULL.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),
+    FinetuneMode.LORA.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),
+    FinetuneMode.LINEAR.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),
+}
+"""Fine-tuning under DP-SGD, per fine-tuning mode: chosen on the sites' validation data (never the test
+split) by `benchmarks/dp_recipe.py`; its table is in docs/RESULTS.md (dp_recipe)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; defaults are those of `medfed simulate` with no flags.
 
@@ -67,10 +88,10 @@ class RunConfig:
     mask_ratio: float = 0.75
     # fine-tuning
     finetune_mode: str = FinetuneMode.FULL.value
-    finetune_rounds: int = 25
+    finetune_rounds: int = 0  # 0: the recipe's (see `finetune_recipe`)
     finetune_epochs: int = 1
-    finetune_lr: float = 3e-4
-    finetune_batch_size: int = 32
+    finetune_lr: float = 0.0  # 0: the recipe's
+    finetune_batch_size: int = 0  # 0: the recipe's
     finetune_loss: str = "ce"  # ce | logit-adjusted (label-skew-robust, Menon et al. 2021)
     lora_rank: int = 4  # finetune-mode lora: rank of the adapters on every encoder conv/linear layer
     lora_alpha: float = 8.0  # adapter scaling is lora-alpha / lora-rank
@@ -132,6 +153,20 @@ class RunConfig:
         if not self.pretrain_weights:
             return [1.0] * len(methods)
         return [float(w) for w in self.pretrain_weights.split(",")]
+
+    @property
+    def finetune_recipe(self) -> FinetuneRecipe:
+        """Learning rate, batch size and rounds of fine-tuning: those set, the recipe's for those left at 0.
+
+        The recipe is `FINETUNE_RECIPE` without DP and `DP_FINETUNE_RECIPE[finetune_mode]` when DP-SGD
+        covers fine-tuning: clipped, noised gradients want a larger step and fewer, larger batches.
+        """
+        auto = DP_FINETUNE_RECIPE[self.finetune_mode] if DPScope(self.dp).covers_finetune else FINETUNE_RECIPE
+        return FinetuneRecipe(
+            lr=self.finetune_lr or auto.lr,
+            batch_size=self.finetune_batch_size or auto.batch_size,
+            rounds=self.finetune_rounds or auto.rounds,
+        )
 
     @property
     def run_dir_name(self) -> str:
@@ -214,21 +249,25 @@ def _validate(c: RunConfig) -> None:
             raise ConfigError(f"pretrain-weights must be >= 0 with at least one > 0; got {c.pretrain_weights!r}")
     if c.width < 4 or c.width % 4:
         raise ConfigError(f"width must be a multiple of 4 and >= 4 (GroupNorm groups); got {c.width}")
-    for name in ("pretrain_rounds", "finetune_rounds"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"{_kebab(name)} must be >= 0; got {getattr(c, name)}")
-    if c.finetune_rounds < 1:
-        raise ConfigError(f"finetune-rounds must be >= 1 (the run ends with a fine-tuned model); got {c.finetune_rounds}")
+    if c.pretrain_rounds < 0:
+        raise ConfigError(f"pretrain-rounds must be >= 0; got {c.pretrain_rounds}")
+    if c.finetune_rounds < 0:
+        raise ConfigError(f"finetune-rounds must be >= 1 (the run ends with a fine-tuned model), or 0 for the "
+                          f"recipe's; got {c.finetune_rounds}")
     if c.pretrain != NO_PRETRAIN and c.pretrain_rounds < 1:
         raise ConfigError("pretrain-rounds must be >= 1 when a pretrain method is set (or use --pretrain none)")
-    for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size", "finetune_batch_size"):
+    for name in ("pretrain_epochs", "finetune_epochs", "pretrain_batch_size"):
         if getattr(c, name) < 1:
             raise ConfigError(f"{_kebab(name)} must be >= 1; got {getattr(c, name)}")
+    if c.finetune_batch_size < 0:
+        raise ConfigError(f"finetune-batch-size must be >= 1, or 0 for the recipe's; got {c.finetune_batch_size}")
     if "simclr" in methods and c.pretrain_batch_size < 2:
         raise ConfigError("pretrain-batch-size must be >= 2 for simclr (it needs in-batch negatives)")
-    for name in ("pretrain_lr", "finetune_lr", "temperature"):
+    for name in ("pretrain_lr", "temperature"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"{_kebab(name)} must be > 0; got {getattr(c, name)}")
+    if c.finetune_lr < 0:
+        raise ConfigError(f"finetune-lr must be > 0, or 0 for the recipe's; got {c.finetune_lr}")
     if not 0 <= c.byol_momentum < 1:
         raise ConfigError(f"byol-momentum must be in [0, 1); got {c.byol_momentum}")
     if not 0 < c.mask_ratio < 1:

@@ -19,6 +19,19 @@ def test_defaults_are_the_documented_default_run() -> None:
     assert cfg.ssl_methods == ["simclr"] and cfg.mode == "federated"
 
 
+def test_finetune_recipe_follows_dp_unless_set() -> None:
+    from medfed.config import DP_FINETUNE_RECIPE, FINETUNE_RECIPE, FinetuneRecipe
+
+    assert RunConfig().finetune_recipe == FINETUNE_RECIPE == FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
+    for mode in ("full", "lora", "linear"):
+        assert RunConfig(dp="finetune", finetune_mode=mode).finetune_recipe == DP_FINETUNE_RECIPE[mode]
+    assert RunConfig(dp="pretrain", pretrain="mae").finetune_recipe == FINETUNE_RECIPE  # fine-tuning is not DP
+    dp = RunConfig(dp="all", pretrain="mae", finetune_lr=0.5, finetune_rounds=3)
+    assert dp.finetune_recipe == FinetuneRecipe(lr=0.5, batch_size=DP_FINETUNE_RECIPE["full"].batch_size, rounds=3)
+    # replace re-resolves: the recipe is derived, never frozen into the settings
+    assert RunConfig().replace(dp="finetune").finetune_recipe == DP_FINETUNE_RECIPE["full"]
+
+
 def test_flat_round_trip_and_kebab_keys() -> None:
     cfg = RunConfig(num_sites=3, pretrain="simclr+restore", pretrain_weights="1,0.5")
     flat = cfg.to_flat()
@@ -53,7 +66,8 @@ BAD = [
     ({"pretrain_weights": "a"}, "comma-separated numbers"),
     ({"mode": "cloud"}, "mode must be one of federated, centralized, local-only"),
     ({"encoder": "resnet"}, "encoder must be one of"),
-    ({"finetune_rounds": 0}, "finetune-rounds must be >= 1"),
+    ({"finetune_rounds": -1}, "finetune-rounds must be >= 1 (the run ends with a fine-tuned model), or 0"),
+    ({"finetune_batch_size": -2}, "finetune-batch-size must be >= 1, or 0 for the recipe's"),
     ({"pretrain_rounds": 0}, "pretrain-rounds must be >= 1 when a pretrain method is set"),
     ({"pretrain_batch_size": 1}, "pretrain-batch-size must be >= 2 for simclr"),
     ({"finetune_lr": -1.0}, "finetune-lr must be > 0"),

@@ -252,7 +252,7 @@ class SiteAlgo:
     def _schedule(self, phase: Phase) -> PoissonSchedule:
         if phase == Phase.PRETRAIN:
             return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.pretrain_batch_size, self.cfg.pretrain_epochs)
-        return PoissonSchedule.for_round(len(self.data.labelled_images), self.cfg.finetune_batch_size, self.cfg.finetune_epochs)
+        return PoissonSchedule.for_round(len(self.data.labelled_images), self.cfg.finetune_recipe.batch_size, self.cfg.finetune_epochs)
 
     def _later_dp_rounds(self, phase: Phase, server_round: int) -> list[tuple[float, int]]:
         """The DP rounds this run still plans after this one (for planning the noise)."""
@@ -262,10 +262,10 @@ class SiteAlgo:
             later += [(s.sample_rate, s.steps)] * max(0, self.cfg.pretrain_rounds - server_round)
             if self._is_private(Phase.FINETUNE):
                 f = self._schedule(Phase.FINETUNE)
-                later += [(f.sample_rate, f.steps)] * self.cfg.finetune_rounds
+                later += [(f.sample_rate, f.steps)] * self.cfg.finetune_recipe.rounds
         else:
             f = self._schedule(Phase.FINETUNE)
-            later += [(f.sample_rate, f.steps)] * max(0, self.cfg.finetune_rounds - server_round)
+            later += [(f.sample_rate, f.steps)] * max(0, self.cfg.finetune_recipe.rounds - server_round)
         return later
 
     def _plan(self, phase: Phase, server_round: int) -> tuple[RoundPlan, DPStepSettings]:
@@ -357,7 +357,7 @@ class SiteAlgo:
         images, labels = self.data.labelled_images, self.data.labelled_labels
         views = AugmentSpec.light()
         settings = TrainSettings(
-            epochs=self.cfg.finetune_epochs, batch_size=self.cfg.finetune_batch_size, lr=self.cfg.finetune_lr,
+            epochs=self.cfg.finetune_epochs, batch_size=self.cfg.finetune_recipe.batch_size, lr=self.cfg.finetune_recipe.lr,
             proximal_mu=self.proximal_mu,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]

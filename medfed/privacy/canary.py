@@ -167,5 +167,5 @@ def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 
     pool = scale_intensity(data.test.images, data.intensity_range)
     return audit_site_training(
         cfg, site, pool, torch.as_tensor(data.test.labels), encoder_state=encoder_state, num_canaries=num_canaries,
-        rounds=rounds or cfg.finetune_rounds,
+        rounds=rounds or cfg.finetune_recipe.rounds,
     )

@@ -95,9 +95,9 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
 
     config = ctx.message_config(Phase.FINETUNE)
     result = strategy.start(
-        grid, ArrayRecord(state), num_rounds=cfg.finetune_rounds, train_config=config,
+        grid, ArrayRecord(state), num_rounds=cfg.finetune_recipe.rounds, train_config=config,
         evaluate_config=config, evaluate_fn=evaluate_fn,
     )
     save_checkpoint(ctx.arm_dir / FINAL_MODEL, result.arrays.to_torch_state_dict(), meta)
-    final = result.evaluate_metrics_serverapp[cfg.finetune_rounds]
+    final = result.evaluate_metrics_serverapp[cfg.finetune_recipe.rounds]
     return {k: float(v) for k, v in final.items()}

@@ -135,6 +135,8 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
 def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
     """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
+    recipe = summary.get("finetune-recipe") or {"rounds": cfg["finetune-rounds"], "lr": cfg["finetune-lr"],
+                                                 "batch_size": cfg["finetune-batch-size"]}
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     loss_png = plot_losses(rows, plots / "loss_per_site.png")
@@ -151,7 +153,8 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         + (f"(not run here: encoder loaded from `{cfg['encoder-init']}`)" if cfg.get("encoder-init") else
            f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs)")
         + "; fine-tuning: "
-        f"{cfg['finetune-mode']} ({cfg['finetune-rounds']} rounds x {cfg['finetune-epochs']} local epochs); "
+        f"{cfg['finetune-mode']} ({recipe['rounds']} rounds x {cfg['finetune-epochs']} local epochs, lr {recipe['lr']:g}, "
+        f"batch {recipe['batch_size']}); "
         f"strategy {cfg['strategy']}.",
         "",
         "## Comparison on the official test split",

@@ -19,6 +19,7 @@ Run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -245,7 +246,7 @@ def progress_units(cfg: RunConfig) -> int:
     for arm in arms_for(cfg):
         sites = 1 if arm.mode == Mode.CENTRALIZED else cfg.num_sites
         pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN and not cfg.encoder_init else 0
-        total += sites * (pre + cfg.finetune_rounds)
+        total += sites * (pre + cfg.finetune_recipe.rounds)
     return total
 
 
@@ -295,7 +296,8 @@ def run_experiment(
         data_info = {**prep.data.describe(), "sites": summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
-        summary: dict[str, Any] = {"config": cfg.to_flat(), "run_id": run_id, "arms": {}}
+        summary: dict[str, Any] = {"config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe),
+                                   "run_id": run_id, "arms": {}}
         for arm in arms:
             with ResourceMonitor() as monitor:
                 metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid, run_id=run_id)

@@ -58,7 +58,7 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state)
     rec.record(ctx.arm, Phase.FINETUNE, 0, site_label, "test", metrics)
-    for rnd in range(1, cfg.finetune_rounds + 1):
+    for rnd in range(1, cfg.finetune_recipe.rounds + 1):
         try:
             shared, stats = algo.finetune_round(state, rnd)
         except PrivacyBudgetExceeded as exc:
