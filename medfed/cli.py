@@ -76,6 +76,15 @@ HELP: dict[str, str] = {
     "ledger_dir": "Folder of the simulated sites' privacy ledgers and signing keys, kept across runs "
     "(default: RUN_DIR/ledgers, one budget per run).",
     "strategy": "Aggregation: fedavg (example-weighted) or fedprox.",
+    "aggregation": "How accepted updates are combined: mean (the strategy's example-weighted average), or a "
+    "Byzantine-robust rule, unweighted: trimmed-mean or median (coordinate-wise, Yin et al. 2018) or krum "
+    "(Blanchard et al. 2017). Applies to the shared weights only (the encoder in pretraining).",
+    "trim_fraction": "trimmed-mean: fraction of the sites' values dropped at EACH end of every coordinate, in "
+    "[0, 0.5); at least one site per end must be dropped.",
+    "krum_byzantine": "krum: number f of faulty sites tolerated; needs at least 2f+3 sites per round.",
+    "krum_select": "krum: Multi-Krum averages the m best-scored updates (1 = Krum); m <= sites per round - f.",
+    "norm_outlier_factor": "Reject an update whose L2 distance from the global weights exceeds this factor times "
+    "the median distance of the other updates (0 = off, else > 1; needs at least 3 sites per round).",
     "proximal_mu": "FedProx proximal weight mu (> 0 with --strategy fedprox).",
     "fraction_train": "Fraction of sites sampled each round.",
     "client_cpus": "CPU cores per simulated site (0 = all cores, so sites train one after another).",
@@ -210,6 +219,11 @@ def audit(
     console.print("wrote " + ", ".join(str(p) for p in written), highlight=False)
     if not report.ok:
         raise typer.Exit(code=1)
+
+
+from medfed.deploy.commands import register as _register_deployment  # noqa: E402
+
+_register_deployment(app)
 
 
 @app.command("inspect-data")

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from medfed.constants import (
     NO_PRETRAIN,
+    AggregationRule,
     Baselines,
     DPScope,
     EncoderKind,
@@ -107,6 +108,11 @@ class RunConfig:
     ledger_dir: str = ""  # where simulated sites keep their ledgers; '': <run dir>/ledgers
     # federation
     strategy: str = StrategyName.FEDAVG.value
+    aggregation: str = AggregationRule.MEAN.value  # mean | trimmed-mean | median | krum (robust rules: unweighted)
+    trim_fraction: float = 0.2  # trimmed-mean: fraction dropped at EACH end of every coordinate, in [0, 0.5)
+    krum_byzantine: int = 1  # krum: f, the faulty sites tolerated (needs >= 2f+3 sites per round)
+    krum_select: int = 1  # krum: m, Multi-Krum averages the m best-scored updates (1: Krum)
+    norm_outlier_factor: float = 0.0  # 0: off; else reject an update > factor x the others' median distance
     proximal_mu: float = 0.0
     fraction_train: float = 1.0
     client_cpus: int = 0  # 0: all cores of this machine for each simulated site
@@ -167,6 +173,11 @@ class RunConfig:
             batch_size=self.finetune_batch_size or auto.batch_size,
             rounds=self.finetune_rounds or auto.rounds,
         )
+
+    @property
+    def sites_per_round(self) -> int:
+        """How many sites the server samples for a training round (as the strategy does)."""
+        return max(1, min(self.num_sites, int(self.num_sites * self.fraction_train)))
 
     @property
     def run_dir_name(self) -> str:
@@ -282,10 +293,46 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"fraction-train must be in (0, 1]; got {c.fraction_train}")
     if c.client_cpus < 0:
         raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
+    _validate_aggregation(c)
     _validate_privacy(c)
     if c.run_name and (Path(c.run_name).name != c.run_name or c.run_name.startswith(".")):
         raise ConfigError(f"run-name must be a plain folder name; got {c.run_name!r}")
 
+
+
+def _validate_aggregation(c: RunConfig) -> None:
+    """The aggregation rule and the norm-outlier screen, checked against the sites sampled per round."""
+    from medfed.strategies.robust import MIN_UPDATES_TO_SCREEN, krum_problem, trim_count
+
+    _choice("aggregation", c.aggregation, [r.value for r in AggregationRule])
+    if not 0 <= c.trim_fraction < 0.5:
+        raise ConfigError(
+            f"trim-fraction must be in [0, 0.5) (the fraction dropped at each end); got {c.trim_fraction}"
+        )
+    if c.krum_byzantine < 0:
+        raise ConfigError(f"krum-byzantine must be >= 0; got {c.krum_byzantine}")
+    if c.krum_select < 1:
+        raise ConfigError(f"krum-select must be >= 1; got {c.krum_select}")
+    if c.norm_outlier_factor != 0 and not c.norm_outlier_factor > 1:
+        raise ConfigError(f"norm-outlier-factor must be 0 (off) or > 1; got {c.norm_outlier_factor}")
+    n = c.sites_per_round
+    rule = AggregationRule(c.aggregation)
+    if rule in (AggregationRule.TRIMMED_MEAN, AggregationRule.MEDIAN) and n < 3:
+        raise ConfigError(f"aggregation {rule.value} needs at least 3 sites per round (num-sites x fraction-train; "
+                          f"with fewer it is the mean); got {n}")
+    if rule == AggregationRule.TRIMMED_MEAN and trim_count(n, c.trim_fraction) < 1:
+        raise ConfigError(
+            f"aggregation trimmed-mean with trim-fraction {c.trim_fraction:g} drops "
+            f"floor({c.trim_fraction:g} x {n}) = 0 of the {n} sites per round at each end, which is the plain mean; "
+            f"use trim-fraction 1/{n} or more"
+        )
+    if rule == AggregationRule.KRUM:
+        problem = krum_problem(n, c.krum_byzantine, c.krum_select)
+        if problem:
+            raise ConfigError(f"aggregation krum with {n} sites per round (num-sites x fraction-train): {problem}")
+    if c.norm_outlier_factor > 0 and n < MIN_UPDATES_TO_SCREEN:
+        raise ConfigError(f"norm-outlier-factor needs at least {MIN_UPDATES_TO_SCREEN} sites per round to compare an "
+                          f"update with the others; got {n}")
 
 
 def _validate_privacy(c: RunConfig) -> None:

@@ -1,5 +1,6 @@
 """Names shared by the server, the sites and the run directory, as StrEnums (no loose strings)."""
 
+import re
 from enum import StrEnum
 
 
@@ -62,6 +63,15 @@ class StrategyName(StrEnum):
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
+
+
+class AggregationRule(StrEnum):
+    """How the server combines the accepted updates of a round (see `medfed.strategies.robust`)."""
+
+    MEAN = "mean"  # the strategy's own example-weighted average (FedAvg / FedProx)
+    TRIMMED_MEAN = "trimmed-mean"  # coordinate-wise trimmed mean (Yin et al., ICML 2018)
+    MEDIAN = "median"  # coordinate-wise median (Yin et al., ICML 2018)
+    KRUM = "krum"  # Krum / Multi-Krum (Blanchard et al., NeurIPS 2017)
 
 
 class EncoderKind(StrEnum):
@@ -137,3 +147,7 @@ class NodeConfigKey(StrEnum):
 
 
 NO_PRETRAIN = "none"
+
+
+SITE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""A deployment site's name (kit folder, SuperNode, ledger): 1-32 of a-z 0-9 - _, not starting with - or _."""

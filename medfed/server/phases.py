@@ -21,7 +21,7 @@ from medfed.constants import DPScope, Phase
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import TestSet, evaluate_with_sites
 from medfed.server.recorder import GLOBAL, Recorder
-from medfed.strategies.shared_weights import make_strategy
+from medfed.strategies.shared_weights import AggregationSettings, make_strategy
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
 TEST_SITE_SPLIT = "test-site"  # metrics.jsonl split name: a site's share of the official test split
@@ -71,6 +71,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
             cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), num_sites=cfg.num_sites,
             fraction_train=cfg.fraction_train, evaluate=False, proximal_mu=cfg.proximal_mu,
             observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.PRETRAIN),
+            aggregation=AggregationSettings.from_config(cfg),
         )
         result = strategy.start(
             grid, ArrayRecord(encoder_state), num_rounds=cfg.pretrain_rounds,
@@ -84,6 +85,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         cfg.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
         num_sites=cfg.num_sites, fraction_train=cfg.fraction_train, evaluate=True, proximal_mu=cfg.proximal_mu,
         observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.FINETUNE),
+        aggregation=AggregationSettings.from_config(cfg),
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -7,24 +7,33 @@ values, and a MetricRecord of scalars with ``num-examples`` and ``site-id``. A r
 breaks it is rejected with a logged reason and recorded, never averaged. Weights that
 sites do not send (a frozen encoder under a linear probe) are carried over unchanged.
 
-Aggregation itself is Flower's: example-weighted FedAvg (McMahan et al., AISTATS 2017);
+Optionally (``norm-outlier-factor``), an update that passes those checks but lies far beyond the
+others (L2 distance from the global weights more than factor x the median of the others') is
+rejected the same way.
+
+Aggregation ``mean`` is Flower's: example-weighted FedAvg (McMahan et al., AISTATS 2017);
 FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term.
+The robust rules (``trimmed-mean``, ``median``, ``krum``; `medfed.strategies.robust`) replace
+that average with an UNWEIGHTED robust one over the same shared arrays; train metrics are
+still aggregated by ``train_metrics_aggr_fn`` over the accepted replies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from medfed.constants import MetricKey, Phase, RecordKey, StrategyName
+from medfed.constants import AggregationRule, MetricKey, Phase, RecordKey, StrategyName
 from medfed.exceptions import FederationError
+from medfed.strategies import robust
+from medfed.strategies.robust import AggregationSettings
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,12 @@ def _scalar_metrics(content: RecordDict) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
 
 
+def _update_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """The arrays of a (checked) train reply as numpy, by key."""
+    record = next(iter(msg.content.array_records.values()))
+    return {key: array.numpy() for key, array in record.items()}
+
+
 PRIVACY_MAX_KEYS = (MetricKey.EPSILON, MetricKey.DELTA)
 DP_REPLY_KEYS = (MetricKey.EPSILON, MetricKey.DELTA, MetricKey.NOISE_MULTIPLIER, MetricKey.SAMPLE_RATE, MetricKey.DP_STEPS)
 """Privacy metrics aggregate as the MAX over sites: the federation is as private as its most
@@ -149,16 +164,20 @@ def weighted_eval_metrics(records: list[RecordDict], weighting_key: str) -> Metr
 
 
 class SharedWeightsMixin:
-    """Adds the contract check, per-site reporting and carried-over frozen weights to a FedAvg."""
+    """Adds the contract check, the norm-outlier screen, robust aggregation, per-site reporting and
+    carried-over frozen weights to a FedAvg."""
 
     phase: Phase
     shared_keys: list[str]
     observer: Observer | None
+    aggregation: AggregationSettings
     _sent: ArrayRecord | None
 
-    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None, private: bool = False) -> None:
+    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None, private: bool = False,
+               aggregation: AggregationSettings | None = None) -> None:
         self.phase, self.shared_keys, self.observer = phase, list(shared_keys), observer
         self.private = private  # a DP phase: every update must say what it cost
+        self.aggregation = aggregation or AggregationSettings()
         self._sent = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -174,6 +193,8 @@ class SharedWeightsMixin:
             raise FederationError("aggregate_train called before configure_train")
         replies = list(replies)
         valid: list[Message] = []
+        reports: list[SiteReport] = []  # in reply order; sent once the norm screen has had its say
+        report_of: dict[int, int] = {}  # id of an accepted reply -> its report in `reports`
         errors: list[str] = []
         refusals: list[int] = []
         refusal_epsilons: list[float | None] = []
@@ -183,14 +204,16 @@ class SharedWeightsMixin:
             if msg.has_error():
                 reason = f"site error: {msg.error.reason}"
                 errors.append(f"node {node}: {reason}")
-                self._report(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
+                reports.append(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
                 continue
             metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
             refused = refusal_reason(msg.content)
             if refused is not None:  # a site at its privacy budget: recorded, not averaged, not an error
                 log(WARNING, "Site %s refused %s round %s: %s", site_id, self.phase.value, server_round, refused)
-                self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, f"refused: {refused}"))
+                reports.append(
+                    SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, f"refused: {refused}")
+                )
                 refusals.append(site_id)
                 refusal_epsilons.append(metrics.get(MetricKey.EPSILON))
                 continue
@@ -205,11 +228,26 @@ class SharedWeightsMixin:
             if reason:
                 log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
                 errors.append(f"node {node}: {reason}")
-                self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, reason))
+                reports.append(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, reason))
                 continue
             sent_bytes = sum(a.numpy().nbytes for a in next(iter(msg.content.array_records.values())).values())
-            self._report(SiteReport(self.phase, server_round, "train", site_id, node, metrics, True, bytes_sent=sent_bytes))
+            report_of[id(msg)] = len(reports)
+            reports.append(
+                SiteReport(self.phase, server_round, "train", site_id, node, metrics, True, bytes_sent=sent_bytes)
+            )
             valid.append(msg)
+        # Replies arrive in any order; working on them in site order makes the float result reproducible.
+        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
+        for i, reason in self._screen_norms(valid).items():
+            msg, at = valid[i], report_of[id(valid[i])]
+            node, site_id = msg.metadata.src_node_id, reports[at].site_id
+            log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
+            errors.append(f"node {node}: {reason}")
+            reports[at] = SiteReport(self.phase, server_round, "train", site_id, node, reports[at].metrics, False,
+                                     reason)
+        valid = [m for m in valid if reports[report_of[id(m)]].accepted]
+        for report in reports:
+            self._report(report)
         if not valid and refusals and not errors:
             log(WARNING, "%s round %s: every replying site refused (privacy budgets); the global model is kept",
                 self.phase.value, server_round)
@@ -218,9 +256,10 @@ class SharedWeightsMixin:
             raise FederationError(
                 f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
             )
-        # Replies arrive in any order; summing them in site order makes the float result reproducible.
-        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
-        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if self.aggregation.rule == AggregationRule.MEAN:
+            arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        else:
+            arrays, metrics = self._robust_aggregate(server_round, valid)
         if arrays is None:
             raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
         if refusals and metrics is not None:
@@ -232,6 +271,47 @@ class SharedWeightsMixin:
         for key in self._sent.keys():  # keep the sent order; frozen weights carried over
             merged[key] = arrays[key] if key in arrays else self._sent[key]
         return merged, metrics
+
+    def _screen_norms(self, valid: list[Message]) -> dict[int, str]:
+        """``{index in valid: reason}`` for the checked replies whose update lies far beyond the others'
+        (``norm-outlier-factor``; distance from the global weights sent, over the shared weights)."""
+        factor = self.aggregation.norm_outlier_factor
+        if not factor or len(valid) < robust.MIN_UPDATES_TO_SCREEN:
+            return {}
+        assert self._sent is not None
+        updates = [_update_arrays(m) for m in valid]
+        reference = {key: self._sent[key].numpy() for key in updates[0]}
+        return robust.norm_outliers(updates, reference, factor)
+
+    def _robust_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """Trimmed mean, median or (Multi-)Krum over the valid replies' shared arrays: UNWEIGHTED (a faulty site
+        could claim any example count); dtypes kept. Metrics as in the mean path (``train_metrics_aggr_fn``)."""
+        settings, rule = self.aggregation, self.aggregation.rule
+        updates = [_update_arrays(m) for m in valid]
+        n = len(updates)
+        if rule == AggregationRule.KRUM:
+            problem = robust.krum_problem(n, settings.krum_byzantine, settings.krum_select)
+            if problem:  # sites failed, refused or were rejected this round: too few left for Krum's guarantee
+                fallback = AggregationRule.MEDIAN if n >= 3 else AggregationRule.MEAN
+                log(WARNING, "%s round %s: %s accepted update(s) left, too few for Krum (%s); this round uses the "
+                    "coordinate-wise %s", self.phase.value, server_round, n, problem, fallback.value)
+                aggregated = robust.aggregate(fallback, updates, trim_fraction=settings.trim_fraction)
+                metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
+                return ArrayRecord({key: Array(value) for key, value in aggregated.items()}), metrics
+            chosen = robust.krum_selection(updates, settings.krum_byzantine, settings.krum_select)
+            sites = [int(_scalar_metrics(valid[i].content)[MetricKey.SITE_ID]) for i in chosen]
+            log(INFO, "%s round %s: Krum (f=%s) kept site(s) %s of %s updates", self.phase.value, server_round,
+                settings.krum_byzantine, sites, n)
+            aggregated = robust.mean([updates[i] for i in chosen])
+        else:
+            if (rule == AggregationRule.MEDIAN and n < 3) or (
+                    rule == AggregationRule.TRIMMED_MEAN and robust.trim_count(n, settings.trim_fraction) == 0):
+                log(WARNING, "%s round %s: %s over only %s update(s) is the plain (unweighted) mean", self.phase.value,
+                    server_round, rule.value, n)
+            aggregated = robust.aggregate(rule, updates, trim_fraction=settings.trim_fraction)
+        contents = [m.content for m in valid]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
+        return ArrayRecord({key: Array(value) for key, value in aggregated.items()}), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid: list[Message] = []
@@ -256,18 +336,18 @@ class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
     """FedAvg over the shared weights only, with the reply contract enforced."""
 
     def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 **fedavg_kwargs: object) -> None:
+                 aggregation: AggregationSettings | None = None, **fedavg_kwargs: object) -> None:
         FedAvg.__init__(self, **fedavg_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer, private)
+        self._setup(phase, shared_keys, observer, private, aggregation)
 
 
 class SharedWeightsFedProx(SharedWeightsMixin, FedProx):
     """FedProx over the shared weights only (sites add the proximal term)."""
 
     def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 **fedprox_kwargs: object) -> None:
+                 aggregation: AggregationSettings | None = None, **fedprox_kwargs: object) -> None:
         FedProx.__init__(self, **fedprox_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer, private)
+        self._setup(phase, shared_keys, observer, private, aggregation)
 
 
 def make_strategy(
@@ -281,8 +361,10 @@ def make_strategy(
     proximal_mu: float = 0.0,
     observer: Observer | None = None,
     private: bool = False,
+    aggregation: AggregationSettings | None = None,
 ) -> SharedWeightsMixin:
-    """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off."""
+    """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off;
+    ``aggregation`` picks the rule (default: the strategy's example-weighted mean) and the norm-outlier screen."""
     min_nodes = max(1, min(num_sites, int(num_sites * fraction_train)))
     common = dict(
         fraction_train=fraction_train,
@@ -296,8 +378,12 @@ def make_strategy(
     )
     if StrategyName(name) == StrategyName.FEDPROX:
         return SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu,
-                                    private=private, **common)
-    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private, **common)
+                                    private=private, aggregation=aggregation, **common)
+    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private,
+                               aggregation=aggregation, **common)
 
 
-__all__ = ["check_evaluate_reply", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_reply", "make_strategy"]
+__all__ = [
+    "AggregationSettings", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_evaluate_reply",
+    "check_reply", "make_strategy",
+]
