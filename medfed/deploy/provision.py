@@ -1,0 +1,263 @@
+"""`medfed provision`: the keys and certificates of a federation, one kit folder per party.
+
+Layout written under ``out`` (private keys 0600, folders 0700)::
+
+    ca/ca.key, ca/ca.crt          the federation's root CA. ca.key signs server certificates:
+                                  keep it offline; it is in no kit.
+    server/                       the coordinating centre's kit (SuperLink)
+      ca.crt, server.crt, server.key
+      supernodes/<site>.pub       every site's SuperNode authentication public key (OpenSSH)
+      ledger-keys/<site>.pub      every site's ledger-signing public key (for `medfed audit --trusted-keys`)
+      server.json                 address, TLS SANs, sites, expiry
+      START.txt                   the exact start command
+    <site>/                       one kit per hospital (SuperNode)
+      ca.crt                      the root certificate it trusts the SuperLink by
+      supernode-auth.key/.pub     its SuperNode authentication key pair (EC P-384, OpenSSH format,
+                                  what ``flower-supernode --auth-supernode-private-key`` reads)
+      ledger.ed25519.pem / .pub   its Ed25519 ledger-signing key (PEM PKCS8 / SubjectPublicKeyInfo)
+      site.toml                   node config template: data path, ledger path, privacy budget
+      START.txt                   the exact start command
+    manifest.json                 fingerprints and expiry dates of everything above (no secrets)
+
+Everything is generated into a hidden temporary folder next to ``out`` and renamed into place
+when complete, so a failure leaves nothing half-written; an existing ``out`` is refused unless
+``overwrite`` is set. Certificates carry an expiry (``days``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from medfed.constants import SITE_NAME_PATTERN
+from medfed.exceptions import ConfigError
+
+SITE_NAME = SITE_NAME_PATTERN
+RESERVED_NAMES = {"ca", "server"}
+CA_DIR, SERVER_DIR = "ca", "server"
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
+AUTH_KEY, AUTH_PUB = "supernode-auth.key", "supernode-auth.pub"
+LEDGER_KEY, LEDGER_PUB = "ledger.ed25519.pem", "ledger.pub"
+SITE_TOML, START_TXT, MANIFEST, SERVER_JSON = "site.toml", "START.txt", "manifest.json", "server.json"
+SUPERNODE_KEYS_DIR, LEDGER_KEYS_DIR = "supernodes", "ledger-keys"
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
+FLEET_PORT = 9092
+
+
+@dataclass(frozen=True)
+class ProvisionPlan:
+    """What to provision; validated on construction."""
+
+    sites: list[str]
+    out: Path
+    server_address: str = "127.0.0.1"  # the host name or IP the sites dial (goes into START.txt and the SANs)
+    sans: list[str] = field(default_factory=lambda: list(DEFAULT_SANS))
+    days: int = 365
+    dp_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ConfigError("--sites must name at least one site (e.g. h1,h2,h3)")
+        for s in self.sites:
+            if not SITE_NAME.match(s) or s in RESERVED_NAMES:
+                raise ConfigError(f"site name {s!r} must be 1-32 lower-case letters, digits, '-' or '_', starting "
+                                  f"with a letter or digit, and not one of {sorted(RESERVED_NAMES)}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"--sites names a site twice: {','.join(self.sites)}")
+        if not 1 <= self.days <= 3650:
+            raise ConfigError(f"--days (certificate lifetime) must be in [1, 3650]; got {self.days}")
+        if not self.sans:
+            raise ConfigError("--san needs at least one DNS name or IP address")
+        for name in self.sans:
+            _san(name)  # raises on a bad entry
+        if not self.dp_epsilon > 0:
+            raise ConfigError(f"--dp-epsilon must be > 0; got {self.dp_epsilon}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1); got {self.dp_delta}")
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", name):
+        raise ConfigError(f"subject alternative name {name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret: created 0600 from the start (never world-readable, not even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_public(path: Path, data: bytes | str) -> None:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    path.chmod(0o644)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex(":")
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(days: int, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed root CA (EC P-384), allowed to sign certificates only, valid ``days``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name("medfed federation root CA")
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: list[str], days: int,
+                     now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS server certificate for ``sans`` (DNS names / IPs), signed by the CA."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(sans[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_supernode_auth_key() -> tuple[bytes, bytes]:
+    """A SuperNode authentication key pair as Flower 1.41 reads it: EC P-384 (a NIST curve), the
+    private key in OpenSSH format, the public key as one OpenSSH line."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def site_toml(site: str, index: int, plan: ProvisionPlan) -> str:
+    """The site's node config template; `medfed site` reads it (paths relative to the kit)."""
+    return (
+        f"# medfed node config of site {site!r}. Edit data-path; keep ledger-path on this hospital's own disk.\n"
+        "# The budget below is this site's lifetime privacy budget: a run can lower it, never raise it.\n"
+        f'site-name = "{site}"\n'
+        f"site-id = {index}\n"
+        'data-path = "/path/to/this/site/data.npz"  # a MedMNIST-style .npz of this site\'s own images\n'
+        'ledger-path = "ledger/privacy.ledger.sqlite"\n'
+        f'signing-key = "{LEDGER_KEY}"\n'
+        f"dp-epsilon = {plan.dp_epsilon!r}\n"
+        f"dp-delta = {plan.dp_delta!r}\n"
+        'dp-require = "none"  # none | finetune | pretrain | all: phases this site trains only under DP\n'
+    )
+
+
+def provision(plan: ProvisionPlan, *, overwrite: bool = False) -> Path:
+    """Create the CA, the server kit and one kit per site under ``plan.out``; returns ``plan.out``."""
+    out = plan.out.expanduser()
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; refusing to overwrite kits and keys (pass --force to replace it)")
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        _build(plan, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _build(plan: ProvisionPlan, root: Path) -> None:
+    root.chmod(0o700)
+    now = dt.datetime.now(dt.UTC)
+    sans = list(dict.fromkeys([plan.server_address, *plan.sans]))
+    ca_key, ca_cert = make_ca(plan.days, now)
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, sans, plan.days, now)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    for d in (CA_DIR, SERVER_DIR, f"{SERVER_DIR}/{SUPERNODE_KEYS_DIR}", f"{SERVER_DIR}/{LEDGER_KEYS_DIR}", *plan.sites):
+        (root / d).mkdir(mode=0o700)
+    _write_private(root / CA_DIR / CA_KEY, _pem_private(ca_key))
+    _write_public(root / CA_DIR / CA_CERT, ca_pem)
+    server = root / SERVER_DIR
+    _write_public(server / CA_CERT, ca_pem)
+    _write_public(server / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(server / SERVER_KEY, _pem_private(server_key))
+    expires = server_cert.not_valid_after_utc.isoformat()
+    manifest: dict = {
+        "created": now.isoformat(), "expires": expires, "server_address": plan.server_address, "sans": sans,
+        "ca_sha256": _fingerprint(ca_cert), "server_cert_sha256": _fingerprint(server_cert), "sites": {},
+    }
+    for index, site in enumerate(plan.sites):
+        kit = root / site
+        _write_public(kit / CA_CERT, ca_pem)
+        auth_private, auth_public = make_supernode_auth_key()
+        _write_private(kit / AUTH_KEY, auth_private)
+        _write_public(kit / AUTH_PUB, auth_public)
+        _write_public(server / SUPERNODE_KEYS_DIR / f"{site}.pub", auth_public)
+        signing = ed25519.Ed25519PrivateKey.generate()
+        ledger_public = signing.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+        _write_private(kit / LEDGER_KEY, _pem_private(signing))
+        _write_public(kit / LEDGER_PUB, ledger_public)
+        _write_public(server / LEDGER_KEYS_DIR / f"{site}.pub", ledger_public)
+        _write_public(kit / SITE_TOML, site_toml(site, index, plan))
+        _write_public(kit / START_TXT, (
+            f"# Start this site's SuperNode (site {site}); it dials the SuperLink at "
+            f"{plan.server_address}:{FLEET_PORT} over TLS, authenticated by {AUTH_KEY}.\n"
+            f"# 1. set data-path in {SITE_TOML}   2. run, from any folder:\n"
+            f"medfed site --kit {site} --superlink {plan.server_address}:{FLEET_PORT}\n"))
+        manifest["sites"][site] = {
+            "site_id": index,
+            "supernode_auth_public_key": auth_public.decode().strip(),
+            "ledger_public_key": signing.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                   serialization.PublicFormat.Raw).hex(),
+        }
+    _write_public(server / SERVER_JSON, json.dumps({
+        "server_address": plan.server_address, "sans": sans, "sites": plan.sites, "expires": expires,
+    }, indent=1))
+    _write_public(server / START_TXT, (
+        "# Start the SuperLink (TLS, SuperNode authentication, the sites' keys registered), then submit the run:\n"
+        f"medfed server --kit {SERVER_DIR}\n"
+        f"medfed run --kit {SERVER_DIR} --data pneumoniamnist\n"))
+    _write_public(root / MANIFEST, json.dumps(manifest, indent=1))
