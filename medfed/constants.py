@@ -131,6 +131,7 @@ class MetricKey(StrEnum):
     SAMPLE_RATE = "sample-rate"
     DP_STEPS = "dp-steps"
     REFUSED = "refused"
+    REPLAYED = "replayed"  # 1: the site re-sent its earlier release of this round (server resumed); no new spending
 
 
 class NodeConfigKey(StrEnum):
@@ -139,6 +140,8 @@ class NodeConfigKey(StrEnum):
     PARTITION_ID = "partition-id"
     NUM_PARTITIONS = "num-partitions"
     DATA_PATH = "data-path"  # deployment: the site's own MedMNIST-style file
+    SITE_ID = "site-id"  # deployment: the site's number in the federation (from its kit)
+    SITE_NAME = "site-name"  # deployment: the site's name (kit folder; names its ledger rows)
     LEDGER_PATH = "ledger-path"  # the site's privacy ledger (SQLite) on its own disk
     SIGNING_KEY = "signing-key"  # the site's Ed25519 private key (PEM) that signs its ledger rows
     DP_EPSILON = "dp-epsilon"  # the site's own lifetime budget: the server can lower it, never raise it

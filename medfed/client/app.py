@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from medfed.client.algo import SiteAlgo
+from medfed.client.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 from medfed.config import RunConfig
 from medfed.constants import DPScope, MetricKey, NodeConfigKey, Phase, RecordKey
 from medfed.data.medmnist import MedMNISTData, load_medmnist
@@ -61,7 +62,7 @@ def read_data(path: str) -> MedMNISTData:
 def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> SiteData:
     """This site's data: its own file (deployment) or its partition (simulation)."""
     if NodeConfigKey.DATA_PATH in node_config:
-        site_id = int(node_config.get(NodeConfigKey.PARTITION_ID, 0))
+        site_id = int(node_config.get(NodeConfigKey.SITE_ID, node_config.get(NodeConfigKey.PARTITION_ID, 0)))
         data = read_data(str(node_config[NodeConfigKey.DATA_PATH]))
         return site_from_own_file(data, site_id, cfg.label_fraction, cfg.seed)
     if NodeConfigKey.PARTITION_ID not in node_config:
@@ -79,6 +80,14 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     return site_from_split(data, plan.sites[site_id])
 
 
+def release_cache(node_config: dict) -> ReleaseCache | None:
+    """Where a deployed site keeps its last releases: beside its ledger, on its own disk (None in
+    simulation, which has no server to resume)."""
+    if NodeConfigKey.DATA_PATH not in node_config or NodeConfigKey.LEDGER_PATH not in node_config:
+        return None
+    return ReleaseCache(Path(str(node_config[NodeConfigKey.LEDGER_PATH])).expanduser().parent / RELEASES_DIR)
+
+
 def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard | None:
     """The site's privacy guard when ``dp`` is on: its ledger and key from the node config
     (deployment), else under the simulation's ledger folder."""
@@ -86,8 +95,11 @@ def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dic
         return None
     if NodeConfigKey.DATA_PATH in node_config and NodeConfigKey.LEDGER_PATH not in node_config:
         raise ConfigError("dp is on: this site's node config must name its 'ledger-path' (on the site's own disk)")
-    default_dir = Path(str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
-    privacy = SitePrivacy.resolve(cfg, str(site.site_id), node_config, default_dir)
+    if NodeConfigKey.LEDGER_PATH in node_config:
+        default_dir = Path(".")  # unused: the node config names the ledger
+    else:
+        default_dir = Path(str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
+    privacy = SitePrivacy.resolve(cfg, str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id)), node_config, default_dir)
     return PrivacyGuard(privacy, str(extras.get(RUN_ID_KEY, "")))
 
 
@@ -127,6 +139,13 @@ def train(msg: Message, context: Context) -> Message:
     guard = privacy_guard(cfg, site, node_config, extras)
     algo = SiteAlgo(cfg, site, guard)
     incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
+    cache = release_cache(node_config)
+    run_id = str(extras.get(RUN_ID_KEY, ""))
+    key = release_key(run_id, phase.value, server_round, cfg.to_flat(), incoming) if cache else ""
+    if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
+        # the server asks again for a round this site already released (it was resumed): send that
+        # same release; training again would spend privacy a second time for one round
+        return _reply(msg, ArrayRecord(kept.arrays), {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
     try:
         if phase == Phase.PRETRAIN:
             local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
@@ -149,6 +168,8 @@ def train(msg: Message, context: Context) -> Message:
     }
     if DPScope(cfg.dp).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
         metrics.pop(MetricKey.LOSS.value)
+    if cache is not None:
+        cache.put(run_id, phase.value, key, Release(shared, metrics))
     return _reply(msg, ArrayRecord(shared), metrics)
 
 

@@ -181,7 +181,7 @@ def site_toml(site: str, index: int, plan: ProvisionPlan) -> str:
         f'site-name = "{site}"\n'
         f"site-id = {index}\n"
         'data-path = "/path/to/this/site/data.npz"  # a MedMNIST-style .npz of this site\'s own images\n'
-        'ledger-path = "ledger/privacy.ledger.sqlite"\n'
+        f'ledger-path = "ledger/{site}.ledger.sqlite"\n'
         f'signing-key = "{LEDGER_KEY}"\n'
         f"dp-epsilon = {plan.dp_epsilon!r}\n"
         f"dp-delta = {plan.dp_delta!r}\n"

@@ -1,0 +1,95 @@
+"""A site's last release per run and phase, kept on its own disk, so a repeated round costs nothing.
+
+When the server dies after sending round k and is resumed from its checkpoint of round k-1, it
+asks every site for round k again, with the same global weights. A site that already trained
+round k has already released its update and written the round's ledger row; training again
+would be a second release (fresh noise, a second row): privacy spent twice for one round.
+Instead the site answers with the very update it released before. Re-sending a release is
+post-processing of it and costs no privacy, so the ledger totals of a resumed run equal those
+of an uninterrupted one.
+
+A release is matched by a SHA-256 over the run id, phase, round, the run settings and every
+incoming array (name, dtype, shape, bytes); anything different is a new round and trains as
+usual. One file per (run, phase) holds the latest release, written atomically (temporary file,
+fsync, rename), so a crash leaves the previous release or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+RELEASES_DIR = "releases"
+_KEY_META, _METRICS_META = "release-key", "metrics"
+
+
+def release_key(run_id: str, phase: str, server_round: int, settings: Mapping[str, object],
+                incoming: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a round's request: what the site was asked to train, exactly."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"run": run_id, "phase": phase, "round": server_round,
+                         "settings": {k: settings[k] for k in sorted(settings)}}, sort_keys=True, default=str).encode())
+    for name in sorted(incoming):
+        t = incoming[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Release:
+    """An update a site sent, and the metrics that went with it."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+class ReleaseCache:
+    """The latest release of each (run, phase) under ``folder`` (on the site's own disk)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, run_id: str, phase: str) -> Path:
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:48]
+        return self.folder / f"{slug}-{digest}-{phase}.safetensors"
+
+    def get(self, run_id: str, phase: str, key: str) -> Release | None:
+        """The release made for exactly this request, or None (a new round, or nothing kept)."""
+        path = self._path(run_id, phase)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get(_KEY_META) != key:
+                return None
+            return Release(load_file(str(path)), {k: float(v) for k, v in json.loads(meta[_METRICS_META]).items()})
+        except (OSError, SafetensorError, KeyError, ValueError):
+            return None  # unreadable: train again (conservative: a new release is recorded as one)
+
+    def put(self, run_id: str, phase: str, key: str, release: Release) -> None:
+        """Keep ``release`` as the latest of (run, phase), replacing the previous one atomically."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(run_id, phase)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in release.arrays.items()}, str(tmp),
+                  metadata={_KEY_META: key, _METRICS_META: json.dumps(release.metrics)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
