@@ -87,6 +87,12 @@ HELP: dict[str, str] = {
     "the median distance of the other updates (0 = off, else > 1; needs at least 3 sites per round).",
     "proximal_mu": "FedProx proximal weight mu (> 0 with --strategy fedprox).",
     "fraction_train": "Fraction of sites sampled each round.",
+    "min_sites": "Sites a round needs: it starts once this many are connected and fails (resumable) with fewer valid "
+    "updates; 0 = every site. Below num-sites, a site that dies mid-round is left out and may rejoin later.",
+    "round_timeout": "Seconds a round waits for the sites' replies.",
+    "site_data": "partition: the server splits --data among simulated sites; own: every site reads its own file "
+    "(node config data-path), --data is only the server's evaluation file (deployment).",
+    "resume_from": "Deployment: a run directory whose last completed round the run continues from (`medfed run --resume`).",
     "client_cpus": "CPU cores per simulated site (0 = all cores, so sites train one after another).",
     "out_dir": "Folder that receives the run directory.",
     "run_name": "Name of the run directory (default: DATA-MODE-PRETRAIN-sSEED).",

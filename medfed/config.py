@@ -115,6 +115,11 @@ class RunConfig:
     norm_outlier_factor: float = 0.0  # 0: off; else reject an update > factor x the others' median distance
     proximal_mu: float = 0.0
     fraction_train: float = 1.0
+    min_sites: int = 0  # a round needs this many sites connected and this many valid updates (0: num-sites)
+    round_timeout: float = 3600.0  # seconds a round waits for the sites' replies
+    # deployment (Flower's deployment runtime, `medfed run`)
+    site_data: str = "partition"  # partition: the server splits --data (simulation) | own: each site's data-path
+    resume_from: str = ""  # a deployment run directory to continue from its last completed round
     client_cpus: int = 0  # 0: all cores of this machine for each simulated site
     # outputs
     out_dir: str = "runs"
@@ -173,6 +178,11 @@ class RunConfig:
             batch_size=self.finetune_batch_size or auto.batch_size,
             rounds=self.finetune_rounds or auto.rounds,
         )
+
+    @property
+    def required_sites(self) -> int:
+        """Sites that must be connected for a round to start, and valid updates for it to count."""
+        return self.min_sites or self.num_sites
 
     @property
     def sites_per_round(self) -> int:
@@ -291,6 +301,14 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"proximal-mu > 0 needs --strategy fedprox; got strategy {c.strategy}")
     if not 0 < c.fraction_train <= 1:
         raise ConfigError(f"fraction-train must be in (0, 1]; got {c.fraction_train}")
+    if not 0 <= c.min_sites <= c.num_sites:
+        raise ConfigError(f"min-sites must be in [0, num-sites = {c.num_sites}] (0: every site); got {c.min_sites}")
+    if not c.round_timeout > 0:
+        raise ConfigError(f"round-timeout must be > 0 seconds; got {c.round_timeout}")
+    _choice("site_data", c.site_data, ["partition", "own"])
+    if c.resume_from and c.site_data != "own":
+        raise ConfigError("resume-from continues a deployment run (site-data own, `medfed run --resume`); "
+                          "a simulation is re-run instead")
     if c.client_cpus < 0:
         raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
     _validate_aggregation(c)

@@ -6,12 +6,16 @@ naming the option and the rule, exit code 2, and nothing written.
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
-from medfed.exceptions import MedfedError
+from medfed.deploy.processes import DEFAULT_PORT
+from medfed.exceptions import ConfigError, MedfedError
 
 console = Console(stderr=True)
 
@@ -49,5 +53,121 @@ def provision(
                   f"hand each site its own folder only", highlight=False)
 
 
+def server(
+    kit: str = typer.Option(..., "--kit", help="The server kit folder (kits/server from `medfed provision`)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="Port of the SuperLink (Fleet, Control and runtime APIs)."),
+    workdir: str = typer.Option("", "--workdir", help="Folder for the SuperLink's state database and logs "
+                                "(default: KIT/state; keep it across restarts: it holds the sites' registrations)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no SuperNode authentication (test networks "
+                                  "only; warns)."),
+) -> None:
+    """Run the coordinating centre's SuperLink with TLS and SuperNode authentication, every site in the kit
+    registered; stops (with all its processes) on Ctrl-C or SIGTERM."""
+    from medfed.deploy.launch import serve
+
+    try:
+        serve(Path(kit), host=host, port=port, workdir=Path(workdir) if workdir else None, insecure=insecure,
+              say=_say)
+    except MedfedError as exc:
+        _fail(exc)
+
+
+def site(
+    kit: str = typer.Option(..., "--kit", help="This site's kit folder (kits/<site> from `medfed provision`)."),
+    data: str = typer.Option("", "--data", help="This site's own MedMNIST-style .npz (default: data-path in the "
+                             "kit's site.toml)."),
+    superlink: str = typer.Option(f"127.0.0.1:{DEFAULT_PORT}", "--superlink", help="HOST:PORT of the SuperLink."),
+    workdir: str = typer.Option("", "--workdir", help="Folder for the SuperNode's logs and app cache (default: KIT/state)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no authentication (test networks only; warns)."),
+) -> None:
+    """Run this hospital's SuperNode: it trusts the SuperLink by the kit's root certificate, proves who it is
+    with the kit's key, and trains on this site's own data; stops on Ctrl-C or SIGTERM."""
+    from medfed.deploy.launch import run_site
+
+    try:
+        run_site(Path(kit), data=data or None, superlink=superlink, workdir=Path(workdir) if workdir else None,
+                 insecure=insecure, say=_say)
+    except MedfedError as exc:
+        _fail(exc)
+
+
+def _say(text: str) -> None:
+    if text.startswith("WARNING"):
+        console.print(f"[bold yellow]{text}[/]", highlight=False)
+    else:
+        console.print(text, highlight=False)
+
+
+def run(
+    kit: str = "",
+    superlink: str = "",
+    resume: str = "",
+    workdir: str = "",
+    insecure: bool = False,
+    **settings: Any,
+) -> None:
+    """Submit a federated run to a deployment (the SuperLink of `medfed server`) and wait for it.
+
+    The sites train on their own data (site-data own); --data names the server's evaluation file.
+    With --resume RUN_DIR the run continues after that directory's last completed round, with its settings."""
+    from medfed.config import RunConfig
+    from medfed.deploy.launch import INSECURE_WARNING, ServerKit, run_settings, submit
+    from medfed.server.resume import load_round_checkpoint
+
+    try:
+        server_kit = ServerKit.read(Path(kit)) if kit else None
+        if server_kit is None and not insecure:
+            raise ConfigError("--kit (the server kit, for its root certificate) is needed unless --insecure")
+        if insecure:
+            _say(f"WARNING {INSECURE_WARNING}")
+        address = superlink or f"{server_kit.server_address if server_kit else '127.0.0.1'}:{DEFAULT_PORT}"
+        if resume:
+            checkpoint = load_round_checkpoint(Path(resume).expanduser())
+            cfg = RunConfig.from_flat({**checkpoint.settings, "resume-from": str(Path(resume).expanduser().resolve())})
+            _say(f"resuming {resume} after {checkpoint.phase.value} round {checkpoint.completed_round}")
+        else:
+            cfg = run_settings(RunConfig(**settings), server_kit)
+        work = Path(workdir) if workdir else (server_kit.folder / "state" if server_kit else Path("medfed-run"))
+        ca = None if insecure else server_kit.folder / "ca.crt"  # type: ignore[union-attr]
+        status, _ = submit(cfg, superlink=address, ca_file=ca, workdir=work, say=_say)
+    except MedfedError as exc:
+        _fail(exc)
+    if status != "finished:completed":
+        raise typer.Exit(code=1)
+
+
+def _run_signature() -> inspect.Signature:
+    from medfed.cli import HELP, SETTING_TYPES
+    from medfed.config import RunConfig
+
+    params = [
+        inspect.Parameter("kit", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "", "--kit", help="The server kit folder (its root certificate and sites).")),
+        inspect.Parameter("superlink", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "", "--superlink", help=f"HOST:PORT of the SuperLink (default: the kit's address, port {DEFAULT_PORT}).")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "", "--resume", help="Continue this run directory after its last completed round (its settings are kept).")),
+        inspect.Parameter("workdir", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "", "--workdir", help="Folder for the staged app, run settings and logs (default: KIT/state).")),
+        inspect.Parameter("insecure", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--insecure", help="Talk to an insecure SuperLink (no TLS; warns).")),
+    ]
+    skip = {"site_data", "resume_from", "client_cpus", "ledger_dir"}  # set by the deployment, or simulation only
+    defaults = {"baselines": "none"}
+    for f in fields(RunConfig):
+        if f.name in skip:
+            continue
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=SETTING_TYPES[str(f.type)],
+            default=typer.Option(defaults.get(f.name, f.default), f"--{f.name.replace('_', '-')}",
+                                 help=HELP.get(f.name, ""))))
+    return inspect.Signature(params)
+
+
 def register(app: typer.Typer) -> None:
     app.command("provision")(provision)
+    app.command("server")(server)
+    app.command("site")(site)
+    run.__signature__ = _run_signature()  # type: ignore[attr-defined]
+    app.command("run")(run)

@@ -8,6 +8,7 @@ official test split (server side) and on each site's validation data (federated 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from medfed.constants import DPScope, Phase
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import TestSet, evaluate_with_sites
 from medfed.server.recorder import GLOBAL, Recorder
+from medfed.server.resume import RoundCheckpoint, save_round_checkpoint
+from medfed.server.rounds import run_rounds
 from medfed.strategies.shared_weights import AggregationSettings, make_strategy
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
@@ -39,6 +42,8 @@ class ArmContext:
     test: TestSet
     recorder: Recorder
     run_id: str = ""
+    checkpoints: bool = False  # write RUN_DIR/checkpoint/ after every round (deployment)
+    resume: RoundCheckpoint | None = None  # continue after this checkpoint's round
 
     @property
     def ledger_dir(self) -> Path:
@@ -62,31 +67,49 @@ class ArmContext:
 
 
 def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
-    """Run both phases over the grid; returns the final global test metrics."""
+    """Run both phases over the grid; returns the final global test metrics.
+
+    With ``ctx.checkpoints`` the global weights are checkpointed after every round; with
+    ``ctx.resume`` the run continues after the checkpoint's round (same run id, same rounds).
+    """
     cfg, spec, test = ctx.cfg, ctx.test.spec, ctx.test
     meta = {"arm": ctx.arm, "config": cfg.to_json()}
+    resume = ctx.resume
     encoder_state = initial_encoder_state(cfg, spec)
-    if cfg.ssl_methods and not cfg.encoder_init:
-        strategy = make_strategy(
-            cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), num_sites=cfg.num_sites,
-            fraction_train=cfg.fraction_train, evaluate=False, proximal_mu=cfg.proximal_mu,
-            observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.PRETRAIN),
-            aggregation=AggregationSettings.from_config(cfg),
-        )
-        result = strategy.start(
-            grid, ArrayRecord(encoder_state), num_rounds=cfg.pretrain_rounds,
-            train_config=ctx.message_config(Phase.PRETRAIN),
-        )
-        encoder_state = result.arrays.to_torch_state_dict()
+    common = dict(num_sites=cfg.num_sites, fraction_train=cfg.fraction_train, proximal_mu=cfg.proximal_mu,
+                  observer=ctx.recorder.site_observer(ctx.arm), aggregation=AggregationSettings.from_config(cfg),
+                  min_sites=cfg.min_sites)
+
+    def checkpoint(phase: Phase) -> Callable[[int, ArrayRecord], None] | None:
+        if not ctx.checkpoints:
+            return None
+
+        def save(server_round: int, arrays: ArrayRecord) -> None:
+            save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase, completed_round=server_round,
+                                  settings=cfg.to_flat(), weights=arrays.to_torch_state_dict())
+
+        return save
+
+    if cfg.ssl_methods and not cfg.encoder_init and (resume is None or resume.phase == Phase.PRETRAIN):
+        first = 1
+        if resume is not None:
+            encoder_state, first = resume.weights, resume.completed_round + 1
+        strategy = make_strategy(cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), evaluate=False,
+                                 private=DPScope(cfg.dp).covers(Phase.PRETRAIN), **common)  # type: ignore[arg-type]
+        arrays, _ = run_rounds(strategy, grid, ArrayRecord(encoder_state), first_round=first,
+                               last_round=cfg.pretrain_rounds, train_config=ctx.message_config(Phase.PRETRAIN),
+                               after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.round_timeout)
+        encoder_state = arrays.to_torch_state_dict()
         save_checkpoint(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
-    state = new_classifier(cfg, spec, test.task, test.num_classes, encoder_state).state_dict()
-    strategy = make_strategy(
-        cfg.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
-        num_sites=cfg.num_sites, fraction_train=cfg.fraction_train, evaluate=True, proximal_mu=cfg.proximal_mu,
-        observer=ctx.recorder.site_observer(ctx.arm), private=DPScope(cfg.dp).covers(Phase.FINETUNE),
-        aggregation=AggregationSettings.from_config(cfg),
-    )
+    if resume is not None and resume.phase == Phase.FINETUNE:
+        state, first = resume.weights, resume.completed_round + 1
+    else:
+        state, first = new_classifier(cfg, spec, test.task, test.num_classes, encoder_state).state_dict(), 1
+        if (save := checkpoint(Phase.FINETUNE)) is not None:  # round 0: the starting model, so a resume repeats it
+            save(0, ArrayRecord(state))
+    strategy = make_strategy(cfg.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
+                             evaluate=True, private=DPScope(cfg.dp).covers(Phase.FINETUNE), **common)  # type: ignore[arg-type]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict())
@@ -96,10 +119,11 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         return MetricRecord(metrics)
 
     config = ctx.message_config(Phase.FINETUNE)
-    result = strategy.start(
-        grid, ArrayRecord(state), num_rounds=cfg.finetune_recipe.rounds, train_config=config,
-        evaluate_config=config, evaluate_fn=evaluate_fn,
-    )
-    save_checkpoint(ctx.arm_dir / FINAL_MODEL, result.arrays.to_torch_state_dict(), meta)
-    final = result.evaluate_metrics_serverapp[cfg.finetune_recipe.rounds]
+    last = cfg.finetune_recipe.rounds
+    arrays, server_metrics = run_rounds(strategy, grid, ArrayRecord(state), first_round=first, last_round=last,
+                                        train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
+                                        after_round=checkpoint(Phase.FINETUNE), timeout=cfg.round_timeout,
+                                        evaluate_initial=resume is None or resume.phase != Phase.FINETUNE)
+    save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
+    final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
     return {k: float(v) for k, v in final.items()}

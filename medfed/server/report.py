@@ -10,9 +10,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from medfed.privacy.plots import plot_epsilon  # noqa: E402
+from medfed.privacy.plots import plot_epsilon
 
 METRIC_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
 

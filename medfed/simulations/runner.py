@@ -78,7 +78,7 @@ class Prepared:
 
     cfg: RunConfig
     data: MedMNISTData
-    plan: SitePlan
+    plan: SitePlan | None  # None in a deployment (site-data own): the sites' data are theirs
     test: TestSet
 
 
@@ -92,6 +92,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     initial_encoder_state(cfg, spec)  # raises ConfigError when encoder-init does not fit
     check_loss_fits_task(cfg, data.task)
     check_out_dir(Path(cfg.out_dir).expanduser())
+    if cfg.site_data == "own":  # deployment: every site reads its own file; the server holds only its test split
+        test = TestSet(scale_intensity(data.test.images, data.intensity_range), torch.as_tensor(data.test.labels),
+                       data.task, data.num_classes)
+        return Prepared(cfg, data, None, test)
     plan = make_site_plan(
         data.train.labels, data.val.labels, data.task, test_labels=data.test.labels, scheme=cfg.partition,
         num_sites=cfg.num_sites,
@@ -233,7 +237,7 @@ def arms_for_flower_runtime(cfg: RunConfig, arms: list[Arm], grid: Any) -> list[
     """Inside a Flower runtime only federated arms run: the others would train on the server's
     own copy of the data, which in a deployment is not the sites' data."""
     nodes = len(list(grid.get_node_ids()))
-    if nodes < cfg.num_sites:
+    if cfg.site_data == "partition" and nodes < cfg.num_sites:
         raise ConfigError(f"num-sites is {cfg.num_sites} but only {nodes} SuperNodes are connected")
     if arms[0].mode != Mode.FEDERATED:
         raise ConfigError(f"mode {arms[0].mode} trains outside the federation; run it with `medfed simulate`")
@@ -278,6 +282,12 @@ def run_experiment(
     """
     from medfed.server.report import write_report
 
+    if cfg.site_data == "own":
+        from medfed.server.deployment import run_deployment
+
+        if grid is None:
+            raise ConfigError("site-data own needs a Flower deployment (`medfed run`); simulation partitions --data")
+        return run_deployment(cfg, grid, listener=listener)
     if cfg.ledger_dir:  # the audit may run from another folder: record where the ledgers really are
         cfg = cfg.replace(ledger_dir=str(Path(cfg.ledger_dir).expanduser().resolve()))
     prep = prepare(cfg)

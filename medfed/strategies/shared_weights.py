@@ -179,6 +179,7 @@ class SharedWeightsMixin:
         self.private = private  # a DP phase: every update must say what it cost
         self.aggregation = aggregation or AggregationSettings()
         self._sent = None
+        self.min_updates = 1  # valid updates a round needs (min-sites); fewer fail the round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = arrays
@@ -255,6 +256,11 @@ class SharedWeightsMixin:
         if not valid:
             raise FederationError(
                 f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
+            )
+        if len(valid) < self.min_updates:
+            raise FederationError(
+                f"{self.phase.value} round {server_round}: {len(valid)} valid site update(s), fewer than min-sites "
+                f"{self.min_updates} ({'; '.join(errors) or 'sites did not reply'}); resume the run when sites are back"
             )
         if self.aggregation.rule == AggregationRule.MEAN:
             arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
@@ -362,25 +368,31 @@ def make_strategy(
     observer: Observer | None = None,
     private: bool = False,
     aggregation: AggregationSettings | None = None,
+    min_sites: int = 0,
 ) -> SharedWeightsMixin:
     """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off;
     ``aggregation`` picks the rule (default: the strategy's example-weighted mean) and the norm-outlier screen."""
-    min_nodes = max(1, min(num_sites, int(num_sites * fraction_train)))
+    required = min_sites or num_sites  # sites that must be connected before a round starts
+    min_nodes = max(1, min(required, int(num_sites * fraction_train)))
     common = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0 if evaluate else 0.0,
         min_train_nodes=min_nodes,
-        min_evaluate_nodes=num_sites if evaluate else 1,
-        min_available_nodes=num_sites,
+        min_evaluate_nodes=required if evaluate else 1,
+        min_available_nodes=required,
         weighted_by_key=MetricKey.NUM_EXAMPLES.value,
         train_metrics_aggr_fn=sum_examples,
         evaluate_metrics_aggr_fn=weighted_eval_metrics,
     )
+    strategy: SharedWeightsMixin
     if StrategyName(name) == StrategyName.FEDPROX:
-        return SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu,
+        strategy = SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu,
                                     private=private, aggregation=aggregation, **common)
-    return SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private,
-                               aggregation=aggregation, **common)
+    else:
+        strategy = SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private,
+                                       aggregation=aggregation, **common)
+    strategy.min_updates = max(1, min_sites)
+    return strategy
 
 
 __all__ = [

@@ -1,0 +1,263 @@
+"""Flower's deployment processes, started and stopped by medfed (Flower 1.41).
+
+In 1.41 the SuperLink serves the Fleet, Control and runtime APIs on ONE HTTPS port
+(``--host/--port``). SuperNode authentication (``--enable-supernode-auth``, TLS required)
+admits only SuperNodes whose public key was registered through the Control API
+(``flwr supernode register``); registrations live in the SuperLink's ``--database``, so
+they survive a restart. A SuperNode proves its identity with an EC (P-384) private key in
+OpenSSH format and trusts the SuperLink by the federation's root certificate.
+
+Every process is started in a new session and stopped with its whole process tree
+(`stop_tree`): the SuperLink's and SuperNodes' helpers (``flower-superexec``,
+``flwr-serverapp``, ``flwr-clientapp``) are found by parent PID, because some run in
+process groups of their own. The venv's ``bin`` goes first on PATH: Flower starts those
+helpers by name. Dependency installation (``uv sync``) is off: the environment that runs
+medfed is the one that trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from medfed.exceptions import ConfigError, FederationError
+
+DEFAULT_PORT = 9092
+CONNECTION = "medfed"  # the flwr CLI's name for this deployment's SuperLink connection
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of a Flower process: the venv's bin first on PATH, no telemetry or update checks,
+    no runtime dependency installation, and a FLWR_HOME of its own (never ~/.flwr)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def flower_bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise FederationError(f"{name} not found next to {sys.executable}; install medfed with flwr in this environment")
+    return str(path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) -> (host, port); a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--superlink must be HOST:PORT (e.g. fl.hospital.org:{DEFAULT_PORT}); got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def toml_value(value: object) -> str:
+    """A node-config / run-config value as TOML (strings double-quoted; no quotes inside)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if '"' in text or "\\" in text or "\n" in text:
+        raise ConfigError(f"value {text!r} may not contain quotes, backslashes or newlines")
+    return f'"{text}"'
+
+
+def node_config_arg(node_config: dict[str, object]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+@dataclass
+class Started:
+    """A process medfed started (in a session of its own) and where its output goes."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def start(name: str, command: list[str], *, env: dict[str, str], log: Path, cwd: Path | None = None) -> Started:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=cwd, start_new_session=True)
+    return Started(name, proc, log)
+
+
+def stop_tree(pid: int, timeout: float = 10.0) -> list[int]:
+    """SIGTERM ``pid`` and every descendant (found by parent PID, whatever their process group),
+    then SIGKILL what is still alive after ``timeout``; returns the PIDs signalled."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]
+
+
+def wait_healthy(address: str, ca_file: Path | None, timeout: float, proc: Started | None = None) -> None:
+    """Wait until the SuperLink answers ``/health`` (HTTPS verified by ``ca_file``, or plain HTTP)."""
+    scheme = "http" if ca_file is None else "https"
+    context = None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.process.poll() is not None:
+            raise FederationError(f"{proc.name} exited with code {proc.process.returncode}; see {proc.log}")
+        try:
+            with urllib.request.urlopen(f"{scheme}://{address}/health", context=context, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise FederationError(f"the SuperLink at {address} did not answer /health within {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def superlink_command(*, host: str, port: int, database: Path, certs: tuple[Path, Path, Path] | None) -> list[str]:
+    """``certs`` = (CA certificate, server certificate, server key); None = insecure (no TLS, no node auth)."""
+    command = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
+               "--disable-runtime-dependency-installation"]
+    if certs is None:
+        return [*command, "--insecure"]
+    ca, cert, key = certs
+    return [*command, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+            "--enable-supernode-auth"]
+
+
+def supernode_command(*, superlink: str, node_config: dict[str, object], runtime_port: int,
+                      root_certificate: Path | None, auth_key: Path | None, max_wait_time: float | None = None) -> list[str]:
+    """A SuperNode dialling ``superlink``; ``root_certificate`` None = insecure."""
+    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", node_config_arg(node_config),
+               "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if max_wait_time:
+        command += ["--max-wait-time", str(max_wait_time)]
+    if root_certificate is None:
+        return [*command, "--insecure"]
+    command += ["--root-certificates", str(root_certificate)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    return command
+
+
+def write_cli_config(flwr_home: Path, address: str, ca_file: Path | None) -> None:
+    """The flwr CLI's connection to this deployment (``$FLWR_HOME/config.toml``)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    trust = "insecure = true" if ca_file is None else f"root-certificates = {toml_value(str(ca_file.resolve()))}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {toml_value(address)}\n{trust}\n')
+
+
+def flwr_cli(args: list[str], flwr_home: Path, *, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([flower_bin("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def register_supernode(public_key: Path, name: str, flwr_home: Path) -> str:
+    """Register a site's SuperNode public key with the SuperLink; returns 'registered' or 'already registered'."""
+    result = flwr_cli(["supernode", "register", str(public_key), CONNECTION, "--name", name], flwr_home)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode == 0:
+        return "registered"
+    if "already" in output.lower():
+        return "already registered"
+    raise FederationError(f"registering {name}'s SuperNode key {public_key} failed: {output[-500:]}")
+
+
+def submit_run(app_dir: Path, run_config: Path, flwr_home: Path) -> int:
+    """`flwr run` the staged app with a TOML file of settings; returns the run id."""
+    result = flwr_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], flwr_home,
+                      timeout=600)
+    try:
+        reply = json.loads(result.stdout)
+        return int(reply["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FederationError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-800:]}") from None
+
+
+def run_status(run_id: int, flwr_home: Path) -> str:
+    result = flwr_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    try:
+        return str(json.loads(result.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise FederationError(f"flwr ls failed: {(result.stdout + result.stderr).strip()[-500:]}") from None
+
+
+def run_log(run_id: int, flwr_home: Path) -> str:
+    result = flwr_cli(["log", str(run_id), CONNECTION, "--show"], flwr_home, timeout=120)
+    return result.stdout + result.stderr
+
+
+def stop_run(run_id: int, flwr_home: Path) -> None:
+    flwr_cli(["stop", str(run_id), CONNECTION], flwr_home)
+
+
+def stage_app(dest: Path) -> Path:
+    """Copy the medfed Flower app (package + pyproject) to ``dest`` for `flwr run`.
+
+    `flwr run` packs the app folder into a FAB, and rewrites a pyproject that has a
+    ``[tool.flwr.federations]`` table; staging a copy without it leaves the installed
+    package and the repository untouched.
+    """
+    import shutil
+
+    import medfed
+
+    package = Path(medfed.__file__).resolve().parent
+    pyproject = package.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FederationError(f"{pyproject} not found: medfed must be installed from its source tree (pip install -e .)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(package, dest / "medfed", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (dest / "pyproject.toml").write_text(without_federations(pyproject.read_text()))
+    return dest
+
+
+def without_federations(pyproject_text: str) -> str:
+    """The pyproject text minus its ``[tool.flwr.federations]`` table and sub-tables."""
+    kept, skipping = [], False
+    for line in pyproject_text.splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("["):
+            skipping = header.startswith(("[tool.flwr.federations]", "[tool.flwr.federations."))
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)

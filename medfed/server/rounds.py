@@ -1,0 +1,57 @@
+"""The round loop of one phase: Flower's ``Strategy.start`` loop, able to start at any round.
+
+`run_rounds` drives a Flower strategy over the grid exactly as ``Strategy.start`` does (train,
+aggregate, federated evaluation, server-side evaluation), with two additions a deployment
+needs: it can begin at round ``first_round`` (a resumed run continues from its last completed
+round, with the same round numbers, so sites recognise a round they already released), and
+it calls ``after_round`` once a round is complete (the server's checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds a round waits for replies (Flower's default)
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    last_round: int,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord | None = None,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    after_round: Callable[[int, ArrayRecord], None] | None = None,
+    timeout: float = DEFAULT_ROUND_TIMEOUT,
+    evaluate_initial: bool = True,
+) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
+    """Run rounds ``first_round..last_round``; returns the final arrays and the server-side
+    evaluation of every round (round 0 = the starting weights, evaluated when starting at 1
+    unless ``evaluate_initial`` is off: a resumed run evaluated them already)."""
+    server_metrics: dict[int, MetricRecord] = {}
+    if evaluate_fn is not None and first_round == 1 and evaluate_initial:
+        res = evaluate_fn(0, arrays)
+        if res is not None:
+            server_metrics[0] = res
+    for rnd in range(first_round, last_round + 1):
+        replies = grid.send_and_receive(messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        replies = grid.send_and_receive(
+            messages=strategy.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(), grid), timeout=timeout)
+        strategy.aggregate_evaluate(rnd, replies)
+        if evaluate_fn is not None:
+            res = evaluate_fn(rnd, arrays)
+            if res is not None:
+                server_metrics[rnd] = res
+        if after_round is not None:
+            after_round(rnd, arrays)
+    return arrays, server_metrics
