@@ -154,3 +154,6 @@ NO_PRETRAIN = "none"
 
 SITE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """A deployment site's name (kit folder, SuperNode, ledger): 1-32 of a-z 0-9 - _, not starting with - or _."""
+
+RESUME_KEY = "resume-from"
+"""Run-config key of a resumed deployment run; never part of what a site is asked to train."""

@@ -65,14 +65,15 @@ def test_a_repeated_dp_round_is_answered_with_the_same_release_and_no_new_ledger
     from medfed.models.encoders import InputSpec
 
     cfg = RunConfig(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
-                    dp="finetune", dp_epsilon=8.0, dp_delta=1e-4)
+                    dp="finetune", dp_epsilon=8.0, dp_delta=1e-4, site_data="own")
     state = new_classifier(cfg, InputSpec(1, (28, 28)), "binary-class", 2, None).state_dict()
     ledger = Path(str(deployed_site.node_config["ledger-path"]))
     first = client_app(finetune_message(cfg, state, 1), deployed_site)
     assert not first.has_error(), first.error.reason if first.has_error() else ""
     rows = verify_ledger(ledger).entries
     assert len(rows) == 1 and rows[0].site == "h1"
-    again = client_app(finetune_message(cfg, state, 1), deployed_site)  # the resumed server asks again
+    resumed = cfg.replace(resume_from="/centre/runs/.deploy.partial")  # the resumed server asks again
+    again = client_app(finetune_message(resumed, state, 1), deployed_site)
     metrics = dict(next(iter(again.content.metric_records.values())))
     assert metrics["replayed"] == 1.0
     assert metrics["epsilon"] == dict(next(iter(first.content.metric_records.values())))["epsilon"]

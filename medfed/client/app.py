@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from medfed.client.algo import SiteAlgo
 from medfed.client.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 from medfed.config import RunConfig
-from medfed.constants import DPScope, MetricKey, NodeConfigKey, Phase, RecordKey
+from medfed.constants import RESUME_KEY, DPScope, MetricKey, NodeConfigKey, Phase, RecordKey
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.exceptions import ConfigError, DataError, PrivacyBudgetExceeded
@@ -141,7 +141,8 @@ def train(msg: Message, context: Context) -> Message:
     incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
     cache = release_cache(node_config)
     run_id = str(extras.get(RUN_ID_KEY, ""))
-    key = release_key(run_id, phase.value, server_round, cfg.to_flat(), incoming) if cache else ""
+    settings = {k: v for k, v in cfg.to_flat().items() if k != RESUME_KEY}  # a resumed run asks the same question
+    key = release_key(run_id, phase.value, server_round, settings, incoming) if cache else ""
     if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
         # the server asks again for a round this site already released (it was resumed): send that
         # same release; training again would spend privacy a second time for one round

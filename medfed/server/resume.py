@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medfed.constants import Phase
+from medfed.constants import RESUME_KEY, Phase
 from medfed.exceptions import ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE, WEIGHTS_FILE = "state.json", "global.safetensors"
-RESUME_KEY = "resume-from"  # run-config key; never part of what a site is asked to train
 
 
 @dataclass(frozen=True)
