@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
-from medfed.config import RunConfig  # noqa: E402
+from medfed.config import DP_FINETUNE_RECIPE, FINETUNE_RECIPE, RunConfig  # noqa: E402
 from medfed.server.recorder import Recorder  # noqa: E402
 from medfed.simulations.runner import run_experiment  # noqa: E402
 
@@ -101,9 +101,13 @@ def main() -> None:
     lines = [
         f"## Utility under DP (PneumoniaMNIST, 5 sites, 10 % labels, delta 1e-5)\n\nCommand: `{command}` "
         f"(one run, {os.cpu_count()} CPU cores). Encoder: federated SimCLR pretraining without DP "
-        f"({base.pretrain_rounds} rounds; uncovered exposure, listed by `medfed audit`), then {base.finetune_rounds} "
-        "rounds of federated fine-tuning with DP-SGD at every site (noise planned from the budget, RDP accountant, "
-        "clipping 1, Poisson sampling, batch 32). Target: AUC >= 0.93 at epsilon 8.",
+        f"({base.pretrain_rounds} rounds; uncovered exposure, listed by `medfed audit`), then "
+        "federated fine-tuning with DP-SGD at every site (noise planned from the budget, RDP accountant, "
+        "clipping 1, Poisson sampling) with the DP recipe of each mode, chosen on validation data (`dp_recipe`: "
+        + "; ".join(f"{m} lr {r.lr:g}, batch {r.batch_size}, {r.rounds} rounds" for m, r in DP_FINETUNE_RECIPE.items()
+                    if m in modes)
+        + f"; without DP: lr {FINETUNE_RECIPE.lr:g}, batch {FINETUNE_RECIPE.batch_size}, {FINETUNE_RECIPE.rounds} rounds). "
+        "Target: AUC >= 0.93 at epsilon 8.",
         "",
         "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC | accuracy | wall s |",
         "|---|---|---|---|---|---|---|",

@@ -27,6 +27,7 @@ from medfed.server.rounds import run_rounds
 from medfed.strategies.shared_weights import AggregationSettings, make_strategy
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
+ROUND_SPLIT = "round"  # metrics.jsonl split name: the server's wall time of a round
 TEST_SITE_SPLIT = "test-site"  # metrics.jsonl split name: a site's share of the official test split
 FINAL_MODEL = "final_model.safetensors"
 
@@ -80,6 +81,12 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                   observer=ctx.recorder.site_observer(ctx.arm), aggregation=AggregationSettings.from_config(cfg),
                   min_sites=cfg.min_sites)
 
+    def timing(phase: Phase) -> Callable[[int, dict[str, float]], None]:
+        def record(server_round: int, seconds: dict[str, float]) -> None:
+            ctx.recorder.record(ctx.arm, phase, server_round, GLOBAL, ROUND_SPLIT, seconds)
+
+        return record
+
     def checkpoint(phase: Phase) -> Callable[[int, ArrayRecord], None] | None:
         if not ctx.checkpoints:
             return None
@@ -98,7 +105,8 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                                  private=DPScope(cfg.dp).covers(Phase.PRETRAIN), **common)  # type: ignore[arg-type]
         arrays, _ = run_rounds(strategy, grid, ArrayRecord(encoder_state), first_round=first,
                                last_round=cfg.pretrain_rounds, train_config=ctx.message_config(Phase.PRETRAIN),
-                               after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.round_timeout)
+                               after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.round_timeout,
+                               on_round_timing=timing(Phase.PRETRAIN))
         encoder_state = arrays.to_torch_state_dict()
         save_checkpoint(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
@@ -123,7 +131,8 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     arrays, server_metrics = run_rounds(strategy, grid, ArrayRecord(state), first_round=first, last_round=last,
                                         train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
                                         after_round=checkpoint(Phase.FINETUNE), timeout=cfg.round_timeout,
-                                        evaluate_initial=resume is None or resume.phase != Phase.FINETUNE)
+                                        evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
+                                        on_round_timing=timing(Phase.FINETUNE))
     save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
     final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
     return {k: float(v) for k, v in final.items()}

@@ -9,6 +9,7 @@ it calls ``after_round`` once a round is complete (the server's checkpoint).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -31,23 +32,31 @@ def run_rounds(
     after_round: Callable[[int, ArrayRecord], None] | None = None,
     timeout: float = DEFAULT_ROUND_TIMEOUT,
     evaluate_initial: bool = True,
+    on_round_timing: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
     """Run rounds ``first_round..last_round``; returns the final arrays and the server-side
     evaluation of every round (round 0 = the starting weights, evaluated when starting at 1
-    unless ``evaluate_initial`` is off: a resumed run evaluated them already)."""
+    unless ``evaluate_initial`` is off: a resumed run evaluated them already). ``on_round_timing``
+    gets each round's wall seconds: ``train-round-seconds`` (send, wait for every reply, aggregate)
+    and ``evaluate-round-seconds`` (federated evaluation)."""
     server_metrics: dict[int, MetricRecord] = {}
     if evaluate_fn is not None and first_round == 1 and evaluate_initial:
         res = evaluate_fn(0, arrays)
         if res is not None:
             server_metrics[0] = res
     for rnd in range(first_round, last_round + 1):
+        start = time.perf_counter()
         replies = grid.send_and_receive(messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:
             arrays = aggregated
+        trained = time.perf_counter()
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(), grid), timeout=timeout)
         strategy.aggregate_evaluate(rnd, replies)
+        if on_round_timing is not None:
+            on_round_timing(rnd, {"train-round-seconds": trained - start,
+                                  "evaluate-round-seconds": time.perf_counter() - trained})
         if evaluate_fn is not None:
             res = evaluate_fn(rnd, arrays)
             if res is not None:
