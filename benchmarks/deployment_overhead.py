@@ -47,7 +47,7 @@ def stop_tree(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     root.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs([root], timeout=30)
+    psutil.wait_procs([root], timeout=30)
     for p in procs:
         try:
             p.kill()
@@ -115,18 +115,18 @@ def main() -> None:
     lines = [
         "## Deployment on loopback: orchestration overhead and bytes on the wire (3 sites, TLS, SuperNode authentication)",
         "",
-        f"Command: `{command}` (one run, {os.cpu_count()} CPU cores shared by the SuperLink, the ServerApp and the three "
+        (f"Command: `{command}` (one run, {os.cpu_count()} CPU cores shared by the SuperLink, the ServerApp and the three "
         f"SuperNodes; default model and settings: CNN width 16, SimCLR, {args.data} cut iid into 3 site files). "
         "Overhead of a round = 1 - slowest site's local training time / the server's wall time for the round "
-        "(send, wait for all replies, aggregate). Target: <= 15 % for the default model.",
+        "(send, wait for all replies, aggregate). Target: <= 15 % for the default model."),
         "",
         "| phase | round | round wall s | slowest site's training s | overhead | uplink bytes per site |",
         "|---|---|---|---|---|---|",
         *table,
         "",
-        f"Mean overhead: pretraining rounds {sum(pre) / len(pre):.1%}, all rounds {sum(ratios) / len(ratios):.1%}. "
+        (f"Mean overhead: pretraining rounds {sum(pre) / len(pre):.1%}, all rounds {sum(ratios) / len(ratios):.1%}. "
         f"The SuperLink counted {traffic} of network traffic for the whole run ({total:.0f} s end to end, "
-        "including federated evaluation after every fine-tuning round).",
+        "including federated evaluation after every fine-tuning round)."),
     ]
     write_section("deployment_overhead", "\n".join(lines))
     print("\n".join(lines))

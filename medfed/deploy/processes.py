@@ -186,7 +186,7 @@ def write_cli_config(flwr_home: Path, address: str, ca_file: Path | None) -> Non
 
 def flwr_cli(args: list[str], flwr_home: Path, *, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([flower_bin("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, check=False)
 
 
 def register_supernode(public_key: Path, name: str, flwr_home: Path) -> str:

@@ -202,7 +202,7 @@ def test_three_sites_pretrain_and_finetune_over_tls_with_authentication(fed: Fed
             ("finetune", 1, MECHANISM_DP_SGD), ("finetune", 2, MECHANISM_DP_SGD)]
     audit = subprocess.run([*MEDFED, "audit", *(str(fed.ledger(s)) for s in SITES), "--trusted-keys",
                             str(fed.kits / "server" / "ledger-keys"), "--out", str(fed.root / "audit")],
-                           capture_output=True, text=True, env=fed.env, timeout=600)
+                           capture_output=True, text=True, env=fed.env, timeout=600, check=False)
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
 
 
