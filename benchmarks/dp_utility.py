@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     parser.add_argument("--no-reference", action="store_true", help="skip the non-DP reference arms")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per arm (fresh DP noise each): mean and sd")
     parser.add_argument("--encoder", default="", help="reuse a pretrained encoder (safetensors) of an earlier run of this script")
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -79,23 +81,26 @@ def main() -> None:
     results: dict[tuple[str, str], dict] = {}
     modes = args.modes.split(",")
     epsilons = [float(e) for e in args.epsilons.split(",")]
-    for mode in modes:
-        for eps in ([] if args.no_reference else [None]) + epsilons:
-            name = f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}"
-            cfg = base.replace(encoder_init=str(encoder), finetune_mode=mode, run_name=name)
-            if eps is not None:
-                # fresh ledgers for every arm of every invocation: a budget spent by an earlier (or aborted)
-                # invocation must not shrink this one's
-                ledgers = out / "ledgers" / f"{name}-{uuid.uuid4().hex[:8]}"
-                cfg = cfg.replace(dp="finetune", dp_epsilon=eps, dp_delta=1e-5, ledger_dir=str(ledgers))
-            _, results[(mode, name)] = run(cfg)
-            r = results[(mode, name)]
-            sig = f"{min(r['sigma']):.3g}-{max(r['sigma']):.3g}" if r["sigma"] else "-"
-            print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {sig} ({r['seconds']:.0f} s)", flush=True)
+    arms = [(mode, eps, rep) for mode in modes for eps in ([] if args.no_reference else [None]) + epsilons
+            for rep in range(args.repeats)]
+    for mode, eps, rep in arms:
+        name = f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}" + (f"-r{rep}" if args.repeats > 1 else "")
+        cfg = base.replace(encoder_init=str(encoder), finetune_mode=mode, run_name=name)
+        if eps is not None:
+            # fresh ledgers for every arm of every invocation: a budget spent by an earlier (or aborted)
+            # invocation must not shrink this one's
+            ledgers = out / "ledgers" / f"{name}-{uuid.uuid4().hex[:8]}"
+            cfg = cfg.replace(dp="finetune", dp_epsilon=eps, dp_delta=1e-5, ledger_dir=str(ledgers))
+        _, results[(mode, name)] = run(cfg)
+        r = results[(mode, name)]
+        sig = f"{min(r['sigma']):.3g}-{max(r['sigma']):.3g}" if r["sigma"] else "-"
+        print(f"{name}: AUC {r['auc']:.4f} epsilon {r['epsilon']:.3f} sigma {sig} ({r['seconds']:.0f} s)", flush=True)
     flags = "--quick " if args.quick else ""
     command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}"
     if modes != list(MODES) or epsilons != list(EPSILONS) or args.no_reference:
         command += f" --modes {args.modes} --epsilons {args.epsilons}" + (" --no-reference" if args.no_reference else "")
+    if args.repeats > 1:
+        command += f" --repeats {args.repeats}"
     if args.encoder:  # the pretraining step of an earlier run of this same script, reused
         command += f" --encoder {os.path.relpath(encoder, Path.cwd())}"
     lines = [
@@ -109,14 +114,24 @@ def main() -> None:
         + f"; without DP: lr {FINETUNE_RECIPE.lr:g}, batch {FINETUNE_RECIPE.batch_size}, {FINETUNE_RECIPE.rounds} rounds). "
         "Target: AUC >= 0.93 at epsilon 8.",
         "",
-        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC | accuracy | wall s |",
+        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC"
+        + (f" (mean +- sd over {args.repeats} runs)" if args.repeats > 1 else "") + " | accuracy | wall s |",
         "|---|---|---|---|---|---|---|",
     ]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for (mode, name), r in results.items():
-        target = "no DP" if "nodp" in name else name.split("-")[1].removeprefix("eps")
-        reached = "-" if "nodp" in name else f"{r['epsilon']:.3f}"
-        sigma = "-" if not r["sigma"] else f"{min(r['sigma']):.3g}-{max(r['sigma']):.3g}"
-        lines.append(f"| {mode} | {target} | {reached} | {sigma} | {r['auc']:.4f} | {r['accuracy']:.4f} | {r['seconds']:.0f} |")
+        groups.setdefault((mode, name.split("-")[1]), []).append(r)
+    for (mode, arm), rs in groups.items():
+        target = "no DP" if arm == "nodp" else arm.removeprefix("eps")
+        reached = "-" if arm == "nodp" else f"{max(r['epsilon'] for r in rs):.3f}"
+        sigmas = [x for r in rs for x in r["sigma"]]
+        sigma = "-" if not sigmas else f"{min(sigmas):.3g}-{max(sigmas):.3g}"
+        aucs = [r["auc"] for r in rs]
+        auc = f"{aucs[0]:.4f}" if len(aucs) == 1 else (
+            f"{statistics.mean(aucs):.4f} +- {statistics.stdev(aucs):.4f} ({', '.join(f'{a:.4f}' for a in aucs)})")
+        acc = statistics.mean(r["accuracy"] for r in rs)
+        secs = statistics.mean(r["seconds"] for r in rs)
+        lines.append(f"| {mode} | {target} | {reached} | {sigma} | {auc} | {acc:.4f} | {secs:.0f} |")
     default = modes == list(MODES)
     write_section("dp_utility" if default else f"dp_utility_{'_'.join(modes)}", "\n".join(lines))
     if not default:
