@@ -35,9 +35,9 @@ SITES = ("h1", "h2", "h3")
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 FLOWER_PROCESS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
 # small and fast; fixed noise so that two runs release exactly the same mechanisms
-RUN_SETTINGS = ["--data", "breastmnist", "--pretrain", "simclr", "--pretrain-rounds", "2", "--finetune-rounds", "2",
-                "--width", "4", "--pretrain-batch-size", "32", "--finetune-batch-size", "8", "--dp", "finetune",
-                "--dp-noise-multiplier", "1.5", "--dp-epsilon", "200", "--dp-delta", "1e-3"]
+FINETUNE_SETTINGS = ["--data", "breastmnist", "--finetune-rounds", "2", "--width", "4", "--finetune-batch-size", "8",
+                     "--dp", "finetune", "--dp-noise-multiplier", "1.5", "--dp-epsilon", "200", "--dp-delta", "1e-3"]
+RUN_SETTINGS = [*FINETUNE_SETTINGS, "--pretrain", "simclr", "--pretrain-rounds", "2", "--pretrain-batch-size", "32"]
 
 
 @dataclass
@@ -249,7 +249,8 @@ def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_can_rejoin(f
 
 
 def test_server_killed_mid_round_resumes_with_the_same_ledger_totals(fed: Federation) -> None:
-    p = fed.run(*RUN_SETTINGS, "--run-name", "resumed", log="run-resumed.out")
+    # no pretraining here (it would only lengthen the test); fine-tuning is the full run's, round for round
+    p = fed.run(*FINETUNE_SETTINGS, "--pretrain", "none", "--run-name", "resumed", log="run-resumed.out")
     partial = fed.root / "runs" / ".resumed.partial"
     state = partial / CHECKPOINT_DIR / STATE_FILE
 
@@ -272,4 +273,5 @@ def test_server_killed_mid_round_resumes_with_the_same_ledger_totals(fed: Federa
     rows = Recorder.load(run_dir / "metrics.jsonl")
     assert any(r.get("replayed") == 1.0 for r in rows if r["phase"] == "finetune" and r["round"] == 2)
     resumed, reference = ledger_rows(fed, run_id_of(run_dir)), ledger_rows(fed, run_id_of(fed.root / "runs" / "full"))
-    assert resumed == reference  # every site: the same releases, none counted twice
+    for site in SITES:  # every site: the same DP releases as the uninterrupted run, none counted twice
+        assert resumed[site] == [r for r in reference[site] if r[0] == "finetune"], (site, resumed[site])
