@@ -116,6 +116,7 @@ class MetricKey(StrEnum):
     LOSS = "train-loss"
     STEPS = "steps"
     SECONDS = "train-seconds"
+    PROCESS_SECONDS = "process-seconds"  # deployment: age of the ClientApp process at its reply (start-up included)
     AUC = "auc"
     ACCURACY = "accuracy"
     SENSITIVITY = "sensitivity"

@@ -13,6 +13,7 @@ deployment: a node config with ``data-path`` names the site's own file; otherwis
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -78,6 +79,13 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     if partitions is not None and int(partitions) != len(plan.sites):
         raise DataError(f"this SuperNode is one of {partitions} partitions but the split has {len(plan.sites)} sites")
     return site_from_split(data, plan.sites[site_id])
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (a deployed site's ClientApp process serves one message)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def release_cache(node_config: dict) -> ReleaseCache | None:
@@ -169,6 +177,8 @@ def train(msg: Message, context: Context) -> Message:
     }
     if DPScope(cfg.dp).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
         metrics.pop(MetricKey.LOSS.value)
+    if NodeConfigKey.DATA_PATH in node_config:  # deployment: one ClientApp process per message, so its age is
+        metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # start-up + reading data + training
     if cache is not None:
         cache.put(run_id, phase.value, key, Release(shared, metrics))
     return _reply(msg, ArrayRecord(shared), metrics)

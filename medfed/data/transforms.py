@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.transforms import ScaleIntensityRange
 
 

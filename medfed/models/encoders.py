@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch import nn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.networks.blocks import Convolution
 from torch import nn
 
