@@ -41,7 +41,7 @@ def shared_data() -> Path:
     """Folder of the pinned official MedMNIST files (../shared/data/medmnist)."""
     if not (SHARED_DATA / "breastmnist.npz").is_file():
         pytest.fail(f"pinned MedMNIST files not found at {SHARED_DATA}; set MEDFED_SHARED_DATA")
-    return SHARED_DATA
+    return SHARED_DATA.resolve()  # absolute: subprocesses run in other folders
 
 
 @pytest.fixture()

@@ -51,7 +51,9 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     spec = runner.prepare(cfg).test.spec
     encoder = new_encoder(cfg, spec).state_dict()
     encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
-    assert {r["bytes-sent"] for r in rows if r["phase"] == "pretrain"} == {encoder_bytes}
+    assert {r["bytes-sent"] for r in rows if r["phase"] == "pretrain" and r["split"] == "train"} == {encoder_bytes}
+    # the server's wall time of every round is recorded beside the sites' rows
+    assert sorted(r["round"] for r in rows if r["split"] == "round" and r["phase"] == "pretrain") == [1, 2]
 
     ckpt = run_dir / "arms" / arm
     assert list(load_file(str(ckpt / "pretrained_encoder.safetensors"))) == sorted(encoder)
@@ -167,4 +169,4 @@ def test_module_level_server_app_reads_the_run_config_from_its_context(tmp_path:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["arms"]) == ["federated-simclr"]
     rows = Recorder.load(run_dir / "metrics.jsonl")
-    assert {r["site"] for r in rows if r["phase"] == "pretrain"} == {0, 1}
+    assert {r["site"] for r in rows if r["phase"] == "pretrain" and r["split"] == "train"} == {0, 1}
