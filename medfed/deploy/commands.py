@@ -123,6 +123,11 @@ def run(
             _say(f"WARNING {INSECURE_WARNING}")
         address = superlink or f"{server_kit.server_address if server_kit else '127.0.0.1'}:{DEFAULT_PORT}"
         if resume:
+            defaults = {f.name: f.default for f in fields(RunConfig)} | {"baselines": "none"}
+            given = sorted(k for k, v in settings.items() if v != defaults.get(k))
+            if given:  # a resumed run keeps its own settings; say so rather than drop them silently
+                _say("WARNING --resume continues with the run's own settings; ignoring "
+                     + ", ".join(f"--{k.replace('_', '-')}" for k in given))
             checkpoint = load_round_checkpoint(Path(resume).expanduser())
             cfg = RunConfig.from_flat({**checkpoint.settings, "resume-from": str(Path(resume).expanduser().resolve())})
             _say(f"resuming {resume} after {checkpoint.phase.value} round {checkpoint.completed_round}")
