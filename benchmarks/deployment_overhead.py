@@ -19,41 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section
 
-from medfed.deploy.processes import CONNECTION, flwr_cli, free_port
+from medfed.deploy.processes import CONNECTION, flwr_cli, free_port, stop_tree
 from medfed.deploy.provision import ProvisionPlan, provision
 from medfed.server.recorder import Recorder
 from medfed.simulations.site_files import write_site_files
 
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 SITES = ["h1", "h2", "h3"]
-
-
-def stop_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    root.send_signal(signal.SIGTERM)
-    psutil.wait_procs([root], timeout=30)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
 
 
 def main() -> None:

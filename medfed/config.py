@@ -181,11 +181,6 @@ class RunConfig:
         )
 
     @property
-    def required_sites(self) -> int:
-        """Sites that must be connected for a round to start, and valid updates for it to count."""
-        return self.min_sites or self.num_sites
-
-    @property
     def sites_per_round(self) -> int:
         """How many sites the server samples for a training round (as the strategy does)."""
         return max(1, min(self.num_sites, int(self.num_sites * self.fraction_train)))

@@ -156,5 +156,19 @@ NO_PRETRAIN = "none"
 SITE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """A deployment site's name (kit folder, SuperNode, ledger): 1-32 of a-z 0-9 - _, not starting with - or _."""
 
+
+def check_site_names(sites: list[str], reserved: frozenset[str] = frozenset()) -> None:
+    """At least one site, each named by `SITE_NAME_PATTERN` and not ``reserved``, none twice; else ConfigError."""
+    from medfed.exceptions import ConfigError
+
+    if not sites:
+        raise ConfigError("--sites must name at least one site (e.g. h1,h2,h3)")
+    for s in sites:
+        if not SITE_NAME_PATTERN.match(s) or s in reserved:
+            raise ConfigError(f"site name {s!r} must be 1-32 lower-case letters, digits, '-' or '_', starting "
+                              f"with a letter or digit" + (f", and not one of {sorted(reserved)}" if reserved else ""))
+    if len(set(sites)) != len(sites):
+        raise ConfigError(f"--sites names a site twice: {','.join(sites)}")
+
 RESUME_KEY = "resume-from"
 """Run-config key of a resumed deployment run; never part of what a site is asked to train."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from conftest import make_metadata
 from medfed.constants import Phase
 from medfed.exceptions import FederationError
 from medfed.strategies.shared_weights import SiteReport, check_reply, make_strategy
@@ -187,3 +187,17 @@ def test_a_refusal_that_carries_arrays_is_not_a_refusal() -> None:
     msg.content["refusal"] = ConfigRecord({"reason": "sneaky"})
     with pytest.raises(FederationError):  # treated as a normal reply, which breaks the contract (extra record)
         strategy().aggregate_train(1, [msg])
+
+
+def test_min_sites_sets_the_sites_a_round_waits_for_and_the_valid_updates_it_needs() -> None:
+    s = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=list(SENT.keys()), num_sites=3, fraction_train=1.0,
+                      evaluate=True, min_sites=2)
+    assert (s.min_available_nodes, s.min_train_nodes, s.min_evaluate_nodes) == (2, 2, 2)
+    s._sent = SENT
+    arrays, _ = s.aggregate_train(1, [good(1.0, 1, 0), good(3.0, 1, 1)])  # the third site died: 2 >= 2
+    np.testing.assert_allclose(arrays["encoder.w"].numpy(), 2.0)
+    with pytest.raises(FederationError, match="1 valid site update\\(s\\), fewer than min-sites 2"):
+        s.aggregate_train(2, [good(1.0, 1, 0)])
+    default = strategy()  # min-sites 0: every site must be connected, one valid update suffices
+    assert default.min_available_nodes == 3
+    default.aggregate_train(1, [good(1.0, 1, 0)])

@@ -103,10 +103,8 @@ def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dic
         return None
     if NodeConfigKey.DATA_PATH in node_config and NodeConfigKey.LEDGER_PATH not in node_config:
         raise ConfigError("dp is on: this site's node config must name its 'ledger-path' (on the site's own disk)")
-    if NodeConfigKey.LEDGER_PATH in node_config:
-        default_dir = Path(".")  # unused: the node config names the ledger
-    else:
-        default_dir = Path(str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
+    default_dir = None if NodeConfigKey.LEDGER_PATH in node_config else Path(
+        str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
     privacy = SitePrivacy.resolve(cfg, str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id)), node_config, default_dir)
     return PrivacyGuard(privacy, str(extras.get(RUN_ID_KEY, "")))
 

@@ -31,8 +31,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +39,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medfed.constants import SITE_NAME_PATTERN
+from medfed.constants import check_site_names
 from medfed.exceptions import ConfigError
+from medfed.files import build_folder
 
-SITE_NAME = SITE_NAME_PATTERN
-RESERVED_NAMES = {"ca", "server"}
+RESERVED_NAMES = frozenset({"ca", "server"})
 CA_DIR, SERVER_DIR = "ca", "server"
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
@@ -70,14 +68,7 @@ class ProvisionPlan:
     dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        if not self.sites:
-            raise ConfigError("--sites must name at least one site (e.g. h1,h2,h3)")
-        for s in self.sites:
-            if not SITE_NAME.match(s) or s in RESERVED_NAMES:
-                raise ConfigError(f"site name {s!r} must be 1-32 lower-case letters, digits, '-' or '_', starting "
-                                  f"with a letter or digit, and not one of {sorted(RESERVED_NAMES)}")
-        if len(set(self.sites)) != len(self.sites):
-            raise ConfigError(f"--sites names a site twice: {','.join(self.sites)}")
+        check_site_names(self.sites, reserved=RESERVED_NAMES)
         if not 1 <= self.days <= 3650:
             raise ConfigError(f"--days (certificate lifetime) must be in [1, 3650]; got {self.days}")
         if not self.sans:
@@ -192,19 +183,7 @@ def site_toml(site: str, index: int, plan: ProvisionPlan) -> str:
 def provision(plan: ProvisionPlan, *, overwrite: bool = False) -> Path:
     """Create the CA, the server kit and one kit per site under ``plan.out``; returns ``plan.out``."""
     out = plan.out.expanduser()
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; refusing to overwrite kits and keys (pass --force to replace it)")
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    try:
-        _build(plan, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build_folder(out, lambda tmp: _build(plan, tmp), overwrite=overwrite, refusal="refusing to overwrite kits and keys")
     return out
 
 

@@ -62,15 +62,22 @@ class SitePrivacy:
     key_path: Path
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, site: str, node_config: Mapping[str, object], default_ledger_dir: Path) -> SitePrivacy:
-        """Run settings, overridden by the site's node config (ledger path, key, a lower budget)."""
+    def resolve(cls, cfg: RunConfig, site: str, node_config: Mapping[str, object],
+                default_ledger_dir: Path | None) -> SitePrivacy:
+        """Run settings, overridden by the site's node config (ledger path, key, a lower budget).
+        ``default_ledger_dir`` holds the ledger when the node config names none (simulation)."""
         epsilon, delta = cfg.dp_epsilon, cfg.dp_delta
         if NodeConfigKey.DP_EPSILON in node_config:
             epsilon = min(epsilon, _number(node_config, NodeConfigKey.DP_EPSILON))
         if NodeConfigKey.DP_DELTA in node_config:
             delta = min(delta, _number(node_config, NodeConfigKey.DP_DELTA))
         check_budget(epsilon, delta)
-        ledger = Path(str(node_config.get(NodeConfigKey.LEDGER_PATH, default_ledger_dir / f"site-{site}{LEDGER_SUFFIX}")))
+        if NodeConfigKey.LEDGER_PATH in node_config:
+            ledger = Path(str(node_config[NodeConfigKey.LEDGER_PATH]))
+        elif default_ledger_dir is not None:
+            ledger = default_ledger_dir / f"site-{site}{LEDGER_SUFFIX}"
+        else:
+            raise ConfigError(f"site {site}: no ledger-path in its node config and no default ledger folder")
         key = Path(str(node_config.get(NodeConfigKey.SIGNING_KEY, ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + KEY_SUFFIX))))
         return cls(
             site=site, epsilon=epsilon, delta=delta, accountant=check_accountant(cfg.dp_accountant),

@@ -14,7 +14,6 @@ trains is the same):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import uuid
@@ -26,7 +25,7 @@ from medfed.constants import Baselines, Mode
 from medfed.exceptions import ConfigError
 from medfed.resources import ResourceMonitor
 from medfed.server.phases import ArmContext, run_federated
-from medfed.server.recorder import Listener, Recorder, json_safe
+from medfed.server.recorder import Listener, Recorder
 from medfed.server.resume import check_same_settings, drop_unfinished_rows, load_round_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,16 @@ def final_name(partial: Path) -> str:
 
 def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = None) -> Path:
     """Run (or resume) the deployment run of ``cfg`` on ``grid``; returns the finished run directory."""
-    from medfed.server.report import write_report
-    from medfed.simulations.runner import arm_config, arms_for, prepare, publish, unique_dir
+    from medfed.simulations.runner import (
+        arm_config,
+        arm_summary,
+        arms_for,
+        prepare,
+        publish,
+        run_summary,
+        unique_dir,
+        write_summary_and_report,
+    )
 
     if cfg.mode != Mode.FEDERATED:
         raise ConfigError(f"mode {cfg.mode} trains outside the federation; a deployment runs mode federated")
@@ -91,14 +98,9 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     except BaseException:
         log.error("the run stopped; its directory is kept: continue it with `medfed run --resume %s`", run_dir)
         raise
-    summary: dict[str, Any] = {
-        "config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe), "run_id": run_id,
-        "resumed": resume is not None,
-        "arms": {arm.name: {"mode": arm.mode, "pretrain": arm.pretrain, "test": metrics, "per_site_test": {},
-                            "wall_seconds": monitor.wall_seconds, "peak_memory_mb": monitor.peak_bytes / 2**20}},
-    }
-    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-    write_report(run_dir, summary, recorder.rows, data_info, title=final.name)
+    summary = run_summary(cfg, run_id) | {"resumed": resume is not None}
+    summary["arms"][arm.name] = arm_summary(arm, metrics, {}, monitor)
+    write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
     final = publish(run_dir, final)
     print(f"medfed run directory: {final}", flush=True)
     return final

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medfed.constants import RESUME_KEY, Phase
@@ -80,7 +81,7 @@ def load_round_checkpoint(run_dir: Path) -> RoundCheckpoint:
         return RoundCheckpoint(run_id=state["run_id"], arm=state["arm"], phase=Phase(state["phase"]),
                                completed_round=int(state["completed_round"]), settings=dict(state["settings"]),
                                weights=weights)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise ConfigError(f"resume-from {str(run_dir)!r}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
 
 

@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.client.algo import check_loss_fits_task, initial_encoder_state
-from medfed.config import RunConfig
-from medfed.exceptions import ConfigError
 import numpy as np
 import torch
 
+from medfed.client.algo import check_loss_fits_task, initial_encoder_state
+from medfed.config import RunConfig
 from medfed.constants import NO_PRETRAIN, Baselines, DPScope, EncoderKind, FinetuneMode, Mode, Phase
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.transforms import scale_intensity
+from medfed.exceptions import ConfigError
 from medfed.models.encoders import InputSpec, resolve_encoder_kind, vit_patch_size
 from medfed.resources import ResourceMonitor
 from medfed.server.evaluation import TestSet
@@ -237,7 +237,7 @@ def arms_for_flower_runtime(cfg: RunConfig, arms: list[Arm], grid: Any) -> list[
     """Inside a Flower runtime only federated arms run: the others would train on the server's
     own copy of the data, which in a deployment is not the sites' data."""
     nodes = len(list(grid.get_node_ids()))
-    if cfg.site_data == "partition" and nodes < cfg.num_sites:
+    if nodes < cfg.num_sites:
         raise ConfigError(f"num-sites is {cfg.num_sites} but only {nodes} SuperNodes are connected")
     if arms[0].mode != Mode.FEDERATED:
         raise ConfigError(f"mode {arms[0].mode} trains outside the federation; run it with `medfed simulate`")
@@ -252,6 +252,28 @@ def progress_units(cfg: RunConfig) -> int:
         pre = cfg.pretrain_rounds if arm.pretrain != NO_PRETRAIN and not cfg.encoder_init else 0
         total += sites * (pre + cfg.finetune_recipe.rounds)
     return total
+
+
+def run_summary(cfg: RunConfig, run_id: str) -> dict[str, Any]:
+    """summary.json before its arms: the settings, the resolved fine-tuning recipe, the run id."""
+    return {"config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe), "run_id": run_id,
+            "arms": {}}
+
+
+def arm_summary(arm: Arm, metrics: dict[str, float], per_site: dict[int, dict[str, float]],
+                monitor: ResourceMonitor) -> dict[str, Any]:
+    """One arm's entry in summary.json."""
+    return {"mode": arm.mode, "pretrain": arm.pretrain, "test": metrics,
+            "per_site_test": {str(k): v for k, v in per_site.items()}, "wall_seconds": monitor.wall_seconds,
+            "peak_memory_mb": monitor.peak_bytes / 2**20}
+
+
+def write_summary_and_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+                             data_info: dict[str, Any], title: str) -> None:
+    from medfed.server.report import write_report
+
+    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+    write_report(run_dir, summary, rows, data_info, title=title)
 
 
 def publish(partial: Path, final: Path) -> Path:
@@ -280,8 +302,6 @@ def run_experiment(
 
     ``grid``: the Flower Grid when called from a ServerApp inside a Flower runtime.
     """
-    from medfed.server.report import write_report
-
     if cfg.site_data == "own":
         from medfed.server.deployment import run_deployment
 
@@ -306,21 +326,12 @@ def run_experiment(
         data_info = {**prep.data.describe(), "sites": summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
-        summary: dict[str, Any] = {"config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe),
-                                   "run_id": run_id, "arms": {}}
+        summary = run_summary(cfg, run_id)
         for arm in arms:
             with ResourceMonitor() as monitor:
                 metrics, per_site = run_arm(prep, arm, run_dir, recorder, verbose=verbose, grid=grid, run_id=run_id)
-            summary["arms"][arm.name] = {
-                "mode": arm.mode,
-                "pretrain": arm.pretrain,
-                "test": metrics,
-                "per_site_test": {str(k): v for k, v in per_site.items()},
-                "wall_seconds": monitor.wall_seconds,
-                "peak_memory_mb": monitor.peak_bytes / 2**20,
-            }
-        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-        write_report(run_dir, summary, recorder.rows, data_info, title=final.name)
+            summary["arms"][arm.name] = arm_summary(arm, metrics, per_site, monitor)
+        write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
         final = publish(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

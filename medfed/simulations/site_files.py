@@ -11,15 +11,13 @@ is complete or absent: the folder is built under a temporary name and renamed in
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from medfed.constants import SITE_NAME_PATTERN as SITE_NAME
+from medfed.constants import check_site_names
 from medfed.data.medmnist import REQUIRED_KEYS, load_medmnist
-from medfed.exceptions import ConfigError
+from medfed.files import build_folder
 from medfed.simulations.partition import make_site_plan, summarize
 
 SITES_JSON = "sites.json"
@@ -28,42 +26,27 @@ SITES_JSON = "sites.json"
 def write_site_files(data: str, sites: list[str], out: Path, *, partition: str = "iid", alpha: float = 0.5,
                      seed: int = 0, min_site_size: int = 10, overwrite: bool = False) -> dict[str, Path]:
     """Write ``OUT/<site>/<flag>.npz`` for each site; returns the file of each site."""
-    if not sites:
-        raise ConfigError("--sites must name at least one site")
-    for s in sites:
-        if not SITE_NAME.match(s):
-            raise ConfigError(f"site name {s!r} must be 1-32 lower-case letters, digits, '-' or '_'")
-    if len(set(sites)) != len(sites):
-        raise ConfigError(f"--sites names a site twice: {','.join(sites)}")
-    out = out.expanduser()
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; refusing to overwrite site data (pass --force to replace it)")
+    check_site_names(sites)
     source = load_medmnist(data)  # validated: keys, shapes, labels
     plan = make_site_plan(source.train.labels, source.val.labels, source.task, test_labels=source.test.labels,
                           scheme=partition, num_sites=len(sites), alpha=alpha, label_fraction=1.0, seed=seed,
                           data_sha256=source.sha256, min_site_size=min_site_size)
     with np.load(source.path, allow_pickle=False) as npz:
         raw = {k: npz[k] for k in REQUIRED_KEYS}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    files: dict[str, Path] = {}
-    try:
+    out = out.expanduser()
+
+    def build(tmp: Path) -> None:
         for name, split in zip(sites, plan.sites, strict=True):
             (tmp / name).mkdir()
             parts = {"train": split.train, "val": split.val, "test": split.test}
             arrays = {f"{s}_{kind}": raw[f"{s}_{kind}"][np.asarray(idx, dtype=np.int64)]
                       for s, idx in parts.items() for kind in ("images", "labels")}
             np.savez_compressed(tmp / name / f"{source.name}.npz", **arrays)
-            files[name] = out / name / f"{source.name}.npz"
         counts = summarize(plan, source.train.labels, source.val.labels, source.task)
         (tmp / SITES_JSON).write_text(json.dumps({
             "source": str(source.path), "sha256": source.sha256, "partition": partition, "alpha": alpha, "seed": seed,
-            "sites": {name: c for name, c in zip(sites, counts, strict=True)},
+            "sites": dict(zip(sites, counts, strict=True)),
         }, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return files
+
+    build_folder(out, build, overwrite=overwrite, refusal="refusing to overwrite site data")
+    return {name: out / name / f"{source.name}.npz" for name in sites}

@@ -295,15 +295,13 @@ class SharedWeightsMixin:
         settings, rule = self.aggregation, self.aggregation.rule
         updates = [_update_arrays(m) for m in valid]
         n = len(updates)
-        if rule == AggregationRule.KRUM:
-            problem = robust.krum_problem(n, settings.krum_byzantine, settings.krum_select)
-            if problem:  # sites failed, refused or were rejected this round: too few left for Krum's guarantee
-                fallback = AggregationRule.MEDIAN if n >= 3 else AggregationRule.MEAN
-                log(WARNING, "%s round %s: %s accepted update(s) left, too few for Krum (%s); this round uses the "
-                    "coordinate-wise %s", self.phase.value, server_round, n, problem, fallback.value)
-                aggregated = robust.aggregate(fallback, updates, trim_fraction=settings.trim_fraction)
-                metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
-                return ArrayRecord({key: Array(value) for key, value in aggregated.items()}), metrics
+        problem = robust.krum_problem(n, settings.krum_byzantine, settings.krum_select) if rule == AggregationRule.KRUM else ""
+        if problem:  # sites failed, refused or were rejected this round: too few left for Krum's guarantee
+            fallback = AggregationRule.MEDIAN if n >= 3 else AggregationRule.MEAN
+            log(WARNING, "%s round %s: %s accepted update(s) left, too few for Krum (%s); this round uses the "
+                "coordinate-wise %s", self.phase.value, server_round, n, problem, fallback.value)
+            aggregated = robust.aggregate(fallback, updates)
+        elif rule == AggregationRule.KRUM:
             chosen = robust.krum_selection(updates, settings.krum_byzantine, settings.krum_select)
             sites = [int(_scalar_metrics(valid[i].content)[MetricKey.SITE_ID]) for i in chosen]
             log(INFO, "%s round %s: Krum (f=%s) kept site(s) %s of %s updates", self.phase.value, server_round,
