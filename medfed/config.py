@@ -18,12 +18,14 @@ from medfed.constants import (
     NO_PRETRAIN,
     AggregationRule,
     Baselines,
+    CentralDP,
     DPScope,
     EncoderKind,
     FinetuneMode,
     GradSampleMode,
     Mode,
     PartitionScheme,
+    SecureAggregation,
     StrategyName,
 )
 from medfed.exceptions import ConfigError
@@ -118,6 +120,15 @@ class RunConfig:
     fraction_train: float = 1.0
     min_sites: int = 0  # a round needs this many sites connected and this many valid updates (0: num-sites)
     round_timeout: float = 3600.0  # seconds a round waits for the sites' replies
+    # secure aggregation and central (site-level) DP, on the server's side (docs/PRIVACY.md)
+    secure_aggregation: str = SecureAggregation.NONE.value  # none | secagg+ (Flower's SecAgg+)
+    secagg_num_shares: float = 1.0  # secagg+: each site's secrets are shared with this fraction of the sampled sites
+    secagg_threshold: float = 0.67  # secagg+: fraction of those shares needed to unmask (>= 2); fewer sites: round fails
+    secagg_clipping_range: float = 8.0  # secagg+: values are quantised in [-r, r]; a shared weight outside fails the round
+    central_dp: str = CentralDP.NONE.value  # none | server-clip | client-clip
+    central_dp_noise_multiplier: float = 1.0  # z: noise std on the mean is z x clipping norm / sites aggregated
+    central_dp_clipping_norm: float = 1.0  # C: L2 bound on one site's update (local minus global shared weights)
+    central_dp_delta: float = 1e-3  # delta of the site-level guarantee; must be < 1 / num-sites
     # deployment (Flower's deployment runtime, `medfed run`)
     site_data: str = "partition"  # partition: the server splits --data (simulation) | own: each site's data-path
     resume_from: str = ""  # a deployment run directory to continue from its last completed round
@@ -309,6 +320,7 @@ def _validate(c: RunConfig) -> None:
         raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
     _validate_aggregation(c)
     _validate_privacy(c)
+    _validate_secure_aggregation(c)
     if c.run_name and (Path(c.run_name).name != c.run_name or c.run_name.startswith(".")):
         raise ConfigError(f"run-name must be a plain folder name; got {c.run_name!r}")
 
@@ -389,3 +401,42 @@ def _validate_privacy(c: RunConfig) -> None:
     if scope.covers_finetune and c.finetune_loss == "logit-adjusted":
         raise ConfigError("finetune-loss logit-adjusted uses the site's label counts, which DP-SGD does not protect; "
                           "use finetune-loss ce under dp")
+
+
+def _validate_secure_aggregation(c: RunConfig) -> None:
+    """SecAgg+ and central DP, and the combinations Flower 1.41 or the mathematics cannot honour."""
+    _choice("secure_aggregation", c.secure_aggregation, [s.value for s in SecureAggregation])
+    _choice("central_dp", c.central_dp, [m.value for m in CentralDP])
+    if not 0 < c.secagg_num_shares <= 1:
+        raise ConfigError(f"secagg-num-shares must be a fraction in (0, 1] of the sites sampled; got {c.secagg_num_shares}")
+    if not 0 < c.secagg_threshold <= 1:
+        raise ConfigError(f"secagg-threshold must be a fraction in (0, 1] of the shares; got {c.secagg_threshold}")
+    if not c.secagg_clipping_range > 0:
+        raise ConfigError(f"secagg-clipping-range must be > 0; got {c.secagg_clipping_range}")
+    secagg = c.secure_aggregation == SecureAggregation.SECAGG_PLUS
+    central = CentralDP(c.central_dp)
+    if secagg:
+        if c.sites_per_round < 2:
+            raise ConfigError(f"secure-aggregation secagg+ needs at least 2 sites per round (num-sites x fraction-train); "
+                              f"got {c.sites_per_round}")
+        if c.aggregation != AggregationRule.MEAN:
+            raise ConfigError(f"secure-aggregation secagg+ cannot be combined with aggregation {c.aggregation}: a robust "
+                              "rule needs every site's update, and SecAgg+ shows the server only their sum")
+        if c.norm_outlier_factor > 0:
+            raise ConfigError("secure-aggregation secagg+ cannot be combined with norm-outlier-factor: the screen compares "
+                              "each site's update, and SecAgg+ shows the server only their sum")
+        if central == CentralDP.SERVER_CLIP:
+            raise ConfigError("central-dp server-clip cannot be combined with secure-aggregation secagg+: the server would "
+                              "have to clip each site's update, which SecAgg+ hides; use central-dp client-clip")
+    if central == CentralDP.NONE:
+        return
+    if not c.central_dp_noise_multiplier > 0:
+        raise ConfigError(f"central-dp-noise-multiplier must be > 0; got {c.central_dp_noise_multiplier}")
+    if not c.central_dp_clipping_norm > 0:
+        raise ConfigError(f"central-dp-clipping-norm must be > 0; got {c.central_dp_clipping_norm}")
+    if not 0 < c.central_dp_delta < 1 / c.num_sites:
+        raise ConfigError(f"central-dp-delta must be in (0, 1/num-sites = {1 / c.num_sites:.3g}): the unit of privacy is "
+                          f"a whole site; got {c.central_dp_delta}")
+    if c.aggregation != AggregationRule.MEAN:
+        raise ConfigError(f"central-dp cannot be combined with aggregation {c.aggregation}: the noise is calibrated to the "
+                          "sensitivity of the mean of clipped updates (C / sites), not of a robust rule")

@@ -74,6 +74,26 @@ class AggregationRule(StrEnum):
     KRUM = "krum"  # Krum / Multi-Krum (Blanchard et al., NeurIPS 2017)
 
 
+class SecureAggregation(StrEnum):
+    """How sites' updates are combined so the server cannot read them one by one."""
+
+    NONE = "none"  # the server sees every site's update (and checks each against the reply contract)
+    SECAGG_PLUS = "secagg+"  # Flower's SecAgg+ (Bell et al., CCS 2020): the server learns only the sum
+
+
+SECAGG_SENT_KEYS = "secagg-sent-keys"  # names of the arrays sent, newline-joined (legacy Parameters carry none)
+SECAGG_SHARED_KEYS = "secagg-shared-keys"  # names of the arrays each site returns into the secure sum, in order
+SECAGG_REFUSAL_METRIC = "refusal-reason"  # a refusing site's reason, in its plaintext fit metrics
+
+
+class CentralDP(StrEnum):
+    """Central (site-level) DP on the aggregate: each site's update clipped, Gaussian noise on the mean."""
+
+    NONE = "none"
+    SERVER_CLIP = "server-clip"  # the server clips every update (it must see them: not with secagg+)
+    CLIENT_CLIP = "client-clip"  # each site clips its own update before sending (works under secagg+)
+
+
 class EncoderKind(StrEnum):
     """Encoder family; AUTO picks ViT for MAE and the CNN otherwise."""
 
@@ -132,6 +152,9 @@ class MetricKey(StrEnum):
     SAMPLE_RATE = "sample-rate"
     DP_STEPS = "dp-steps"
     REFUSED = "refused"
+    CENTRAL_EPSILON = "central-epsilon"  # the server's site-level epsilon after a central-DP release
+    CLIPPING_NORM = "clipping-norm"
+    NOISE_STD = "noise-std"
     REPLAYED = "replayed"  # 1: the site re-sent its earlier release of this round (server resumed); no new spending
 
 

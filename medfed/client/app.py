@@ -14,18 +14,39 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM as CLIPPING_NORM_KEY
 
 from medfed.client.algo import SiteAlgo
 from medfed.client.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 from medfed.config import RunConfig
-from medfed.constants import RESUME_KEY, DPScope, MetricKey, NodeConfigKey, Phase, RecordKey
+from medfed.constants import (
+    RESUME_KEY,
+    SECAGG_REFUSAL_METRIC,
+    SECAGG_SENT_KEYS,
+    SECAGG_SHARED_KEYS,
+    CentralDP,
+    DPScope,
+    MetricKey,
+    NodeConfigKey,
+    Phase,
+    RecordKey,
+)
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.exceptions import ConfigError, DataError, PrivacyBudgetExceeded
+from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
 
@@ -33,7 +54,8 @@ from medfed.simulations.partition import SPLIT_FILE, SitePlan
 PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY = "phase", "run-dir", "data-file", "server-round"
 RUN_ID_KEY = "run-id"  # names the run in the sites' ledgers
 LEDGER_DIR_KEY = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
-EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY)
+LEGACY_FITINS_CONFIG, LEGACY_FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # SecAgg+ (legacy layout)
+EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY, CLIPPING_NORM_KEY)
 REFUSAL_REASON = "reason"
 
 app = ClientApp()
@@ -109,17 +131,23 @@ def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dic
     return PrivacyGuard(privacy, str(extras.get(RUN_ID_KEY, "")))
 
 
-def _refusal(msg: Message, site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExceeded) -> Message:
+@dataclass
+class TrainOutcome:
+    """What a site releases for a train message: its shared weights and metrics, or a refusal."""
+
+    shared: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    refusal: str = ""
+
+
+def _refusal(site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExceeded) -> TrainOutcome:
     """A site's refusal: no arrays, its spending so far, and why (the server records it)."""
     metrics = {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}
     if guard is not None:
         p = guard.privacy
         metrics |= {MetricKey.EPSILON.value: guard.spent(), MetricKey.DELTA.value: p.delta,
                     MetricKey.EPSILON_BUDGET.value: p.epsilon}
-    content = RecordDict({
-        RecordKey.METRICS.value: MetricRecord(metrics), RecordKey.REFUSAL.value: ConfigRecord({REFUSAL_REASON: str(exc)}),
-    })
-    return Message(content=content, reply_to=msg)
+    return TrainOutcome(None, metrics, str(exc))
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
@@ -129,9 +157,26 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) 
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, extras = read_message_config(msg.content[RecordKey.CONFIG.value])
+def clip_for_central_dp(cfg: RunConfig, extras: dict[str, object], shared: dict[str, torch.Tensor],
+                        incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """central-dp client-clip: the site's update (shared weights minus those it was sent) clipped to the norm
+    Flower's client-side DP wrapper sent (``clipping_norm``), which must be the run's central-dp-clipping-norm."""
+    if cfg.central_dp != CentralDP.CLIENT_CLIP:
+        return shared
+    norm = float(extras.get(CLIPPING_NORM_KEY, cfg.central_dp_clipping_norm))  # type: ignore[arg-type]
+    if norm != cfg.central_dp_clipping_norm:
+        raise ConfigError(f"the server asks for clipping norm {norm:g} but the run's central-dp-clipping-norm is "
+                          f"{cfg.central_dp_clipping_norm:g}")
+    weights = {k: v.detach().cpu().numpy() for k, v in shared.items()}
+    reference = {k: incoming[k].detach().cpu().numpy() for k in shared}
+    clipped, _ = clip_update(weights, reference, norm)
+    return {k: torch.from_numpy(v) for k, v in clipped.items()}
+
+
+def train_site(config: ConfigRecord, incoming: dict[str, torch.Tensor], context: Context) -> TrainOutcome:
+    """One training round at this site (Flower-free apart from ``context``'s node config and state): replay a
+    release already made, or train, record the DP cost, clip for central DP, and return what leaves."""
+    cfg, extras = read_message_config(config)
     phase, server_round = Phase(str(extras[PHASE_KEY])), int(extras[ROUND_KEY])
     node_config = dict(context.node_config)
     site = load_site(node_config, cfg, extras)
@@ -140,11 +185,10 @@ def train(msg: Message, context: Context) -> Message:
     except ValueError:
         raise ConfigError(f"node config dp-require must be one of {', '.join(s.value for s in DPScope)}") from None
     if required.covers(phase) and not DPScope(cfg.dp).covers(phase):
-        return _refusal(msg, site, None, PrivacyBudgetExceeded(
+        return _refusal(site, None, PrivacyBudgetExceeded(
             f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); the run has dp {cfg.dp}"))
     guard = privacy_guard(cfg, site, node_config, extras)
     algo = SiteAlgo(cfg, site, guard)
-    incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
     cache = release_cache(node_config)
     run_id = str(extras.get(RUN_ID_KEY, ""))
     settings = {k: v for k, v in cfg.to_flat().items() if k != RESUME_KEY}  # a resumed run asks the same question
@@ -152,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
         # the server asks again for a round this site already released (it was resumed): send that
         # same release; training again would spend privacy a second time for one round
-        return _reply(msg, ArrayRecord(kept.arrays), {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
+        return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
     try:
         if phase == Phase.PRETRAIN:
             local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
@@ -164,7 +208,8 @@ def train(msg: Message, context: Context) -> Message:
     except PrivacyBudgetExceeded as exc:
         if guard is None:  # only a privacy guard refuses rounds
             raise
-        return _refusal(msg, site, guard, exc)
+        return _refusal(site, guard, exc)
+    shared = clip_for_central_dp(cfg, extras, shared, incoming)
     metrics = {
         MetricKey.NUM_EXAMPLES.value: stats.num_examples,
         MetricKey.SITE_ID.value: site.site_id,
@@ -179,7 +224,57 @@ def train(msg: Message, context: Context) -> Message:
         metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # start-up + reading data + training
     if cache is not None:
         cache.put(run_id, phase.value, key, Release(shared, metrics))
-    return _reply(msg, ArrayRecord(shared), metrics)
+    return TrainOutcome(shared, metrics)
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its stage record); every
+    other train message goes straight to the handler (the mod would reject it)."""
+    if SECAGG_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _train_secagg(msg: Message, context: Context) -> Message:
+    """The handler's side of a SecAgg+ round: Flower's legacy layout in (``fitins.*``, arrays unnamed), a
+    ``fitres`` out whose parameters ``secaggplus_mod`` masks. Weight 1, or 0 for a refusal (zeros of the right
+    shapes, so the secure sum still adds up; the reason travels in the clear metrics)."""
+    config = msg.content.config_records[LEGACY_FITINS_CONFIG]
+    sent_keys, shared_keys = str(config[SECAGG_SENT_KEYS]).split("\n"), str(config[SECAGG_SHARED_KEYS]).split("\n")
+    values = list(msg.content.array_records[LEGACY_FITINS_PARAMETERS].values())
+    if len(values) != len(sent_keys):
+        raise DataError(f"SecAgg+ round: {len(values)} arrays arrived for {len(sent_keys)} names")
+    incoming = {k: torch.from_numpy(np.array(v.numpy())) for k, v in zip(sent_keys, values, strict=True)}
+    own = ConfigRecord({k: v for k, v in config.items() if k not in (SECAGG_SENT_KEYS, SECAGG_SHARED_KEYS)})
+    outcome = train_site(own, incoming, context)
+    metrics: dict[str, Any] = dict(outcome.metrics)
+    if outcome.shared is None:
+        arrays, weight = [np.zeros_like(incoming[k].numpy()) for k in shared_keys], 0
+        metrics[SECAGG_REFUSAL_METRIC] = outcome.refusal
+    else:
+        if sorted(outcome.shared) != sorted(shared_keys):
+            raise DataError("SecAgg+ round: this site's shared weights differ from the arrays the server sums")
+        arrays, weight = [outcome.shared[k].detach().cpu().numpy() for k in shared_keys], 1
+        limit = read_message_config(own)[0].secagg_clipping_range
+        peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+        if peak > limit:
+            raise DataError(f"SecAgg+ round: a shared weight of magnitude {peak:.4g} lies outside the quantisation range "
+                            f"[-{limit:g}, {limit:g}] (secagg-clipping-range); raise it rather than have the sum clipped")
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
+    return Message(content=fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+@app.train(mods=[secagg_when_asked])
+def train(msg: Message, context: Context) -> Message:
+    if LEGACY_FITINS_CONFIG in msg.content.config_records:  # a SecAgg+ round (Flower's legacy layout)
+        return _train_secagg(msg, context)
+    incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
+    outcome = train_site(msg.content[RecordKey.CONFIG.value], incoming, context)
+    if outcome.shared is None:
+        content = RecordDict({RecordKey.METRICS.value: MetricRecord(outcome.metrics),
+                              RecordKey.REFUSAL.value: ConfigRecord({REFUSAL_REASON: outcome.refusal})})
+        return Message(content=content, reply_to=msg)
+    return _reply(msg, ArrayRecord(outcome.shared), outcome.metrics)
 
 
 @app.evaluate()

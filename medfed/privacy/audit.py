@@ -30,7 +30,16 @@ from typing import Any
 
 from medfed.exceptions import LedgerError
 from medfed.privacy.independent import INDEPENDENT_FOR, compare, independent_epsilon
-from medfed.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_NONE, LedgerEntry, load_public_key, verify_ledger
+from medfed.privacy.ledger import (
+    MECHANISM_CENTRAL,
+    MECHANISM_DP_SGD,
+    MECHANISM_NONE,
+    LedgerEntry,
+    load_public_key,
+    verify_ledger,
+)
+
+DP_MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_CENTRAL)  # rows an accountant composes (one kind per ledger)
 from medfed.privacy.plots import plot_epsilon
 
 LEDGER_GLOB = "*.ledger.sqlite"
@@ -40,6 +49,12 @@ UNIT_OF_PRIVACY = (
     "as example counts and validation scores are not covered; see docs/PRIVACY.md). MedMNIST files carry no patient identifiers, so a "
     "patient with several images is protected per image, not as a person; deployments with patient ids should "
     "group a patient's images into one example."
+)
+CENTRAL_UNIT_OF_PRIVACY = (
+    "for the ledger of site `central` (the server's central DP on the aggregate): one whole site (site-level DP, "
+    "zero-out adjacency): replacing all of one site's update with zero changes the distribution of the released "
+    "global weights by at most (epsilon, delta). It covers what anyone who receives the global model learns; the "
+    "server itself sees each update unless secure aggregation (secagg+) hides them (docs/PRIVACY.md)."
 )
 TOLERANCE = 0.01
 
@@ -126,7 +141,7 @@ def _run_config(target: Path) -> dict[str, Any] | None:
 
 
 def _history(entries: Sequence[LedgerEntry]) -> list[tuple[float, float, int]]:
-    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism == MECHANISM_DP_SGD]
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism in DP_MECHANISMS]
 
 
 def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float | None = None,
@@ -138,7 +153,7 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
     problems = list(verification.problems)
     checks: list[RowCheck] = []
     for i, entry in enumerate(entries):
-        if entry.mechanism != MECHANISM_DP_SGD:
+        if entry.mechanism not in DP_MECHANISMS:
             continue
         method = INDEPENDENT_FOR.get(entry.accountant)
         if method is None:
@@ -228,11 +243,18 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
         site_budget = budget if budget is not None else (float(config["dp-epsilon"]) if config and config.get("dp", "none") != "none" else None)
         ledgers = find_ledgers(target)
         if config is not None and config.get("dp", "none") == "none":
-            uncovered_runs.append(f"{target}: trained without DP (--dp none): every update that left a site "
-                                  f"({'pretraining and ' if config.get('pretrain') != 'none' else ''}fine-tuning) is uncovered")
+            protection = []
+            if config.get("secure-aggregation", "none") != "none":
+                protection.append("SecAgg+ showed the server only their sum")
+            if config.get("central-dp", "none") != "none":
+                protection.append("the released global model is covered per whole site by the central ledger")
+            uncovered_runs.append(f"{target}: trained without DP-SGD at the sites (--dp none): every update that left a site "
+                                  f"({'pretraining and ' if config.get('pretrain') != 'none' else ''}fine-tuning) is "
+                                  "uncovered at the example level" + (f" ({'; '.join(protection)})" if protection else ""))
         if not ledgers and (config is None or config.get("dp", "none") != "none"):
             raise LedgerError(f"no privacy ledger ({LEDGER_GLOB}) found under {str(target)!r}")
-        found = [audit_ledger(p, trusted_key=_trusted_key_for(trusted_keys, p), budget=site_budget, tolerance=tolerance)
+        found = [audit_ledger(p, trusted_key=_trusted_key_for(trusted_keys, p),
+                              budget=None if _is_central(p) else site_budget, tolerance=tolerance)
                  for p in ledgers]
         sites += found
         if config is not None:
@@ -240,6 +262,13 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
             uncovered_runs += _arms_without_ledgers(target, config, found)
     return AuditReport([str(t) for t in targets], UNIT_OF_PRIVACY, sites, run_problems, uncovered_runs, tolerance,
                        trusted_keys is not None)
+
+
+def _is_central(ledger: Path) -> bool:
+    """The server's central-DP ledger (its budget is not a site's dp-epsilon)."""
+    from medfed.privacy.central import CENTRAL_SITE
+
+    return ledger.name == f"{CENTRAL_SITE}.ledger.sqlite"
 
 
 def _trusted_key_for(trusted: Path | None, ledger: Path) -> Path | None:
@@ -263,6 +292,8 @@ def render_markdown(report: AuditReport, png: str | None, *, empirical: Any = No
     lines = [
         "# medfed privacy audit", "", f"**Verdict: {verdict}.** Targets: " + ", ".join(f"`{t}`" for t in report.targets), "",
         f"**Unit of privacy:** {report.unit_of_privacy}", "",
+        *([f"**Unit of privacy, central DP:** {CENTRAL_UNIT_OF_PRIVACY}", ""]
+          if any(_is_central(Path(s.ledger)) for s in report.sites) else []),
         ("Signatures were checked against the trusted keys given (`--trusted-keys`). " if report.trusted_keys else
          "**No trusted keys were given**: signatures were checked against the public key stored in each ledger, which "
          "proves integrity since that key signed, not who signed; pass `--trusted-keys` with the keys from provisioning. ")

@@ -47,7 +47,8 @@ from medfed.exceptions import ConfigError, LedgerError
 LEDGER_VERSION = 1
 MECHANISM_DP_SGD = "poisson-subsampled-gaussian"
 MECHANISM_NONE = "none"
-MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_NONE)
+MECHANISM_CENTRAL = "central-gaussian"  # the server's site-level Gaussian mechanism on an aggregate (q = 1)
+MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_NONE, MECHANISM_CENTRAL)
 
 _GENESIS_TAG = "medfed-privacy-ledger"
 _MAX_LISTED_PROBLEMS = 10
@@ -379,6 +380,15 @@ def _mechanism_problems(release: Release) -> list[str]:
             problems.append(f"noise_multiplier must be 0 for mechanism 'none', got {noise!r}")
         if not _is_int(steps) or steps != 0:
             problems.append(f"steps must be 0 for mechanism 'none', got {steps!r}")
+        return problems
+    if release.mechanism == MECHANISM_CENTRAL:  # no amplification by sampling is claimed: q is 1
+        problems = []
+        if not _is_real(rate) or rate != 1:
+            problems.append(f"sample_rate must be 1 for mechanism {MECHANISM_CENTRAL!r}, got {rate!r}")
+        if not _is_real(noise) or not noise > 0:
+            problems.append(f"noise_multiplier must be a finite number > 0, got {noise!r}")
+        if not _is_int(steps) or steps < 1:
+            problems.append(f"steps must be an integer >= 1, got {steps!r}")
         return problems
     dp = release.mechanism == MECHANISM_DP_SGD
     min_steps = 1 if dp else 0

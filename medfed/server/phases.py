@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -18,17 +19,21 @@ from flwr.serverapp import Grid
 from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
 from medfed.client.app import DATA_FILE_KEY, LEDGER_DIR_KEY, PHASE_KEY, RUN_DIR_KEY, RUN_ID_KEY
 from medfed.config import RunConfig
-from medfed.constants import DPScope, Phase
+from medfed.constants import DPScope, Phase, SecureAggregation
+from medfed.privacy.central import CentralDPSettings, CentralLedger
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import TestSet, evaluate_with_sites
 from medfed.server.recorder import GLOBAL, Recorder
 from medfed.server.resume import RoundCheckpoint, save_round_checkpoint
-from medfed.server.rounds import run_rounds
-from medfed.strategies.shared_weights import AggregationSettings, make_strategy
+from medfed.server.rounds import TrainRound, run_rounds
+from medfed.strategies.central_dp import wrap_central_dp
+from medfed.strategies.secagg import SecAggSettings, secagg_train_round
+from medfed.strategies.shared_weights import AggregationSettings, SharedWeightsMixin, make_strategy
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
 ROUND_SPLIT = "round"  # metrics.jsonl split name: the server's wall time of a round
 TEST_SITE_SPLIT = "test-site"  # metrics.jsonl split name: a site's share of the official test split
+CENTRAL_DP_SPLIT = "central-dp"  # metrics.jsonl split name: the server's central-DP release of a round
 FINAL_MODEL = "final_model.safetensors"
 
 
@@ -67,6 +72,28 @@ class ArmContext:
         )
 
 
+def federation(ctx: ArmContext, grid: Grid, strategy: SharedWeightsMixin, phase: Phase) -> tuple[Any, TrainRound | None]:
+    """The strategy as the round loop drives it, and its training exchange: wrapped in Flower's central-DP
+    wrapper when ``central-dp`` is on (one ledger row per release, in the arm's ledger folder), and exchanging
+    through SecAgg+ when ``secure-aggregation`` is ``secagg+``."""
+    cfg, outer = ctx.cfg, strategy
+    settings = CentralDPSettings.from_config(cfg)
+    if settings is not None:
+        def on_release(server_round: int, figures: dict[str, float]) -> None:
+            ctx.recorder.record(ctx.arm, phase, server_round, GLOBAL, CENTRAL_DP_SPLIT, figures)
+
+        ledger = CentralLedger(ctx.ledger_dir, f"{ctx.run_id}/{ctx.arm}", settings)
+        outer = wrap_central_dp(strategy, settings, ledger, on_release)
+    if cfg.secure_aggregation != SecureAggregation.SECAGG_PLUS:
+        return outer, None
+    secagg = SecAggSettings.from_config(cfg)
+
+    def train_round(server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
+        return secagg_train_round(strategy, grid, server_round, arrays, config, secagg, configure=outer)
+
+    return outer, train_round
+
+
 def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     """Run both phases over the grid; returns the final global test metrics.
 
@@ -103,10 +130,11 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
             encoder_state, first = resume.weights, resume.completed_round + 1
         strategy = make_strategy(cfg.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), evaluate=False,
                                  private=DPScope(cfg.dp).covers(Phase.PRETRAIN), **common)  # type: ignore[arg-type]
-        arrays, _ = run_rounds(strategy, grid, ArrayRecord(encoder_state), first_round=first,
+        outer, exchange = federation(ctx, grid, strategy, Phase.PRETRAIN)
+        arrays, _ = run_rounds(outer, grid, ArrayRecord(encoder_state), first_round=first,
                                last_round=cfg.pretrain_rounds, train_config=ctx.message_config(Phase.PRETRAIN),
                                after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.round_timeout,
-                               on_round_timing=timing(Phase.PRETRAIN))
+                               on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
         encoder_state = arrays.to_torch_state_dict()
         save_checkpoint(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
@@ -128,11 +156,12 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
 
     config = ctx.message_config(Phase.FINETUNE)
     last = cfg.finetune_recipe.rounds
-    arrays, server_metrics = run_rounds(strategy, grid, ArrayRecord(state), first_round=first, last_round=last,
+    outer, exchange = federation(ctx, grid, strategy, Phase.FINETUNE)
+    arrays, server_metrics = run_rounds(outer, grid, ArrayRecord(state), first_round=first, last_round=last,
                                         train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
                                         after_round=checkpoint(Phase.FINETUNE), timeout=cfg.round_timeout,
                                         evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
-                                        on_round_timing=timing(Phase.FINETUNE))
+                                        on_round_timing=timing(Phase.FINETUNE), train_round=exchange)
     save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
     final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
     return {k: float(v) for k, v in final.items()}

@@ -90,8 +90,8 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
     """Epsilon per site per round as the server received it (the aggregate is the max, never a mean)."""
     private = [r for r in rows if r.get("split") == "train" and r.get("epsilon") is not None]
     if cfg.get("dp", "none") == "none":
-        return ["", "## Privacy", "", "No differential privacy in this run (`--dp none`): every weight update that "
-                "left a site is uncovered exposure. See `medfed audit`."]
+        return ["", "## Privacy", "", "No DP-SGD at the sites in this run (`--dp none`): every weight update that "
+                "left a site is uncovered exposure at the example level. See `medfed audit`."]
     lines = ["", "## Privacy: epsilon per site per round (as reported to the server)", "",
              f"DP-SGD at the sites for: {cfg['dp']}; budget per site epsilon {cfg['dp-epsilon']}, delta {cfg['dp-delta']} "
              f"({cfg['dp-accountant']} accountant, clipping {cfg['dp-max-grad-norm']}). Unit of privacy: one training image "
@@ -129,6 +129,47 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
                        xlabel="round (pretraining rounds, then fine-tuning rounds)", title="privacy spent per site")
     if png:
         lines.append(f"![epsilon per site per round](plots/{png.name})")
+    return lines
+
+
+def server_privacy_section(rows: list[dict], cfg: dict) -> list[str]:
+    """Secure aggregation and central DP, composed with the sites' own (example-level) accounting."""
+    secagg = cfg.get("secure-aggregation", "none") == "secagg+"
+    central = cfg.get("central-dp", "none") != "none"
+    if not secagg and not central:
+        return []
+    lines = ["", "## Server-side protection: secure aggregation and central DP", ""]
+    if secagg:
+        lines.append("**SecAgg+** (Flower's SecAggPlusWorkflow): the server received each round only the sum of the sites' "
+                     f"shared weights (each site weight 1; shares {cfg['secagg-num-shares']:g}, threshold "
+                     f"{cfg['secagg-threshold']:g} of the sites sampled; values quantised over +-{cfg['secagg-clipping-range']:g}). "
+                     "Individual updates could not be checked or screened; each site's metrics arrived in the clear.")
+        lines.append("")
+    if not central:
+        return lines
+    releases = [r for r in rows if r.get("split") == "central-dp"]
+    lines += [f"**Central DP** ({cfg['central-dp']}): each site's update clipped to L2 norm {cfg['central-dp-clipping-norm']:g}, "
+              f"unweighted mean, Gaussian noise of std z x C / n with z = {cfg['central-dp-noise-multiplier']:g}. Unit of "
+              "privacy: one whole site (site-level DP); cumulative over every aggregate released (the server's signed "
+              f"ledger `ledgers/<arm>/central.ledger.sqlite`, RDP, delta {cfg['central-dp-delta']:g}).", "",
+              "| arm | phase | round | sites averaged | noise std | site-level epsilon |", "|---|---|---|---|---|---|"]
+    for r in releases:
+        lines.append(f"| {r['arm']} | {r['phase']} | {r['round']} | {int(r.get('sites', 0))} | {_fmt(r.get('noise-std'))} | "
+                     f"{_fmt(r.get('central-epsilon'))} |")
+    final = {r["arm"]: r for r in releases}
+    site_eps = {}
+    for r in rows:
+        if r.get("split") == "train" and r.get("epsilon") is not None and not r.get("refused"):
+            site_eps[r["arm"]] = max(site_eps.get(r["arm"], 0.0), float(r["epsilon"]))
+    lines.append("")
+    for arm, r in final.items():
+        example = (f"and, from the sites' ledgers, at most epsilon {_fmt(site_eps[arm])} (delta {cfg['dp-delta']:g}) for "
+                   "any one image of a site, as seen by the server" if arm in site_eps else
+                   "and no example-level guarantee (no DP-SGD at the sites: the server "
+                   + ("saw only the secure sum)" if secagg else "saw every update unprotected)"))
+        lines.append(f"- **{arm}**: the released global model is ({_fmt(r.get('central-epsilon'))}, "
+                     f"{cfg['central-dp-delta']:g})-DP for any one whole site, {example}. The two guarantees are for "
+                     "different units and hold together; they are not added.")
     return lines
 
 
@@ -199,6 +240,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
             n = sites_by_id.get(site, {}).get("test", "") if split == "test-site" else int(r.get("num-examples", 0))
             lines.append(f"| {arm} | {site} | {n} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
     lines += privacy_section(rows, cfg, plots)
+    lines += server_privacy_section(rows, cfg)
     rejected = [r for r in rows if r.get("accepted") is False]
     lines += ["", "## Rejected or failed site updates", ""]
     lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}" for r in rejected] or ["None."]

@@ -18,6 +18,11 @@ from flwr.serverapp.strategy import Strategy
 
 DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds a round waits for replies (Flower's default)
 
+TrainRound = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
+"""One training round's exchange: (round, global arrays, train config) -> new arrays (None: keep them).
+The default sends the strategy's messages and aggregates the replies; SecAgg+ replaces it
+(`medfed.strategies.secagg`)."""
+
 
 def run_rounds(
     strategy: Strategy,
@@ -33,12 +38,14 @@ def run_rounds(
     timeout: float = DEFAULT_ROUND_TIMEOUT,
     evaluate_initial: bool = True,
     on_round_timing: Callable[[int, dict[str, float]], None] | None = None,
+    train_round: TrainRound | None = None,
 ) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
     """Run rounds ``first_round..last_round``; returns the final arrays and the server-side
     evaluation of every round (round 0 = the starting weights, evaluated when starting at 1
     unless ``evaluate_initial`` is off: a resumed run evaluated them already). ``on_round_timing``
     gets each round's wall seconds: ``train-round-seconds`` (send, wait for every reply, aggregate)
-    and ``evaluate-round-seconds`` (federated evaluation)."""
+    and ``evaluate-round-seconds`` (federated evaluation). ``train_round`` replaces the default
+    send-and-aggregate exchange (SecAgg+)."""
     server_metrics: dict[int, MetricRecord] = {}
     if evaluate_fn is not None and first_round == 1 and evaluate_initial:
         res = evaluate_fn(0, arrays)
@@ -46,8 +53,12 @@ def run_rounds(
             server_metrics[0] = res
     for rnd in range(first_round, last_round + 1):
         start = time.perf_counter()
-        replies = grid.send_and_receive(messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
-        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if train_round is not None:
+            aggregated = train_round(rnd, arrays, train_config)
+        else:
+            replies = grid.send_and_receive(messages=strategy.configure_train(rnd, arrays, train_config, grid),
+                                            timeout=timeout)
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:
             arrays = aggregated
         trained = time.perf_counter()

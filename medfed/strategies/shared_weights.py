@@ -30,8 +30,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from medfed.constants import AggregationRule, MetricKey, Phase, RecordKey, StrategyName
+from medfed.constants import AggregationRule, CentralDP, MetricKey, Phase, RecordKey, StrategyName
 from medfed.exceptions import FederationError
+from medfed.privacy.central import CLIP_TOLERANCE, CentralDPSettings, CentralLedger, add_noise, clip_update, update_norm
 from medfed.strategies import robust
 from medfed.strategies.robust import AggregationSettings
 
@@ -52,6 +53,7 @@ class SiteReport:
 
 
 Observer = Callable[[SiteReport], None]
+ReleaseObserver = Callable[[int, dict[str, float]], None]  # (round, central-DP figures of the release)
 
 
 def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]) -> str:
@@ -180,6 +182,33 @@ class SharedWeightsMixin:
         self.aggregation = aggregation or AggregationSettings()
         self._sent = None
         self.min_updates = 1  # valid updates a round needs (min-sites); fewer fail the round
+        self.central: CentralDPSettings | None = None
+        self.central_ledger: CentralLedger | None = None
+        self.on_central_release: ReleaseObserver | None = None
+
+    def enable_central_dp(self, settings: CentralDPSettings, ledger: CentralLedger,
+                          on_release: ReleaseObserver | None = None) -> None:
+        """Aggregate as DP-FedAvg (`medfed.privacy.central`): clipped updates (clipped here for server-clip,
+        checked here for client-clip), unweighted mean, Gaussian noise, one ledger row per release."""
+        self.central, self.central_ledger, self.on_central_release = settings, ledger, on_release
+
+    def release_central(self, server_round: int, mean: dict[str, np.ndarray], num_updates: int) -> dict[str, np.ndarray]:
+        """Noise the mean of ``num_updates`` clipped updates, record the release, report its figures."""
+        assert self.central is not None and self.central_ledger is not None
+        std = self.central.noise_std(num_updates)
+        noisy = add_noise(mean, std)
+        epsilon = self.central_ledger.record(self.phase.value, server_round)
+        log(INFO, "%s round %s: central DP noise (std %.3g = z %.3g x C %.3g / %s sites); site-level epsilon %.4g at "
+            "delta %.3g", self.phase.value, server_round, std, self.central.noise_multiplier, self.central.clipping_norm,
+            num_updates, epsilon, self.central.delta)
+        if self.on_central_release is not None:
+            self.on_central_release(server_round, {
+                MetricKey.CENTRAL_EPSILON.value: epsilon, MetricKey.DELTA.value: self.central.delta,
+                MetricKey.NOISE_MULTIPLIER.value: self.central.noise_multiplier,
+                MetricKey.CLIPPING_NORM.value: self.central.clipping_norm, MetricKey.NOISE_STD.value: std,
+                "sites": float(num_updates),
+            })
+        return noisy
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = arrays
@@ -223,6 +252,11 @@ class SharedWeightsMixin:
                 missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
                 if missing:
                     reason = f"a DP round's update must report {', '.join(missing)}"
+            if not reason and self.central is not None and self.central.mode == CentralDP.CLIENT_CLIP:
+                norm = update_norm(_update_arrays(msg), {k: self._sent[k].numpy() for k in self.shared_keys})
+                if norm > self.central.clipping_norm * (1 + CLIP_TOLERANCE):
+                    reason = (f"update norm {norm:.4g} is above the central-dp clipping norm "
+                              f"{self.central.clipping_norm:g}: the site did not clip (client-clip)")
             if not reason and site_id in seen_sites:
                 reason = f"a second update from site {site_id} in the same round"
             seen_sites.add(site_id)
@@ -262,7 +296,9 @@ class SharedWeightsMixin:
                 f"{self.phase.value} round {server_round}: {len(valid)} valid site update(s), fewer than min-sites "
                 f"{self.min_updates} ({'; '.join(errors) or 'sites did not reply'}); resume the run when sites are back"
             )
-        if self.aggregation.rule == AggregationRule.MEAN:
+        if self.central is not None:
+            arrays, metrics = self._central_aggregate(server_round, valid)
+        elif self.aggregation.rule == AggregationRule.MEAN:
             arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         else:
             arrays, metrics = self._robust_aggregate(server_round, valid)
@@ -288,6 +324,17 @@ class SharedWeightsMixin:
         updates = [_update_arrays(m) for m in valid]
         reference = {key: self._sent[key].numpy() for key in updates[0]}
         return robust.norm_outliers(updates, reference, factor)
+
+    def _central_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """DP-FedAvg: clip each update (server-clip; client-clip updates were checked), unweighted mean, noise."""
+        assert self._sent is not None and self.central is not None
+        updates = [_update_arrays(m) for m in valid]
+        if self.central.mode == CentralDP.SERVER_CLIP:
+            reference = {key: self._sent[key].numpy() for key in updates[0]}
+            updates = [clip_update(u, reference, self.central.clipping_norm)[0] for u in updates]
+        noisy = self.release_central(server_round, robust.mean(updates), len(updates))
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
+        return ArrayRecord({key: Array(value) for key, value in noisy.items()}), metrics
 
     def _robust_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """Trimmed mean, median or (Multi-)Krum over the valid replies' shared arrays: UNWEIGHTED (a faulty site

@@ -206,6 +206,25 @@ def test_three_sites_pretrain_and_finetune_over_tls_with_authentication(fed: Fed
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
 
 
+@pytest.mark.slow  # SecAgg+ takes four ClientApp processes per site per round: minutes on 2 cores
+def test_secagg_and_central_dp_over_tls_with_authentication(fed: Federation) -> None:
+    p = fed.run("--data", "breastmnist", "--pretrain", "none", "--finetune-rounds", "1", "--width", "4",
+                "--finetune-batch-size", "8", "--secure-aggregation", "secagg+", "--central-dp", "client-clip",
+                "--central-dp-noise-multiplier", "2", "--central-dp-clipping-norm", "1", "--central-dp-delta", "1e-3",
+                "--run-name", "secagg", log="run-secagg.out")
+    assert p.wait(timeout=900) == 0, (fed.root / "run-secagg.out").read_text()[-3000:]
+    run_dir = fed.root / "runs" / "secagg"
+    rows = Recorder.load(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    assert sorted(r["site"] for r in train) == [0, 1, 2] and all(r["accepted"] for r in train), train
+    (release,) = [r for r in rows if r["split"] == "central-dp"]
+    assert release["sites"] == 3 and release["noise-std"] == pytest.approx(2 / 3)
+    audit = subprocess.run([*MEDFED, "audit", str(run_dir), "--out", str(fed.root / "audit-secagg")],
+                           capture_output=True, text=True, env=fed.env, timeout=600, check=False)
+    assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+    assert "central" in (fed.root / "audit-secagg" / "audit.md").read_text()
+
+
 def test_an_unregistered_supernode_is_rejected(fed: Federation) -> None:
     rogue = fed.root / "kits-rogue" / "h9"
     shutil.copytree(fed.kits / "h1", rogue, ignore=shutil.ignore_patterns("state", "ledger"))
