@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.exceptions import LedgerError
+from medfed.privacy.central import CENTRAL_SITE
 from medfed.privacy.independent import INDEPENDENT_FOR, compare, independent_epsilon
 from medfed.privacy.ledger import (
     MECHANISM_CENTRAL,
@@ -266,8 +267,6 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
 
 def _is_central(ledger: Path) -> bool:
     """The server's central-DP ledger (its budget is not a site's dp-epsilon)."""
-    from medfed.privacy.central import CENTRAL_SITE
-
     return ledger.name == f"{CENTRAL_SITE}.ledger.sqlite"
 
 

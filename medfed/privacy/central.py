@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from medfed.config import RunConfig
 from medfed.constants import CentralDP
 from medfed.exceptions import FederationError
 from medfed.privacy.accounting import epsilon_spent
-from medfed.privacy.guard import KEY_SUFFIX, LEDGER_SUFFIX
-from medfed.privacy.ledger import MECHANISM_CENTRAL, Ledger, Release, load_or_create_signing_key
+from medfed.privacy.guard import KEY_SUFFIX, LEDGER_SUFFIX, open_signed_ledger, release_history
+from medfed.privacy.ledger import MECHANISM_CENTRAL, Release
 from medfed.privacy.mechanism import MechanismStep
 
 CENTRAL_SITE = "central"  # the ledger's site name for the server's own releases
@@ -120,17 +119,6 @@ def add_noise(mean: Mapping[str, np.ndarray], std: float) -> dict[str, np.ndarra
     return out
 
 
-def noisy_mean(updates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray],
-               settings: CentralDPSettings, *, clip: bool) -> dict[str, np.ndarray]:
-    """The unweighted mean of the (clipped, when ``clip``) updates plus the calibrated Gaussian noise."""
-    if not updates:
-        raise FederationError("central DP: no update to average")
-    clipped = [clip_update(u, reference, settings.clipping_norm)[0] if clip else u for u in updates]
-    mean = {key: np.mean([np.asarray(u[key], dtype=np.float64) for u in clipped], axis=0).astype(np.asarray(updates[0][key]).dtype)
-            for key in updates[0]}
-    return add_noise(mean, settings.noise_std(len(updates)))
-
-
 def central_epsilon(releases: int, settings: CentralDPSettings) -> float:
     """Site-level epsilon after ``releases`` aggregates (Gaussian mechanisms, no amplification; RDP)."""
     if releases < 1:
@@ -151,21 +139,12 @@ class CentralLedger:
         self.key_path = ledger_dir / f"{CENTRAL_SITE}{KEY_SUFFIX}"
         self.run_id, self.settings = run_id, settings
 
-    def _open(self) -> Ledger:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = load_or_create_signing_key(self.key_path)
-        public = self.key_path.with_name(f"{CENTRAL_SITE}.pub")
-        if not public.exists():
-            public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-        return Ledger.open(self.path, key, CENTRAL_SITE)
-
     def record(self, phase: str, server_round: int) -> float:
         """Append one release; returns the cumulative epsilon after it."""
         s = self.settings
-        with self._open() as ledger:
-            history = [MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries()
-                       if e.mechanism == MECHANISM_CENTRAL]
-            history.append(MechanismStep(s.noise_multiplier, 1.0, 1))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open_signed_ledger(self.path, self.key_path, CENTRAL_SITE) as ledger:
+            history = [*release_history(ledger.entries(), MECHANISM_CENTRAL), MechanismStep(s.noise_multiplier, 1.0, 1)]
             after = epsilon_spent(history, s.delta, CENTRAL_ACCOUNTANT)
             ledger.append(Release(run_id=self.run_id, server_round=server_round, phase=phase,
                                   mechanism=MECHANISM_CENTRAL, sample_rate=1.0, noise_multiplier=s.noise_multiplier,

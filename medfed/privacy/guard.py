@@ -106,6 +106,16 @@ class RoundPlan:
     ledger_rows: int = 0  # rows the projection was made from: recording checks nothing was added since
 
 
+def open_signed_ledger(ledger_path: Path, key_path: Path, site: str) -> Ledger:
+    """Open (or create) a ledger signed with the Ed25519 key at ``key_path`` (created if missing); a key named
+    ``*.ed25519.pem`` gets its public half written beside it as ``*.pub`` (what `medfed audit --trusted-keys` reads)."""
+    key = load_or_create_signing_key(key_path)
+    public = key_path.with_name(key_path.name.removesuffix(KEY_SUFFIX) + ".pub")
+    if key_path.name.endswith(KEY_SUFFIX) and not public.exists():
+        public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    return Ledger.open(ledger_path, key, site)
+
+
 class PrivacyGuard:
     """Projects, refuses and records one site's DP rounds against its ledger."""
 
@@ -113,11 +123,7 @@ class PrivacyGuard:
         self.privacy, self.run_id = privacy, run_id
 
     def _open(self) -> Ledger:
-        key = load_or_create_signing_key(self.privacy.key_path)
-        public = self.privacy.key_path.with_name(self.privacy.key_path.name.removesuffix(KEY_SUFFIX) + ".pub")
-        if self.privacy.key_path.name.endswith(KEY_SUFFIX) and not public.exists():
-            public.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-        return Ledger.open(self.privacy.ledger_path, key, self.privacy.site)
+        return open_signed_ledger(self.privacy.ledger_path, self.privacy.key_path, self.privacy.site)
 
     def secret_seed(self, *parts: object) -> int:
         """A 63-bit seed only this site can derive: HMAC-SHA256 keyed by its private signing key
@@ -132,7 +138,7 @@ class PrivacyGuard:
         if not self.privacy.ledger_path.exists():
             return []
         with self._open() as ledger:
-            return _history(ledger.entries())
+            return release_history(ledger.entries())
 
     def spent(self) -> float:
         return epsilon_spent(self.history(), self.privacy.delta, self.privacy.accountant)
@@ -149,7 +155,7 @@ class PrivacyGuard:
         if p.ledger_path.exists():
             with self._open() as ledger:
                 entries = ledger.entries()
-            rows, history = len(entries), _history(entries)
+            rows, history = len(entries), release_history(entries)
         spent = epsilon_spent(history, p.delta, p.accountant)
         if spent >= p.epsilon:
             raise PrivacyBudgetExceeded(
@@ -177,7 +183,7 @@ class PrivacyGuard:
                     f"{p.ledger_path}: {len(entries) - plan.ledger_rows} release(s) were recorded since this round was "
                     "planned (another run at this site?); the round's weights are not released"
                 )
-            history = _history(entries)
+            history = release_history(entries)
             after = project_epsilon(history, MechanismStep(plan.noise_multiplier, plan.sample_rate, plan.steps), p.delta, p.accountant)
             if after > p.epsilon:
                 raise PrivacyBudgetExceeded(
@@ -195,7 +201,7 @@ class PrivacyGuard:
         p = self.privacy
         with self._open() as ledger:
             entries = ledger.entries()
-            spent = max(epsilon_spent(_history(entries), p.delta, p.accountant), _floor(entries, p.delta, p.accountant))
+            spent = max(epsilon_spent(release_history(entries), p.delta, p.accountant), _floor(entries, p.delta, p.accountant))
             return ledger.append(Release(
                 run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_NONE,
                 sample_rate=0.0, noise_multiplier=0.0, steps=0, delta=p.delta, epsilon_after=spent,
@@ -211,7 +217,6 @@ def _floor(entries: Sequence[LedgerEntry], delta: float, accountant: str) -> flo
     return same[-1] if same else 0.0
 
 
-def _history(entries: Sequence[LedgerEntry]) -> list[MechanismStep]:
-    return [
-        MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism == MECHANISM_DP_SGD
-    ]
+def release_history(entries: Sequence[LedgerEntry], mechanism: str = MECHANISM_DP_SGD) -> list[MechanismStep]:
+    """The releases of ``mechanism`` in a ledger, in order, as the accountant composes them."""
+    return [MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism == mechanism]

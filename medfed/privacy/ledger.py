@@ -381,16 +381,7 @@ def _mechanism_problems(release: Release) -> list[str]:
         if not _is_int(steps) or steps != 0:
             problems.append(f"steps must be 0 for mechanism 'none', got {steps!r}")
         return problems
-    if release.mechanism == MECHANISM_CENTRAL:  # no amplification by sampling is claimed: q is 1
-        problems = []
-        if not _is_real(rate) or rate != 1:
-            problems.append(f"sample_rate must be 1 for mechanism {MECHANISM_CENTRAL!r}, got {rate!r}")
-        if not _is_real(noise) or not noise > 0:
-            problems.append(f"noise_multiplier must be a finite number > 0, got {noise!r}")
-        if not _is_int(steps) or steps < 1:
-            problems.append(f"steps must be an integer >= 1, got {steps!r}")
-        return problems
-    dp = release.mechanism == MECHANISM_DP_SGD
+    dp = release.mechanism in (MECHANISM_DP_SGD, MECHANISM_CENTRAL)
     min_steps = 1 if dp else 0
     problems = []
     if not _is_real(rate) or not (0 < rate <= 1 if dp else 0 <= rate <= 1):
@@ -399,6 +390,8 @@ def _mechanism_problems(release: Release) -> list[str]:
         problems.append(f"noise_multiplier must be a finite number {'> 0' if dp else '>= 0'}, got {noise!r}")
     if not _is_int(steps) or steps < min_steps:
         problems.append(f"steps must be an integer >= {min_steps}, got {steps!r}")
+    if release.mechanism == MECHANISM_CENTRAL and _is_real(rate) and rate != 1:  # no amplification is claimed
+        problems.append(f"sample_rate must be 1 for mechanism {MECHANISM_CENTRAL!r}, got {rate!r}")
     return problems
 
 

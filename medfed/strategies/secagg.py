@@ -15,8 +15,8 @@ masks the reply (`medfed.client.app`). Each site's weight in the sum is 1 (0 for
 the round at its privacy budget, whose refusal and metrics still arrive in the clear): the result is the
 UNWEIGHTED mean of the sites' shared weights, which is what central DP needs, and a site's example count
 cannot push the weighted values out of SecAgg+'s quantisation range. Values are quantised to
-``secagg-quantization`` levels over ``[-secagg-clipping-range, +secagg-clipping-range]`` (step about
-4e-6 at the default range 8); a site whose shared weights lie outside that range fails its reply
+2**22 levels over ``[-secagg-clipping-range, +secagg-clipping-range]`` (step about 4e-6 at the
+default range 8); a site whose shared weights lie outside that range fails its reply
 rather than being clipped silently.
 
 What the server cannot do under SecAgg+ (the config refuses these): check each update against the reply
