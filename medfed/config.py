@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from medfed.constants import (
     NO_PRETRAIN,
+    RESUME_KEY,
     AggregationRule,
     Baselines,
     CentralDP,
@@ -161,6 +162,11 @@ class RunConfig:
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def run_settings(self) -> dict[str, bool | int | float | str]:
+        """The flat settings that define what a run computes: all but ``resume-from`` (a resumed run asks the
+        sites the same questions and is checked against the same settings)."""
+        return without_resume(self.to_flat())
+
     def to_json(self) -> str:
         return json.dumps(self.to_flat(), indent=2, sort_keys=True)
 
@@ -203,6 +209,11 @@ class RunConfig:
     @property
     def data_stem(self) -> str:
         return Path(self.data).stem if self.data.endswith(".npz") else self.data
+
+
+def without_resume(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings without ``resume-from``: where a run continues from does not change what it computes."""
+    return {k: v for k, v in settings.items() if k != RESUME_KEY}
 
 
 SETTING_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}

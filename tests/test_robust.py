@@ -181,12 +181,28 @@ def test_frozen_weights_are_carried_over_under_robust_aggregation() -> None:
 
 
 def test_robust_aggregation_does_not_depend_on_reply_order() -> None:
+    """The float rules sort each coordinate anyway; a non-float array is taken from the first update, so it
+    shows whether replies are put in site order before aggregating (here: site 0's counter, whatever the order)."""
     values = [(0.1, 3, 0), (0.7, 5, 1), (0.3, 7, 2), (0.9, 11, 3), (0.2, 2, 4)]
+    sent = ArrayRecord({**{k: SENT[k] for k in SENT.keys()}, "encoder.count": Array(np.zeros(1, np.int64))})
+
+    def with_counter(v: float, n: int, site: int) -> Message:
+        msg = good(v, n, site)
+        msg.content["arrays"]["encoder.count"] = Array(np.full(1, 100 + site, np.int64))
+        return msg
+
     for rule in ("trimmed-mean", "median", "krum"):
         settings = AggregationSettings(aggregation=rule, norm_outlier_factor=5.0)
-        forward, _ = strategy(settings).aggregate_train(1, [good(v, n, s) for v, n, s in values])
-        backward, _ = strategy(settings).aggregate_train(1, [good(v, n, s) for v, n, s in reversed(values)])
+        results = []
+        for order in (values, list(reversed(values))):
+            s = strategy(settings, shared=list(sent.keys()))
+            s._sent = sent
+            results.append(s.aggregate_train(1, [with_counter(v, n, site) for v, n, site in order])[0])
+        forward, backward = results
         assert np.array_equal(forward["encoder.w"].numpy(), backward["encoder.w"].numpy()), rule
+        assert np.array_equal(forward["encoder.count"].numpy(), backward["encoder.count"].numpy()), rule
+        if rule != "krum":  # Krum keeps the one best-scored update, whose counter is its own
+            assert forward["encoder.count"].numpy().tolist() == [100], rule
 
 
 def test_settings_come_from_the_run_config() -> None:

@@ -32,7 +32,6 @@ from medfed.client.algo import SiteAlgo
 from medfed.client.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 from medfed.config import RunConfig
 from medfed.constants import (
-    RESUME_KEY,
     SECAGG_REFUSAL_METRIC,
     SECAGG_SENT_KEYS,
     SECAGG_SHARED_KEYS,
@@ -191,7 +190,7 @@ def train_site(config: ConfigRecord, incoming: dict[str, torch.Tensor], context:
     algo = SiteAlgo(cfg, site, guard)
     cache = release_cache(node_config)
     run_id = str(extras.get(RUN_ID_KEY, ""))
-    settings = {k: v for k, v in cfg.to_flat().items() if k != RESUME_KEY}  # a resumed run asks the same question
+    settings = cfg.run_settings()  # a resumed run asks the same question
     key = release_key(run_id, phase.value, server_round, settings, incoming) if cache else ""
     if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
         # the server asks again for a round this site already released (it was resumed): send that

@@ -27,7 +27,7 @@ from types import FrameType
 from cryptography import x509
 
 from medfed.config import RunConfig
-from medfed.constants import NodeConfigKey
+from medfed.constants import RUN_DIR_MARK, NodeConfigKey
 from medfed.deploy import processes as proc
 from medfed.deploy.provision import (
     AUTH_KEY,
@@ -43,7 +43,6 @@ from medfed.exceptions import ConfigError, DataError, FederationError
 log = logging.getLogger("medfed.deploy")
 INSECURE_WARNING = ("--insecure: traffic is NOT encrypted and ANY SuperNode may join (no TLS, no SuperNode "
                     "authentication). Use only on a closed test network.")
-RUN_DIR_MARK = "medfed run directory: "
 
 
 class Stop(Exception):

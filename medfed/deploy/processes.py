@@ -162,12 +162,10 @@ def superlink_command(*, host: str, port: int, database: Path, certs: tuple[Path
 
 
 def supernode_command(*, superlink: str, node_config: dict[str, object], runtime_port: int,
-                      root_certificate: Path | None, auth_key: Path | None, max_wait_time: float | None = None) -> list[str]:
+                      root_certificate: Path | None, auth_key: Path | None) -> list[str]:
     """A SuperNode dialling ``superlink``; ``root_certificate`` None = insecure."""
     command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", node_config_arg(node_config),
                "--host", "127.0.0.1", "--port", str(runtime_port)]
-    if max_wait_time:
-        command += ["--max-wait-time", str(max_wait_time)]
     if root_certificate is None:
         return [*command, "--insecure"]
     command += ["--root-certificates", str(root_certificate)]

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.constants import check_site_names
+from medfed.deploy.processes import DEFAULT_PORT
 from medfed.exceptions import ConfigError
 from medfed.files import build_folder
 
@@ -52,7 +53,6 @@ LEDGER_KEY, LEDGER_PUB = "ledger.ed25519.pem", "ledger.pub"
 SITE_TOML, START_TXT, MANIFEST, SERVER_JSON = "site.toml", "START.txt", "manifest.json", "server.json"
 SUPERNODE_KEYS_DIR, LEDGER_KEYS_DIR = "supernodes", "ledger-keys"
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
-FLEET_PORT = 9092
 
 
 @dataclass(frozen=True)
@@ -223,9 +223,9 @@ def _build(plan: ProvisionPlan, root: Path) -> None:
         _write_public(kit / SITE_TOML, site_toml(site, index, plan))
         _write_public(kit / START_TXT, (
             f"# Start this site's SuperNode (site {site}); it dials the SuperLink at "
-            f"{plan.server_address}:{FLEET_PORT} over TLS, authenticated by {AUTH_KEY}.\n"
+            f"{plan.server_address}:{DEFAULT_PORT} over TLS, authenticated by {AUTH_KEY}.\n"
             f"# 1. set data-path in {SITE_TOML}   2. run, from any folder:\n"
-            f"medfed site --kit {site} --superlink {plan.server_address}:{FLEET_PORT}\n"))
+            f"medfed site --kit {site} --superlink {plan.server_address}:{DEFAULT_PORT}\n"))
         manifest["sites"][site] = {
             "site_id": index,
             "supernode_auth_public_key": auth_public.decode().strip(),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
-from medfed.constants import Baselines, Mode
+from medfed.constants import RUN_DIR_MARK, Baselines, Mode
 from medfed.exceptions import ConfigError
 from medfed.resources import ResourceMonitor
 from medfed.server.phases import ArmContext, run_federated
@@ -86,7 +86,7 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
         (run_dir / "config.json").write_text(cfg.to_json())
         data_info = {**prep.data.describe(), "sites": [], "site-data": "own (each site's node config data-path)"}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
-    print(f"medfed run directory: {run_dir}", flush=True)  # `medfed run` reads the last such line
+    print(f"{RUN_DIR_MARK}{run_dir}", flush=True)  # `medfed run` reads the last such line
     recorder = Recorder(run_dir / "metrics.jsonl", listener)
     if resume is not None:  # the report covers the whole run, before and after the resume
         recorder.rows.extend(Recorder.load(run_dir / "metrics.jsonl"))
@@ -102,5 +102,5 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     summary["arms"][arm.name] = arm_summary(arm, metrics, {}, monitor)
     write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
     final = publish(run_dir, final)
-    print(f"medfed run directory: {final}", flush=True)
+    print(f"{RUN_DIR_MARK}{final}", flush=True)
     return final

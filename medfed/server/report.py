@@ -176,8 +176,7 @@ def server_privacy_section(rows: list[dict], cfg: dict) -> list[str]:
 def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
     """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
-    recipe = summary.get("finetune-recipe") or {"rounds": cfg["finetune-rounds"], "lr": cfg["finetune-lr"],
-                                                 "batch_size": cfg["finetune-batch-size"]}
+    recipe = summary["finetune-recipe"]  # resolved: the recipe's values for settings left at 0
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     loss_png = plot_losses(rows, plots / "loss_per_site.png")

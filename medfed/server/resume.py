@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medfed.constants import RESUME_KEY, Phase
+from medfed.config import without_resume
+from medfed.constants import Phase
 from medfed.exceptions import ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -58,7 +59,7 @@ def save_round_checkpoint(run_dir: Path, *, run_id: str, arm: str, phase: Phase,
     _fsync(tmp)
     os.replace(tmp, folder / name)
     state = {"run_id": run_id, "arm": arm, "phase": phase.value, "completed_round": completed_round,
-             "weights": name, "settings": {k: v for k, v in settings.items() if k != RESUME_KEY}}
+             "weights": name, "settings": without_resume(settings)}
     tmp_state = folder / f".{STATE_FILE}.tmp"
     tmp_state.write_text(json.dumps(state, indent=1, sort_keys=True))
     _fsync(tmp_state)
@@ -87,7 +88,7 @@ def load_round_checkpoint(run_dir: Path) -> RoundCheckpoint:
 
 def check_same_settings(checkpoint: RoundCheckpoint, settings: dict[str, object]) -> None:
     """A resumed run must have the settings it started with (only ``resume-from`` may differ)."""
-    now = {k: v for k, v in settings.items() if k != RESUME_KEY}
+    now = without_resume(settings)
     changed = sorted(k for k in set(now) | set(checkpoint.settings) if now.get(k) != checkpoint.settings.get(k))
     if changed:
         raise ConfigError("a resumed run must keep its settings; these differ from the checkpoint: " + ", ".join(
