@@ -81,7 +81,7 @@ def main() -> None:
         for p in reversed(started):
             stop_tree(p.pid)
     rows = Recorder.load(work / "runs" / "bench" / "metrics.jsonl")
-    table, ratios, transport = [], [], []
+    table, ratios, transport, walls, locals_ = [], [], [], [], []
     for phase in ("pretrain", "finetune"):
         for rnd in sorted({r["round"] for r in rows if r["phase"] == phase and r["split"] == "round"}):
             wall = next(r["train-round-seconds"] for r in rows if r["phase"] == phase and r["round"] == rnd and r["split"] == "round")
@@ -90,6 +90,8 @@ def main() -> None:
             process = max(r.get("process-seconds", float("nan")) for r in sites)
             payload = max(r["bytes-sent"] for r in sites)
             ratios.append(1 - local / wall)
+            walls.append(wall)
+            locals_.append(local)
             transport.append(1 - process / wall)
             table.append(f"| {phase} | {rnd} | {wall:.1f} | {local:.1f} | {process:.1f} | {1 - local / wall:.1%} | "
                          f"{1 - process / wall:.1%} | {payload:,} |")
@@ -104,16 +106,20 @@ def main() -> None:
         "Overhead of a round = 1 - slowest site's local training time / the server's wall time for the round "
         "(send, wait for all replies, aggregate). Target: <= 15 % for the default model."),
         "",
-        "Per site, `process s` is the age of the site's ClientApp process when it replied: Flower's deployment runtime "
-        "starts one process per message, so this is start-up (Python, torch, MONAI, the app) + reading the data + "
-        "training. The last overhead column is what is left beyond that: message passing, polling and aggregation.",
+        "Sites run `medfed site` with its defaults: each message's ClientApp process is forked by medfed's warm "
+        "SuperExec from a process that imported torch, MONAI, opacus and peft once; arrays travel packed; Flower's "
+        "polling and retry waits are shortened (docs/DEPLOYMENT.md). Per site, `process s` is the age of the site's "
+        "ClientApp process when it replied: pulling the message, loading the app, reading the data and training. "
+        "The last overhead column is what is left beyond that: the SuperNode and SuperLink passing the message, "
+        "polling and aggregation.",
         "",
         "| phase | round | round wall s | slowest site's training s | slowest site's process s | overhead (vs training) "
         "| overhead beyond the site's process | uplink bytes per site |",
         "|---|---|---|---|---|---|---|---|",
         *table,
         "",
-        (f"Mean overhead: pretraining rounds {sum(pre) / len(pre):.1%}, all rounds {sum(ratios) / len(ratios):.1%}; "
+        (f"Mean overhead: pretraining rounds {sum(pre) / len(pre):.1%}, all rounds {sum(ratios) / len(ratios):.1%}, "
+        f"all rounds weighted by their length (1 - total training s / total round s) {1 - sum(locals_) / sum(walls):.1%}; "
         f"beyond the sites' processes: {sum(transport) / len(transport):.1%}. "
         f"The SuperLink counted {traffic} of network traffic for the whole run ({total:.0f} s end to end, "
         "including federated evaluation after every fine-tuning round)."),

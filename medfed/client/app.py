@@ -45,6 +45,7 @@ from medfed.constants import (
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.exceptions import ConfigError, DataError, PrivacyBudgetExceeded
+from medfed.packing import packed_transport_mod
 from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
@@ -57,7 +58,7 @@ LEGACY_FITINS_CONFIG, LEGACY_FITINS_PARAMETERS = "fitins.config", "fitins.parame
 EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY, CLIPPING_NORM_KEY)
 REFUSAL_REASON = "reason"
 
-app = ClientApp()
+app = ClientApp(mods=[packed_transport_mod])  # unpacks what a deployment's ServerApp packed (medfed.packing)
 
 
 def read_message_config(config: ConfigRecord) -> tuple[RunConfig, dict[str, object]]:
@@ -103,7 +104,7 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
 
 
 def process_seconds() -> float:
-    """Seconds since this process started (a deployed site's ClientApp process serves one message)."""
+    """Seconds since this process started or was forked (a deployed site's ClientApp process serves one message)."""
     import psutil
 
     return max(0.0, time.time() - psutil.Process().create_time())
@@ -220,7 +221,7 @@ def train_site(config: ConfigRecord, incoming: dict[str, torch.Tensor], context:
     if DPScope(cfg.dp).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
         metrics.pop(MetricKey.LOSS.value)
     if NodeConfigKey.DATA_PATH in node_config:  # deployment: one ClientApp process per message, so its age is
-        metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # start-up + reading data + training
+        metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
     if cache is not None:
         cache.put(run_id, phase.value, key, Release(shared, metrics))
     return TrainOutcome(shared, metrics)

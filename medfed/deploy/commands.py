@@ -80,6 +80,10 @@ def site(
     superlink: str = typer.Option(f"127.0.0.1:{DEFAULT_PORT}", "--superlink", help="HOST:PORT of the SuperLink."),
     workdir: str = typer.Option("", "--workdir", help="Folder for the SuperNode's logs and app cache (default: KIT/state)."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no authentication (test networks only; warns)."),
+    clientapp_start: str = typer.Option("warm", "--clientapp-start", help="warm: fork each ClientApp from a process "
+                                        "that imported torch, MONAI, opacus and peft once (medfed's own code still "
+                                        "comes from the submitted app); fresh: Flower's default, a new process per "
+                                        "message (seconds of imports each time)."),
 ) -> None:
     """Run this hospital's SuperNode: it trusts the SuperLink by the kit's root certificate, proves who it is
     with the kit's key, and trains on this site's own data; stops on Ctrl-C or SIGTERM."""
@@ -87,7 +91,7 @@ def site(
 
     try:
         run_site(Path(kit), data=data or None, superlink=superlink, workdir=Path(workdir) if workdir else None,
-                 insecure=insecure, say=_say)
+                 insecure=insecure, clientapp_start=clientapp_start, say=_say)
     except MedfedError as exc:
         _fail(exc)
 

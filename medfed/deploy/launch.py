@@ -173,9 +173,16 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
     return config
 
 
+CLIENTAPP_START = ("warm", "fresh")
+
+
 def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path | None, insecure: bool,
-             say: Callable[[str], None] = print) -> None:
-    """Start this site's SuperNode and hold until stopped."""
+             clientapp_start: str = "warm", say: Callable[[str], None] = print) -> None:
+    """Start this site's SuperNode and hold until stopped. ``clientapp_start`` "warm": its
+    ClientApps are forked from a process that imported the libraries once (`medfed.deploy.warm_exec`);
+    "fresh": Flower's default, a new ``flwr-clientapp`` process per message."""
+    if clientapp_start not in CLIENTAPP_START:
+        raise ConfigError(f"--clientapp-start must be one of {', '.join(CLIENTAPP_START)}; got {clientapp_start!r}")
     kit = kit_dir.resolve()
     proc.check_address(superlink)
     node_config = site_node_config(kit, data)
@@ -185,14 +192,24 @@ def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path |
         root, key = None, None
     else:
         root, key = _need(kit / CA_CERT, "site kit file"), _need(kit / AUTH_KEY, "site kit file")
-    command = proc.supernode_command(superlink=superlink, node_config=node_config, runtime_port=proc.free_port(),
-                                     root_certificate=root, auth_key=key)
-    node = proc.start(f"SuperNode {node_config[NodeConfigKey.SITE_NAME]}", command,
-                      env=proc.flower_env(work / "flwr-supernode"), log=work / "supernode.log", cwd=work)
-    say(f"site {node_config[NodeConfigKey.SITE_NAME]}: SuperNode started (pid {node.pid}) dialling {superlink} "
+    runtime_port = proc.free_port()
+    secret = proc.write_superexec_secret(work / "superexec.secret") if clientapp_start == "warm" else None
+    command = proc.supernode_command(superlink=superlink, node_config=node_config, runtime_port=runtime_port,
+                                     root_certificate=root, auth_key=key, superexec_secret=secret)
+    env = proc.flower_env(work / "flwr-supernode")
+    site = node_config[NodeConfigKey.SITE_NAME]
+    node = proc.start(f"SuperNode {site}", command, env=env, log=work / "supernode.log", cwd=work)
+    started = [node]
+    if secret is not None:
+        started.append(proc.start(f"SuperExec {site}", proc.warm_exec_command(
+            runtime_port=runtime_port, supernode_pid=node.pid, superexec_secret=secret),
+            env=env, log=work / "superexec.log", cwd=work))
+    say(f"site {site}: SuperNode started (pid {node.pid}) dialling {superlink} "
         f"({'INSECURE' if insecure else 'TLS, authenticated'}); data {node_config[NodeConfigKey.DATA_PATH]}; "
-        f"ledger {node_config[NodeConfigKey.LEDGER_PATH]}; log {node.log}")
-    _hold([node])
+        f"ledger {node_config[NodeConfigKey.LEDGER_PATH]}; ClientApps {clientapp_start} "
+        f"({'forked from a pre-imported process, pid ' + str(started[1].pid) if secret else 'one new process per message'}); "
+        f"logs {', '.join(str(s.log) for s in started)}")
+    _hold(started)
 
 
 # ---------------------------------------------------------------------------------------- run

@@ -162,16 +162,40 @@ def superlink_command(*, host: str, port: int, database: Path, certs: tuple[Path
 
 
 def supernode_command(*, superlink: str, node_config: dict[str, object], runtime_port: int,
-                      root_certificate: Path | None, auth_key: Path | None) -> list[str]:
-    """A SuperNode dialling ``superlink``; ``root_certificate`` None = insecure."""
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", node_config_arg(node_config),
+                      root_certificate: Path | None, auth_key: Path | None,
+                      superexec_secret: Path | None = None) -> list[str]:
+    """A SuperNode dialling ``superlink`` (``flower-supernode`` with medfed's latency tuning,
+    `medfed.deploy.flower_tuning`); ``root_certificate`` None = insecure. With
+    ``superexec_secret`` it starts no SuperExec of its own (``--isolation process``): medfed's warm
+    SuperExec (`warm_exec_command`) serves its ClientApp tasks, authenticated by that secret."""
+    command = [sys.executable, "-m", "medfed.deploy.flower_tuning", "supernode", "--superlink", superlink, "--node-config", node_config_arg(node_config),
                "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if superexec_secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if root_certificate is None:
         return [*command, "--insecure"]
     command += ["--root-certificates", str(root_certificate)]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
     return command
+
+
+def warm_exec_command(*, runtime_port: int, supernode_pid: int, superexec_secret: Path) -> list[str]:
+    """medfed's warm SuperExec (`medfed.deploy.warm_exec`) for the SuperNode whose Runtime API
+    listens on 127.0.0.1:``runtime_port``; it exits with that SuperNode."""
+    return [sys.executable, "-m", "medfed.deploy.warm_exec", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--insecure", "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(superexec_secret)]
+
+
+def write_superexec_secret(path: Path) -> Path:
+    """A fresh 32-byte secret shared by a SuperNode and its SuperExec (0600, replaced each start):
+    without it, any local process could acquire the SuperNode's tasks from its Runtime API."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(os.urandom(32))
+    return path
 
 
 def write_cli_config(flwr_home: Path, address: str, ca_file: Path | None) -> None:
