@@ -196,6 +196,14 @@ def test_run_site_refuses_an_unknown_clientapp_start(tmp_path) -> None:
         run_site(tmp_path, data=None, superlink="127.0.0.1:9092", workdir=None, insecure=True, clientapp_start="hot")
 
 
+def test_run_site_refuses_warm_clientapps_where_processes_cannot_fork(tmp_path, monkeypatch) -> None:
+    from medfed.deploy.launch import run_site
+
+    monkeypatch.delattr(os, "fork")
+    with pytest.raises(ConfigError, match="use --clientapp-start fresh"):
+        run_site(tmp_path, data=None, superlink="127.0.0.1:9092", workdir=None, insecure=True)
+
+
 # ------------------------------------------------------------------------------- DeploymentGrid
 
 _NO_CONTENT = SimpleNamespace(has_content=lambda: False)  # an error message: nothing to pack

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import time
 import tomllib
@@ -183,6 +184,9 @@ def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path |
     "fresh": Flower's default, a new ``flwr-clientapp`` process per message."""
     if clientapp_start not in CLIENTAPP_START:
         raise ConfigError(f"--clientapp-start must be one of {', '.join(CLIENTAPP_START)}; got {clientapp_start!r}")
+    if clientapp_start == "warm" and not hasattr(os, "fork"):
+        raise ConfigError("--clientapp-start warm forks ClientApp processes, which this system cannot do; "
+                          "use --clientapp-start fresh")
     kit = kit_dir.resolve()
     proc.check_address(superlink)
     node_config = site_node_config(kit, data)
