@@ -1,7 +1,9 @@
-"""Folders that are complete or absent: built under a temporary name, renamed into place."""
+"""Files written safely: folders that are complete or absent (built under a temporary name, renamed
+into place), and secrets that are never readable by others."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,3 +33,14 @@ def build_folder(out: Path, build: Callable[[Path], T], *, overwrite: bool, refu
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def write_private(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write a secret to a new file, created 0600 from the start (never world-readable, not even
+    briefly); fails if ``path`` exists. ``fsync``: on disk before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        if fsync:
+            out.flush()
+            os.fsync(out.fileno())

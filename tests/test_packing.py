@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -18,7 +19,6 @@ from medfed.packing import (
     unpack_message,
 )
 from medfed.server.grid import DeploymentGrid
-from conftest import make_metadata
 
 
 def _mixed() -> ArrayRecord:

@@ -175,8 +175,10 @@ def test_resolve_entry_names_the_rule() -> None:
 def test_supernode_and_superexec_commands_share_a_private_secret(tmp_path) -> None:
     secret = proc.write_superexec_secret(tmp_path / "state" / "superexec.secret")
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
+    first = secret.read_bytes()
     again = proc.write_superexec_secret(secret)
     assert again.read_bytes() != b"" and stat.S_IMODE(again.stat().st_mode) == 0o600
+    assert again.read_bytes() != first  # a new secret at every start
     node = proc.supernode_command(superlink="127.0.0.1:9092", node_config={"site-name": "h1"}, runtime_port=5555,
                                   root_certificate=None, auth_key=None, superexec_secret=secret)
     assert node[node.index("--isolation") + 1] == "process"
@@ -226,7 +228,7 @@ class _FakeGrid:
                 for i, after in enumerate(self.ready_after) if f"m{i}" in ids and self.pulls >= after]
 
 
-def test_quick_poll_grid_collects_every_reply_polling_at_its_interval(monkeypatch) -> None:
+def test_deployment_grid_collects_every_reply_polling_at_its_interval(monkeypatch) -> None:
     sleeps = []
     monkeypatch.setattr(time, "sleep", sleeps.append)
     inner = _FakeGrid([1, 3, 2])
@@ -235,14 +237,14 @@ def test_quick_poll_grid_collects_every_reply_polling_at_its_interval(monkeypatc
     assert inner.pulls == 3 and sleeps == [0.2, 0.2]  # Flower's HttpGrid would have slept 3 s twice
 
 
-def test_quick_poll_grid_returns_what_arrived_when_the_timeout_passes(monkeypatch) -> None:
-    clock = iter(range(0, 10_000))
+def test_deployment_grid_returns_what_arrived_when_the_timeout_passes(monkeypatch) -> None:
+    clock = iter(range(10_000))
     monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
     monkeypatch.setattr(time, "sleep", lambda s: None)
     replies = DeploymentGrid(_FakeGrid([1, 10**6])).send_and_receive([_NO_CONTENT] * 2, timeout=5.0)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
 
 
-def test_quick_poll_grid_refuses_a_non_positive_interval() -> None:
+def test_deployment_grid_refuses_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="poll_seconds must be > 0"):
         DeploymentGrid(_FakeGrid([]), poll_seconds=0)

@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 
 from medfed.exceptions import ConfigError, FederationError
+from medfed.files import write_private
 
 DEFAULT_PORT = 9092
 CONNECTION = "medfed"  # the flwr CLI's name for this deployment's SuperLink connection
@@ -168,8 +169,8 @@ def supernode_command(*, superlink: str, node_config: dict[str, object], runtime
     `medfed.deploy.flower_tuning`); ``root_certificate`` None = insecure. With
     ``superexec_secret`` it starts no SuperExec of its own (``--isolation process``): medfed's warm
     SuperExec (`warm_exec_command`) serves its ClientApp tasks, authenticated by that secret."""
-    command = [sys.executable, "-m", "medfed.deploy.flower_tuning", "supernode", "--superlink", superlink, "--node-config", node_config_arg(node_config),
-               "--host", "127.0.0.1", "--port", str(runtime_port)]
+    command = [sys.executable, "-m", "medfed.deploy.flower_tuning", "supernode", "--superlink", superlink,
+               "--node-config", node_config_arg(node_config), "--host", "127.0.0.1", "--port", str(runtime_port)]
     if superexec_secret is not None:
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if root_certificate is None:
@@ -192,9 +193,7 @@ def write_superexec_secret(path: Path) -> Path:
     without it, any local process could acquire the SuperNode's tasks from its Runtime API."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(os.urandom(32))
+    write_private(path, os.urandom(32))
     return path
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from medfed.constants import check_site_names
 from medfed.deploy.processes import DEFAULT_PORT
 from medfed.exceptions import ConfigError
-from medfed.files import build_folder
+from medfed.files import build_folder, write_private
 
 RESERVED_NAMES = frozenset({"ca", "server"})
 CA_DIR, SERVER_DIR = "ca", "server"
@@ -89,13 +88,6 @@ def _san(name: str) -> x509.GeneralName:
     if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", name):
         raise ConfigError(f"subject alternative name {name!r} is neither an IP address nor a DNS name")
     return x509.DNSName(name)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret: created 0600 from the start (never world-readable, not even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _write_public(path: Path, data: bytes | str) -> None:
@@ -196,12 +188,12 @@ def _build(plan: ProvisionPlan, root: Path) -> None:
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     for d in (CA_DIR, SERVER_DIR, f"{SERVER_DIR}/{SUPERNODE_KEYS_DIR}", f"{SERVER_DIR}/{LEDGER_KEYS_DIR}", *plan.sites):
         (root / d).mkdir(mode=0o700)
-    _write_private(root / CA_DIR / CA_KEY, _pem_private(ca_key))
+    write_private(root / CA_DIR / CA_KEY, _pem_private(ca_key))
     _write_public(root / CA_DIR / CA_CERT, ca_pem)
     server = root / SERVER_DIR
     _write_public(server / CA_CERT, ca_pem)
     _write_public(server / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(server / SERVER_KEY, _pem_private(server_key))
+    write_private(server / SERVER_KEY, _pem_private(server_key))
     expires = server_cert.not_valid_after_utc.isoformat()
     manifest: dict = {
         "created": now.isoformat(), "expires": expires, "server_address": plan.server_address, "sans": sans,
@@ -211,13 +203,13 @@ def _build(plan: ProvisionPlan, root: Path) -> None:
         kit = root / site
         _write_public(kit / CA_CERT, ca_pem)
         auth_private, auth_public = make_supernode_auth_key()
-        _write_private(kit / AUTH_KEY, auth_private)
+        write_private(kit / AUTH_KEY, auth_private)
         _write_public(kit / AUTH_PUB, auth_public)
         _write_public(server / SUPERNODE_KEYS_DIR / f"{site}.pub", auth_public)
         signing = ed25519.Ed25519PrivateKey.generate()
         ledger_public = signing.public_key().public_bytes(serialization.Encoding.PEM,
                                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-        _write_private(kit / LEDGER_KEY, _pem_private(signing))
+        write_private(kit / LEDGER_KEY, _pem_private(signing))
         _write_public(kit / LEDGER_PUB, ledger_public)
         _write_public(server / LEDGER_KEYS_DIR / f"{site}.pub", ledger_public)
         _write_public(kit / SITE_TOML, site_toml(site, index, plan))

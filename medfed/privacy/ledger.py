@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.exceptions import ConfigError, LedgerError
+from medfed.files import write_private
 
 LEDGER_VERSION = 1
 MECHANISM_DP_SGD = "poisson-subsampled-gaussian"
@@ -235,12 +236,7 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private(tmp, pem, fsync=True)
         if not _publish(tmp, path):  # another process created it meanwhile: use theirs
             return _load_private_key(path)
     except OSError as exc:
