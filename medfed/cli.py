@@ -71,6 +71,9 @@ HELP: dict[str, str] = {
     "dp_max_grad_norm": "Per-example gradient clipping bound C.",
     "dp_noise_multiplier": "Noise multiplier sigma; 0 plans it so the planned rounds spend the remaining budget.",
     "dp_grad_sample_mode": "How Opacus computes per-example gradients: hooks or functorch.",
+    "dp_augment_multiplicity": "Augmentation multiplicity K under DP-SGD (De et al. 2022): each sampled example is "
+    "augmented K times and its K gradients are averaged before clipping, at no privacy cost and K times the compute "
+    "(0: the DP recipe's).",
     "dp_secure_rng": "Draw Poisson sampling and noise from OS entropy (not reproducible) with Opacus' "
     "floating-point-attack-resistant noise.",
     "ledger_dir": "Folder of the simulated sites' privacy ledgers and signing keys, kept across runs "

@@ -43,10 +43,13 @@ class FinetuneRecipe:
     lr: float
     batch_size: int
     rounds: int
+    augment_multiplicity: int = 1  # under DP-SGD: views per example, gradients averaged before clipping
 
 
 FINETUNE_RECIPE = FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
 """Fine-tuning without DP (sized with `benchmarks/default_run.py`)."""
+
+MAX_AUGMENT_MULTIPLICITY = 64  # views per example under DP: the batch's compute grows K-fold
 
 DP_FINETUNE_RECIPE: dict[str, FinetuneRecipe] = {
     FinetuneMode.FULL.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),
@@ -109,6 +112,7 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0  # 0: planned from the remaining budget and the planned rounds
     dp_grad_sample_mode: str = GradSampleMode.HOOKS.value
     dp_secure_rng: bool = False
+    dp_augment_multiplicity: int = 0  # K views per example, gradients averaged before clipping; 0: the recipe's
     ledger_dir: str = ""  # where simulated sites keep their ledgers; '': <run dir>/ledgers
     # federation
     strategy: str = StrategyName.FEDAVG.value
@@ -195,6 +199,7 @@ class RunConfig:
             lr=self.finetune_lr or auto.lr,
             batch_size=self.finetune_batch_size or auto.batch_size,
             rounds=self.finetune_rounds or auto.rounds,
+            augment_multiplicity=self.dp_augment_multiplicity or auto.augment_multiplicity,
         )
 
     @property
@@ -387,6 +392,9 @@ def _validate_privacy(c: RunConfig) -> None:
 
     check_budget(c.dp_epsilon, c.dp_delta)
     check_accountant(c.dp_accountant)
+    if not 0 <= c.dp_augment_multiplicity <= MAX_AUGMENT_MULTIPLICITY:
+        raise ConfigError(f"dp-augment-multiplicity must be in [1, {MAX_AUGMENT_MULTIPLICITY}] (0: the recipe's); got "
+                          f"{c.dp_augment_multiplicity}")
     if not c.dp_max_grad_norm > 0:
         raise ConfigError(f"dp-max-grad-norm must be > 0; got {c.dp_max_grad_norm}")
     if c.dp_noise_multiplier < 0:

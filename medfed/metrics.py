@@ -27,7 +27,7 @@ def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def _rates(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+def sensitivity_specificity(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
     """Sensitivity and specificity for boolean arrays (NaN where undefined)."""
     tp = np.sum(truth & predicted)
     fn = np.sum(truth & ~predicted)
@@ -46,19 +46,19 @@ def classification_metrics(task: TaskType, labels: np.ndarray, probs: np.ndarray
         truth = labels.astype(bool)
         predicted = probs >= 0.5
         aucs = [binary_auc(truth[:, k], probs[:, k]) for k in range(truth.shape[1])]
-        rates = [_rates(truth[:, k], predicted[:, k]) for k in range(truth.shape[1])]
+        rates = [sensitivity_specificity(truth[:, k], predicted[:, k]) for k in range(truth.shape[1])]
         accuracy = float(np.mean(truth == predicted))
     elif task == TaskType.BINARY:
         truth = labels[:, 0] == 1
         predicted = probs[:, 1] >= 0.5
         aucs = [binary_auc(truth, probs[:, 1])]
-        rates = [_rates(truth, predicted)]
+        rates = [sensitivity_specificity(truth, predicted)]
         accuracy = float(np.mean(truth == predicted))
     else:
         y = labels[:, 0]
         pred = probs.argmax(axis=1)
         aucs = [binary_auc(y == k, probs[:, k]) for k in range(probs.shape[1])]
-        rates = [_rates(y == k, pred == k) for k in range(probs.shape[1])]
+        rates = [sensitivity_specificity(y == k, pred == k) for k in range(probs.shape[1])]
         accuracy = float(np.mean(y == pred))
     sens = float(np.nanmean([r[0] for r in rates])) if any(np.isfinite(r[0]) for r in rates) else float("nan")
     spec = float(np.nanmean([r[1] for r in rates])) if any(np.isfinite(r[1]) for r in rates) else float("nan")

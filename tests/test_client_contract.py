@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from conftest import make_metadata
+from medfed.calibration import HIST_NEGATIVE, HIST_POSITIVE, HISTOGRAM_KEYS
 from medfed.client.algo import finetune_shared_keys, new_classifier, new_encoder
 from medfed.client.app import app as client_app
 from medfed.config import RunConfig
@@ -22,6 +23,7 @@ from medfed.server.phases import ArmContext
 from medfed.server.recorder import Recorder
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
 from medfed.simulations.runner import prepare
+from medfed.strategies.shared_weights import check_evaluate_reply
 
 ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
 
@@ -115,6 +117,10 @@ def test_evaluate_reply_holds_only_metrics(arm) -> None:
     assert not reply.content.array_records
     metrics = next(iter(reply.content.metric_records.values()))
     assert {"auc", "accuracy", "sensitivity", "specificity", "fpr", "num-examples", "site-id"} <= set(metrics)
+    lists = {k for k, v in metrics.items() if isinstance(v, list)}
+    assert lists == set(HISTOGRAM_KEYS)  # a binary task: the score histograms its threshold is calibrated from
+    assert sum(metrics[HIST_POSITIVE]) + sum(metrics[HIST_NEGATIVE]) == metrics["num-examples"]
+    assert check_evaluate_reply(reply.content) == ""
 
 
 def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:

@@ -108,6 +108,8 @@ BAD = [
     ({"dp": "finetune", "dp_delta": 1.0}, "delta"),
     ({"dp": "finetune", "dp_accountant": "gdp"}, "unknown accountant 'gdp'"),
     ({"dp": "finetune", "dp_max_grad_norm": 0.0}, "dp-max-grad-norm must be > 0"),
+    ({"dp": "finetune", "dp_augment_multiplicity": -1}, "dp-augment-multiplicity must be in [1, 64]"),
+    ({"dp": "finetune", "dp_augment_multiplicity": 65}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
     ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
     ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),

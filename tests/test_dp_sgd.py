@@ -56,6 +56,50 @@ def test_step_gradient_is_mean_of_clipped_per_example_gradients() -> None:
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [0.05, 1e3])  # every example clipped; none clipped (the mean, not the sum)
+def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(clip: float) -> None:
+    """K views per example (De et al. 2022): the step direction is (1/B) sum_i clip(mean_k g_ik, C). A clip
+    per view, or per-view rows counted as examples, gives another direction; the noise stays sigma*C/B."""
+    x, y = torch.rand(5, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1]])
+    views = 3
+    shifts = torch.tensor([0.0, 0.3, -0.2]).view(views, 1, 1, 1)
+    reference = _classifier()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        per_view = [torch.autograd.grad(reference.loss(reference(x[i : i + 1] + shifts[k]), y[i : i + 1]), params)
+                    for k in range(views)]
+        grads = [torch.stack(g).mean(0) for g in zip(*per_view, strict=True)]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + g * factor for t, g in zip(total, grads, strict=True)]
+    expected = [t / len(x) for t in total]
+    model = _classifier()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen: list[torch.Tensor] = []
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        seen.append(idx.clone())
+        view_of_row = torch.arange(len(idx)) % views
+        return model.loss(model(x[idx] + shifts[view_of_row]), y[idx])
+
+    dp_train_loop(model, trainable, batch_loss, len(x), DPStepSettings(0.0, clip, PoissonSchedule(1.0, 1),
+                  augment_multiplicity=views), lr=1e-3, weight_decay=0.0, gen=torch.Generator().manual_seed(0))
+    assert seen[0].tolist() == [i for i in range(len(x)) for _ in range(views)]  # example-major rows
+    for e, p in zip(expected, trainable, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+    torch.manual_seed(0)  # the noise: per example, not per view
+    linear = nn.Sequential(nn.Linear(50, 40, bias=False))
+    nn.init.zeros_(linear[0].weight)
+    zeros = torch.zeros(4, 50)
+    sigma, c = 2.0, 0.5
+    dp_train_loop(linear, list(linear.parameters()), lambda idx: linear(zeros[idx]).mean(), 4,
+                  DPStepSettings(sigma, c, PoissonSchedule(1.0, 1), augment_multiplicity=4), lr=1e-3, weight_decay=0.0,
+                  gen=torch.Generator().manual_seed(3))
+    assert float(linear[0].weight.grad.std()) == pytest.approx(sigma * c / 4, rel=0.08)
+
+
 def test_noise_has_the_planned_standard_deviation() -> None:
     """Zero data gradient (zero inputs): with clip C, sigma and expected batch B the noise on every
     coordinate has standard deviation sigma*C/B."""

@@ -7,6 +7,7 @@ import pytest
 from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from medfed.calibration import HIST_NEGATIVE, score_histograms
 from medfed.constants import Phase
 from medfed.exceptions import FederationError
 from medfed.strategies.shared_weights import SiteReport, check_reply, make_strategy
@@ -134,6 +135,31 @@ def test_evaluate_replies_carrying_arrays_are_not_aggregated() -> None:
     metrics = s.aggregate_evaluate(1, [honest, leaky])
     assert metrics["auc"] == pytest.approx(0.8)
     assert [r.accepted for r in reports] == [True, False] and "must not carry arrays" in reports[1].reason
+
+
+def test_evaluate_histograms_set_the_rounds_threshold_and_malformed_ones_are_rejected() -> None:
+    """Two sites' validation histograms are pooled into the round's threshold; a site whose histograms do not
+    add up to its num-examples is rejected (its counts are not pooled), and the lists never enter the averages."""
+    reports: list[SiteReport] = []
+    s = strategy(reports=reports)
+
+    def site_hist(z: list[float], labels: list[int], site: int, extra: int = 0) -> Message:
+        p = 1 / (1 + np.exp(-np.array(z)))
+        hist = score_histograms(np.array(labels)[:, None], np.stack([1 - p, p], 1))
+        hist[HIST_NEGATIVE][0] += extra
+        return reply(None, {"num-examples": len(z), "site-id": site, "auc": 1.0, **hist}, node=site + 10)
+
+    a = site_hist([0.5, 0.6, 1.5, 1.7], [0, 0, 1, 1], 0)
+    b = site_hist([0.7, 0.8, 1.3, 1.9], [0, 0, 1, 1], 1)
+    forged = site_hist([3.0, 3.0], [0, 0], 2, extra=5)
+    metrics = s.aggregate_evaluate(4, [b, forged, a])
+    assert [r.accepted for r in reports] == [True, False, True]
+    assert "count 7 cases but the site evaluated 2" in reports[1].reason
+    t = s.thresholds[4]
+    assert (t.positives, t.negatives, t.youden_j) == (4, 4, pytest.approx(1.0))
+    assert 0.8 < np.log(t.probability / (1 - t.probability)) <= 1.3
+    assert set(metrics) == {"auc"}
+    assert strategy().thresholds == {}
 
 
 def test_aggregation_does_not_depend_on_reply_order() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medfed.calibration import Threshold, metrics_at_threshold, pooled_threshold, score_histograms
 from medfed.config import RunConfig
 from medfed.constants import DPScope, FinetuneMode, MetricKey, Mode, Phase, TaskType
 from medfed.exceptions import ConfigError, TrainingDiverged
@@ -193,18 +194,33 @@ def logits_of(model: Classifier, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
 
 
-def metrics_from_logits(model: Classifier, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC, accuracy, sensitivity, specificity, FPR and mean loss for precomputed logits."""
+def metrics_from_logits(
+    model: Classifier, logits: torch.Tensor, labels: torch.Tensor, threshold: Threshold | None = None
+) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, FPR and mean loss for precomputed logits; for a binary
+    task with a calibrated ``threshold`` also the threshold and the metrics at it (`medfed.calibration`)."""
     with torch.no_grad():
         probs = model.probabilities(logits).numpy()
         metrics = classification_metrics(model.task, labels.numpy(), probs)
         metrics[MetricKey.EVAL_LOSS] = float(model.loss(logits, labels))
+        if threshold is not None and model.task == TaskType.BINARY:
+            metrics.update(metrics_at_threshold(labels.numpy(), probs, threshold))
     return {str(k): float(v) for k, v in metrics.items()}
 
 
 def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of ``model`` on a labelled set (one forward pass)."""
     return metrics_from_logits(model, logits_of(model, images), labels)
+
+
+def evaluate_with_histograms(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | list[int]]:
+    """`evaluate`'s metrics plus, for a binary task, the score histograms a threshold is calibrated from."""
+    logits = logits_of(model, images)
+    metrics: dict[str, float | list[int]] = dict(metrics_from_logits(model, logits, labels))
+    if model.task == TaskType.BINARY:
+        with torch.no_grad():
+            metrics.update(score_histograms(labels.numpy(), model.probabilities(logits).numpy()))
+    return metrics
 
 
 # ---- the site -----------------------------------------------------------------------
@@ -277,7 +293,8 @@ class SiteAlgo:
         self.privacy.check_site_size(n)
         plan = self.privacy.plan(schedule.sample_rate, schedule.steps, self._later_dp_rounds(phase, server_round))
         p = self.privacy.privacy
-        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, p.grad_sample_mode, p.secure_rng)
+        views = self.cfg.finetune_recipe.augment_multiplicity if phase == Phase.FINETUNE else self.cfg.dp_augment_multiplicity or 1
+        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, p.grad_sample_mode, p.secure_rng, views)
 
     def _record(self, phase: Phase, server_round: int, plan: RoundPlan | None) -> dict[str, float]:
         """Append the round to the ledger; returns the privacy metrics of the reply."""
@@ -380,5 +397,10 @@ class SiteAlgo:
         counts = torch.bincount(self.data.labelled_labels[:, 0], minlength=self.data.num_classes).float() + 1.0
         return torch.log(counts / counts.sum())
 
-    def evaluate_val(self, classifier_state: StateDict) -> dict[str, float]:
-        return evaluate(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)
+    def evaluate_val(self, classifier_state: StateDict) -> dict[str, float | list[int]]:
+        """Metrics on this site's validation split and, for a binary task, its score histograms."""
+        return evaluate_with_histograms(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)
+
+    def validation_threshold(self, classifier_state: StateDict) -> Threshold | None:
+        """The threshold calibrated on this site's validation split alone (baselines); None unless binary."""
+        return pooled_threshold([self.evaluate_val(classifier_state)])

@@ -61,6 +61,7 @@ class DPStepSettings:
     schedule: PoissonSchedule
     grad_sample_mode: str = GradSampleMode.HOOKS.value
     secure_rng: bool = False
+    augment_multiplicity: int = 1  # K: views of each sampled example whose gradients are averaged before clipping
 
 
 def check_private_model(module: nn.Module, what: str = "model") -> None:
@@ -99,6 +100,27 @@ def freeze_for_dp(module: nn.Module) -> list[str]:
     return frozen
 
 
+def average_view_gradients(params: list[nn.Parameter], examples: int, views: int) -> None:
+    """Augmentation multiplicity (De et al., "Unlocking high-accuracy differentially private image
+    classification through scale", 2022, section 3.1): the batch held ``views`` augmented copies of
+    each of ``examples`` sampled examples, example-major (rows ``i * views .. (i + 1) * views - 1``
+    are example ``i``). Each parameter's per-row gradients ``(examples * views, *shape)`` become
+    per-example gradients ``(examples, *shape)``, the mean over the example's views, BEFORE Opacus
+    clips them: every example still contributes one gradient of norm <= C, so the sensitivity, and
+    the epsilon the ledger records, are those of plain DP-SGD; only the gradient's variance drops.
+    """
+    for p in params:
+        sample = getattr(p, "grad_sample", None)
+        if sample is None:
+            continue
+        if isinstance(sample, list):  # several backward passes in one step: medfed's loop makes one
+            raise TrainingDiverged("augmentation multiplicity needs one backward pass per DP step")
+        if sample.shape[0] != examples * views:
+            raise TrainingDiverged(f"per-example gradients have {sample.shape[0]} rows; expected {examples} examples "
+                                   f"x {views} views")
+        p.grad_sample = sample.reshape(examples, views, *sample.shape[1:]).mean(dim=1)
+
+
 def _entropy_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
@@ -127,7 +149,10 @@ def dp_train_loop(
     """Run ``dp.schedule.steps`` DP-SGD steps over ``module``'s trainable ``params``.
 
     ``batch_loss(idx)`` must return the MEAN over the examples ``idx`` of per-example losses
-    computed through ``module``'s sub-modules (Opacus' ``loss_reduction="mean"``).
+    computed through ``module``'s sub-modules (Opacus' ``loss_reduction="mean"``). With
+    ``dp.augment_multiplicity`` K > 1 it gets every sampled index K times in a row and must draw
+    each row's augmentation independently; the K rows' gradients are averaged per example
+    (`average_view_gradients`) before clipping.
     ``gen`` seeds sampling and noise (ignored with ``secure_rng``).
     """
     from opacus import GradSampleModule
@@ -137,7 +162,9 @@ def dp_train_loop(
     freeze_for_dp(module)
     params = [p for p in params if p.requires_grad]
     start = time.perf_counter()
-    q, steps = dp.schedule.sample_rate, dp.schedule.steps
+    q, steps, views = dp.schedule.sample_rate, dp.schedule.steps, dp.augment_multiplicity
+    if views < 1:
+        raise ConfigError(f"augmentation multiplicity must be >= 1; got {views}")
     expected = max(1, round(q * n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
@@ -166,10 +193,12 @@ def dp_train_loop(
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                loss = batch_loss(idx)
+                loss = batch_loss(idx.repeat_interleave(views) if views > 1 else idx)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"DP training loss became {float(loss)} at step {step}; lower the learning rate")
                 loss.backward()
+                if views > 1:
+                    average_view_gradients(params, len(idx), views)
                 losses.append(float(loss.detach()))
             optimiser.step()
             if on_step_end is not None:

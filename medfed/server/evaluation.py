@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medfed.calibration import Threshold
 from medfed.client.algo import logits_of, metrics_from_logits, new_classifier
 from medfed.config import RunConfig
 from medfed.constants import TaskType
@@ -30,21 +31,23 @@ class TestSet:
         return InputSpec(int(self.images.shape[1]), tuple(int(s) for s in self.images.shape[2:]))
 
 
-def evaluate_state(cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate_state(cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor],
+                   threshold: Threshold | None = None) -> dict[str, float]:
     """Metrics of a classifier (given by its weights) on the whole test set."""
-    return evaluate_with_sites(cfg, test, classifier_state)[0]
+    return evaluate_with_sites(cfg, test, classifier_state, threshold)[0]
 
 
 def evaluate_with_sites(
-    cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor]
+    cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor], threshold: Threshold | None = None
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
-    """Metrics on the whole test set and on each site's share of it (one forward pass)."""
+    """Metrics on the whole test set and on each site's share of it (one forward pass); with a
+    ``threshold`` calibrated on validation data, also the metrics at it (binary tasks)."""
     model = new_classifier(cfg, test.spec, test.task, test.num_classes, None)
     model.load_state_dict(classifier_state)
     logits = logits_of(model, test.images)
-    overall = metrics_from_logits(model, logits, test.labels)
+    overall = metrics_from_logits(model, logits, test.labels, threshold)
     per_site = {
-        site: metrics_from_logits(model, logits[idx], test.labels[idx])
+        site: metrics_from_logits(model, logits[idx], test.labels[idx], threshold)
         for site, idx in test.site_indices.items()
         if len(idx)
     }

@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from medfed.calibration import THRESHOLD
 from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
 from medfed.client.app import DATA_FILE_KEY, LEDGER_DIR_KEY, PHASE_KEY, RUN_DIR_KEY, RUN_ID_KEY
 from medfed.config import RunConfig
@@ -148,7 +149,8 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                              evaluate=True, private=DPScope(cfg.dp).covers(Phase.FINETUNE), **common)  # type: ignore[arg-type]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict())
+        # the round's federated evaluation came first: its pooled validation histograms set the threshold
+        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict(), strategy.thresholds.get(server_round))
         ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, GLOBAL, "test", metrics)
         for site, site_metrics in per_site.items():  # the global model on each site's share of the test split
             ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)
@@ -162,6 +164,9 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                                         after_round=checkpoint(Phase.FINETUNE), timeout=cfg.round_timeout,
                                         evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
                                         on_round_timing=timing(Phase.FINETUNE), train_round=exchange)
+    threshold = strategy.thresholds.get(last)
+    if threshold is not None:  # the operating point travels with the model it was calibrated for
+        meta = {**meta, THRESHOLD: f"{threshold.probability:.17g}"}
     save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
     final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
     return {k: float(v) for k, v in final.items()}

@@ -19,6 +19,7 @@ from medfed.exceptions import PrivacyBudgetExceeded
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.data.site import SiteData, pooled_site, site_from_split
 from medfed.server.checkpoints import save_checkpoint
+from medfed.calibration import THRESHOLD
 from medfed.server.evaluation import evaluate_state
 from medfed.server.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
 from medfed.server.recorder import GLOBAL
@@ -56,7 +57,8 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
     if pretrain:
         save_checkpoint(ctx.arm_dir / f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors", encoder_state, meta)
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
-    metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state)
+    threshold = algo.validation_threshold(state)  # calibrated on the arm's own validation split
+    metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state, threshold)
     rec.record(ctx.arm, Phase.FINETUNE, 0, site_label, "test", metrics)
     for rnd in range(1, cfg.finetune_recipe.rounds + 1):
         try:
@@ -67,8 +69,11 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
         state.update(shared)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "train",
                    {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples, **stats.privacy})
-        metrics = evaluate_state(cfg, ctx.test, state)
+        threshold = algo.validation_threshold(state)
+        metrics = evaluate_state(cfg, ctx.test, state, threshold)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
+    if threshold is not None:
+        meta[THRESHOLD] = f"{threshold.probability:.17g}"
     save_checkpoint(ctx.arm_dir / f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors", state, meta)
     return metrics
 
@@ -80,6 +85,6 @@ def run_standalone(ctx: ArmContext, data: MedMNISTData, plan: SitePlan) -> tuple
     per_site = {
         s.site_id: _train_one(ctx, site_from_split(data, s), s.site_id, f"_site{s.site_id}") for s in plan.sites
     }
-    keys = next(iter(per_site.values())).keys()
-    mean = {k: float(np.nanmean([m[k] for m in per_site.values()])) for k in keys}
+    keys = sorted({k for m in per_site.values() for k in m})  # a site without both classes in val has no threshold
+    mean = {k: float(np.nanmean([m.get(k, np.nan) for m in per_site.values()])) for k in keys}
     return mean, per_site

@@ -30,6 +30,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
+from medfed.calibration import HISTOGRAM_KEYS, Threshold, histogram_problem, pooled_threshold
 from medfed.constants import AggregationRule, CentralDP, MetricKey, Phase, RecordKey, StrategyName
 from medfed.exceptions import FederationError
 from medfed.privacy.central import CLIP_TOLERANCE, CentralDPSettings, CentralLedger, add_noise, clip_update, update_norm
@@ -97,11 +98,12 @@ def check_evaluate_reply(content: RecordDict) -> str:
     if len(content.metric_records) != 1:
         return f"expected one MetricRecord, found {len(content.metric_records)}"
     metrics = next(iter(content.metric_records.values()))
-    if any(isinstance(v, list) for v in metrics.values()):
-        return "evaluate metrics must be scalars"
+    lists = sorted(k for k, v in metrics.items() if isinstance(v, list) and k not in HISTOGRAM_KEYS)
+    if lists:
+        return f"evaluate metrics must be scalars (apart from the score histograms); {lists[0]!r} is a list"
     if MetricKey.NUM_EXAMPLES not in metrics or MetricKey.SITE_ID not in metrics:
         return "evaluate metrics need num-examples and site-id"
-    return ""
+    return histogram_problem(dict(metrics), float(metrics[MetricKey.NUM_EXAMPLES]))
 
 
 def _scalar_metrics(content: RecordDict) -> dict[str, float]:
@@ -157,7 +159,7 @@ def weighted_eval_metrics(records: list[RecordDict], weighting_key: str) -> Metr
     """Evaluation metrics across sites, example-weighted, ignoring ids and NaNs (undefined AUC)."""
     rows = [next(iter(r.metric_records.values())) for r in records]
     out: dict[str, float] = {}
-    keys = {k for m in rows for k in m if k not in (weighting_key, MetricKey.SITE_ID)}
+    keys = {k for m in rows for k, v in m.items() if k not in (weighting_key, MetricKey.SITE_ID) and not isinstance(v, list)}
     for key in sorted(keys):
         pairs = [(float(m[key]), float(m[weighting_key])) for m in rows if key in m and np.isfinite(float(m[key]))]
         if pairs:
@@ -181,6 +183,7 @@ class SharedWeightsMixin:
         self.private = private  # a DP phase: every update must say what it cost
         self.aggregation = aggregation or AggregationSettings()
         self._sent = None
+        self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
         self.min_updates = 1  # valid updates a round needs (min-sites); fewer fail the round
         self.central: CentralDPSettings | None = None
         self.central_ledger: CentralLedger | None = None
@@ -380,6 +383,12 @@ class SharedWeightsMixin:
                 valid.append(msg)
             self._report(SiteReport(self.phase, server_round, "evaluate", site_id, node, metrics, not reason, reason))
         valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
+        threshold = pooled_threshold([dict(next(iter(m.content.metric_records.values()))) for m in valid])
+        if threshold is not None:
+            self.thresholds[server_round] = threshold
+            log(INFO, "%s round %s: decision threshold %.4g (Youden's J %.3f on %s + %s pooled validation cases)",
+                self.phase.value, server_round, threshold.probability, threshold.youden_j, threshold.positives,
+                threshold.negatives)
         return super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[misc]
 
 

@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from medfed.client.algo import new_classifier, new_encoder
@@ -65,6 +67,14 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     assert 0.0 <= final["auc"] <= 1.0 and math.isclose(final["fpr"], 1 - final["specificity"])
     last_test = [r for r in rows if r["split"] == "test" and r["round"] == 2][0]
     assert math.isclose(last_test["auc"], final["auc"])
+    # the operating point: calibrated on the sites' pooled validation histograms of that round, applied to test,
+    # saved with the final model; round 0 (no federated evaluation yet) has none
+    assert 0.0 < final["threshold"] < 1.0 and {"calibrated-accuracy", "calibrated-sensitivity"} <= set(final)
+    assert all("threshold" in r for r in rows if r["split"] in ("test", "test-site") and r["round"] >= 1)
+    assert not any("threshold" in r for r in rows if r["split"] == "test" and r["round"] == 0)
+    assert not any(isinstance(v, list) for r in rows for v in r.values())  # histograms are not written out
+    meta = safe_open(str(ckpt / "final_model.safetensors"), "pt").metadata()
+    assert float(meta["threshold"]) == final["threshold"]
     report = (run_dir / "report.md").read_text()
     assert "| federated-simclr | federated | simclr |" in report and "test_auc_per_round.png" in report
     assert "Per-site test metrics of the global model" in report and "Per-site validation metrics" in report
@@ -82,6 +92,12 @@ def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, dat
     per_site = summary["per_site_test"]
     assert set(per_site) == {"0", "1"}
     assert math.isclose(summary["test"]["auc"], (per_site["0"]["auc"] + per_site["1"]["auc"]) / 2)
+    # each site calibrates on its own validation split, which needs both classes (site 1's holds positives only)
+    data = np.load(data_path_env / "breastmnist.npz")
+    for site in json.loads((run_dir / "split.json").read_text())["sites"]:
+        both = len(np.unique(data["val_labels"][site["val"]])) == 2
+        assert ("threshold" in per_site[str(site["site_id"])]) is both, site["site_id"]
+    assert 0.0 < summary["test"]["threshold"] < 1.0
     central = runner.run_experiment(cfg.replace(mode="centralized", pretrain="none", run_name="central"))
     rows = Recorder.load(central / "metrics.jsonl")
     split = json.loads((central / "split.json").read_text())
