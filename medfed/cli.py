@@ -58,6 +58,8 @@ HELP: dict[str, str] = {
     "finetune_epochs": "Local epochs per fine-tuning round.",
     "finetune_lr": "AdamW learning rate for fine-tuning (0: the recipe's, 3e-4 without DP).",
     "finetune_batch_size": "Batch size for fine-tuning, expected Poisson batch under DP (0: the recipe's, 32 without DP).",
+    "finetune_lr_schedule": "Learning rate over the fine-tuning rounds: constant, or cosine (decays from "
+    "finetune-lr towards 0 by the last round); empty: the recipe's.",
     "finetune_loss": "ce, or logit-adjusted: cross-entropy on logits plus the log of the site's own label prior "
     "(Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with skewed labels does not drag the shared head "
     "towards its majority class. Single-label tasks only.",

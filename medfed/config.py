@@ -44,11 +44,23 @@ class FinetuneRecipe:
     batch_size: int
     rounds: int
     augment_multiplicity: int = 1  # under DP-SGD: views per example, gradients averaged before clipping
+    lr_schedule: str = "constant"  # constant | cosine (over rounds; `lr_at_round`)
+
+    def lr_at_round(self, server_round: int) -> float:
+        """The learning rate of fine-tuning round ``server_round`` (1-based) of ``rounds``: constant, or cosine
+        decay from ``lr`` in round 1 towards 0 after the last round (Loshchilov and Hutter, ICLR 2017, one cycle,
+        stepped per round). Decaying shrinks the last rounds' noisy steps, so the final model sits nearer the
+        optimum than DP noise at the full rate would let it (the released model is the last round's)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(max(server_round - 1, 0), self.rounds) / self.rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 FINETUNE_RECIPE = FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
 """Fine-tuning without DP (sized with `benchmarks/default_run.py`)."""
 
+LR_SCHEDULES = ("constant", "cosine")
 MAX_AUGMENT_MULTIPLICITY = 64  # views per example under DP: the batch's compute grows K-fold
 
 DP_FINETUNE_RECIPE: dict[str, FinetuneRecipe] = {
@@ -100,6 +112,7 @@ class RunConfig:
     finetune_epochs: int = 1
     finetune_lr: float = 0.0  # 0: the recipe's
     finetune_batch_size: int = 0  # 0: the recipe's
+    finetune_lr_schedule: str = ""  # '': the recipe's | constant | cosine (decay over the fine-tuning rounds)
     finetune_loss: str = "ce"  # ce | logit-adjusted (label-skew-robust, Menon et al. 2021)
     lora_rank: int = 4  # finetune-mode lora: rank of the adapters on every encoder conv/linear layer
     lora_alpha: float = 8.0  # adapter scaling is lora-alpha / lora-rank
@@ -200,6 +213,7 @@ class RunConfig:
             batch_size=self.finetune_batch_size or auto.batch_size,
             rounds=self.finetune_rounds or auto.rounds,
             augment_multiplicity=self.dp_augment_multiplicity or auto.augment_multiplicity,
+            lr_schedule=self.finetune_lr_schedule or auto.lr_schedule,
         )
 
     @property
@@ -268,6 +282,8 @@ def _validate(c: RunConfig) -> None:
     _choice("finetune_mode", c.finetune_mode, [m.value for m in FinetuneMode])
     _choice("strategy", c.strategy, [s.value for s in StrategyName])
     _choice("finetune_loss", c.finetune_loss, ["ce", "logit-adjusted"])
+    if c.finetune_lr_schedule:
+        _choice("finetune_lr_schedule", c.finetune_lr_schedule, list(LR_SCHEDULES))
     known = available_methods()
     methods = c.ssl_methods
     if c.pretrain != NO_PRETRAIN:

@@ -1,5 +1,5 @@
 """Files written safely: folders that are complete or absent (built under a temporary name, renamed
-into place), and secrets that are never readable by others."""
+into place), files replaced atomically and durably, and secrets that are never readable by others."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from medfed.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -44,3 +47,44 @@ def write_private(path: Path, data: bytes, *, fsync: bool = False) -> None:
         if fsync:
             out.flush()
             os.fsync(out.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace ``path`` atomically: ``write`` fills a temporary file beside it, which is fsynced, renamed
+    over ``path`` and the rename made durable. A crash leaves the old file or the new one, never half of
+    one; a failing ``write`` leaves the old file and no temporary."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_safetensors_durably(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """`replace_durably` for a safetensors file of ``tensors`` (moved to contiguous CPU memory)."""
+    from safetensors.torch import save_file
+
+    arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    replace_durably(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))

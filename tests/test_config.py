@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import tomllib
 from pathlib import Path
 
@@ -30,6 +32,20 @@ def test_finetune_recipe_follows_dp_unless_set() -> None:
     assert dp.finetune_recipe == FinetuneRecipe(lr=0.5, batch_size=DP_FINETUNE_RECIPE["full"].batch_size, rounds=3)
     # replace re-resolves: the recipe is derived, never frozen into the settings
     assert RunConfig().replace(dp="finetune").finetune_recipe == DP_FINETUNE_RECIPE["full"]
+    chosen = RunConfig(dp="finetune", finetune_lr_schedule="constant", dp_augment_multiplicity=3).finetune_recipe
+    assert (chosen.lr_schedule, chosen.augment_multiplicity) == ("constant", 3)
+
+
+def test_cosine_learning_rate_over_rounds() -> None:
+    from medfed.config import FinetuneRecipe
+
+    cosine = FinetuneRecipe(lr=0.01, batch_size=64, rounds=10, lr_schedule="cosine")
+    got = [cosine.lr_at_round(r) for r in range(1, 11)]
+    assert got[0] == 0.01 and got[5] == pytest.approx(0.005)  # full rate first, half way at round 6 of 10
+    assert got[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.9)))  # 0.000245: the last step is small
+    assert all(a > b for a, b in zip(got, got[1:]))
+    constant = FinetuneRecipe(lr=0.01, batch_size=64, rounds=10)
+    assert {constant.lr_at_round(r) for r in range(1, 11)} == {0.01}
 
 
 def test_flat_round_trip_and_kebab_keys() -> None:
@@ -110,6 +126,7 @@ BAD = [
     ({"dp": "finetune", "dp_max_grad_norm": 0.0}, "dp-max-grad-norm must be > 0"),
     ({"dp": "finetune", "dp_augment_multiplicity": -1}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "finetune", "dp_augment_multiplicity": 65}, "dp-augment-multiplicity must be in [1, 64]"),
+    ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
     ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
     ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),

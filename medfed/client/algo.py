@@ -373,8 +373,9 @@ class SiteAlgo:
         gen = self._gen(Phase.FINETUNE, server_round)
         images, labels = self.data.labelled_images, self.data.labelled_labels
         views = AugmentSpec.light()
+        recipe = self.cfg.finetune_recipe
         settings = TrainSettings(
-            epochs=self.cfg.finetune_epochs, batch_size=self.cfg.finetune_recipe.batch_size, lr=self.cfg.finetune_recipe.lr,
+            epochs=self.cfg.finetune_epochs, batch_size=recipe.batch_size, lr=recipe.lr_at_round(server_round),
             proximal_mu=self.proximal_mu,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from medfed.files import save_safetensors_durably
 
 RELEASES_DIR = "releases"
 _KEY_META, _METRICS_META = "release-key", "metrics"
@@ -82,14 +83,4 @@ class ReleaseCache:
         """Keep ``release`` as the latest of (run, phase), replacing the previous one atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(run_id, phase)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in release.arrays.items()}, str(tmp),
-                  metadata={_KEY_META: key, _METRICS_META: json.dumps(release.metrics)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        save_safetensors_durably(path, release.arrays, {_KEY_META: key, _METRICS_META: json.dumps(release.metrics)})

@@ -35,13 +35,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.constants import check_site_names
 from medfed.deploy.processes import DEFAULT_PORT
 from medfed.exceptions import ConfigError
 from medfed.files import build_folder, write_private
+from medfed.privacy.ledger import load_or_create_signing_key, public_key_hex
 
 RESERVED_NAMES = frozenset({"ca", "server"})
 CA_DIR, SERVER_DIR = "ca", "server"
@@ -95,7 +96,7 @@ def _write_public(path: Path, data: bytes | str) -> None:
     path.chmod(0o644)
 
 
-def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
@@ -206,10 +207,9 @@ def _build(plan: ProvisionPlan, root: Path) -> None:
         write_private(kit / AUTH_KEY, auth_private)
         _write_public(kit / AUTH_PUB, auth_public)
         _write_public(server / SUPERNODE_KEYS_DIR / f"{site}.pub", auth_public)
-        signing = ed25519.Ed25519PrivateKey.generate()
+        signing = load_or_create_signing_key(kit / LEDGER_KEY)  # the ledger's own key writer (0600, atomic)
         ledger_public = signing.public_key().public_bytes(serialization.Encoding.PEM,
                                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-        write_private(kit / LEDGER_KEY, _pem_private(signing))
         _write_public(kit / LEDGER_PUB, ledger_public)
         _write_public(server / LEDGER_KEYS_DIR / f"{site}.pub", ledger_public)
         _write_public(kit / SITE_TOML, site_toml(site, index, plan))
@@ -221,8 +221,7 @@ def _build(plan: ProvisionPlan, root: Path) -> None:
         manifest["sites"][site] = {
             "site_id": index,
             "supernode_auth_public_key": auth_public.decode().strip(),
-            "ledger_public_key": signing.public_key().public_bytes(serialization.Encoding.Raw,
-                                                                   serialization.PublicFormat.Raw).hex(),
+            "ledger_public_key": public_key_hex(signing),
         }
     _write_public(server / SERVER_JSON, json.dumps({
         "server_address": plan.server_address, "sans": sans, "sites": plan.sites, "expires": expires,

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.exceptions import ConfigError, LedgerError
-from medfed.files import write_private
+from medfed.files import fsync_dir, write_private
 
 LEDGER_VERSION = 1
 MECHANISM_DP_SGD = "poisson-subsampled-gaussian"
@@ -188,20 +188,6 @@ def _load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename/link in ``directory`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, path: Path) -> bool:
     """Give the finished file ``tmp`` the name ``path`` atomically, never replacing an existing file.
 
@@ -216,7 +202,7 @@ def _publish(tmp: Path, path: Path) -> bool:
         if path.exists():
             return False
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 

@@ -11,17 +11,17 @@ privacy is spent twice. Rows of unfinished rounds are dropped from ``metrics.jso
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from medfed.config import without_resume
 from medfed.constants import Phase
 from medfed.exceptions import ConfigError
+from medfed.files import replace_durably, save_safetensors_durably
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE, WEIGHTS_FILE = "state.json", "global.safetensors"
@@ -39,14 +39,6 @@ class RoundCheckpoint:
     weights: dict[str, torch.Tensor]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_round_checkpoint(run_dir: Path, *, run_id: str, arm: str, phase: Phase, completed_round: int,
                           settings: dict[str, object], weights: dict[str, torch.Tensor]) -> None:
     """Write the checkpoint of a completed round: weights first, then the state naming them, each
@@ -54,17 +46,10 @@ def save_round_checkpoint(run_dir: Path, *, run_id: str, arm: str, phase: Phase,
     folder = run_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     name = f"global-{phase.value}-{completed_round}.safetensors"
-    tmp = folder / f".{name}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, folder / name)
+    save_safetensors_durably(folder / name, weights)
     state = {"run_id": run_id, "arm": arm, "phase": phase.value, "completed_round": completed_round,
              "weights": name, "settings": without_resume(settings)}
-    tmp_state = folder / f".{STATE_FILE}.tmp"
-    tmp_state.write_text(json.dumps(state, indent=1, sort_keys=True))
-    _fsync(tmp_state)
-    os.replace(tmp_state, folder / STATE_FILE)
-    _fsync(folder)
+    replace_durably(folder / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1, sort_keys=True)))
     for old in folder.glob("global-*.safetensors"):  # only the named weights are needed
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -112,7 +97,5 @@ def drop_unfinished_rows(metrics_path: Path, arm: str, phase: Phase, completed_r
             dropped += 1
         else:
             kept.append(line)
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, metrics_path)
+    replace_durably(metrics_path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
     return dropped
