@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from medfed.constants import (
+    DEFAULT_ROUND_TIMEOUT,
     NO_PRETRAIN,
     RESUME_KEY,
     AggregationRule,
@@ -137,7 +138,7 @@ class RunConfig:
     proximal_mu: float = 0.0
     fraction_train: float = 1.0
     min_sites: int = 0  # a round needs this many sites connected and this many valid updates (0: num-sites)
-    round_timeout: float = 3600.0  # seconds a round waits for the sites' replies
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT  # seconds a round waits for the sites' replies
     # secure aggregation and central (site-level) DP, on the server's side (docs/PRIVACY.md)
     secure_aggregation: str = SecureAggregation.NONE.value  # none | secagg+ (Flower's SecAgg+)
     secagg_num_shares: float = 1.0  # secagg+: each site's secrets are shared with this fraction of the sampled sites

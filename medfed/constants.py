@@ -175,6 +175,7 @@ class NodeConfigKey(StrEnum):
 
 
 NO_PRETRAIN = "none"
+DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds a round waits for the sites' replies (Flower's default)
 
 
 SITE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")

@@ -44,11 +44,13 @@ def _pull_after_failures(failures: int) -> float:
 
 
 def test_flowers_default_backoff_is_what_the_tuning_is_for() -> None:
-    """Flower's own constants (the live defaults may already be tuned in this process: the module-level
-    ServerApp, run in-process by a simulation test, applies the tuning)."""
+    """Flower's own constants, and the live defaults (the module-level ServerApp, which a simulation test
+    runs in-process, tunes them only while it runs)."""
     from flwr.supercore import constant
+    from flwr.supercore.inflatable import inflatable_utils
 
     assert constant.PULL_INITIAL_BACKOFF == 1 and constant.PULL_BACKOFF_CAP == 10  # flwr 1.41
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == constant.PULL_INITIAL_BACKOFF
 
 
 def test_tuned_pulls_retry_an_unavailable_object_within_a_fraction_of_a_second(restore_flower) -> None:
@@ -59,6 +61,20 @@ def test_tuned_pulls_retry_an_unavailable_object_within_a_fraction_of_a_second(r
         assert fn.__kwdefaults__["initial_backoff"] == 0.05 and fn.__kwdefaults__["backoff_cap"] == 0.5
     # three misses: 0.05 + 0.1 + 0.2 s (+-20 % jitter) instead of Flower's 1 + 2 + 4 s
     assert _pull_after_failures(3) < 1.0
+
+
+def test_a_servers_tuning_ends_with_its_block(restore_flower) -> None:
+    """The ServerApp tunes pulls only while it runs: afterwards the process has Flower's values back."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    fns = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    before = [(fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) for fn in fns]
+    with flower_tuning.object_pulls_tuned():
+        assert all(fn.__kwdefaults__["initial_backoff"] == 0.05 for fn in fns)
+    assert [(fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) for fn in fns] == before
+    with pytest.raises(KeyError), flower_tuning.object_pulls_tuned():
+        raise KeyError("the run failed")
+    assert [(fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) for fn in fns] == before
 
 
 @pytest.mark.parametrize("initial,cap", [(0, 1), (-1, 1), (2, 1)])

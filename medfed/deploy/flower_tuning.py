@@ -24,28 +24,46 @@ each function refuses to run if the attribute it tunes is not there.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 PULL_INITIAL_BACKOFF = 0.05  # s; Flower 1.41: 1 s
 PULL_BACKOFF_CAP = 0.5  # s; Flower 1.41: 10 s
 SUPERNODE_SLEEP_CAP = 0.5  # s; Flower 1.41 idles 3 s between asking the SuperLink for messages
 
 
-def tune_object_pulls(initial_backoff: float = PULL_INITIAL_BACKOFF, backoff_cap: float = PULL_BACKOFF_CAP) -> None:
+def tune_object_pulls(initial_backoff: float = PULL_INITIAL_BACKOFF,
+                      backoff_cap: float = PULL_BACKOFF_CAP) -> dict[Callable[..., object], tuple[float, float]]:
     """Retry an object that is not available yet after ``initial_backoff`` seconds, doubling up
     to ``backoff_cap``, in every Flower pull of this process (the defaults of the two pull
-    functions every caller in flwr 1.41 goes through)."""
+    functions every caller in flwr 1.41 goes through). Returns the previous values, for
+    `object_pulls_tuned` to put back."""
     if not 0 < initial_backoff <= backoff_cap:
         raise ValueError(f"need 0 < initial_backoff <= backoff_cap, got {initial_backoff}, {backoff_cap}")
     from flwr.supercore.inflatable import inflatable_utils
 
+    previous: dict[Callable[..., object], tuple[float, float]] = {}
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = fn.__kwdefaults__ or {}
         if "initial_backoff" not in defaults or "backoff_cap" not in defaults:
             raise RuntimeError(f"flwr's {fn.__qualname__} has no initial_backoff/backoff_cap: not flwr 1.41")
+        previous[fn] = (defaults["initial_backoff"], defaults["backoff_cap"])
         defaults["initial_backoff"], defaults["backoff_cap"] = initial_backoff, backoff_cap
+    return previous
+
+
+@contextlib.contextmanager
+def object_pulls_tuned() -> Iterator[None]:
+    """`tune_object_pulls` for the duration of a ``with`` block, then Flower's values as they were: for a
+    ServerApp, which may run inside a process that outlives it (a test, an in-process runtime)."""
+    previous = tune_object_pulls()
+    try:
+        yield
+    finally:
+        for fn, (initial_backoff, backoff_cap) in previous.items():
+            fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"] = initial_backoff, backoff_cap
 
 
 class CappedSleep:

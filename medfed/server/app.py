@@ -36,9 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     (pyproject defaults plus overrides); federated arms use this ServerApp's grid, with arrays packed
     on the wire and replies polled every 0.2 s instead of Flower's 3 s (`medfed.server.grid`)."""
     from medfed.config import RunConfig
-    from medfed.deploy.flower_tuning import tune_object_pulls
+    from medfed.deploy.flower_tuning import object_pulls_tuned
     from medfed.simulations.runner import run_experiment
 
-    tune_object_pulls()  # replies' objects: retried after 50 ms, not Flower's 1 s (medfed.deploy.flower_tuning)
-
-    run_experiment(RunConfig.from_flat(dict(context.run_config)), grid=DeploymentGrid(grid))
+    with object_pulls_tuned():  # replies' objects: retried after 50 ms, not Flower's 1 s (medfed.deploy.flower_tuning)
+        run_experiment(RunConfig.from_flat(dict(context.run_config)), grid=DeploymentGrid(grid))

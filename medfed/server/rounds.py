@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds a round waits for replies (Flower's default)
+from medfed.constants import DEFAULT_ROUND_TIMEOUT
+
 
 TrainRound = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 """One training round's exchange: (round, global arrays, train config) -> new arrays (None: keep them).
