@@ -421,6 +421,10 @@ def _validate_privacy(c: RunConfig) -> None:
     if scope == DPScope.PRETRAIN and not pretrains:
         raise ConfigError("dp pretrain needs a pretraining phase (a pretrain method and no encoder-init)")
     if scope in (DPScope.PRETRAIN, DPScope.ALL) and pretrains:
+        if c.dp_grad_sample_mode == GradSampleMode.EW:
+            raise ConfigError("dp-grad-sample-mode ew needs the loss to go through the model's forward, which only "
+                              "fine-tuning does (the SSL losses call the encoder and heads directly); use hooks or "
+                              "functorch with dp pretrain or all")
         if any(w == 0 for w in c.ssl_weights):
             raise ConfigError("pretrain-weights of 0 under dp: that method's heads would get no per-example gradient; "
                               "drop the method instead")

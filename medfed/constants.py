@@ -52,10 +52,12 @@ class DPScope(StrEnum):
 
 
 class GradSampleMode(StrEnum):
-    """How Opacus computes per-example gradients in training (hooks or functorch fall-back)."""
+    """How per-example gradients are computed under DP-SGD: Opacus' hooks, its functorch fall-back, or
+    PyTorch's expanded weights (``ew``; fine-tuning only: the loss must go through the model's forward)."""
 
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
+    EW = "ew"
 
 
 class StrategyName(StrEnum):

@@ -126,6 +126,7 @@ BAD = [
     ({"dp": "finetune", "dp_max_grad_norm": 0.0}, "dp-max-grad-norm must be > 0"),
     ({"dp": "finetune", "dp_augment_multiplicity": -1}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "finetune", "dp_augment_multiplicity": 65}, "dp-augment-multiplicity must be in [1, 64]"),
+    ({"dp": "all", "pretrain": "mae", "dp_grad_sample_mode": "ew"}, "dp-grad-sample-mode ew needs the loss"),
     ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
     ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP

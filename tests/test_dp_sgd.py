@@ -28,17 +28,19 @@ def _classifier(seed: int = 0) -> Classifier:
     return Classifier(build_encoder(EncoderKind.CNN, SPEC, 4), TaskType.BINARY, 2)
 
 
-def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, noise: float = 0.0) -> list[torch.Tensor]:
+def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, noise: float = 0.0,
+              mode: str = "hooks") -> list[torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     dp_train_loop(
         model, params, lambda idx: model.loss(model(x[idx]), y[idx]), len(x),  # type: ignore[operator]
-        DPStepSettings(noise, clip, PoissonSchedule(1.0, 1)), lr=1e-3, weight_decay=0.0,
+        DPStepSettings(noise, clip, PoissonSchedule(1.0, 1), grad_sample_mode=mode), lr=1e-3, weight_decay=0.0,
         gen=torch.Generator().manual_seed(0),
     )
     return [p.grad.detach().clone() for p in params]
 
 
-def test_step_gradient_is_mean_of_clipped_per_example_gradients() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_step_gradient_is_mean_of_clipped_per_example_gradients(mode: str) -> None:
     """With no noise and every example sampled, the update direction is (1/B) sum_i clip(g_i, C)."""
     x, y = torch.rand(6, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1], [0]])
     clip = 0.05
@@ -51,9 +53,12 @@ def test_step_gradient_is_mean_of_clipped_per_example_gradients() -> None:
         factor = min(1.0, clip / (float(norm) + 1e-6))
         total = [t + g * factor for t, g in zip(total, grads, strict=True)]
     expected = [t / len(x) for t in total]
-    got = _one_step(_classifier(), x, y, clip)
+    model = _classifier()
+    got = _one_step(model, x, y, clip, mode=mode)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    assert "forward" not in vars(model)  # ew's patch is gone: the model is plain again
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e3])  # every example clipped; none clipped (the mean, not the sum)
@@ -98,6 +103,24 @@ def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(clip: f
                   DPStepSettings(sigma, c, PoissonSchedule(1.0, 1), augment_multiplicity=4), lr=1e-3, weight_decay=0.0,
                   gen=torch.Generator().manual_seed(3))
     assert float(linear[0].weight.grad.std()) == pytest.approx(sigma * c / 4, rel=0.08)
+
+
+def test_expanded_weights_and_hooks_agree_on_a_lora_model() -> None:
+    """LoRA (peft) adapters: expanded weights give the adapters and head the same clipped step as Opacus' hooks,
+    and leave the frozen base weights without gradients."""
+    from medfed.models.lora import add_lora
+
+    x, y = torch.rand(5, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1]])
+    grads = {}
+    for mode in ("hooks", "ew"):
+        model = _classifier(seed=3)
+        torch.manual_seed(4)
+        add_lora(model.encoder, 2, 4.0)
+        grads[mode] = _one_step(model, x, y, 0.05, mode=mode)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert frozen and all(p.grad is None for p in frozen)
+    for h, e in zip(grads["hooks"], grads["ew"], strict=True):
+        torch.testing.assert_close(e, h, rtol=1e-4, atol=1e-6)
 
 
 def test_noise_has_the_planned_standard_deviation() -> None:

@@ -23,11 +23,12 @@ itself remains torch's (not a CSPRNG); docs/PRIVACY.md says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,6 +122,39 @@ def average_view_gradients(params: list[nn.Parameter], examples: int, views: int
         p.grad_sample = sample.reshape(examples, views, *sample.shape[1:]).mean(dim=1)
 
 
+class _OwnForward(nn.Module):
+    """Runs ``inner``'s class forward without going through ``inner.__call__`` (whose ``forward`` the
+    expanded-weights patch replaces), so the patched forward does not call itself."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return type(self.inner).forward(self.inner, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def expanded_weights(module: nn.Module) -> Iterator[None]:
+    """While active, ``module(x)`` computes per-example gradients with PyTorch's expanded weights
+    (``call_for_per_sample_grads``; what Opacus' ``grad_sample_mode="ew"`` wraps): every trainable
+    parameter's ``grad_sample`` is ``(rows, *shape)`` after ``backward``. Only a loss computed through
+    ``module``'s own forward gets them, so this serves fine-tuning, not the SSL losses (which call
+    sub-modules). Frozen parameters (LoRA's base weights) are left alone."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    plain = _OwnForward(module)
+
+    def forward(x: torch.Tensor, *args: object, **kwargs: object) -> object:
+        return call_for_per_sample_grads(plain, batch_size=x.shape[0], loss_reduction="mean")(x, *args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 def _entropy_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
@@ -166,12 +200,15 @@ def dp_train_loop(
     if views < 1:
         raise ConfigError(f"augmentation multiplicity must be >= 1; got {views}")
     expected = max(1, round(q * n))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
-        gsm = GradSampleModule(
-            module, batch_first=True, loss_reduction="mean", strict=False,
-            force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
-        )
+    gsm = None
+    if dp.grad_sample_mode != GradSampleMode.EW:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
+            gsm = GradSampleModule(
+                module, batch_first=True, loss_reduction="mean", strict=False,
+                force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
+            )
+    per_example = expanded_weights(module) if gsm is None else contextlib.nullcontext()
     sample_gen = gen
     noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
     optimiser = DPOptimizer(
@@ -182,29 +219,31 @@ def dp_train_loop(
     losses: list[float] = []
     sizes: list[int] = []
     try:
-        for step in range(steps):
-            if dp.secure_rng:
-                sample_gen = _entropy_generator()
-                optimiser.generator = _entropy_generator()
-            idx = torch.nonzero(torch.rand(n, generator=sample_gen) < q).flatten()
-            sizes.append(len(idx))
-            optimiser.zero_grad(set_to_none=True)
-            if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                loss = batch_loss(idx.repeat_interleave(views) if views > 1 else idx)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"DP training loss became {float(loss)} at step {step}; lower the learning rate")
-                loss.backward()
-                if views > 1:
-                    average_view_gradients(params, len(idx), views)
-                losses.append(float(loss.detach()))
-            optimiser.step()
-            if on_step_end is not None:
-                on_step_end()
+        with per_example:
+            for step in range(steps):
+                if dp.secure_rng:
+                    sample_gen = _entropy_generator()
+                    optimiser.generator = _entropy_generator()
+                idx = torch.nonzero(torch.rand(n, generator=sample_gen) < q).flatten()
+                sizes.append(len(idx))
+                optimiser.zero_grad(set_to_none=True)
+                if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    loss = batch_loss(idx.repeat_interleave(views) if views > 1 else idx)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"DP training loss became {float(loss)} at step {step}; lower the learning rate")
+                    loss.backward()
+                    if views > 1:
+                        average_view_gradients(params, len(idx), views)
+                    losses.append(float(loss.detach()))
+                optimiser.step()
+                if on_step_end is not None:
+                    on_step_end()
     finally:
-        gsm._close()  # remove the hooks and per-example gradients: the module is plain again
+        if gsm is not None:
+            gsm._close()  # remove the hooks and per-example gradients: the module is plain again
         for p in params:
             for attr in ("summed_grad", "grad_sample", "_processed"):
                 if hasattr(p, attr):
