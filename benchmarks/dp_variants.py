@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-runs/dp_variants")
+    parser.add_argument("--section", default="dp_variants", help="the docs/RESULTS.md section to write")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     base = RunConfig(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(Path(args.encoder).resolve()),
@@ -97,7 +98,8 @@ def main() -> None:
 
     command = (f"python benchmarks/dp_variants.py --encoder {os.path.relpath(args.encoder, Path.cwd())} "
                + " ".join(f"--variant {v}" for v in args.variant)
-               + f" --repeats {args.repeats} --epsilon {args.epsilon:g} --seed {args.seed}")
+               + f" --repeats {args.repeats} --epsilon {args.epsilon:g} --seed {args.seed}"
+               + (f" --section {args.section}" if args.section != "dp_variants" else ""))
     lines = [
         f"## DP fine-tuning variants at epsilon {args.epsilon:g}, judged on validation (PneumoniaMNIST, 5 sites, "
         "10 % labels, delta 1e-5)",
@@ -118,7 +120,7 @@ def main() -> None:
     lines.append("")
     lines.append("Per run (val, test): " + "; ".join(
         f"{name}: " + ", ".join(f"({r['val']:.4f}, {r['test']:.4f})" for r in results[name]) for name, _ in variants) + ".")
-    write_section("dp_variants", "\n".join(lines))
+    write_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -72,8 +72,9 @@ HELP: dict[str, str] = {
     "dp_accountant": "Site accountant: rdp (Mironov 2017) or prv (Gopi et al. 2021).",
     "dp_max_grad_norm": "Per-example gradient clipping bound C.",
     "dp_noise_multiplier": "Noise multiplier sigma; 0 plans it so the planned rounds spend the remaining budget.",
-    "dp_grad_sample_mode": "How per-example gradients are computed: Opacus' hooks or functorch, or PyTorch's "
-    "expanded weights (ew; fine-tuning only, faster on CPU: docs/RESULTS.md dp_cost).",
+    "dp_grad_sample_mode": "How per-example gradients are computed (the same clipped step, at different speeds): "
+    "Opacus' hooks or functorch, or PyTorch's expanded weights (ew; fine-tuning only); auto: ew for fine-tuning, "
+    "hooks for pretraining (docs/RESULTS.md dp_cost_cpu).",
     "dp_augment_multiplicity": "Augmentation multiplicity K under DP-SGD (De et al. 2022): each sampled example is "
     "augmented K times and its K gradients are averaged before clipping, at no privacy cost and K times the compute "
     "(0: the DP recipe's).",

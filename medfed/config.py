@@ -124,7 +124,7 @@ class RunConfig:
     dp_accountant: str = "rdp"  # rdp | prv
     dp_max_grad_norm: float = 1.0
     dp_noise_multiplier: float = 0.0  # 0: planned from the remaining budget and the planned rounds
-    dp_grad_sample_mode: str = GradSampleMode.HOOKS.value
+    dp_grad_sample_mode: str = GradSampleMode.AUTO.value
     dp_secure_rng: bool = False
     dp_augment_multiplicity: int = 0  # K views per example, gradients averaged before clipping; 0: the recipe's
     ledger_dir: str = ""  # where simulated sites keep their ledgers; '': <run dir>/ledgers
@@ -418,6 +418,10 @@ def _validate_privacy(c: RunConfig) -> None:
         raise ConfigError(f"dp-noise-multiplier must be >= 0 (0 plans it from the budget); got {c.dp_noise_multiplier}")
     scope = DPScope(c.dp)
     pretrains = bool(c.ssl_methods) and not c.encoder_init
+    if c.dp_grad_sample_mode == GradSampleMode.EW and c.encoder != EncoderKind.CNN and (
+            c.encoder == EncoderKind.VIT or "mae" in c.ssl_methods):
+        raise ConfigError("dp-grad-sample-mode ew works with the cnn encoder only (PyTorch's expanded-weights "
+                          "convolution fails on the ViT's patch embedding); use auto, hooks or functorch")
     if scope == DPScope.PRETRAIN and not pretrains:
         raise ConfigError("dp pretrain needs a pretraining phase (a pretrain method and no encoder-init)")
     if scope in (DPScope.PRETRAIN, DPScope.ALL) and pretrains:

@@ -53,11 +53,21 @@ class DPScope(StrEnum):
 
 class GradSampleMode(StrEnum):
     """How per-example gradients are computed under DP-SGD: Opacus' hooks, its functorch fall-back, or
-    PyTorch's expanded weights (``ew``; fine-tuning only: the loss must go through the model's forward)."""
+    PyTorch's expanded weights (``ew``; fine-tuning only: the loss must go through the model's forward).
+    All give the same clipped step (tests/test_dp_sgd.py); they differ in speed."""
 
+    AUTO = "auto"  # ew for fine-tuning a CNN (faster on CPU: RESULTS.md dp_cost_cpu), else hooks
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
     EW = "ew"
+
+    def for_phase(self, finetuning: bool, encoder: str) -> "GradSampleMode":
+        """The mode a phase runs with: ``auto`` resolved, any other mode as chosen. ``auto`` takes expanded
+        weights only where they work and were measured faster: fine-tuning a CNN encoder. (On the ViT,
+        PyTorch 2.13's expanded-weights convolution fails on the patch embedding's non-contiguous gradient.)"""
+        if self is GradSampleMode.AUTO:
+            return GradSampleMode.EW if finetuning and encoder == "cnn" else GradSampleMode.HOOKS
+        return self
 
 
 class StrategyName(StrEnum):

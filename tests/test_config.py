@@ -126,7 +126,8 @@ BAD = [
     ({"dp": "finetune", "dp_max_grad_norm": 0.0}, "dp-max-grad-norm must be > 0"),
     ({"dp": "finetune", "dp_augment_multiplicity": -1}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "finetune", "dp_augment_multiplicity": 65}, "dp-augment-multiplicity must be in [1, 64]"),
-    ({"dp": "all", "pretrain": "mae", "dp_grad_sample_mode": "ew"}, "dp-grad-sample-mode ew needs the loss"),
+    ({"dp": "all", "pretrain": "byol", "dp_grad_sample_mode": "ew"}, "dp-grad-sample-mode ew needs the loss"),
+    ({"dp": "finetune", "encoder": "vit", "dp_grad_sample_mode": "ew"}, "ew works with the cnn encoder only"),
     ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
     ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
@@ -134,7 +135,7 @@ BAD = [
     ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),
     ({"dp": "finetune", "strategy": "fedprox", "proximal_mu": 0.1}, "fedprox cannot be combined with dp"),
     ({"dp": "finetune", "finetune_loss": "logit-adjusted"}, "DP-SGD does not protect"),
-    ({"dp_grad_sample_mode": "ghost"}, "dp-grad-sample-mode must be one of hooks, functorch"),
+    ({"dp_grad_sample_mode": "ghost"}, "dp-grad-sample-mode must be one of auto, hooks, functorch, ew"),
     ({"lora_rank": 0}, "lora-rank must be >= 1"),
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
 ]

@@ -61,8 +61,9 @@ def test_step_gradient_is_mean_of_clipped_per_example_gradients(mode: str) -> No
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
 @pytest.mark.parametrize("clip", [0.05, 1e3])  # every example clipped; none clipped (the mean, not the sum)
-def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(clip: float) -> None:
+def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(clip: float, mode: str) -> None:
     """K views per example (De et al. 2022): the step direction is (1/B) sum_i clip(mean_k g_ik, C). A clip
     per view, or per-view rows counted as examples, gives another direction; the noise stays sigma*C/B."""
     x, y = torch.rand(5, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1]])
@@ -89,7 +90,8 @@ def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(clip: f
         return model.loss(model(x[idx] + shifts[view_of_row]), y[idx])
 
     dp_train_loop(model, trainable, batch_loss, len(x), DPStepSettings(0.0, clip, PoissonSchedule(1.0, 1),
-                  augment_multiplicity=views), lr=1e-3, weight_decay=0.0, gen=torch.Generator().manual_seed(0))
+                  grad_sample_mode=mode, augment_multiplicity=views), lr=1e-3, weight_decay=0.0,
+                  gen=torch.Generator().manual_seed(0))
     assert seen[0].tolist() == [i for i in range(len(x)) for _ in range(views)]  # example-major rows
     for e, p in zip(expected, trainable, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfed.client.algo import SiteAlgo, finetune_shared_keys, new_classifier
+from medfed.client.algo import SiteAlgo, finetune_shared_keys, new_classifier, new_encoder
 from medfed.config import RunConfig
 from medfed.constants import MetricKey, Phase, TaskType
 from medfed.data.medmnist import load_medmnist
@@ -61,6 +61,33 @@ def test_epsilon_is_cumulative_across_rounds_and_survives_a_restart(site, tmp_pa
     assert [e.server_round for e in entries] == [1, 2, 3]
     assert [e.epsilon_after for e in entries] == pytest.approx(expected, rel=1e-9)
     assert (tmp_path / "site-0.pub").is_file() and oct((tmp_path / "site-0.ed25519.pem").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("chosen,pretrain,encoder,pretrain_mode,finetune_mode", [
+    ("auto", "byol", "cnn", "hooks", "ew"), ("auto", "mae", "vit", "hooks", "hooks"),
+    ("hooks", "byol", "cnn", "hooks", "hooks"), ("functorch", "byol", "cnn", "functorch", "functorch"),
+])
+def test_the_grad_sample_mode_each_phase_runs_with(site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chosen: str,
+                                                  pretrain: str, encoder: str, pretrain_mode: str,
+                                                  finetune_mode: str) -> None:
+    """auto (the default): expanded weights for fine-tuning a CNN (faster on CPU), Opacus' hooks for pretraining
+    and for the ViT (whose patch embedding PyTorch's expanded weights cannot handle)."""
+    from medfed.client import algo
+
+    seen: list[str] = []
+    real = algo.dp_train_loop
+
+    def spy(*args, **kwargs):
+        seen.append(args[4].grad_sample_mode)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "dp_train_loop", spy)
+    assert RunConfig().dp_grad_sample_mode == "auto"
+    c = cfg(dp="all", pretrain=pretrain, encoder=encoder, dp_grad_sample_mode=chosen, pretrain_batch_size=16)
+    worker = SiteAlgo(c, site, guard(c, tmp_path))
+    encoder, _, _ = worker.pretrain_round(new_encoder(c, site.spec).state_dict(), None, 1)
+    worker.finetune_round(new_classifier(c, site.spec, site.task, site.num_classes, encoder).state_dict(), 1)
+    assert seen == [pretrain_mode, finetune_mode]
 
 
 def test_refusal_at_the_budget_writes_nothing(site, tmp_path: Path) -> None:

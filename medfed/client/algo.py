@@ -21,7 +21,7 @@ from torch import nn
 
 from medfed.calibration import Threshold, metrics_at_threshold, pooled_threshold, score_histograms
 from medfed.config import RunConfig
-from medfed.constants import DPScope, FinetuneMode, MetricKey, Mode, Phase, TaskType
+from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, Mode, Phase, TaskType
 from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment
@@ -294,7 +294,9 @@ class SiteAlgo:
         plan = self.privacy.plan(schedule.sample_rate, schedule.steps, self._later_dp_rounds(phase, server_round))
         p = self.privacy.privacy
         views = self.cfg.finetune_recipe.augment_multiplicity if phase == Phase.FINETUNE else self.cfg.dp_augment_multiplicity or 1
-        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, p.grad_sample_mode, p.secure_rng, views)
+        kind = resolve_encoder_kind(self.cfg.encoder, self.cfg.ssl_methods)
+        mode = GradSampleMode(p.grad_sample_mode).for_phase(finetuning=phase == Phase.FINETUNE, encoder=kind.value)
+        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, mode.value, p.secure_rng, views)
 
     def _record(self, phase: Phase, server_round: int, plan: RoundPlan | None) -> dict[str, float]:
         """Append the round to the ledger; returns the privacy metrics of the reply."""
