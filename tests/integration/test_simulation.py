@@ -78,6 +78,7 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     report = (run_dir / "report.md").read_text()
     assert "| federated-simclr | federated | simclr |" in report and "test_auc_per_round.png" in report
     assert "Per-site test metrics of the global model" in report and "Per-site validation metrics" in report
+    assert f"| federated-simclr | {final['threshold']:.3f} |" in report  # the calibrated operating point's table
     split = json.loads((run_dir / "split.json").read_text())
     assert sorted(i for s in split["sites"] for i in s["test"]) == list(range(156))  # BreastMNIST test split
 
