@@ -404,6 +404,7 @@ def _validate_privacy(c: RunConfig) -> None:
     _choice("dp_grad_sample_mode", c.dp_grad_sample_mode, [m.value for m in GradSampleMode])
     if c.dp == DPScope.NONE:
         return
+    from medfed.models.encoders import resolve_encoder_kind
     from medfed.privacy.accounting import check_accountant, check_budget
     from medfed.selfsup.registry import method_class
 
@@ -418,8 +419,7 @@ def _validate_privacy(c: RunConfig) -> None:
         raise ConfigError(f"dp-noise-multiplier must be >= 0 (0 plans it from the budget); got {c.dp_noise_multiplier}")
     scope = DPScope(c.dp)
     pretrains = bool(c.ssl_methods) and not c.encoder_init
-    if c.dp_grad_sample_mode == GradSampleMode.EW and c.encoder != EncoderKind.CNN and (
-            c.encoder == EncoderKind.VIT or "mae" in c.ssl_methods):
+    if c.dp_grad_sample_mode == GradSampleMode.EW and resolve_encoder_kind(c.encoder, c.ssl_methods) != EncoderKind.CNN:
         raise ConfigError("dp-grad-sample-mode ew works with the cnn encoder only (PyTorch's expanded-weights "
                           "convolution fails on the ViT's patch embedding); use auto, hooks or functorch")
     if scope == DPScope.PRETRAIN and not pretrains:
