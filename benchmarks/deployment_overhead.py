@@ -1,7 +1,7 @@
 """Orchestration overhead and bytes on the wire of a real deployment on loopback (3 sites).
 
-`medfed provision` kits, PneumoniaMNIST cut into three site files, `medfed server` (TLS, SuperNode
-authentication), three `medfed site` processes and `medfed run` with the default model and recipe
+`medfed provision` kits, PneumoniaMNIST cut into three site files, `medfed server` (the mutual-TLS
+gateway, SuperNode authentication), three `medfed site` processes and `medfed run` with the default model and recipe
 (only the round counts are smaller). Per training round the server records its wall time
 (send, wait for every reply, aggregate) and every site its local training time. The overhead of a
 round is 1 - (slowest site's local training time) / (round wall time): everything that is not
@@ -28,13 +28,95 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section
 
-from medfed.deploy.processes import CONNECTION, flwr_cli, free_port, stop_tree
+from medfed.deploy.processes import CONNECTION, ControlConnection, flwr_cli, free_port, stop_tree
 from medfed.deploy.provision import ProvisionPlan, provision
 from medfed.server.recorder import Recorder
 from medfed.simulations.site_files import write_site_files
 
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 SITES = ["h1", "h2", "h3"]
+
+
+FRONTS = ("gateway", "direct")
+
+
+def start_direct_superlink(kits: Path, port: int, work: Path, spawn_raw) -> None:  # noqa: ANN001
+    """What `medfed server` ran before the gateway: Flower's own SuperLink on the federation port with TLS and
+    SuperNode authentication (no client certificates, Flower's subprocess isolation), sites registered with the
+    flwr CLI. Only for measuring what the gateway costs; never a deployment."""
+    from medfed.deploy.processes import (
+        ControlConnection,
+        flower_bin,
+        flower_env,
+        register_supernode,
+        wait_healthy,
+        write_cli_config,
+    )
+
+    server, state = kits / "server", kits / "server" / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    spawn_raw([flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database",
+               str(state / "superlink.db"), "--disable-runtime-dependency-installation", "--ssl-ca-certfile",
+               str(server / "ca.crt"), "--ssl-certfile", str(server / "server.crt"), "--ssl-keyfile",
+               str(server / "server.key"), "--enable-supernode-auth"], "server.out", flower_env(state / "flwr-superlink"))
+    wait_healthy(f"127.0.0.1:{port}", server / "ca.crt", timeout=120)
+    conn = ControlConnection(state / "flwr-cli")
+    write_cli_config(conn.flwr_home, f"127.0.0.1:{port}", server / "ca.crt")
+    for site in SITES:
+        register_supernode(server / "supernodes" / f"{site}.pub", site, conn)
+
+
+def run_federation(work: Path, data: str, pretrain_rounds: int, finetune_rounds: int, front: str = "gateway",
+                   files: dict[str, Path] | None = None) -> tuple[list[dict], float, str]:
+    """Provision, start a SuperLink (``front``: medfed's gateway, or Flower's own SuperLink directly) and three
+    sites, run one job; returns (metrics rows, end-to-end seconds, the SuperLink's traffic count). Every process
+    is stopped by its PID."""
+    if front not in FRONTS:
+        raise ValueError(f"front must be one of {FRONTS}; got {front!r}")
+    work.mkdir(parents=True, exist_ok=True)
+    kits = provision(ProvisionPlan(sites=SITES, out=work / "kits"))
+    files = files or write_site_files(data, SITES, work / "sitedata")
+    port = free_port()
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    started: list[subprocess.Popen] = []
+
+    def spawn_raw(cmd: list[str], log: str, process_env: dict[str, str] = env) -> subprocess.Popen:
+        with (work / log).open("ab") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=process_env, cwd=work,
+                                 start_new_session=True)
+        started.append(p)
+        return p
+
+    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
+        return spawn_raw([*MEDFED, *cmd], log)
+
+    operator = ControlConnection(kits / "server" / "state" / "flwr-cli",
+                                 (kits / "server" / "operator.crt", kits / "server" / "operator.key"))
+    try:
+        if front == "gateway":
+            spawn(["server", "--kit", str(kits / "server"), "--host", "127.0.0.1", "--port", str(port)], "server.out")
+            while "SuperLink ready" not in (work / "server.out").read_text():
+                time.sleep(0.5)
+        else:
+            start_direct_superlink(kits, port, work, spawn_raw)
+        for site in SITES:
+            spawn(["site", "--kit", str(kits / site), "--data", str(files[site]), "--superlink", f"127.0.0.1:{port}"],
+                  f"site-{site}.out")
+        start = time.perf_counter()
+        run = spawn(["run", "--kit", str(kits / "server"), "--superlink", f"127.0.0.1:{port}", "--data", data,
+                     "--pretrain-rounds", str(pretrain_rounds), "--finetune-rounds", str(finetune_rounds),
+                     "--out-dir", str(work / "runs"), "--run-name", "bench"], "run.out")
+        if run.wait() != 0:
+            raise SystemExit(f"the run failed: {(work / 'run.out').read_text()[-3000:]}")
+        total = time.perf_counter() - start
+        run_id = next(line.split("run ")[1].split(":")[0] for line in (work / "run.out").read_text().splitlines()
+                      if "finished:completed" in line)
+        listing = flwr_cli(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], operator)
+        traffic = json.loads(listing.stdout)["runs"][0].get("network-traffic", "n/a")
+    finally:
+        for p in reversed(started):
+            stop_tree(p.pid)
+    return Recorder.load(work / "runs" / "bench" / "metrics.jsonl"), total, traffic
 
 
 def main() -> None:
@@ -45,42 +127,7 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="keep the work folder here (default: a temporary folder)")
     args = parser.parse_args()
     work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="medfed-deploy-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    kits = provision(ProvisionPlan(sites=SITES, out=work / "kits"))
-    files = write_site_files(args.data, SITES, work / "sitedata")
-    port = free_port()
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    started: list[subprocess.Popen] = []
-
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        with (work / log).open("ab") as out:
-            p = subprocess.Popen([*MEDFED, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                 start_new_session=True)
-        started.append(p)
-        return p
-
-    try:
-        spawn(["server", "--kit", str(kits / "server"), "--host", "127.0.0.1", "--port", str(port)], "server.out")
-        while "SuperLink ready" not in (work / "server.out").read_text():
-            time.sleep(0.5)
-        for site in SITES:
-            spawn(["site", "--kit", str(kits / site), "--data", str(files[site]), "--superlink", f"127.0.0.1:{port}"],
-                  f"site-{site}.out")
-        start = time.perf_counter()
-        run = spawn(["run", "--kit", str(kits / "server"), "--superlink", f"127.0.0.1:{port}", "--data", args.data,
-                     "--pretrain-rounds", str(args.pretrain_rounds), "--finetune-rounds", str(args.finetune_rounds),
-                     "--out-dir", str(work / "runs"), "--run-name", "bench"], "run.out")
-        if run.wait() != 0:
-            raise SystemExit(f"the run failed: {(work / 'run.out').read_text()[-3000:]}")
-        total = time.perf_counter() - start
-        run_id = next(line.split("run ")[1].split(":")[0] for line in (work / "run.out").read_text().splitlines()
-                      if "finished:completed" in line)
-        listing = flwr_cli(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], kits / "server" / "state" / "flwr-cli")
-        traffic = json.loads(listing.stdout)["runs"][0].get("network-traffic", "n/a")
-    finally:
-        for p in reversed(started):
-            stop_tree(p.pid)
-    rows = Recorder.load(work / "runs" / "bench" / "metrics.jsonl")
+    rows, total, traffic = run_federation(work, args.data, args.pretrain_rounds, args.finetune_rounds)
     table, ratios, transport, walls, locals_ = [], [], [], [], []
     for phase in ("pretrain", "finetune"):
         for rnd in sorted({r["round"] for r in rows if r["phase"] == phase and r["split"] == "round"}):
@@ -99,7 +146,8 @@ def main() -> None:
     command = (f"python benchmarks/deployment_overhead.py --data {args.data} --pretrain-rounds {args.pretrain_rounds} "
                f"--finetune-rounds {args.finetune_rounds}")
     lines = [
-        "## Deployment on loopback: orchestration overhead and bytes on the wire (3 sites, TLS, SuperNode authentication)",
+        "## Deployment on loopback: orchestration overhead and bytes on the wire (3 sites, mutual-TLS gateway, SuperNode "
+        "authentication)",
         "",
         (f"Command: `{command}` (one run, {os.cpu_count()} CPU cores shared by the SuperLink, the ServerApp and the three "
         f"SuperNodes; default model and settings: CNN width 16, SimCLR, {args.data} cut iid into 3 site files). "

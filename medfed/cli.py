@@ -71,7 +71,14 @@ HELP: dict[str, str] = {
     "dp_delta": "Each site's delta; must be below 1/(examples at the site).",
     "dp_accountant": "Site accountant: rdp (Mironov 2017) or prv (Gopi et al. 2021).",
     "dp_max_grad_norm": "Per-example gradient clipping bound C.",
-    "dp_noise_multiplier": "Noise multiplier sigma; 0 plans it so the planned rounds spend the remaining budget.",
+    "dp_noise_multiplier": "Noise multiplier sigma; 0 plans it so the run's planned rounds spend this run's share "
+    "of the budget (--dp-run-epsilon).",
+    "dp_run_epsilon": "This run's share of each site's lifetime budget: a site's cumulative epsilon may rise by at most "
+    "this much during the run, and the noise is planned for it. 0 (default): all that is left, so one run spends the "
+    "whole budget; set it (e.g. half of --dp-epsilon) to keep budget for later runs (docs/PRIVACY.md).",
+    "dp_max_planned_noise": "A site refuses a DP round whose planned noise multiplier exceeds this: the budget left "
+    "(or this run's share) is too small to train anything useful (docs/PRIVACY.md; not applied to a "
+    "--dp-noise-multiplier you set).",
     "dp_grad_sample_mode": "How per-example gradients are computed (the same clipped step, at different speeds): "
     "Opacus' hooks or functorch, or PyTorch's expanded weights (ew; fine-tuning only); auto: ew for fine-tuning, "
     "hooks for pretraining (docs/RESULTS.md dp_cost_cpu).",
@@ -94,12 +101,15 @@ HELP: dict[str, str] = {
     "the median distance of the other updates (0 = off, else > 1; needs at least 3 sites per round).",
     "proximal_mu": "FedProx proximal weight mu (> 0 with --strategy fedprox).",
     "fraction_train": "Fraction of sites sampled each round.",
-    "min_sites": "Sites a round needs: it starts once this many are connected and fails (resumable) with fewer valid "
-    "updates; 0 = every site. Below num-sites, a site that dies mid-round is left out and may rejoin later.",
+    "min_sites": "Sites a round needs: it starts once this many are connected and fails (resumable) unless this many "
+    "answer with a valid update (a site refusing at its privacy budget answers too: recorded, not waited for); 0 = "
+    "every site, so a site that dies or sends an invalid update fails the round. Below num-sites, such a site is "
+    "left out and may rejoin later.",
     "round_timeout": "Seconds a round waits for the sites' replies.",
     "site_data": "partition: the server splits --data among simulated sites; own: every site reads its own file "
     "(node config data-path), --data is only the server's evaluation file (deployment).",
     "resume_from": "Deployment: a run directory whose last completed round the run continues from (`medfed run --resume`).",
+    "site_keys": "Deployment only (set by `medfed run` from the server kit): SITE=SHA256 of each site's SuperNode key.",
     "client_cpus": "CPU cores per simulated site (0 = all cores, so sites train one after another).",
     "out_dir": "Folder that receives the run directory.",
     "run_name": "Name of the run directory (default: DATA-MODE-PRETRAIN-sSEED).",
@@ -154,6 +164,8 @@ def _build_simulate_signature() -> inspect.Signature:
         )
     ]
     for f in fields(RunConfig):
+        if f.name == "site_keys":  # the deployment's registry; a simulation has none
+            continue
         default = f.default
         params.append(
             inspect.Parameter(
@@ -191,7 +203,13 @@ def audit(
                             "TARGET/audit for one run directory, else ./audit)."),
     trusted_keys: str = typer.Option("", "--trusted-keys", help="Folder of site-ID.pub files (or one .pub file) the "
                                      "ledgers must be signed with; default: the key stored in each ledger."),
-    budget: float = typer.Option(0.0, "--budget", help="Budget line for the plot (default: the run's dp-epsilon)."),
+    budget: float = typer.Option(0.0, "--budget", help="Budget for ledger rows that do not record the budget in force "
+                                 "when they were written (ledgers from before medfed recorded it), and their plot line "
+                                 "(default: the run's dp-epsilon). Rows that record it are judged against their own."),
+    anchors: str = typer.Option("", "--anchors", help="An anchor file (*.anchor.json, kept beside a site's signing "
+                                "key) or a folder of them, besides those found beside the ledgers: a ledger shorter "
+                                "than or different from what its key signed fails, so does an anchor whose ledger is "
+                                "missing."),
     tolerance: float = typer.Option(0.01, "--tolerance", help="Largest relative difference accepted between the "
                                     "reported and the independently recomputed epsilon."),
     empirical: bool = typer.Option(False, "--empirical", help="Also run the empirical canary audit (trains one site "
@@ -201,8 +219,9 @@ def audit(
 ) -> None:
     """Verify every site's privacy ledger and recompute its epsilon with an independent accountant.
 
-    Exit code 0: every chain, signature and epsilon checks out; 1: problems found (listed);
-    2: bad input (nothing written).
+    Exit code 0: every chain, signature, anchor and epsilon checks out; 1: problems found (listed; a
+    ledger that cannot be read is one of them, and the others are still audited); 2: bad input
+    (nothing written).
     """
     from pathlib import Path
 
@@ -215,7 +234,8 @@ def audit(
         if budget < 0:
             raise ConfigError(f"--budget must be > 0 (or 0 for the run's own); got {budget}")
         report = run_audit(paths, trusted_keys=Path(trusted_keys).expanduser() if trusted_keys else None,
-                           budget=budget or None, tolerance=tolerance)
+                           budget=budget or None, tolerance=tolerance,
+                           anchors=Path(anchors).expanduser() if anchors else None)
         empirical_result = None
         if empirical:
             from medfed.privacy.canary import run_empirical_audit

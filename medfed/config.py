@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,7 +124,9 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_accountant: str = "rdp"  # rdp | prv
     dp_max_grad_norm: float = 1.0
-    dp_noise_multiplier: float = 0.0  # 0: planned from the remaining budget and the planned rounds
+    dp_noise_multiplier: float = 0.0  # 0: planned from this run's share of the budget and the planned rounds
+    dp_run_epsilon: float = 0.0  # this run's share: a site's epsilon may rise this much in the run (0: all left)
+    dp_max_planned_noise: float = 20.0  # a planned sigma above this: the site refuses (too little budget left)
     dp_grad_sample_mode: str = GradSampleMode.AUTO.value
     dp_secure_rng: bool = False
     dp_augment_multiplicity: int = 0  # K views per example, gradients averaged before clipping; 0: the recipe's
@@ -137,7 +140,7 @@ class RunConfig:
     norm_outlier_factor: float = 0.0  # 0: off; else reject an update > factor x the others' median distance
     proximal_mu: float = 0.0
     fraction_train: float = 1.0
-    min_sites: int = 0  # a round needs this many sites connected and this many valid updates (0: num-sites)
+    min_sites: int = 0  # a round needs this many sites connected and this many valid updates or refusals (0: every site)
     round_timeout: float = DEFAULT_ROUND_TIMEOUT  # seconds a round waits for the sites' replies
     # secure aggregation and central (site-level) DP, on the server's side (docs/PRIVACY.md)
     secure_aggregation: str = SecureAggregation.NONE.value  # none | secagg+ (Flower's SecAgg+)
@@ -151,6 +154,7 @@ class RunConfig:
     # deployment (Flower's deployment runtime, `medfed run`)
     site_data: str = "partition"  # partition: the server splits --data (simulation) | own: each site's data-path
     resume_from: str = ""  # a deployment run directory to continue from its last completed round
+    site_keys: str = ""  # deployment: the centre's registry, "site=sha256,..." in site-id order (set by `medfed run`)
     client_cpus: int = 0  # 0: all cores of this machine for each simulated site
     # outputs
     out_dir: str = "runs"
@@ -179,6 +183,12 @@ class RunConfig:
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some settings changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def registered_sites(self) -> list[tuple[str, str]]:
+        """The deployment's registry from `site_keys`: (site name, SHA-256 of its SuperNode public key
+        as Flower sends it), in site-id order; empty in a simulation."""
+        return parse_site_keys(self.site_keys)
 
     def run_settings(self) -> dict[str, bool | int | float | str]:
         """The flat settings that define what a run computes: all but ``resume-from`` (a resumed run asks the
@@ -254,6 +264,26 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
 def _choice(name: str, value: str, allowed: list[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{_kebab(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+_SITE_KEY = re.compile(r"^([a-z0-9][a-z0-9_-]{0,31})=([0-9a-f]{64})$")
+
+
+def parse_site_keys(text: str) -> list[tuple[str, str]]:
+    """``"h1=<sha256 hex>,h2=..."`` -> [(site, fingerprint), ...]; a clear error for anything else."""
+    if not text:
+        return []
+    pairs = []
+    for item in text.split(","):
+        match = _SITE_KEY.match(item.strip())
+        if not match:
+            raise ConfigError(f"site-keys entry {item!r} must be SITE=SHA256 (64 lowercase hex digits)")
+        pairs.append((match.group(1), match.group(2)))
+    names = [n for n, _ in pairs]
+    keys = [k for _, k in pairs]
+    if len(set(names)) != len(names) or len(set(keys)) != len(keys):
+        raise ConfigError("site-keys names a site or a key twice")
+    return pairs
 
 
 def _validate(c: RunConfig) -> None:
@@ -351,6 +381,10 @@ def _validate(c: RunConfig) -> None:
                           "a simulation is re-run instead")
     if c.client_cpus < 0:
         raise ConfigError(f"client-cpus must be >= 0; got {c.client_cpus}")
+    registry = parse_site_keys(c.site_keys)
+    if registry and (c.site_data != "own" or len(registry) != c.num_sites):
+        raise ConfigError(f"site-keys lists {len(registry)} sites: it is the deployment's registry (site-data own) "
+                          f"and must name num-sites = {c.num_sites} sites")
     _validate_aggregation(c)
     _validate_privacy(c)
     _validate_secure_aggregation(c)
@@ -405,7 +439,7 @@ def _validate_privacy(c: RunConfig) -> None:
     if c.dp == DPScope.NONE:
         return
     from medfed.models.encoders import resolve_encoder_kind
-    from medfed.privacy.accounting import check_accountant, check_budget
+    from medfed.privacy.accounting import MIN_NOISE, PLANNER_MAX_NOISE, check_accountant, check_budget
     from medfed.selfsup.registry import method_class
 
     check_budget(c.dp_epsilon, c.dp_delta)
@@ -417,6 +451,12 @@ def _validate_privacy(c: RunConfig) -> None:
         raise ConfigError(f"dp-max-grad-norm must be > 0; got {c.dp_max_grad_norm}")
     if c.dp_noise_multiplier < 0:
         raise ConfigError(f"dp-noise-multiplier must be >= 0 (0 plans it from the budget); got {c.dp_noise_multiplier}")
+    if not 0 <= c.dp_run_epsilon <= c.dp_epsilon:
+        raise ConfigError(f"dp-run-epsilon (this run's share of each site's budget) must be in [0, dp-epsilon = "
+                          f"{c.dp_epsilon:g}] (0: all that is left); got {c.dp_run_epsilon:g}")
+    if not MIN_NOISE < c.dp_max_planned_noise <= PLANNER_MAX_NOISE:
+        raise ConfigError(f"dp-max-planned-noise must be in ({MIN_NOISE:g}, {PLANNER_MAX_NOISE:g}] (the planner's "
+                          f"range); got {c.dp_max_planned_noise:g}")
     scope = DPScope(c.dp)
     pretrains = bool(c.ssl_methods) and not c.encoder_init
     if c.dp_grad_sample_mode == GradSampleMode.EW and resolve_encoder_kind(c.encoder, c.ssl_methods) != EncoderKind.CNN:

@@ -23,7 +23,9 @@ from medfed.privacy.accounting import (
     check_budget,
     epsilon_spent,
     plan_noise_multiplier,
+    plan_run_noise,
     project_epsilon,
+    run_target_epsilon,
 )
 from medfed.privacy.independent import INDEPENDENT_FOR, compare, independent_epsilon
 
@@ -427,3 +429,70 @@ def test_compare() -> None:
     with pytest.raises(ConfigError, match="tolerance"):
         compare(1.0, 1.0, tolerance=-0.1)
     assert set(INDEPENDENT_FOR) == set(ACCOUNTANTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's share of the budget (dp-run-epsilon) and the noise limit (dp-max-planned-noise)
+
+RUN_Q, RUN_STEPS = 64 / 188, 3  # a site with 188 labelled images, Poisson batch 64: 3 steps per round
+RUN_ROUNDS = [(RUN_Q, RUN_STEPS)] * 10  # the DP fine-tuning recipe's 10 rounds
+
+# (lifetime, run share, epsilon spent before the run (as DP-SGD rows at this sigma, 10 rounds), sigma): computed once
+# with Opacus 1.6 (RDP, delta 1e-5) and pinned.
+GOLDEN_RUN_PLANS = [
+    (8.0, 0.0, None, 1.4724421551562135),  # the default: the whole (remaining) budget
+    (8.0, 4.0, None, 2.4408852759176307),  # the first of two runs of 4: more noise
+    (8.0, 4.0, 2.4408852759176307, 1.6540744137391263),  # the second: from ~4 to 8 (RDP composes sub-additively)
+]
+
+
+@pytest.mark.parametrize(("lifetime", "share", "prior_sigma", "expected"), GOLDEN_RUN_PLANS)
+def test_golden_run_share_plans(lifetime: float, share: float, prior_sigma: float | None, expected: float) -> None:
+    prior = [MechanismStep(prior_sigma, RUN_Q, RUN_STEPS)] * 10 if prior_sigma else []
+    before = epsilon_spent(prior, 1e-5, "rdp")
+    sigma = plan_run_noise(prior, RUN_ROUNDS, lifetime=lifetime, delta=1e-5, accountant="rdp",
+                           spent_before_run=before, run_epsilon=share)
+    assert sigma == pytest.approx(expected, rel=1e-9)
+    target = run_target_epsilon(lifetime, before, share)
+    after = epsilon_spent(prior + _with(sigma, RUN_ROUNDS), 1e-5, "rdp")
+    assert 0.999 * target <= after <= target  # the run spends its share, never more
+    if not share:  # share 0 is exactly the old planning, for the lifetime budget
+        assert sigma == plan_noise_multiplier(lifetime, 1e-5, prior, RUN_ROUNDS, "rdp")
+
+
+def test_two_shares_spend_the_budget_and_the_first_leaves_half() -> None:
+    first = [MechanismStep(GOLDEN_RUN_PLANS[1][3], RUN_Q, RUN_STEPS)] * 10
+    assert epsilon_spent(first, 1e-5, "rdp") == pytest.approx(3.998407408065875, rel=1e-9)
+    both = first + [MechanismStep(GOLDEN_RUN_PLANS[2][3], RUN_Q, RUN_STEPS)] * 10
+    assert epsilon_spent(both, 1e-5, "rdp") == pytest.approx(7.995918704280103, rel=1e-9)
+
+
+def test_a_run_after_one_that_spent_everything_is_refused_as_useless() -> None:
+    """Issue 12: the docs' `--dp finetune` run spent the whole budget; the next run planned sigma ~31 (pinned
+    here; 36.7 in the issue's setting) and 'completed' at chance AUC. Now it is refused, naming why."""
+    spent_all = [MechanismStep(GOLDEN_RUN_PLANS[0][3], RUN_Q, RUN_STEPS)] * 10
+    assert epsilon_spent(spent_all, 1e-5, "rdp") == pytest.approx(7.993895378743403, rel=1e-9)
+    needed = plan_run_noise(spent_all, RUN_ROUNDS, lifetime=8.0, delta=1e-5, accountant="rdp", max_planned_noise=50.0)
+    assert needed == pytest.approx(31.137070875656043, rel=1e-9)
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        plan_run_noise(spent_all, RUN_ROUNDS, lifetime=8.0, delta=1e-5, accountant="rdp", site="h1")
+    assert str(info.value) == ("site h1 has epsilon 0.0061 of 8 left; this run's plan needs sigma 31.1 > 20 "
+                               "(dp-max-planned-noise): refused (too little budget left to train anything useful; "
+                               "docs/PRIVACY.md)")
+    with pytest.raises(PrivacyBudgetExceeded, match=r"needs sigma > 50 > 20 \(dp-max-planned-noise\): refused"):
+        plan_run_noise(spent_all, [(0.9, 50)] * 10, lifetime=8.0, delta=1e-5, accountant="rdp", site="h1")
+
+
+def test_a_spent_share_is_refused_and_bad_limits_are_config_errors() -> None:
+    prior = [MechanismStep(GOLDEN_RUN_PLANS[1][3], RUN_Q, RUN_STEPS)] * 10  # epsilon ~4, all of it in this run
+    with pytest.raises(PrivacyBudgetExceeded, match=r"^site h1 has epsilon 4 of 8 left, of which this run may still "
+                                                    r"spend 0 \(dp-run-epsilon 2\): this run's share is spent: refused$"):
+        plan_run_noise(prior, RUN_ROUNDS, lifetime=8.0, delta=1e-5, accountant="rdp", spent_before_run=1.5,
+                       run_epsilon=2.0, site="h1")
+    assert run_target_epsilon(8.0, 3.0, 0.0) == 8.0 and run_target_epsilon(8.0, 3.0, 2.0) == 5.0
+    assert run_target_epsilon(8.0, 7.0, 2.0) == 8.0  # never past the lifetime budget
+    with pytest.raises(ConfigError, match="dp-run-epsilon"):
+        run_target_epsilon(8.0, 0.0, -1.0)
+    for bad in (MIN_NOISE, 51.0):
+        with pytest.raises(ConfigError, match="dp-max-planned-noise"):
+            plan_run_noise([], RUN_ROUNDS, lifetime=8.0, delta=1e-5, accountant="rdp", max_planned_noise=bad)

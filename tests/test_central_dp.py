@@ -126,7 +126,8 @@ def reply(site: int, enc: float, head: float = 1.0, n: int = 10) -> Message:
 def wrapped(tmp_path: Path, mode: CentralDP, z: float = 1e-6, c: float = 1.0, reports: list | None = None,
             releases: list | None = None):
     inner = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=SHARED, num_sites=3, fraction_train=1.0,
-                          evaluate=False, observer=reports.append if reports is not None else None)
+                          evaluate=False, observer=reports.append if reports is not None else None,
+                          min_sites=1)  # rounds go on with the sites that sent a valid update (0 would need all 3)
     s = settings(mode, z=z, c=c)
     outer = wrap_central_dp(inner, s, CentralLedger(tmp_path, "r", s),
                             (lambda rnd, figures: releases.append((rnd, figures))) if releases is not None else None)

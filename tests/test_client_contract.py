@@ -18,7 +18,7 @@ from medfed.client.algo import finetune_shared_keys, new_classifier, new_encoder
 from medfed.client.app import app as client_app
 from medfed.config import RunConfig
 from medfed.constants import Phase
-from medfed.exceptions import DataError
+from medfed.privacy.ledger import verify_ledger
 from medfed.server.phases import ArmContext
 from medfed.server.recorder import Recorder
 from medfed.simulations.partition import SPLIT_FILE, SitePlan
@@ -132,8 +132,12 @@ def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:
     np.savez_compressed(bogus, **data)
     ctx2 = ArmContext(ctx.arm, ctx.cfg, ctx.run_dir, bogus, ctx.test, ctx.recorder)
     state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
-    with pytest.raises(DataError, match="sha256 mismatch"):  # the runtime turns this into an error reply
+    from medfed.client.redaction import SiteFailure
+
+    # the runtime turns this into an error reply; the server reads the reason without the site's file path
+    with pytest.raises(SiteFailure, match=r"DataError: <path> contents differ .*sha256 mismatch.*incident") as caught:
         send(ctx2, Phase.FINETUNE, state, site_context(0))
+    assert str(tmp_path) not in str(caught.value) and "breastmnist.npz" not in str(caught.value)
 
 
 # ---- under DP --------------------------------------------------------------------------
@@ -162,3 +166,26 @@ def test_a_site_that_requires_dp_refuses_a_non_dp_round(arm) -> None:
     assert not reply.content.array_records  # no weights leave
     assert "requires DP" in str(reply.content.config_records["refusal"]["reason"])
     assert dict(next(iter(reply.content.metric_records.values())))["refused"] == 1.0
+
+
+def test_a_site_whose_budget_is_nearly_spent_refuses_a_useless_run_and_the_server_reads_why(arm) -> None:
+    """Issue 12: after one run spent a site's whole budget, the next DP run would train at enormous noise. The site
+    refuses (dp-max-planned-noise) with its standing, and the server's strategy reads the reply as a refusal."""
+    from medfed.privacy.guard import PrivacyGuard, SitePrivacy
+    from medfed.strategies.shared_weights import refusal_reason
+
+    ctx = arm(pretrain="none", dp="finetune", dp_epsilon=5.0, dp_delta=1e-4, label_fraction=0.3)
+    earlier = PrivacyGuard(SitePrivacy.resolve(ctx.cfg, "0", {}, ctx.ledger_dir), "an-earlier-run")
+    earlier.record_dp(earlier.plan(1.0, 1, []), Phase.FINETUNE, 1)  # planned for the whole budget: spends ~all of it
+    spent = earlier.spent()
+    assert 4.99 < spent <= 5.0
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, 2, None).state_dict()
+    reply = send(ctx, Phase.FINETUNE, state, site_context(0))
+    assert not reply.content.array_records
+    reason = refusal_reason(reply.content)
+    assert reason is not None
+    assert reason.startswith(f"site 0 has epsilon {5.0 - spent:.3g} of 5 left; this run's plan needs sigma ")
+    assert "> 20 (dp-max-planned-noise): refused" in reason
+    metrics = dict(next(iter(reply.content.metric_records.values())))
+    assert metrics["refused"] == 1.0 and metrics["epsilon"] == pytest.approx(spent) and metrics["epsilon-budget"] == 5.0
+    assert len(verify_ledger(ctx.ledger_dir / "site-0.ledger.sqlite").entries) == 1  # nothing written

@@ -21,6 +21,16 @@ def test_defaults_are_the_documented_default_run() -> None:
     assert cfg.ssl_methods == ["simclr"] and cfg.mode == "federated"
 
 
+def test_dp_run_share_defaults() -> None:
+    """A run may spend all that is left of a site's budget unless dp-run-epsilon says less; a planned sigma above
+    20 is refused (the documented default, which the accountant's constant must agree with)."""
+    from medfed.privacy.accounting import DEFAULT_MAX_PLANNED_NOISE
+
+    cfg = RunConfig()
+    assert (cfg.dp_run_epsilon, cfg.dp_max_planned_noise) == (0.0, 20.0) == (0.0, DEFAULT_MAX_PLANNED_NOISE)
+    assert RunConfig(dp="finetune", dp_epsilon=8.0, dp_run_epsilon=8.0).dp_run_epsilon == 8.0
+
+
 def test_finetune_recipe_follows_dp_unless_set() -> None:
     from medfed.config import DP_FINETUNE_RECIPE, FINETUNE_RECIPE, FinetuneRecipe
 
@@ -130,6 +140,12 @@ BAD = [
     ({"dp": "finetune", "encoder": "vit", "dp_grad_sample_mode": "ew"}, "ew works with the cnn encoder only"),
     ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
+    ({"dp": "finetune", "dp_run_epsilon": -1.0}, "dp-run-epsilon (this run's share of each site's budget) must be in [0, "
+                                                 "dp-epsilon = 8]"),
+    ({"dp": "finetune", "dp_epsilon": 4.0, "dp_run_epsilon": 5.0}, "must be in [0, dp-epsilon = 4] (0: all that is left); "
+                                                                   "got 5"),
+    ({"dp": "finetune", "dp_max_planned_noise": 0.1}, "dp-max-planned-noise must be in (0.1, 50]"),
+    ({"dp": "finetune", "dp_max_planned_noise": 60.0}, "dp-max-planned-noise must be in (0.1, 50]"),
     ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
     ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),
     ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),

@@ -139,6 +139,7 @@ def test_row_hash_signature_and_head_follow_the_documented_format(
     public = key.public_key()
     for entry in written:
         payload = {k: v for k, v in asdict(entry).items() if k not in ("row_hash", "signature")}
+        assert payload.pop("epsilon_budget") is None  # an optional field is hashed only when set
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         assert hashlib.sha256(canonical.encode()).hexdigest() == entry.row_hash
         public.verify(bytes.fromhex(entry.signature), bytes.fromhex(entry.row_hash))
@@ -540,7 +541,7 @@ def test_a_bad_site_name_is_a_config_error(ledger_path: Path, key: Ed25519Privat
         "INSERT OR REPLACE INTO releases SELECT * FROM releases WHERE seq = 1",
         (
             "INSERT INTO releases SELECT 9, run_id, server_round, phase, mechanism, sample_rate, noise_multiplier, "
-            "steps, delta, epsilon_after, accountant, site, created_at, prev_hash, row_hash, signature "
+            "steps, delta, epsilon_after, accountant, site, created_at, prev_hash, row_hash, signature, epsilon_budget "
             "FROM releases WHERE seq = 1"
         ),
         "UPDATE meta SET value = 'site-b' WHERE key = 'site'",

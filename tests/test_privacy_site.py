@@ -227,3 +227,67 @@ def test_no_generated_schedule_of_rounds_and_runs_overspends(tmp_path_factory, b
     assert all(e.epsilon_after <= budget * (1 + 1e-9) for e in entries)
     history = [MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
     assert epsilon_spent(history, 1e-5, "rdp") <= budget * (1 + 1e-9)
+
+
+# ---- a run's share of the budget (dp-run-epsilon) and the noise limit (dp-max-planned-noise) -----------
+
+def _run(c: RunConfig, folder: Path, run_id: str, rounds: int = 10, q: float = 64 / 188, steps: int = 3,
+         first: int = 1, last: int = 10) -> list[float]:
+    """Plan and record DP rounds ``first..last`` of a run of ``rounds`` as a site does (a new guard per round,
+    the run's later rounds planned); their sigmas."""
+    sigmas = []
+    for rnd in range(first, last + 1):
+        g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, folder), run_id)
+        plan = g.plan(q, steps, [(q, steps)] * (rounds - rnd))
+        g.record_dp(plan, Phase.FINETUNE, rnd)
+        sigmas.append(plan.noise_multiplier)
+    return sigmas
+
+
+def _spent(folder: Path) -> float:
+    entries = verify_ledger(folder / "site-0.ledger.sqlite").entries
+    return epsilon_spent([MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries], 1e-5, "rdp")
+
+
+def test_each_run_plans_for_its_share_and_a_resumed_run_keeps_counting_from_its_start(tmp_path: Path) -> None:
+    c = cfg(dp_noise_multiplier=0.0, dp_epsilon=8.0, dp_delta=1e-5, dp_run_epsilon=4.0)
+    first = _run(c, tmp_path, "run-1")
+    assert first[0] == pytest.approx(2.4408852759176307, rel=1e-9)  # tests/test_accounting.py GOLDEN_RUN_PLANS
+    assert 0.999 * 4.0 <= _spent(tmp_path) <= 4.0  # the first run left half of the budget
+    second = _run(c, tmp_path, "run-2", last=5)  # stopped after 5 of its 10 rounds ...
+    assert second[0] == pytest.approx(1.6540744137391263, rel=1e-3)  # GOLDEN_RUN_PLANS, from the ledger's rows
+    resumed = _run(c, tmp_path, "run-2", first=6)  # ... and resumed (same run id): counted from its start, not ~6
+    assert max(second + resumed) / min(second + resumed) < 1.01
+    assert 0.999 * 8.0 <= _spent(tmp_path) <= 8.0  # 4 + 4: the shares add up to the lifetime budget
+
+
+def test_a_run_after_one_that_spent_the_whole_budget_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    c = cfg(dp_noise_multiplier=0.0, dp_epsilon=8.0, dp_delta=1e-5)  # dp-run-epsilon 0: all that is left
+    assert _run(c, tmp_path, "run-1")[0] == pytest.approx(1.4724421551562135, rel=1e-9)
+    ledger = tmp_path / "site-0.ledger.sqlite"
+    before = ledger.read_bytes()
+    g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, tmp_path), "run-2")
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        g.plan(64 / 188, 3, [(64 / 188, 3)] * 9)
+    # re-planned every round, the first run spent even closer to 8 than one plan of 10 rounds (which leaves 0.0061
+    # and a second run sigma 31.1: tests/test_accounting.py)
+    assert str(info.value) == ("site 0 has epsilon 0.000578 of 8 left; this run's plan needs sigma > 50 > 20 "
+                               "(dp-max-planned-noise): refused (too little budget left to train anything useful; "
+                               "docs/PRIVACY.md)")
+    assert ledger.read_bytes() == before
+    own = SitePrivacy.resolve(c.replace(dp_max_planned_noise=40.0, dp_run_epsilon=3.0), "0", {}, tmp_path)
+    assert (own.max_planned_noise, own.run_epsilon) == (40.0, 3.0)
+
+
+def test_a_given_noise_multiplier_may_not_pass_the_runs_share(tmp_path: Path) -> None:
+    c = cfg(dp_epsilon=8.0, dp_delta=1e-5, dp_noise_multiplier=3.0, dp_run_epsilon=1.0)
+    g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, tmp_path), "run-1")
+    for rnd in (1, 2, 3):  # epsilon 0.627, 0.831, 0.992 (RDP, delta 1e-5)
+        g.record_dp(g.plan(0.2, 3, []), Phase.FINETUNE, rnd)
+    with pytest.raises(PrivacyBudgetExceeded, match=r"^site 0 refuses the round: epsilon would reach 1.131 > 1, this "
+                                                    r"run's share \(dp-run-epsilon 1 from 0 when the run began; sigma 3"):
+        g.plan(0.2, 3, [])
+    assert _spent(tmp_path) == pytest.approx(0.9923369638853572, rel=1e-9)
+    # the next run has a share of its own, counted from the 0.992 spent when it begins
+    later = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, tmp_path), "run-2").plan(0.2, 3, [])
+    assert 0.992 < later.projected < 1.992

@@ -14,6 +14,8 @@ from medfed.client.app import RUN_ID_KEY
 from medfed.client.app import app as client_app
 from medfed.client.replay import Release, ReleaseCache, release_key
 from medfed.config import RunConfig
+from medfed.constants import TaskType
+from medfed.data.spec import DataSpec
 from medfed.privacy.ledger import verify_ledger
 from medfed.simulations.site_files import write_site_files
 
@@ -56,7 +58,9 @@ def deployed_site(tmp_path: Path, shared_data: Path) -> Context:
 
 
 def finetune_message(cfg: RunConfig, state: dict[str, torch.Tensor], rnd: int) -> Message:
-    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd, RUN_ID_KEY: "deploy-1/federated-none"})
+    run_input = DataSpec(1, (28, 28), TaskType.BINARY, 2, "breastmnist").to_flat()  # what the ServerApp sends
+    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd, RUN_ID_KEY: "deploy-1/federated-none",
+                           **run_input})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), metadata=make_metadata(dst_node_id=5))
 
 

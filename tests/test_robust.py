@@ -121,6 +121,7 @@ def strategy(aggregation: AggregationSettings, shared: list[str] | None = None, 
     s = make_strategy(
         "fedavg", phase=Phase.PRETRAIN, shared_keys=shared or list(SENT.keys()), num_sites=5, fraction_train=1.0,
         evaluate=False, observer=(reports.append if reports is not None else None), aggregation=aggregation,
+        min_sites=1,  # these rounds go on with the sites that sent a valid update (0 would need all 5)
     )
     s._sent = SENT  # what configure_train would have remembered (all zeros)
     return s

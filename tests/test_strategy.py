@@ -27,10 +27,11 @@ def good(value: float, n: int, site: int) -> Message:
     return reply(arrays, {"num-examples": n, "site-id": site, "train-loss": value}, node=site + 10)
 
 
-def strategy(shared: list[str] | None = None, reports: list | None = None):
+def strategy(shared: list[str] | None = None, reports: list | None = None, min_sites: int = 1):
     s = make_strategy(
         "fedavg", phase=Phase.PRETRAIN, shared_keys=shared or list(SENT.keys()), num_sites=3, fraction_train=1.0,
         evaluate=False, observer=(reports.append if reports is not None else None),
+        min_sites=min_sites,  # 1: rounds go on with the sites that sent a valid update (0 would need all 3)
     )
     s._sent = SENT  # what configure_train would have remembered
     return s
@@ -224,6 +225,26 @@ def test_min_sites_sets_the_sites_a_round_waits_for_and_the_valid_updates_it_nee
     np.testing.assert_allclose(arrays["encoder.w"].numpy(), 2.0)
     with pytest.raises(FederationError, match="1 valid site update\\(s\\), fewer than min-sites 2"):
         s.aggregate_train(2, [good(1.0, 1, 0)])
-    default = strategy()  # min-sites 0: every site must be connected, one valid update suffices
-    assert default.min_available_nodes == 3
-    default.aggregate_train(1, [good(1.0, 1, 0)])
+
+
+
+def test_min_sites_0_needs_every_site_to_answer_with_a_valid_update_or_a_refusal() -> None:
+    every = strategy(min_sites=0)  # the default: every site connected, and every site's answer
+    assert (every.min_available_nodes, every.min_train_nodes, every.min_updates) == (3, 3, 3)
+    arrays, _ = every.aggregate_train(1, [good(1.0, 1, 0), good(3.0, 1, 1), good(5.0, 1, 2)])
+    np.testing.assert_allclose(arrays["encoder.w"].numpy(), 3.0)
+    with pytest.raises(FederationError, match="2 valid site update\\(s\\), fewer than min-sites 3 \\(min-sites 0: every site"):
+        every.aggregate_train(2, [good(1.0, 1, 0), good(3.0, 1, 1)])  # the third site died
+    broken = good(5.0, 1, 2)
+    broken.content["arrays"]["encoder.b"] = Array(np.full(3, np.nan, np.float32))
+    with pytest.raises(FederationError, match="2 valid site update\\(s\\), fewer than min-sites 3.*NaN"):
+        every.aggregate_train(3, [good(1.0, 1, 0), good(3.0, 1, 1), broken])  # an invalid update is no update
+    # a site at its privacy budget answers with a refusal: recorded, not waited for; the round goes on
+    arrays, metrics = every.aggregate_train(4, [private(1.0, 1, 0, 0.5), private(3.0, 1, 1, 0.5), refusal(2, 2.9)])
+    np.testing.assert_allclose(arrays["encoder.w"].numpy(), 2.0)
+    assert metrics["refused-sites"] == 1
+    with pytest.raises(FederationError, match="1 valid site update\\(s\\) and 1 refusal\\(s\\), fewer than min-sites 3"):
+        every.aggregate_train(5, [good(1.0, 1, 0), refusal(2, 2.9)])
+    sampled = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=list(SENT.keys()), num_sites=4,
+                            fraction_train=0.5, evaluate=False)
+    assert (sampled.min_available_nodes, sampled.min_train_nodes, sampled.min_updates) == (4, 2, 2)  # every site sampled

@@ -231,7 +231,7 @@ class SiteAlgo:
 
     With a `PrivacyGuard` the phases that ``dp`` covers run DP-SGD (each round planned,
     projected, refused past the budget and recorded in the site's ledger) and the other
-    phases record their weight releases as uncovered exposure.
+    phases record their weight releases as uncovered exposure (also when ``dp`` is none).
     """
 
     def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None) -> None:
@@ -305,6 +305,8 @@ class SiteAlgo:
         p = self.privacy.privacy
         if plan is None:
             entry = self.privacy.record_uncovered(phase, server_round)
+            if self.cfg.dp == DPScope.NONE:  # no DP anywhere in the run: the row is the record, no epsilon to report
+                return {}
             return {MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
                     MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: 0.0}
         entry = self.privacy.record_dp(plan, phase, server_round)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM as CLIPPING_NORM_KEY
@@ -44,7 +46,9 @@ from medfed.constants import (
 )
 from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
-from medfed.exceptions import ConfigError, DataError, PrivacyBudgetExceeded
+from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
+from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
+from medfed.client.redaction import redacted_errors_mod
 from medfed.packing import packed_transport_mod
 from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
@@ -55,10 +59,13 @@ PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY = "phase", "run-dir", "data-fil
 RUN_ID_KEY = "run-id"  # names the run in the sites' ledgers
 LEDGER_DIR_KEY = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
 LEGACY_FITINS_CONFIG, LEGACY_FITINS_PARAMETERS = "fitins.config", "fitins.parameters"  # SecAgg+ (legacy layout)
-EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY, CLIPPING_NORM_KEY)
+EXTRA_KEYS = (PHASE_KEY, RUN_DIR_KEY, DATA_FILE_KEY, ROUND_KEY, RUN_ID_KEY, LEDGER_DIR_KEY, CLIPPING_NORM_KEY,
+              *INPUT_KEYS)  # INPUT_KEYS: the run's input spec, which a site's own data must match
 REFUSAL_REASON = "reason"
 
-app = ClientApp(mods=[packed_transport_mod])  # unpacks what a deployment's ServerApp packed (medfed.packing)
+# outermost first: errors reach the server redacted (medfed.client.redaction); arrays are unpacked from what a
+# deployment's ServerApp packed (medfed.packing)
+app = ClientApp(mods=[redacted_errors_mod, packed_transport_mod])
 
 
 def read_message_config(config: ConfigRecord) -> tuple[RunConfig, dict[str, object]]:
@@ -82,11 +89,24 @@ def read_data(path: str) -> MedMNISTData:
     return _read(path, stat.st_size, stat.st_mtime_ns)
 
 
+def own_site_id(node_config: dict) -> int:
+    """A deployed site's number in the federation (its node config's site-id)."""
+    return int(node_config.get(NodeConfigKey.SITE_ID, node_config.get(NodeConfigKey.PARTITION_ID, 0)))
+
+
+def site_label(node_config: dict) -> str:
+    """How a site is named in its messages: its site-name (kit folder), else its number."""
+    return str(node_config.get(NodeConfigKey.SITE_NAME, own_site_id(node_config)))
+
+
 def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> SiteData:
-    """This site's data: its own file (deployment) or its partition (simulation)."""
+    """This site's data: its own file (deployment) or its partition (simulation). Its own file must match the
+    run's input spec the server sent (`medfed.data.spec`), else `DataMismatch` before anything trains."""
     if NodeConfigKey.DATA_PATH in node_config:
-        site_id = int(node_config.get(NodeConfigKey.SITE_ID, node_config.get(NodeConfigKey.PARTITION_ID, 0)))
+        site_id = own_site_id(node_config)
+        run_spec = DataSpec.from_flat(extras)  # ConfigError when the server sent none
         data = read_data(str(node_config[NodeConfigKey.DATA_PATH]))
+        check_matches(DataSpec.of(data), run_spec, site_label(node_config))
         return site_from_own_file(data, site_id, cfg.label_fraction, cfg.seed)
     if NodeConfigKey.PARTITION_ID not in node_config:
         raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
@@ -118,13 +138,13 @@ def release_cache(node_config: dict) -> ReleaseCache | None:
     return ReleaseCache(Path(str(node_config[NodeConfigKey.LEDGER_PATH])).expanduser().parent / RELEASES_DIR)
 
 
-def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard | None:
-    """The site's privacy guard when ``dp`` is on: its ledger and key from the node config
-    (deployment), else under the simulation's ledger folder."""
-    if cfg.dp == DPScope.NONE:
-        return None
+def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard:
+    """The site's privacy guard, with or without DP (every release that leaves the site is recorded; without DP
+    as uncovered exposure): its ledger and key from the node config (deployment), else under the simulation's
+    ledger folder."""
     if NodeConfigKey.DATA_PATH in node_config and NodeConfigKey.LEDGER_PATH not in node_config:
-        raise ConfigError("dp is on: this site's node config must name its 'ledger-path' (on the site's own disk)")
+        raise ConfigError("this site's node config must name its 'ledger-path' (on the site's own disk): every "
+                          "release that leaves the site is recorded there, with or without DP")
     default_dir = None if NodeConfigKey.LEDGER_PATH in node_config else Path(
         str(extras.get(LEDGER_DIR_KEY) or Path(str(extras[RUN_DIR_KEY])) / "ledgers"))
     privacy = SitePrivacy.resolve(cfg, str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id)), node_config, default_dir)
@@ -144,9 +164,31 @@ def _refusal(site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExcee
     """A site's refusal: no arrays, its spending so far, and why (the server records it)."""
     metrics = {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}
     if guard is not None:
-        p = guard.privacy
-        metrics |= {MetricKey.EPSILON.value: guard.spent(), MetricKey.DELTA.value: p.delta,
-                    MetricKey.EPSILON_BUDGET.value: p.epsilon}
+        try:
+            spent = guard.spent()
+        except LedgerError as err:  # the ledger went bad since the round was planned: the refusal still goes out
+            log(WARNING, "Site %s: its spending cannot be reported: %s", site.site_id, err)
+        else:
+            p = guard.privacy
+            metrics |= {MetricKey.EPSILON.value: spent, MetricKey.DELTA.value: p.delta,
+                        MetricKey.EPSILON_BUDGET.value: p.epsilon}
+    return TrainOutcome(None, metrics, str(exc))
+
+
+def ledger_refusal(site: SiteData, exc: LedgerError) -> TrainOutcome:
+    """A site whose privacy ledger cannot be used (it failed verification, or is behind what its key signed)
+    releases nothing and refuses. The server gets the site and the kind of problem only; the full message, with
+    the ledger's site-local path and the rows at fault, is logged here at the site."""
+    log(WARNING, "Site %s refuses the round: %s", site.site_id, exc)
+    reason = f"site {site.site_id}: its privacy ledger {exc.kind}; nothing is released (details in the site's log)"
+    return TrainOutcome(None, {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}, reason)
+
+
+def _data_refusal(node_config: dict, exc: DataMismatch) -> TrainOutcome:
+    """A site whose own data do not fit the run's input refuses, before any training: no arrays, and the reason
+    (shapes, channels, task and classes only: `check_matches` puts no path in it), logged here too."""
+    log(WARNING, "Refusing the round: %s", exc)
+    metrics = {MetricKey.SITE_ID.value: own_site_id(node_config), MetricKey.REFUSED.value: 1.0}
     return TrainOutcome(None, metrics, str(exc))
 
 
@@ -179,7 +221,10 @@ def train_site(config: ConfigRecord, incoming: dict[str, torch.Tensor], context:
     cfg, extras = read_message_config(config)
     phase, server_round = Phase(str(extras[PHASE_KEY])), int(extras[ROUND_KEY])
     node_config = dict(context.node_config)
-    site = load_site(node_config, cfg, extras)
+    try:
+        site = load_site(node_config, cfg, extras)
+    except DataMismatch as exc:
+        return _data_refusal(node_config, exc)
     try:
         required = DPScope(str(node_config.get(NodeConfigKey.DP_REQUIRE, DPScope.NONE.value)))
     except ValueError:
@@ -205,10 +250,10 @@ def train_site(config: ConfigRecord, incoming: dict[str, torch.Tensor], context:
             context.state[RecordKey.SITE_LOCAL.value] = ArrayRecord(new_local)
         else:
             shared, stats = algo.finetune_round(incoming, server_round)
-    except PrivacyBudgetExceeded as exc:
-        if guard is None:  # only a privacy guard refuses rounds
-            raise
+    except PrivacyBudgetExceeded as exc:  # only the privacy guard refuses rounds
         return _refusal(site, guard, exc)
+    except LedgerError as exc:  # verification failed, or the ledger is behind its anchor: refuse, name no path
+        return ledger_refusal(site, exc)
     shared = clip_for_central_dp(cfg, extras, shared, incoming)
     metrics = {
         MetricKey.NUM_EXAMPLES.value: stats.num_examples,
@@ -279,6 +324,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """The global model on this site's validation data. A site whose own data do not fit the run's input
+    raises `DataMismatch` (an error reply naming only shapes and tasks), as its train reply refuses."""
     cfg, extras = read_message_config(msg.content[RecordKey.CONFIG.value])
     site = load_site(dict(context.node_config), cfg, extras)
     state = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()

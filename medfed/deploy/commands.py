@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from medfed.deploy.processes import DEFAULT_PORT
+from medfed.deploy.site_commands import site_group
 from medfed.exceptions import ConfigError, MedfedError
 
 console = Console(stderr=True)
@@ -30,8 +31,9 @@ def provision(
     out: str = typer.Option("kits", "--out", help="Folder that receives ca/, server/, one kit per site, manifest.json."),
     server_address: str = typer.Option("127.0.0.1", "--server-address", help="Host name or IP address the sites "
                                        "dial to reach the SuperLink (also put in the certificate)."),
-    san: str = typer.Option("localhost,127.0.0.1,::1", "--san",
-                            help="Comma-separated extra DNS names / IP addresses of the SuperLink's certificate."),
+    san: str = typer.Option("", "--san", help="Comma-separated extra DNS names / IP addresses of the SuperLink's "
+                            "certificate; added to --server-address and the loopback names (localhost, 127.0.0.1, "
+                            "::1) the centre's own processes use."),
     days: int = typer.Option(365, "--days", help="Lifetime of the certificates in days."),
     dp_epsilon: float = typer.Option(8.0, "--dp-epsilon", help="Lifetime epsilon written into each site's template."),
     dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Delta written into each site's template."),
@@ -74,7 +76,8 @@ def server(
 
 
 def site(
-    kit: str = typer.Option(..., "--kit", help="This site's kit folder (kits/<site> from `medfed provision`)."),
+    ctx: typer.Context,
+    kit: str = typer.Option("", "--kit", help="This site's kit folder (kits/<site> from `medfed provision`)."),
     data: str = typer.Option("", "--data", help="This site's own MedMNIST-style .npz (default: data-path in the "
                              "kit's site.toml)."),
     superlink: str = typer.Option(f"127.0.0.1:{DEFAULT_PORT}", "--superlink", help="HOST:PORT of the SuperLink."),
@@ -82,11 +85,19 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no authentication (test networks only; warns)."),
     clientapp_start: str = typer.Option("warm", "--clientapp-start", help="warm: fork each ClientApp from a process "
                                         "that imported torch, MONAI, opacus and peft once (medfed's own code still "
-                                        "comes from the submitted app); fresh: Flower's default, a new process per "
-                                        "message (seconds of imports each time)."),
+                                        "comes from the submitted app); fresh: a new process per message (seconds "
+                                        "of imports each time). Either way each ClientApp first checks its app "
+                                        "against the kit's approved apps (`medfed site approve`)."),
 ) -> None:
     """Run this hospital's SuperNode: it trusts the SuperLink by the kit's root certificate, proves who it is
-    with the kit's key, and trains on this site's own data; stops on Ctrl-C or SIGTERM."""
+    with the kit's key, runs only the apps the site approved, and trains on this site's own data; stops on
+    Ctrl-C or SIGTERM. Subcommands: approve (an app), log (the runs this site executed or refused)."""
+    if ctx.invoked_subcommand is not None:
+        return  # `medfed site approve | log`: the subcommand runs, nothing starts
+    if not kit:
+        import click
+
+        raise click.UsageError("Missing option '--kit'.", ctx)
     from medfed.deploy.launch import run_site
 
     try:
@@ -120,12 +131,12 @@ def run(
     from medfed.server.resume import load_round_checkpoint
 
     try:
-        server_kit = ServerKit.read(Path(kit)) if kit else None
-        if server_kit is None and not insecure:
-            raise ConfigError("--kit (the server kit, for its root certificate) is needed unless --insecure")
+        if not kit:
+            raise ConfigError("--kit (the server kit: its sites, root certificate and operator certificate) is needed")
+        server_kit = ServerKit.read(Path(kit), insecure=insecure)
         if insecure:
             _say(f"WARNING {INSECURE_WARNING}")
-        address = superlink or f"{server_kit.server_address if server_kit else '127.0.0.1'}:{DEFAULT_PORT}"
+        address = superlink or f"{server_kit.server_address}:{DEFAULT_PORT}"
         if resume:
             defaults = {f.name: f.default for f in fields(RunConfig)} | {"baselines": "none"}
             given = sorted(k for k, v in settings.items() if v != defaults.get(k))
@@ -136,10 +147,11 @@ def run(
             cfg = RunConfig.from_flat({**checkpoint.settings, "resume-from": str(Path(resume).expanduser().resolve())})
             _say(f"resuming {resume} after {checkpoint.phase.value} round {checkpoint.completed_round}")
         else:
-            cfg = run_settings(RunConfig(**settings), server_kit)
-        work = Path(workdir) if workdir else (server_kit.folder / "state" if server_kit else Path("medfed-run"))
-        ca = None if insecure else server_kit.folder / "ca.crt"  # type: ignore[union-attr]
-        status, _ = submit(cfg, superlink=address, ca_file=ca, workdir=work, say=_say)
+            cfg = run_settings(RunConfig(**settings), server_kit, insecure=insecure)
+        work = Path(workdir) if workdir else server_kit.folder / "state"
+        ca = None if insecure else server_kit.folder / "ca.crt"
+        operator = None if insecure else (server_kit.operator_cert, server_kit.operator_key)
+        status, _ = submit(cfg, superlink=address, ca_file=ca, workdir=work, client_cert=operator, say=_say)
     except MedfedError as exc:
         _fail(exc)
     if status != "finished:completed":
@@ -152,7 +164,7 @@ def _run_signature() -> inspect.Signature:
 
     params = [
         inspect.Parameter("kit", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            "", "--kit", help="The server kit folder (its root certificate and sites).")),
+            "", "--kit", help="The server kit folder (its sites, root certificate and operator certificate).")),
         inspect.Parameter("superlink", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
             "", "--superlink", help=f"HOST:PORT of the SuperLink (default: the kit's address, port {DEFAULT_PORT}).")),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
@@ -162,7 +174,8 @@ def _run_signature() -> inspect.Signature:
         inspect.Parameter("insecure", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--insecure", help="Talk to an insecure SuperLink (no TLS; warns).")),
     ]
-    skip = {"site_data", "resume_from", "client_cpus", "ledger_dir"}  # set by the deployment, or simulation only
+    # set by the deployment (sites from the kit, one federated arm, each site's own data), or simulation only
+    skip = {"site_data", "resume_from", "client_cpus", "ledger_dir", "num_sites", "mode", "baselines", "site_keys"}
     defaults = {"baselines": "none"}
     for f in fields(RunConfig):
         if f.name in skip:
@@ -199,6 +212,6 @@ def register(app: typer.Typer) -> None:
     app.command("provision")(provision)
     app.command("split-sites")(split_sites)
     app.command("server")(server)
-    app.command("site")(site)
+    app.add_typer(site_group(site), name="site")
     run.__signature__ = _run_signature()  # type: ignore[attr-defined]
     app.command("run")(run)

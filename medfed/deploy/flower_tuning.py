@@ -92,7 +92,11 @@ def tune_supernode_polling(cap: float = SUPERNODE_SLEEP_CAP) -> None:
 
 
 def run_supernode(argv: Sequence[str]) -> None:
-    """``flower-supernode ARGV`` with the tuning above (what ``medfed site`` starts)."""
+    """``flower-supernode ARGV`` with the tuning above (what ``medfed site`` starts), presenting the
+    site's client certificate when the environment names one (`medfed.deploy.client_tls`)."""
+    from medfed.deploy.client_tls import present_from_environment
+
+    present_from_environment()
     tune_object_pulls()
     tune_supernode_polling()
     from flwr.supernode.cli.flower_supernode import flower_supernode

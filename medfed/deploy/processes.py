@@ -1,11 +1,15 @@
 """Flower's deployment processes, started and stopped by medfed (Flower 1.41).
 
-In 1.41 the SuperLink serves the Fleet, Control and runtime APIs on ONE HTTPS port
-(``--host/--port``). SuperNode authentication (``--enable-supernode-auth``, TLS required)
-admits only SuperNodes whose public key was registered through the Control API
-(``flwr supernode register``); registrations live in the SuperLink's ``--database``, so
-they survive a restart. A SuperNode proves its identity with an EC (P-384) private key in
-OpenSSH format and trusts the SuperLink by the federation's root certificate.
+In 1.41 the SuperLink serves the Fleet, Control and runtime APIs on ONE HTTPS port and
+authenticates nobody on the Control API. medfed therefore never starts ``flower-superlink`` on a
+network: the centre runs `medfed.deploy.gateway` (Flower's SuperLink app behind mutual TLS and
+route authorization, the Runtime API on a loopback listener) and a SuperExec for ServerApps that
+holds the gateway's SuperExec secret. SuperNode authentication admits only SuperNodes whose
+public key was registered through the Control API (``flwr supernode register``, which only the
+operator's certificate may call); registrations live in the SuperLink's database, so they survive
+a restart. A SuperNode proves its identity twice: with its site's client certificate in the TLS
+handshake and with its EC (P-384) SuperNode key (OpenSSH format) on every Fleet request; the
+gateway checks that both name the same site.
 
 Every process is started in a new session and stopped with its whole process tree
 (`stop_tree`): the SuperLink's and SuperNodes' helpers (``flower-superexec``,
@@ -36,13 +40,16 @@ from medfed.exceptions import ConfigError, FederationError
 from medfed.files import write_private
 
 DEFAULT_PORT = 9092
+# Flower 1.41 starts its legacy gRPC Control/Fleet servers when these are "1": unauthenticated, and (Fleet)
+# on 0.0.0.0, beside the gateway. medfed never passes them on, and the gateway refuses to start with them.
+FLOWER_BACKDOORS = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 CONNECTION = "medfed"  # the flwr CLI's name for this deployment's SuperLink connection
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment of a Flower process: the venv's bin first on PATH, no telemetry or update checks,
     no runtime dependency installation, and a FLWR_HOME of its own (never ~/.flwr)."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_BACKDOORS}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
@@ -133,10 +140,14 @@ def stop_tree(pid: int, timeout: float = 10.0) -> list[int]:
     return [p.pid for p in procs]
 
 
-def wait_healthy(address: str, ca_file: Path | None, timeout: float, proc: Started | None = None) -> None:
-    """Wait until the SuperLink answers ``/health`` (HTTPS verified by ``ca_file``, or plain HTTP)."""
+def wait_healthy(address: str, ca_file: Path | None, timeout: float, proc: Started | None = None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
+    """Wait until the SuperLink answers ``/health`` (HTTPS verified by ``ca_file``, presenting
+    ``client_cert`` = (certificate, key) if given, or plain HTTP)."""
     scheme = "http" if ca_file is None else "https"
     context = None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
+    if context is not None and client_cert is not None:
+        context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.process.poll() is not None:
@@ -151,15 +162,39 @@ def wait_healthy(address: str, ca_file: Path | None, timeout: float, proc: Start
 
 # ---------------------------------------------------------------------------------------- commands
 
-def superlink_command(*, host: str, port: int, database: Path, certs: tuple[Path, Path, Path] | None) -> list[str]:
-    """``certs`` = (CA certificate, server certificate, server key); None = insecure (no TLS, no node auth)."""
-    command = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
-               "--disable-runtime-dependency-installation"]
-    if certs is None:
-        return [*command, "--insecure"]
-    ca, cert, key = certs
-    return [*command, "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
-            "--enable-supernode-auth"]
+def insecure_superlink_command(*, host: str, port: int, database: Path) -> list[str]:
+    """Flower's own SuperLink without TLS or any authentication (``--insecure``: test networks only)."""
+    return [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
+            "--disable-runtime-dependency-installation", "--insecure"]
+
+
+@dataclass(frozen=True)
+class GatewayFiles:
+    """The server kit's TLS material and the centre's registry of site keys."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    registry: Path
+
+
+def gateway_command(*, host: str, port: int, runtime_port: int, database: Path, files: GatewayFiles,
+                    superexec_secret: Path) -> list[str]:
+    """The centre's SuperLink behind mutual TLS and route authorization (`medfed.deploy.gateway`)."""
+    return [sys.executable, "-m", "medfed.deploy.gateway", "--ca-cert", str(files.ca_cert),
+            "--server-cert", str(files.server_cert), "--server-key", str(files.server_key),
+            "--registry", str(files.registry), "--host", host, "--port", str(port),
+            "--runtime-port", str(runtime_port), "--database", str(database),
+            "--superexec-secret", str(superexec_secret)]
+
+
+def serverapp_superexec_command(*, runtime_port: int, gateway_pid: int, superexec_secret: Path) -> list[str]:
+    """The centre's SuperExec for ServerApps (`medfed.deploy.serverapp_exec`: Flower's loop, tokens on
+    stdin), on the gateway's loopback runtime listener and holding its SuperExec secret (without which
+    no process can acquire a ServerApp task)."""
+    return [sys.executable, "-m", "medfed.deploy.serverapp_exec", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--parent-pid", str(gateway_pid), "--superexec-auth-secret-file",
+            str(superexec_secret)]
 
 
 def supernode_command(*, superlink: str, node_config: dict[str, object], runtime_port: int,
@@ -181,11 +216,16 @@ def supernode_command(*, superlink: str, node_config: dict[str, object], runtime
     return command
 
 
-def warm_exec_command(*, runtime_port: int, supernode_pid: int, superexec_secret: Path) -> list[str]:
-    """medfed's warm SuperExec (`medfed.deploy.warm_exec`) for the SuperNode whose Runtime API
-    listens on 127.0.0.1:``runtime_port``; it exits with that SuperNode."""
+def warm_exec_command(*, runtime_port: int, supernode_pid: int, superexec_secret: Path, approved_apps: Path,
+                      run_log: Path, site: str, clientapp_start: str = "warm") -> list[str]:
+    """medfed's SuperExec (`medfed.deploy.warm_exec`) for the SuperNode whose Runtime API listens on
+    127.0.0.1:``runtime_port``; it exits with that SuperNode. Every ClientApp it starts first checks
+    its app against the allow-list ``approved_apps`` and records the run in ``run_log``
+    (`medfed.deploy.clientapp_gate`); ``clientapp_start`` warm (forked) or fresh (a new process each)."""
     return [sys.executable, "-m", "medfed.deploy.warm_exec", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-            "--insecure", "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(superexec_secret)]
+            "--insecure", "--parent-pid", str(supernode_pid), "--superexec-auth-secret-file", str(superexec_secret),
+            "--approved-apps", str(approved_apps), "--run-log", str(run_log), "--site", site,
+            "--clientapp-start", clientapp_start]
 
 
 def write_superexec_secret(path: Path) -> Path:
@@ -205,14 +245,32 @@ def write_cli_config(flwr_home: Path, address: str, ca_file: Path | None) -> Non
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {toml_value(address)}\n{trust}\n')
 
 
-def flwr_cli(args: list[str], flwr_home: Path, *, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([flower_bin("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, check=False)
+@dataclass(frozen=True)
+class ControlConnection:
+    """How the centre's ``flwr`` CLI calls reach the Control API: its FLWR_HOME (address, root
+    certificate) and the operator's client certificate and key (None: an insecure SuperLink)."""
+
+    flwr_home: Path
+    client_cert: tuple[Path, Path] | None = None
 
 
-def register_supernode(public_key: Path, name: str, flwr_home: Path) -> str:
+def flwr_cli(args: list[str], conn: ControlConnection, *, timeout: float = 120.0,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``flwr ARGS``; with a client certificate, through `medfed.deploy.client_tls` so that Flower's
+    HTTP client presents it."""
+    from medfed.deploy.client_tls import client_certificate_env
+
+    env = flower_env(conn.flwr_home)
+    command = [flower_bin("flwr"), *args]
+    if conn.client_cert is not None:
+        env.update(client_certificate_env(*conn.client_cert))
+        command = [sys.executable, "-m", "medfed.deploy.client_tls", "flwr", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
+
+
+def register_supernode(public_key: Path, name: str, conn: ControlConnection) -> str:
     """Register a site's SuperNode public key with the SuperLink; returns 'registered' or 'already registered'."""
-    result = flwr_cli(["supernode", "register", str(public_key), CONNECTION, "--name", name], flwr_home)
+    result = flwr_cli(["supernode", "register", str(public_key), CONNECTION, "--name", name], conn)
     output = (result.stdout + result.stderr).strip()
     if result.returncode == 0:
         return "registered"
@@ -221,9 +279,9 @@ def register_supernode(public_key: Path, name: str, flwr_home: Path) -> str:
     raise FederationError(f"registering {name}'s SuperNode key {public_key} failed: {output[-500:]}")
 
 
-def submit_run(app_dir: Path, run_config: Path, flwr_home: Path) -> int:
+def submit_run(app_dir: Path, run_config: Path, conn: ControlConnection) -> int:
     """`flwr run` the staged app with a TOML file of settings; returns the run id."""
-    result = flwr_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], flwr_home,
+    result = flwr_cli(["run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--format", "json"], conn,
                       timeout=600)
     try:
         reply = json.loads(result.stdout)
@@ -232,21 +290,21 @@ def submit_run(app_dir: Path, run_config: Path, flwr_home: Path) -> int:
         raise FederationError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-800:]}") from None
 
 
-def run_status(run_id: int, flwr_home: Path) -> str:
-    result = flwr_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home)
+def run_status(run_id: int, conn: ControlConnection) -> str:
+    result = flwr_cli(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], conn)
     try:
         return str(json.loads(result.stdout)["runs"][0]["status"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise FederationError(f"flwr ls failed: {(result.stdout + result.stderr).strip()[-500:]}") from None
 
 
-def run_log(run_id: int, flwr_home: Path) -> str:
-    result = flwr_cli(["log", str(run_id), CONNECTION, "--show"], flwr_home, timeout=120)
+def run_log(run_id: int, conn: ControlConnection) -> str:
+    result = flwr_cli(["log", str(run_id), CONNECTION, "--show"], conn, timeout=120)
     return result.stdout + result.stderr
 
 
-def stop_run(run_id: int, flwr_home: Path) -> None:
-    flwr_cli(["stop", str(run_id), CONNECTION], flwr_home)
+def stop_run(run_id: int, conn: ControlConnection) -> None:
+    flwr_cli(["stop", str(run_id), CONNECTION], conn)
 
 
 def stage_app(dest: Path) -> Path:
@@ -269,6 +327,8 @@ def stage_app(dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copytree(package, dest / "medfed", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (dest / "pyproject.toml").write_text(without_federations(pyproject.read_text()))
+    for path in [dest, *dest.rglob("*")]:  # the owner's only, whatever the installed copy's modes
+        path.chmod(0o700 if path.is_dir() else 0o600)
     return dest
 
 

@@ -1,5 +1,5 @@
-"""A site's warm SuperExec: ClientApp processes forked from a process that has already imported
-the heavy libraries.
+"""A site's SuperExec: every ClientApp through the site's app gate, warm ClientApp processes forked
+from a process that has already imported the heavy libraries.
 
 Why. Flower 1.41's SuperNode (``--isolation subprocess``, its default) starts ``flower-superexec``,
 which starts a fresh ``flwr-clientapp`` process for every message. Each one imports torch,
@@ -22,13 +22,21 @@ same arguments (`clientapp_argv`). What changes is only what is already in memor
 * nothing in the zygote runs a torch operation, so no OpenMP pool exists at fork time (the
   same rule PyTorch's forked DataLoader workers rely on).
 
-If the zygote is gone (killed, crashed) a task falls back to Flower's own subprocess launch and
-the zygote is restarted; task types other than ClientApps always take that path.
+The gate. Every ClientApp refuses an app the site has not approved before installing it
+(`medfed.deploy.clientapp_gate`, settings from this SuperExec's command line, passed on in the
+environment): the zygote installs the gate before it forks; a ClientApp started as a fresh process
+(``--clientapp-start fresh``, or any task while the zygote is down: it is then restarted) runs
+``python -m medfed.deploy.clientapp_gate``, which installs the gate before ``flwr-clientapp``'s entry.
+The task token never appears on a command line (``/proc/PID/cmdline`` is world-readable): it goes to
+the zygote and to a fresh process over a pipe. Task types other than ClientApps are refused: a
+site's SuperExec runs ClientApps only.
 
     python -m medfed.deploy.warm_exec --runtime-api-address 127.0.0.1:PORT --insecure \\
-        --parent-pid SUPERNODE_PID --superexec-auth-secret-file SECRET
+        --parent-pid SUPERNODE_PID --superexec-auth-secret-file SECRET \\
+        --approved-apps KIT/approved-apps.json --run-log KIT/state/run-log.jsonl --site NAME \\
+        [--clientapp-start warm|fresh]
 
-(`medfed site` starts it; ``--clientapp-start fresh`` keeps Flower's default instead.)
+(`medfed site` starts it.)
 """
 
 from __future__ import annotations
@@ -43,9 +51,14 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medfed.deploy import clientapp_gate
 
 MODULE = "medfed.deploy.warm_exec"
-CLIENTAPP_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+GATE_MODULE = "medfed.deploy.clientapp_gate"
+CLIENTAPP_ENTRY = clientapp_gate.CLIENTAPP_ENTRY
+CLIENTAPP_START = ("warm", "fresh")
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_SECONDS = "0.1"  # Flower's default is 1 s; AcquireTask is one local HTTP request
 
@@ -119,13 +132,15 @@ def run_child(entry: Callable[[], object], argv: list[str]) -> int:
 
 
 def serve(entry_ref: str, modules: Sequence[str], requests_fd: int = 0) -> None:
-    """The zygote: warm up, then fork one child per request line (``{"argv": [...]}``) read from
-    ``requests_fd``, until it closes. Exited children are reaped."""
+    """The zygote: install the app gate (settings from the environment; it refuses to start without),
+    warm up, then fork one child per request line (``{"argv": [...]}``) read from ``requests_fd``,
+    until it closes. Exited children are reaped."""
     from medfed.deploy.flower_tuning import tune_object_pulls
 
+    clientapp_gate.install(clientapp_gate.GateSettings.from_env())  # inherited by every fork
     tune_object_pulls()  # objects not there yet: retried after 50 ms, not Flower's 1 s (see flower_tuning)
-    warm_up(modules)  # last: it drops every medfed module, this one included
     entry = resolve_entry(entry_ref)
+    warm_up(modules)  # last: it drops every medfed module, this one included (the gate keeps its own)
     _log(f"zygote ready ({len(sys.modules)} modules imported)")
     pending = b""
     while True:
@@ -172,18 +187,67 @@ def clientapp_argv(spec) -> list[str]:  # spec: flwr ExecutionSpec
     return argv
 
 
+def without_token(argv: list[str]) -> tuple[list[str], str]:
+    """``argv`` minus its ``--token TOKEN`` pair, and the token."""
+    if "--token" not in argv or argv.index("--token") + 1 >= len(argv):
+        raise ValueError("the ClientApp command line has no --token")
+    at = argv.index("--token")
+    return argv[:at] + argv[at + 2:], argv[at + 1]
+
+
+def start_with_token(command: list[str], token: str, *, quiet: bool, what: str) -> subprocess.Popen:
+    """Start ``command`` and write its task token to its stdin (a command line is world-readable)."""
+    stream = subprocess.DEVNULL if quiet else None
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=stream, stderr=stream)
+    try:
+        assert child.stdin is not None
+        child.stdin.write(token.encode("ascii") + b"\n")
+        child.stdin.close()
+    except OSError as exc:
+        _log(f"{what}: process {child.pid} did not take its token ({exc})")
+    _log(f"started {what}: process {child.pid}")
+    return child
+
+
+class GatedLauncher:
+    """A fresh ClientApp process per task, through the app gate: ``python -m
+    medfed.deploy.clientapp_gate --entry ENTRY ARGS`` (Flower's SubprocessExecutor's arguments,
+    without ``--token``), the token written to its stdin. Its environment is this SuperExec's,
+    which holds the gate's settings."""
+
+    def __init__(self, entry: str = CLIENTAPP_ENTRY, python: str = sys.executable) -> None:
+        self.entry, self.python = entry, python
+        self.children: list[subprocess.Popen] = []
+
+    def command(self, spec) -> tuple[list[str], str]:  # spec: flwr ExecutionSpec
+        argv, token = without_token(clientapp_argv(spec))
+        return [self.python, "-m", GATE_MODULE, "--entry", self.entry, *argv[1:]], token
+
+    def launch(self, spec):
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        command, token = self.command(spec)
+        child = start_with_token(command, token, quiet=spec.suppress_output, what=f"ClientApp for task {spec.task_id}")
+        self.children.append(child)
+        return LaunchResult.accepted()
+
+    def reap(self) -> None:
+        self.children = [c for c in self.children if c.poll() is None]
+
+
 class ZygoteExecutor:
-    """Flower's Executor protocol (flwr 1.41): ClientApp tasks are forked from the zygote; other
-    task types, and every task while the zygote is down, go to Flower's SubprocessExecutor."""
+    """Flower's Executor protocol (flwr 1.41) for a site: ClientApp tasks only, each through the app
+    gate. ``warm``: forked from the zygote, or, while the zygote is down, started fresh by the
+    `GatedLauncher` (the zygote is restarted); not ``warm``: always started fresh. Other task types
+    are refused."""
 
     def __init__(self, entry: str = CLIENTAPP_ENTRY, modules: Sequence[str] = WARM_MODULES,
-                 python: str = sys.executable) -> None:
-        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-        self.entry, self.modules, self.python = entry, tuple(modules), python
-        self.fallback = SubprocessExecutor()
+                 python: str = sys.executable, *, warm: bool = True) -> None:
+        self.entry, self.modules, self.python, self.warm = entry, tuple(modules), python, warm
+        self.fallback = GatedLauncher(entry, python)
         self.zygote: subprocess.Popen | None = None
-        self.start_zygote()
+        if warm:
+            self.start_zygote()
 
     def start_zygote(self) -> None:
         command = [self.python, "-m", MODULE, "zygote", "--entry", self.entry,
@@ -196,8 +260,9 @@ class ZygoteExecutor:
 
     # Executor protocol -----------------------------------------------------------------------
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
-        return self.fallback.get_eligible_capacity(supported_task_types, insecure=insecure,
-                                                   root_certificates_path=root_certificates_path)
+        from flwr.supercore.constant import TaskType
+
+        return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
 
     def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
         return None
@@ -206,20 +271,26 @@ class ZygoteExecutor:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
+        if spec.task_type != TaskType.CLIENT_APP:
+            _log(f"refused task {spec.task_id} of type {spec.task_type}: a site's SuperExec runs ClientApps only")
+            return LaunchResult.failed(f"a site's SuperExec runs ClientApps only, not {spec.task_type}")
         zygote = self.zygote
-        if spec.task_type == TaskType.CLIENT_APP and self.zygote_alive() and zygote and zygote.stdin:
+        if self.zygote_alive() and zygote and zygote.stdin:
             try:
                 zygote.stdin.write((json.dumps({"argv": clientapp_argv(spec)}) + "\n").encode())
                 zygote.stdin.flush()
                 return LaunchResult.accepted()
             except OSError as exc:
-                _log(f"zygote unreachable ({exc}); task {spec.task_id} takes Flower's subprocess launch")
+                _log(f"zygote unreachable ({exc}); task {spec.task_id} starts a fresh gated process")
         return self.fallback.launch(spec)
 
     def reconcile(self) -> None:
         if self.zygote is not None and not self.zygote_alive():
             _log(f"zygote exited with code {self.zygote.returncode}; restarting it")
             self.start_zygote()
+        reap = getattr(self.fallback, "reap", None)
+        if reap is not None:
+            reap()
 
     def close(self) -> None:
         if self.zygote is None:
@@ -239,8 +310,19 @@ class ZygoteExecutor:
 
 # ------------------------------------------------------------------------------------- entry points
 
+def gate_settings_from_args(approved_apps: str, run_log: str, site: str) -> clientapp_gate.GateSettings:
+    """The gate's settings, checked now (a clear error at the site's start, not at its first task):
+    Flower still has the gate's seam, and the allow-list is readable."""
+    from medfed.deploy.approval import load_approvals
+
+    settings = clientapp_gate.GateSettings(Path(approved_apps).resolve(), Path(run_log).resolve(), site)
+    clientapp_gate.target_module()
+    load_approvals(settings.approved_apps)
+    return settings
+
+
 def run(argv: Sequence[str]) -> None:
-    """Flower's SuperExec with `ZygoteExecutor` (same options as ``flower-superexec``)."""
+    """Flower's SuperExec with `ZygoteExecutor` (``flower-superexec``'s options, plus the app gate's)."""
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
 
@@ -252,9 +334,15 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument("--root-certificates", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--superexec-auth-secret-file", default=None)
+    parser.add_argument("--approved-apps", required=True, help="the site's allow-list (KIT/approved-apps.json)")
+    parser.add_argument("--run-log", required=True, help="the site's run log (KIT/state/run-log.jsonl)")
+    parser.add_argument("--site", required=True, help="the site's name (in refusals)")
+    parser.add_argument("--clientapp-start", choices=CLIENTAPP_START, default="warm")
     args = parser.parse_args(argv)
+    settings = gate_settings_from_args(args.approved_apps, args.run_log, args.site)
+    os.environ.update(settings.to_env())  # inherited by the zygote and every fresh ClientApp process
     os.environ.setdefault(POLL_ENV, TASK_POLL_SECONDS)
-    executor = ZygoteExecutor()
+    executor = ZygoteExecutor(warm=args.clientapp_start == "warm")
     superexec.get_executor = lambda *_, **__: executor
     superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
                             root_certificates_path=args.root_certificates,
@@ -263,15 +351,21 @@ def run(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from medfed.exceptions import MedfedError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["zygote"]:
-        parser = argparse.ArgumentParser(prog="python -m medfed.deploy.warm_exec zygote")
-        parser.add_argument("--entry", default=CLIENTAPP_ENTRY)
-        parser.add_argument("--modules", default=",".join(WARM_MODULES))
-        args = parser.parse_args(argv[1:])
-        serve(args.entry, [m for m in args.modules.split(",") if m])
-        return
-    run(argv)
+    try:
+        if argv[:1] == ["zygote"]:
+            parser = argparse.ArgumentParser(prog="python -m medfed.deploy.warm_exec zygote")
+            parser.add_argument("--entry", default=CLIENTAPP_ENTRY)
+            parser.add_argument("--modules", default=",".join(WARM_MODULES))
+            args = parser.parse_args(argv[1:])
+            serve(args.entry, [m for m in args.modules.split(",") if m])
+            return
+        run(argv)
+    except MedfedError as exc:  # the gate's settings or the allow-list: one line, not a traceback
+        _log(f"error: {exc}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ _PRV_MIN_EPS_ERROR = 1e-5  # floor (relative accuracy is meaningless as epsilon 
 _PRV_PASSES = 3
 
 MIN_NOISE = 0.1  # the planner never goes below this noise multiplier
+PLANNER_MAX_NOISE = 50.0  # the planner never goes above this one (`plan_noise_multiplier`'s max_noise)
+DEFAULT_MAX_PLANNED_NOISE = 20.0
+"""`RunConfig.dp_max_planned_noise`'s default: a run whose planned sigma exceeds it is refused, the budget left
+being too small to train anything useful. In docs/RESULTS.md (dp_utility, batch 64) sigma 9.3-18.1 at epsilon 1
+still reached test AUC 0.72-0.74, while the sigma 36.7 left for a second run after a first had spent the whole
+budget gave AUC 0.49 (chance; issue 12)."""
 
 
 def check_accountant(name: str) -> str:
@@ -309,6 +315,62 @@ def plan_noise_multiplier(
         if sigma >= max_noise:
             raise exceeded(math.inf)
         sigma = min(sigma * (1 + rel_tol / 2), max_noise)
+    return sigma
+
+
+def run_target_epsilon(lifetime: float, spent_before_run: float, run_epsilon: float) -> float:
+    """The cumulative epsilon a run may take a site to: its lifetime budget when ``run_epsilon`` is 0 (the run
+    may spend all that is left), else what the site had spent when the run began plus the run's share, capped
+    at the lifetime budget. (The share is an increase of the site's cumulative epsilon, so shares add up to
+    the lifetime budget: two runs of 4 spend a budget of 8.)"""
+    if run_epsilon < 0 or not math.isfinite(run_epsilon):
+        raise ConfigError(f"dp-run-epsilon must be a finite number >= 0 (0: all that is left); got {run_epsilon!r}")
+    if run_epsilon == 0:
+        return lifetime
+    return min(lifetime, spent_before_run + run_epsilon)
+
+
+def plan_run_noise(
+    history: Sequence[MechanismStep],
+    planned: Sequence[tuple[float, int]],
+    *,
+    lifetime: float,
+    delta: float,
+    accountant: str,
+    spent_before_run: float = 0.0,
+    run_epsilon: float = 0.0,
+    max_planned_noise: float = DEFAULT_MAX_PLANNED_NOISE,
+    site: str = "this site",
+) -> float:
+    """The noise multiplier for this run's ``planned`` rounds (this one first), planned for the run's share.
+
+    The target is `run_target_epsilon` (the lifetime budget, or the epsilon spent when the run began plus
+    ``run_epsilon``), and sigma is `plan_noise_multiplier`'s smallest that keeps ``history`` plus the planned
+    rounds within it. Raises `PrivacyBudgetExceeded` with the site's standing when the run's share is already
+    spent, or when the plan needs sigma > ``max_planned_noise`` (the budget left is too small to train anything
+    useful), e.g. ``site h1 has epsilon 0.3 of 8 left; this run's plan needs sigma 36.7 > 20
+    (dp-max-planned-noise): refused (...)``.
+    """
+    if not MIN_NOISE < max_planned_noise <= PLANNER_MAX_NOISE:
+        raise ConfigError(f"dp-max-planned-noise must be in ({MIN_NOISE:g}, {PLANNER_MAX_NOISE:g}]; "
+                          f"got {max_planned_noise!r}")
+    spent = epsilon_spent(history, delta, accountant)
+    target = run_target_epsilon(lifetime, spent_before_run, run_epsilon)
+    standing = f"site {site} has epsilon {max(lifetime - spent, 0.0):.3g} of {lifetime:g} left"
+    if target < lifetime:
+        standing += (f", of which this run may still spend {max(target - spent, 0.0):.3g} "
+                     f"(dp-run-epsilon {run_epsilon:g})")
+    if spent >= target:
+        raise PrivacyBudgetExceeded(f"{standing}: this run's share is spent: refused")
+    useless = " (dp-max-planned-noise): refused (too little budget left to train anything useful; docs/PRIVACY.md)"
+    try:
+        sigma = plan_noise_multiplier(target, delta, history, planned, accountant, max_noise=PLANNER_MAX_NOISE)
+    except PrivacyBudgetExceeded:
+        raise PrivacyBudgetExceeded(f"{standing}; this run's plan needs sigma > {PLANNER_MAX_NOISE:g} > "
+                                    f"{max_planned_noise:g}{useless}") from None
+    if sigma > max_planned_noise:
+        raise PrivacyBudgetExceeded(f"{standing}; this run's plan needs sigma {sigma:.3g} > "
+                                    f"{max_planned_noise:g}{useless}")
     return sigma
 
 

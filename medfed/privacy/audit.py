@@ -3,18 +3,24 @@
 For each ledger found (in a run directory, a folder, or given as files) the audit
 
 1. verifies the chain, every row's hash and Ed25519 signature and the signed head record
-   (against the key stored in the ledger, or a trusted key given by the privacy officer);
+   (against the key stored in the ledger, or a trusted key given by the privacy officer), and
+   checks the ledger against its anchor (the signed head kept beside the site's key; found beside
+   the ledger or given with ``--anchors``): a ledger shorter than, or different from, what its key
+   signed was reset or rolled back, and an anchor whose ledger is missing was deleted;
 2. recomputes the site's epsilon after every DP row with Google's ``dp-accounting`` (RDP with
    Opacus' orders for ledgers kept with the RDP accountant, PLD for PRV), not with the Opacus
    code the sites used, and flags any row whose reported epsilon differs by more than 1 %;
-3. lists the releases no epsilon covers (``mechanism = none``: weights that left a site from a
-   non-DP phase);
-4. for a run directory, cross-checks the server's view (``metrics.jsonl``: the epsilon each
+3. judges each DP row against the budget in force when it was written (stored in the row; rows
+   written before medfed stored it are judged against the run's ``dp-epsilon`` or ``--budget``);
+4. lists the releases no epsilon covers (``mechanism = none``: weights that left a site from a
+   non-DP phase, or from a run without DP);
+5. for a run directory, cross-checks the server's view (``metrics.jsonl``: the epsilon each
    site reported each round) against the ledgers, so a row deleted from a ledger after the
    fact shows up even if the ledger's own head record was replaced by an older one;
 
 and writes ``audit.json``, ``audit.md`` and ``audit_epsilon.png`` (epsilon per site against
-its releases, with budget lines). The unit of privacy is stated in the report.
+its releases, with budget lines). The unit of privacy is stated in the report. A ledger that
+cannot be read is one failed entry (with the reason); the others are still audited.
 """
 
 from __future__ import annotations
@@ -28,15 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfed.exceptions import LedgerError
+from medfed.exceptions import ConfigError, LedgerError
 from medfed.privacy.central import CENTRAL_SITE
 from medfed.privacy.independent import INDEPENDENT_FOR, compare, independent_epsilon
 from medfed.privacy.ledger import (
+    ANCHOR_SUFFIX,
     MECHANISM_CENTRAL,
     MECHANISM_DP_SGD,
     MECHANISM_NONE,
+    Anchor,
     LedgerEntry,
+    anchor_problems,
     load_public_key,
+    read_anchor,
     verify_ledger,
 )
 
@@ -44,6 +54,7 @@ DP_MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_CENTRAL)  # rows an accountant comp
 from medfed.privacy.plots import plot_epsilon
 
 LEDGER_GLOB = "*.ledger.sqlite"
+ANCHOR_GLOB = f"*{ANCHOR_SUFFIX}"
 UNIT_OF_PRIVACY = (
     "one training image of one site (example-level DP): adding or removing one image of a site's training data "
     "changes the distribution of the weights that leave that site by at most (epsilon, delta) (scalar metrics such "
@@ -84,8 +95,11 @@ class SiteAudit:
     recomputed: dict[str, float]  # independent method -> epsilon after the last row
     row_checks: list[RowCheck]
     uncovered: list[dict[str, Any]]
-    budget: float | None
-    releases: list[dict[str, Any]] = field(default_factory=list)  # seq, run_id, phase, round, mechanism, epsilon
+    budget: float | None  # the budget in force at the last row (as recorded, else the audit's fallback)
+    releases: list[dict[str, Any]] = field(default_factory=list)  # seq, run_id, phase, round, mechanism, epsilon,
+    # budget (the one recorded in the row, or None)
+    anchor: str | None = None  # the anchor the ledger was checked against, if one was found
+    readable: bool = True  # False: the ledger could not be read at all (its one problem says why)
 
     @property
     def series(self) -> list[tuple[int, float]]:
@@ -116,18 +130,76 @@ class AuditReport:
         return not self.run_problems and all(s.ok for s in self.sites)
 
 
-def find_ledgers(target: Path) -> list[Path]:
-    """Ledgers in a run directory (its ledgers/ or the ledger-dir of its config), a folder, or a file."""
+def find_ledgers(target: Path, pattern: str = LEDGER_GLOB) -> list[Path]:
+    """Ledgers (or, with ``pattern``, other files such as anchors) in a run directory (its ledgers/ or the
+    ledger-dir of its config), a folder, or a file."""
     if target.is_file():
         return [target]
     if not target.is_dir():
         raise LedgerError(f"audit target {str(target)!r} does not exist")
-    found = sorted(target.rglob(LEDGER_GLOB))
+    found = sorted(target.rglob(pattern))
     config = _run_config(target)
     if config and config.get("ledger-dir"):
         external = Path(str(config["ledger-dir"])).expanduser()
         if external.is_dir():
-            found += sorted(p for p in external.rglob(LEDGER_GLOB) if p not in found)
+            found += sorted(p for p in external.rglob(pattern) if p not in found)
+    return found
+
+
+@dataclass
+class _Anchors:
+    """The anchors found for an audit, by the public key they belong to, and which ledgers used them."""
+
+    by_key: dict[str, Anchor] = field(default_factory=dict)
+    expected: set[str] = field(default_factory=set)  # keys whose ledger must be among those audited
+    used: set[str] = field(default_factory=set)  # keys whose ledger was audited
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, path: Path, *, expected: bool) -> None:
+        """Read one anchor file (an unreadable or forged one is a problem of the audit)."""
+        try:
+            anchor = read_anchor(path)
+        except LedgerError as exc:
+            self.problems.append(f"anchor {path}: {exc}")
+            return
+        if expected:
+            self.expected.add(anchor.public_key_hex)
+        known = self.by_key.get(anchor.public_key_hex)
+        if known is None or anchor.seq > known.seq:  # copies of one key's anchor: the furthest one counts
+            self.by_key[anchor.public_key_hex] = anchor
+
+    def for_ledger(self, public_key: str) -> Anchor | None:
+        self.used.add(public_key)
+        return self.by_key.get(public_key)
+
+    def orphans(self) -> list[str]:
+        """Anchors that record releases but whose ledger was not audited: the ledger was deleted (or replaced by
+        one signed with another key)."""
+        return [
+            f"anchor {a.path}: the key {a.public_key_hex[:16]}.. of site {a.site!r} signed a ledger with {a.seq} "
+            f"release(s) (it was at {a.ledger}), but no readable ledger signed by that key was found (deleted, "
+            "unreadable, or replaced by a ledger of another key?)"
+            for a in sorted(self.by_key.values(), key=lambda a: str(a.path))
+            if a.seq > 0 and a.public_key_hex in self.expected and a.public_key_hex not in self.used
+        ]
+
+
+def _collect_anchors(targets: Sequence[Path], anchors: Path | None) -> _Anchors:
+    """Anchors beside the ledgers of every target (a run directory or folder: every anchor under it must find its
+    ledger; a ledger file: the anchors in its folder are used if they match) and those given with ``--anchors``."""
+    found = _Anchors()
+    for target in targets:
+        if target.is_dir():
+            for path in find_ledgers(target, ANCHOR_GLOB):
+                found.add(path, expected=True)
+        elif target.is_file():
+            for path in sorted(target.parent.glob(ANCHOR_GLOB)):
+                found.add(path, expected=False)
+    if anchors is not None:
+        if not anchors.exists():
+            raise LedgerError(f"anchors {str(anchors)!r} do not exist")
+        for path in [anchors] if anchors.is_file() else sorted(anchors.rglob(ANCHOR_GLOB)):
+            found.add(path, expected=True)
     return found
 
 
@@ -146,12 +218,18 @@ def _history(entries: Sequence[LedgerEntry]) -> list[tuple[float, float, int]]:
 
 
 def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float | None = None,
-                 tolerance: float = TOLERANCE) -> SiteAudit:
-    """Verify one ledger and recompute its epsilons independently."""
+                 tolerance: float = TOLERANCE, anchor: Anchor | None = None) -> SiteAudit:
+    """Verify one ledger (against its ``anchor`` too, when one is given) and recompute its epsilons independently.
+
+    Each DP row is judged against the budget recorded in it (the one in force when it was written); ``budget`` is
+    the fallback for rows that record none (ledgers written before medfed recorded it)."""
     trusted = load_public_key(trusted_key) if trusted_key is not None else None
     verification = verify_ledger(path, trusted)
     entries = verification.entries
     problems = list(verification.problems)
+    if anchor is not None:
+        behind = anchor_problems(anchor, verification.site, verification.public_key_hex, entries)
+        problems += [f"ledger {p}" for p in behind]
     checks: list[RowCheck] = []
     for i, entry in enumerate(entries):
         if entry.mechanism not in DP_MECHANISMS:
@@ -160,7 +238,11 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
         if method is None:
             problems.append(f"row {entry.seq}: unknown accountant {entry.accountant!r}")
             continue
-        recomputed = independent_epsilon(_history(entries[: i + 1]), entry.delta, method)
+        try:
+            recomputed = independent_epsilon(_history(entries[: i + 1]), entry.delta, method)
+        except ConfigError as exc:  # a row with impossible values (already a verification problem): no number
+            problems.append(f"row {entry.seq}: epsilon cannot be recomputed ({exc})")
+            continue
         agrees, _ = compare(entry.epsilon_after, recomputed, tolerance)
         checks.append(RowCheck(entry.seq, entry.epsilon_after, recomputed, method, agrees))
         if not agrees:
@@ -168,31 +250,62 @@ def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float |
                 f"row {entry.seq}: reported epsilon {entry.epsilon_after:.6g} but {method} recomputes {recomputed:.6g} "
                 f"(more than {tolerance:.0%} apart)"
             )
-    if budget is not None:
-        over = [e.seq for e in entries if e.epsilon_after > budget * (1 + 1e-9)]
-        if over:
-            first = next(e for e in entries if e.seq == over[0])
-            problems.append(f"row {first.seq}: epsilon {first.epsilon_after:.6g} is over the budget {budget:g} "
-                            f"({len(over)} row(s) over)")
+    problems += _budget_problems(entries, budget)
     history = _history(entries)
     delta = entries[-1].delta if entries else 0.0
-    recomputed_final = {m: independent_epsilon(history, delta, m) for m in ("rdp", "pld")} if history else {}
+    try:
+        recomputed_final = {m: independent_epsilon(history, delta, m) for m in ("rdp", "pld")} if history else {}
+    except ConfigError:  # listed per row above
+        recomputed_final = {}
     releases = [
         {"seq": e.seq, "run_id": e.run_id, "phase": e.phase, "round": e.server_round, "mechanism": e.mechanism,
-         "epsilon": e.epsilon_after}
+         "epsilon": e.epsilon_after, "budget": e.epsilon_budget}
         for e in entries
     ]
     uncovered = [r for r in releases if r["mechanism"] == MECHANISM_NONE]
+    recorded = [e.epsilon_budget for e in entries if e.epsilon_budget is not None]
     return SiteAudit(
         ledger=str(path), group=path.parent.name, site=verification.site, public_key=verification.public_key_hex,
         rows=len(entries), problems=problems, reported_epsilon=entries[-1].epsilon_after if entries else 0.0,
-        delta=delta, recomputed=recomputed_final, row_checks=checks, uncovered=uncovered, budget=budget,
-        releases=releases,
+        delta=delta, recomputed=recomputed_final, row_checks=checks, uncovered=uncovered,
+        budget=recorded[-1] if recorded else budget, releases=releases,
+        anchor=None if anchor is None else str(anchor.path),
+    )
+
+
+def _budget_problems(entries: Sequence[LedgerEntry], fallback: float | None) -> list[str]:
+    """DP rows over the budget in force when they were written (recorded in the row); a row that records no budget
+    (written before medfed recorded it) is judged against ``fallback``, whatever its mechanism, as before. A
+    ``none`` row that records its budget is not judged: it spends nothing, it repeats the epsilon so far."""
+    over: list[tuple[LedgerEntry, float, bool]] = []
+    for e in entries:
+        if e.epsilon_budget is not None:
+            if e.mechanism in DP_MECHANISMS and e.epsilon_after > e.epsilon_budget * (1 + 1e-9):
+                over.append((e, e.epsilon_budget, True))
+        elif fallback is not None and e.epsilon_after > fallback * (1 + 1e-9):
+            over.append((e, fallback, False))
+    if not over:
+        return []
+    first, limit, recorded = over[0]
+    whose = "in force when it was written" if recorded else "of this audit (the row records none)"
+    return [f"row {first.seq}: epsilon {first.epsilon_after:.6g} is over the budget {limit:g} {whose} "
+            f"({len(over)} row(s) over)"]
+
+
+def _unreadable(path: Path, exc: LedgerError) -> SiteAudit:
+    """A ledger that cannot be audited at all: one failed entry saying why (the others are still audited)."""
+    site = path.name.removesuffix(".ledger.sqlite").removeprefix("site-")
+    return SiteAudit(
+        ledger=str(path), group=path.parent.name, site=site, public_key="", rows=0,
+        problems=[f"cannot be audited: {exc}"], reported_epsilon=math.nan, delta=math.nan, recomputed={},
+        row_checks=[], uncovered=[], budget=None, readable=False,
     )
 
 
 def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:
-    """Every epsilon a site reported to the server must be a row of that site's ledger."""
+    """Every epsilon a site reported to the server must be a row of that site's ledger; and every update the server
+    accepted without an epsilon (a run or phase without DP) must be a release in that site's ledger when the audit
+    found one (sites record those too; ledgers of runs from before they did are simply not found)."""
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if not metrics.is_file() or not summary.is_file():
         return []
@@ -200,14 +313,22 @@ def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:
     by_key = {
         (s.group, s.site): {(r["run_id"], r["phase"], r["round"]): r["epsilon"] for r in s.releases} for s in sites
     }
+    unreadable = {(s.group, s.site) for s in sites if not s.readable}  # already failed, with the reason
     problems = []
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
-        if row.get("split") != "train" or row.get("epsilon") is None or row.get("refused") or not row.get("accepted", True):
+        if row.get("split") != "train" or row.get("refused") or not row.get("accepted", True):
             continue
         arm, site = str(row["arm"]), str(row["site"])
+        if (arm, site) in unreadable:
+            continue
         ledger = by_key.get((arm, site))
         where = f"{arm} site {site} {row['phase']} round {row['round']}"
+        if row.get("epsilon") is None:  # weights that left without DP
+            if ledger is not None and (f"{run_id}/{arm}", row["phase"], int(row["round"])) not in ledger:
+                problems.append(f"{where}: the server accepted an update without DP; the site's ledger has no such "
+                                "release (deleted or reset?)")
+            continue
         if ledger is None:
             problems.append(f"{where}: the server recorded epsilon {row['epsilon']:.6g} but no ledger of that site was found")
             continue
@@ -232,14 +353,18 @@ def _arms_without_ledgers(run_dir: Path, config: dict[str, Any], found: list[Sit
 
 
 def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budget: float | None = None,
-              tolerance: float = TOLERANCE) -> AuditReport:
+              tolerance: float = TOLERANCE, anchors: Path | None = None) -> AuditReport:
     """Audit run directories, ledger folders or ledger files. ``trusted_keys``: a folder of
-    ``site-<id>.pub`` files (or one key file) the ledgers must be signed with."""
+    ``site-<id>.pub`` files (or one key file) the ledgers must be signed with. ``anchors``: an anchor
+    file or a folder of them (``*.anchor.json``, kept beside the sites' keys) besides those found
+    beside the ledgers. ``budget``: for rows that record no budget of their own. A ledger that cannot
+    be read is a failed entry; a missing target or anchors path raises LedgerError."""
     sites: list[SiteAudit] = []
     run_problems: list[str] = []
     uncovered_runs: list[str] = []
+    targets = [Path(t).expanduser() for t in targets]
+    found_anchors = _collect_anchors(targets, anchors)
     for target in targets:
-        target = Path(target).expanduser()
         config = _run_config(target) if target.is_dir() else None
         site_budget = budget if budget is not None else (float(config["dp-epsilon"]) if config and config.get("dp", "none") != "none" else None)
         ledgers = find_ledgers(target)
@@ -254,15 +379,27 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
                                   "uncovered at the example level" + (f" ({'; '.join(protection)})" if protection else ""))
         if not ledgers and (config is None or config.get("dp", "none") != "none"):
             raise LedgerError(f"no privacy ledger ({LEDGER_GLOB}) found under {str(target)!r}")
-        found = [audit_ledger(p, trusted_key=_trusted_key_for(trusted_keys, p),
-                              budget=None if _is_central(p) else site_budget, tolerance=tolerance)
+        found = [_audit_one(p, trusted_keys, None if _is_central(p) else site_budget, tolerance, found_anchors)
                  for p in ledgers]
         sites += found
         if config is not None:
             run_problems += _server_view_problems(target, found)
             uncovered_runs += _arms_without_ledgers(target, config, found)
+    run_problems += found_anchors.problems + found_anchors.orphans()
     return AuditReport([str(t) for t in targets], UNIT_OF_PRIVACY, sites, run_problems, uncovered_runs, tolerance,
                        trusted_keys is not None)
+
+
+def _audit_one(path: Path, trusted_keys: Path | None, budget: float | None, tolerance: float,
+               anchors: _Anchors) -> SiteAudit:
+    """`audit_ledger` with the ledger's anchor; a ledger (or trusted key) that cannot be read is a failed entry."""
+    try:
+        trusted = _trusted_key_for(trusted_keys, path)
+        stored_key = verify_ledger(path).public_key_hex  # which anchor is this ledger's: by its key
+        return audit_ledger(path, trusted_key=trusted, budget=budget, tolerance=tolerance,
+                            anchor=anchors.for_ledger(stored_key))
+    except LedgerError as exc:
+        return _unreadable(path, exc)
 
 
 def _is_central(ledger: Path) -> bool:
@@ -296,7 +433,10 @@ def render_markdown(report: AuditReport, png: str | None, *, empirical: Any = No
         ("Signatures were checked against the trusted keys given (`--trusted-keys`). " if report.trusted_keys else
          "**No trusted keys were given**: signatures were checked against the public key stored in each ledger, which "
          "proves integrity since that key signed, not who signed; pass `--trusted-keys` with the keys from provisioning. ")
-        + "Each ledger's chain, row hashes, Ed25519 signatures and signed head were verified; each DP row's epsilon was "
+        + "Each ledger's chain, row hashes, Ed25519 signatures and signed head were verified"
+        + f" ({sum(1 for s in report.sites if s.anchor)} of {len(report.sites)} also against the anchor kept beside "
+        "the site's key: a ledger behind it was reset or rolled back)"
+        + "; each DP row was judged against the budget recorded in it (the one in force when it was written) and its epsilon was "
         f"recomputed with Google's dp-accounting (RDP with Opacus' orders for RDP ledgers, PLD for PRV ledgers) and "
         f"compared with the reported value (tolerance {report.tolerance:.0%}).", "",
         "| ledger | site | rows | reported epsilon | delta | dp-accounting RDP | dp-accounting PLD | budget | uncovered releases | status |",

@@ -1,26 +1,42 @@
 """The per-site privacy ledger: SQLite, append-only, hash-chained, Ed25519-signed.
 
-Every DP training release of a site (one round of DP-SGD there) is one row of ``releases``.
+Every release of a site (weights that left it after one round: DP-SGD, or ``none`` without DP)
+is one row of ``releases``.
 Each row carries ``prev_hash`` (the previous row's ``row_hash``; the first row chains to
 :func:`genesis_hash` of the site and its public key), ``row_hash`` (sha256 of the canonical
 JSON of the row's contents) and ``signature`` (Ed25519 over the raw ``row_hash`` bytes). The
 ``meta`` table holds the format version, the site, the public key and a signed ``head`` record
 naming the last row, so that deleting the *last* row is detected too.
 
+Every row also records ``epsilon_budget``, the site's budget in force when it was written, so an
+audit judges each release against its own budget (rows of ledgers written before this column
+existed have none; the column is added to such a ledger the first time a site opens it).
+
 The site reads the ledger before every round to rebuild its accountant (:meth:`Ledger.open`
 and :meth:`Ledger.entries` verify everything first); an auditor runs :func:`verify_ledger`,
 which opens the file read-only and needs only the public key.
+
+The anchor. A site also keeps the head of its ledger *outside* the ledger file: a small JSON file
+beside its signing key (:func:`anchor_path_for_key`), signed with that key, recording the site, the
+key, the ledger's genesis hash, the last seq and that row's hash. It is replaced atomically after
+every append. :meth:`Ledger.open` given the anchor refuses (:class:`LedgerResetError`) a ledger that
+is missing, shorter than the anchor or does not hold the anchored row: deleting the ledger file, or
+putting back an older copy, would otherwise silently reset the site's budget. :func:`anchor_problems`
+is the same check for the auditor.
 
 Threat model. SQL triggers refuse UPDATE, DELETE and out-of-order INSERT, but anyone with
 write access to the file can drop them, so verification never relies on them: edits, deletions,
 reordering, forged signatures and a replaced key are caught by the chain, the signatures and
 the head record. What a lone file cannot show is a rollback to an *older genuine copy* of
-itself (old rows with their old signed head): compare the head seq with one recorded elsewhere
-(e.g. the server's round log) to catch that.
+itself (old rows with their old signed head), or its deletion: the anchor beside the key catches
+both, and the server's round log (``metrics.jsonl``) is a second witness. Whoever holds the private
+key can of course re-sign anything, anchor included; only a record kept elsewhere (the server's)
+catches that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +48,8 @@ import sqlite3
 import tempfile
 import threading
 import urllib.parse
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -42,8 +59,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from medfed.exceptions import ConfigError, LedgerError
-from medfed.files import fsync_dir, write_private
+from medfed.exceptions import ConfigError, LedgerError, LedgerResetError, LedgerVerificationError
+from medfed.files import fsync_dir, replace_durably, write_private
 
 LEDGER_VERSION = 1
 MECHANISM_DP_SGD = "poisson-subsampled-gaussian"
@@ -52,6 +69,8 @@ MECHANISM_CENTRAL = "central-gaussian"  # the server's site-level Gaussian mecha
 MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_NONE, MECHANISM_CENTRAL)
 
 _GENESIS_TAG = "medfed-privacy-ledger"
+_ANCHOR_TAG = "medfed-privacy-ledger-anchor"
+ANCHOR_SUFFIX = ".anchor.json"
 _MAX_LISTED_PROBLEMS = 10
 
 
@@ -64,6 +83,8 @@ class Release:
     uncovered exposure, with sample_rate, noise_multiplier and steps all 0 and ``epsilon_after``
     the DP epsilon so far). ``epsilon_after`` is the site's cumulative DP epsilon after this
     release, as the site's accountant (``accountant``: "rdp", "prv", ...) computed it.
+    ``epsilon_budget`` is the site's budget in force when the release was made (None: not
+    recorded, as in rows written before the field existed, and in the server's central ledger).
     """
 
     run_id: str
@@ -76,6 +97,7 @@ class Release:
     delta: float
     epsilon_after: float
     accountant: str
+    epsilon_budget: float | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,7 @@ _RELEASE_FIELDS = tuple(f.name for f in fields(Release))
 _HASHED_FIELDS = (*_RELEASE_FIELDS, "seq", "site", "created_at", "prev_hash")
 _ENTRY_FIELDS = tuple(f.name for f in fields(LedgerEntry))
 _FLOAT_FIELDS = ("sample_rate", "noise_multiplier", "delta", "epsilon_after")
+_OPTIONAL_FIELDS = ("epsilon_budget",)  # hashed only when set, so rows written before it existed still verify
 _INT_FIELDS = ("server_round", "steps")
 _TEXT_FIELDS = ("run_id", "phase", "mechanism", "accountant")
 
@@ -122,7 +145,7 @@ _SCHEMA = (
         "phase TEXT NOT NULL, mechanism TEXT NOT NULL, sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, "
         "steps INTEGER NOT NULL, delta REAL NOT NULL, epsilon_after REAL NOT NULL, accountant TEXT NOT NULL, "
         "site TEXT NOT NULL, created_at TEXT NOT NULL, prev_hash TEXT NOT NULL, row_hash TEXT NOT NULL, "
-        "signature TEXT NOT NULL)"
+        "signature TEXT NOT NULL, epsilon_budget REAL)"
     ),
 )
 
@@ -147,7 +170,7 @@ _TRIGGERS = {
     "BEGIN SELECT RAISE(ABORT, 'medfed privacy ledger: only the head record in meta may change'); END",
 }
 
-_SELECT_ROWS = f"SELECT {', '.join(_ENTRY_FIELDS)} FROM releases ORDER BY seq"
+_ADD_BUDGET_COLUMN = "ALTER TABLE releases ADD COLUMN epsilon_budget REAL"  # ledgers made before the column existed
 _INSERT_ROW = f"INSERT INTO releases ({', '.join(_ENTRY_FIELDS)}) VALUES ({', '.join('?' * len(_ENTRY_FIELDS))})"
 
 
@@ -279,8 +302,13 @@ def genesis_hash(site: str, public_key_hex: str) -> str:
 
 
 def _row_hash(entry: LedgerEntry) -> str:
-    """sha256 over every release field plus seq, site, created_at and prev_hash."""
-    return _sha256_json({name: getattr(entry, name) for name in _HASHED_FIELDS})
+    """sha256 over every release field plus seq, site, created_at and prev_hash (an optional field only
+    when set: a row written before ``epsilon_budget`` existed hashes as it did then)."""
+    payload = {name: getattr(entry, name) for name in _HASHED_FIELDS}
+    for name in _OPTIONAL_FIELDS:
+        if payload[name] is None:
+            del payload[name]
+    return _sha256_json(payload)
 
 
 def _head_message(seq: int, row_hash: str) -> bytes:
@@ -348,6 +376,9 @@ def _general_number_problems(release: Release) -> list[str]:
         problems.append(f"delta must be a finite number in [0, 1), got {release.delta!r}")
     if not _is_real(release.epsilon_after) or release.epsilon_after < 0:
         problems.append(f"epsilon_after must be a finite number >= 0, got {release.epsilon_after!r}")
+    budget = release.epsilon_budget
+    if budget is not None and (not _is_real(budget) or budget <= 0):
+        problems.append(f"epsilon_budget must be a finite number > 0 (or absent), got {budget!r}")
     return problems
 
 
@@ -389,6 +420,9 @@ def _normalized(release: Release) -> dict[str, Any]:
         values[name] = float(values[name])
     for name in _INT_FIELDS:
         values[name] = int(values[name])
+    for name in _OPTIONAL_FIELDS:
+        if values[name] is not None:
+            values[name] = float(values[name])
     return values
 
 
@@ -426,7 +460,7 @@ def _read_snapshot(conn: sqlite3.Connection, path: Path) -> _Snapshot:
             if missing:
                 raise LedgerError(f"{path} is not a medfed privacy ledger: no {' or '.join(sorted(missing))} table")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            rows = conn.execute(_SELECT_ROWS).fetchall()
+            rows = conn.execute(_select_rows(_has_budget_column(conn))).fetchall()
             triggers = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'").fetchall())
         finally:
             if conn.in_transaction:
@@ -435,6 +469,17 @@ def _read_snapshot(conn: sqlite3.Connection, path: Path) -> _Snapshot:
         raise LedgerError(f"{path} cannot be read as a medfed privacy ledger (SQLite: {exc})") from exc
     entries = [LedgerEntry(**dict(zip(_ENTRY_FIELDS, row, strict=True))) for row in rows]
     return _Snapshot(meta=meta, entries=entries, triggers=triggers)
+
+
+def _has_budget_column(conn: sqlite3.Connection) -> bool:
+    """Whether ``releases`` has the ``epsilon_budget`` column (ledgers made before it existed do not)."""
+    return any(row[1] == "epsilon_budget" for row in conn.execute("PRAGMA table_info(releases)"))
+
+
+def _select_rows(with_budget: bool) -> str:
+    """Every row in seq order; NULL as the budget of a ledger without that column."""
+    columns = [name if with_budget or name not in _OPTIONAL_FIELDS else f"NULL AS {name}" for name in _ENTRY_FIELDS]
+    return f"SELECT {', '.join(columns)} FROM releases ORDER BY seq"
 
 
 def _meta_text(snapshot: _Snapshot, key: str, path: Path) -> str:
@@ -699,6 +744,142 @@ def verify_ledger(path: Path, trusted_public_key: Ed25519PublicKey | None = None
     return _verify_snapshot(snapshot, path, trusted_public_key)
 
 
+# --------------------------------------------------------------------------- the anchor (outside the ledger)
+
+
+def anchor_path_for_key(key_path: Path) -> Path:
+    """Where the anchor of the ledger signed with the key at ``key_path`` lives: beside the key, named after it
+    (``site-0.ed25519.pem`` -> ``site-0.ed25519.anchor.json``). One key signs one ledger."""
+    key_path = Path(key_path)
+    return key_path.with_name(key_path.name.removesuffix(".pem") + ANCHOR_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A ledger's head as recorded outside it, signed by the ledger's key: the key has signed ``seq`` releases,
+    the last with ``row_hash``."""
+
+    path: Path
+    site: str
+    public_key_hex: str
+    genesis: str
+    seq: int
+    row_hash: str
+    ledger: str  # where the ledger was when the anchor was last written (a site-local path, for messages)
+    updated_at: str
+
+
+_ANCHOR_SIGNED = ("site", "public_key", "genesis", "seq", "row_hash", "ledger", "updated_at")
+_ANCHOR_WRITE_LOCK = threading.Lock()  # replace_durably's temporary name is per process
+
+
+def _anchor_message(payload: dict[str, Any]) -> bytes:
+    """What an anchor's signature covers: its tag and every field but the signature, as canonical JSON."""
+    body = json.dumps({k: payload.get(k) for k in _ANCHOR_SIGNED}, sort_keys=True, separators=(",", ":"))
+    return _ANCHOR_TAG.encode("ascii") + b"|" + body.encode("utf-8")
+
+
+def write_anchor(path: Path, signing_key: Ed25519PrivateKey, site: str, ledger: Path, seq: int, row_hash: str) -> None:
+    """Record, signed, that ``signing_key`` has signed ``seq`` releases of ``site``'s ledger, the last with
+    ``row_hash`` (the genesis hash for none). The file is replaced atomically and durably."""
+    key_hex = public_key_hex(signing_key)
+    payload: dict[str, Any] = {
+        "format": _ANCHOR_TAG, "site": site, "public_key": key_hex, "genesis": genesis_hash(site, key_hex),
+        "seq": int(seq), "row_hash": row_hash, "ledger": str(ledger), "updated_at": _utc_now(),
+    }
+    payload["signature"] = signing_key.sign(_anchor_message(payload)).hex()
+    data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _ANCHOR_WRITE_LOCK:
+            replace_durably(path, lambda tmp: tmp.write_bytes(data))
+    except OSError as exc:
+        raise LedgerError(f"privacy ledger anchor {path} cannot be written: {exc.strerror or exc}") from exc
+
+
+def read_anchor(path: Path) -> Anchor:
+    """An anchor file, checked: well-formed, its genesis that of its site and key, signed by its key.
+
+    LedgerError if it cannot be read; LedgerVerificationError, naming the path, if it is malformed or its
+    signature does not hold (edited or forged)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LedgerError(f"privacy ledger anchor {path} cannot be read: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError):
+        raise LedgerVerificationError(f"privacy ledger anchor {path} is not valid JSON (edited?)") from None
+    texts = ("site", "public_key", "genesis", "row_hash", "ledger", "updated_at", "signature")
+    if (not isinstance(raw, dict) or raw.get("format") != _ANCHOR_TAG or not _is_int(raw.get("seq"))
+            or raw["seq"] < 0 or not all(isinstance(raw.get(k), str) for k in texts)):
+        raise LedgerVerificationError(
+            f"privacy ledger anchor {path} is malformed (not a medfed ledger anchor, or edited)")
+    try:
+        key = _public_key_from_hex(raw["public_key"])
+    except ValueError:
+        raise LedgerVerificationError(
+            f"privacy ledger anchor {path}: its public key is not 64 hex digits (edited?)") from None
+    if not _signature_ok(key, raw["signature"], _anchor_message(raw)):
+        raise LedgerVerificationError(f"privacy ledger anchor {path}: signature invalid (edited or forged?)")
+    if raw["genesis"] != genesis_hash(raw["site"], raw["public_key"]):
+        raise LedgerVerificationError(f"privacy ledger anchor {path}: genesis hash is not that of its site and key")
+    return Anchor(path=path, site=raw["site"], public_key_hex=raw["public_key"], genesis=raw["genesis"], seq=raw["seq"],
+                  row_hash=raw["row_hash"], ledger=raw["ledger"], updated_at=raw["updated_at"])
+
+
+def anchor_problems(anchor: Anchor, site: str, key_hex: str, entries: list[LedgerEntry]) -> list[str]:
+    """Why a verified ledger (of ``site``, signed by ``key_hex``, holding ``entries``) is not the one ``anchor``
+    records: another key or site, fewer releases than the key signed, or another row where the anchored row should
+    be. Empty when the ledger holds the anchored row (it may hold more: an anchor update lost in a crash)."""
+    if anchor.public_key_hex != key_hex:
+        return [f"the anchor {anchor.path} is of key {_short(anchor.public_key_hex)}, not the ledger's key "
+                f"{_short(key_hex)} (key replaced?)"]
+    if anchor.site != site:
+        return [f"the anchor {anchor.path} is of site {anchor.site!r}, not the ledger's site {site!r}"]
+    held = entries[-1].seq if entries else 0
+    if held < anchor.seq:
+        return [f"it holds {held} release(s) but its key already signed {anchor.seq} (anchor {anchor.path}): "
+                "deleted, reset or rolled back to an older copy"]
+    if anchor.seq > 0:
+        row = next((e for e in entries if e.seq == anchor.seq), None)
+        if row is None or row.row_hash != anchor.row_hash:
+            return [f"its row {anchor.seq} is not the row {anchor.seq} its key signed (anchor {anchor.path}): "
+                    "another ledger signed with the same key"]
+    return []
+
+
+def _own_anchor(anchor_path: Path, site: str, key_hex: str) -> Anchor | None:
+    """The site's anchor at ``anchor_path`` (None if there is none yet); LedgerResetError if it records another key
+    or site: the key beside it was replaced after signing releases."""
+    if not anchor_path.exists():
+        return None
+    anchor = read_anchor(anchor_path)
+    if anchor.public_key_hex != key_hex or anchor.site != site:
+        raise LedgerResetError(
+            f"the privacy ledger anchor {anchor_path} records {anchor.seq} release(s) of site {anchor.site!r} signed "
+            f"by key {_short(anchor.public_key_hex)}, but this site is {site!r} with key {_short(key_hex)}: the "
+            "signing key was replaced after it signed a ledger; restore the key and its ledger from backup"
+        )
+    return anchor
+
+
+def _reset_error(path: Path, anchor: Anchor, what: str) -> LedgerResetError:
+    """The refusal to use a ledger that is missing or behind its anchor, with the rule and the way out."""
+    return LedgerResetError(
+        f"privacy ledger {path} refused: {what}. This site's signing key already signed a ledger with {anchor.seq} "
+        f"release(s) (anchor {anchor.path}; that ledger was at {anchor.ledger}); restore the ledger from backup (its "
+        "latest copy). A fresh or older ledger would reset the site's privacy budget"
+    )
+
+
+def check_ledger_not_reset(path: Path, signing_key: Ed25519PrivateKey, site: str, anchor_path: Path) -> None:
+    """For a site about to plan a round from an empty history because its ledger file ``path`` is missing:
+    LedgerResetError if the anchor says its key has already signed releases."""
+    anchor = _own_anchor(Path(anchor_path), site, public_key_hex(signing_key))
+    if anchor is not None and anchor.seq > 0 and not Path(path).exists():
+        raise _reset_error(Path(path), anchor, "it does not exist")
+
+
 # --------------------------------------------------------------------------- the writer
 
 
@@ -708,6 +889,19 @@ def _problem_summary(path: Path, problems: list[str]) -> str:
     more = len(problems) - _MAX_LISTED_PROBLEMS
     tail = f"; and {more} more" if more > 0 else ""
     return f"privacy ledger {path} failed verification ({len(problems)} problem(s)): {shown}{tail}"
+
+
+@contextlib.contextmanager
+def _immediate_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE (the write lock up front) ... COMMIT, or ROLLBACK on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _create_ledger_file(path: Path, signing_key: Ed25519PrivateKey, site: str) -> None:
@@ -756,6 +950,18 @@ def _connect_read_write(path: Path) -> sqlite3.Connection:
         raise LedgerError(f"privacy ledger {path} cannot be opened for writing (SQLite: {exc})") from exc
 
 
+def _add_budget_column(conn: sqlite3.Connection, path: Path) -> None:
+    """Give a ledger made before ``epsilon_budget`` existed that column (its old rows keep NULL and their hashes)."""
+    if _has_budget_column(conn):
+        return
+    try:
+        with _immediate_transaction(conn):
+            if not _has_budget_column(conn):  # another process may have added it meanwhile
+                conn.execute(_ADD_BUDGET_COLUMN)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"privacy ledger {path}: the epsilon_budget column cannot be added (SQLite: {exc})") from exc
+
+
 def _insert_row(conn: sqlite3.Connection, entry: LedgerEntry, head: str) -> None:
     """Insert the row and move the signed head record to it (inside the caller's transaction)."""
     conn.execute(_INSERT_ROW, [getattr(entry, name) for name in _ENTRY_FIELDS])
@@ -774,12 +980,14 @@ class Ledger:
     public_key_hex: str
 
     def __init__(
-        self, path: Path, site: str, signing_key: Ed25519PrivateKey, conn: sqlite3.Connection, verified: Verification
+        self, path: Path, site: str, signing_key: Ed25519PrivateKey, conn: sqlite3.Connection, verified: Verification,
+        anchor: Path | None = None,
     ) -> None:
         """Private: use :meth:`Ledger.open`."""
         self.path = path
         self.site = site
         self.public_key_hex = public_key_hex(signing_key)
+        self.anchor = anchor
         self._key = signing_key
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
@@ -793,27 +1001,43 @@ class Ledger:
         self._epsilon_floors = _epsilon_floors(entries)
 
     @classmethod
-    def open(cls, path: Path, signing_key: Ed25519PrivateKey, site: str, *, create: bool = True) -> Ledger:
+    def open(
+        cls, path: Path, signing_key: Ed25519PrivateKey, site: str, *, create: bool = True, anchor: Path | None = None
+    ) -> Ledger:
         """Open (verifying everything) or create the ledger of ``site`` at ``path``.
 
         A missing file is created when ``create`` (atomically: built in a temporary file in the
         same folder, fsynced, linked into place), else LedgerError. An existing file must verify
         without a single problem with its own stored key, and that key and its site must be
-        ``signing_key``'s and ``site``; otherwise LedgerError naming the rows and rules, and
-        nothing is written to the file.
+        ``signing_key``'s and ``site``; otherwise LedgerVerificationError naming the rows and rules,
+        and nothing is written to the file.
+
+        With ``anchor`` (the file beside the key, :func:`anchor_path_for_key`) the ledger must also
+        hold every release the anchor records: a missing ledger is not re-created, and a shorter or
+        different one is refused, when the key has already signed releases (LedgerResetError naming
+        the ledger, the anchor and the count). The anchor is written if absent or behind, and after
+        every append.
         """
         path = Path(path)
         if not isinstance(site, str) or not site.strip():
             raise ConfigError(f"site must be non-empty text, got {site!r}")
         if not isinstance(signing_key, Ed25519PrivateKey):
             raise LedgerError(f"the signing key for {path} must be an Ed25519 private key")
+        key_hex = public_key_hex(signing_key)
+        anchored = _own_anchor(Path(anchor), site, key_hex) if anchor is not None else None
         if not path.exists():
             if not create:
                 raise LedgerError(f"privacy ledger {path} does not exist")
+            if anchored is not None and anchored.seq > 0:
+                raise _reset_error(path, anchored, "it does not exist")
             _create_ledger_file(path, signing_key, site)
         conn = _connect_read_write(path)
         try:
-            verified = cls._verify_for_site(conn, path, site, public_key_hex(signing_key))
+            verified = cls._verify_for_site(conn, path, site, key_hex)
+            if anchored is not None:
+                behind = anchor_problems(anchored, site, key_hex, verified.entries)
+                if behind:
+                    raise _reset_error(path, anchored, behind[0])
             # DELETE (rollback-journal) mode, not WAL: the ledger stays one self-contained file an
             # auditor can copy and read with mode=ro without -wal/-shm side files; a site has one
             # writer, so WAL's reader/writer concurrency buys nothing. With synchronous=FULL every
@@ -821,10 +1045,14 @@ class Ledger:
             # (or verify_ledger, in a private copy) rolls back to the last committed state.
             conn.execute("PRAGMA journal_mode=DELETE")
             conn.execute("PRAGMA synchronous=FULL")
+            _add_budget_column(conn, path)
+            ledger = cls(path, site, signing_key, conn, verified, None if anchor is None else Path(anchor))
+            if anchor is not None and (anchored is None or anchored.seq < ledger._tail_seq):
+                ledger._write_anchor()  # first open with an anchor, or an anchor update lost in a crash
         except BaseException:
             conn.close()
             raise
-        return cls(path, site, signing_key, conn, verified)
+        return ledger
 
     @staticmethod
     def _verify_for_site(conn: sqlite3.Connection, path: Path, site: str, key_hex: str) -> Verification:
@@ -840,7 +1068,7 @@ class Ledger:
         if verification.site != site:
             problems.insert(0, f"the ledger belongs to site {verification.site!r}, not {site!r}")
         if problems:
-            raise LedgerError(_problem_summary(path, problems))
+            raise LedgerVerificationError(_problem_summary(path, problems))
         return verification
 
     def _connection(self) -> sqlite3.Connection:
@@ -876,21 +1104,26 @@ class Ledger:
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate_transaction(conn):
                     entry = self._append_in_transaction(conn, release)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise LedgerError(
                     f"privacy ledger {self.path}: append failed, nothing written (SQLite: {exc})"
                 ) from exc
             self._tail_seq, self._tail_hash = entry.seq, entry.row_hash
             _raise_floor(self._epsilon_floors, entry)
+            if self.anchor is not None:
+                self._write_anchor()
         return entry
+
+    def _write_anchor(self) -> None:
+        """Record the ledger's current tail in the anchor beside the key."""
+        if self.anchor is None:
+            return
+        try:
+            write_anchor(self.anchor, self._key, self.site, self.path, self._tail_seq, self._tail_hash)
+        except LedgerError as exc:
+            raise LedgerError(f"privacy ledger {self.path}: row {self._tail_seq} is recorded but {exc}") from exc
 
     def _append_in_transaction(self, conn: sqlite3.Connection, release: Release) -> LedgerEntry:
         """Check the tail, build, sign and insert the next row (the caller commits)."""

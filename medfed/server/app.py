@@ -40,4 +40,5 @@ def main(grid: Grid, context: Context) -> None:
     from medfed.simulations.runner import run_experiment
 
     with object_pulls_tuned():  # replies' objects: retried after 50 ms, not Flower's 1 s (medfed.deploy.flower_tuning)
-        run_experiment(RunConfig.from_flat(dict(context.run_config)), grid=DeploymentGrid(grid))
+        cfg = RunConfig.from_flat(dict(context.run_config))
+        run_experiment(cfg, grid=DeploymentGrid(grid, registry=cfg.registered_sites))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
-from medfed.constants import RUN_DIR_MARK, Baselines, Mode
+from medfed.constants import RUN_DIR_MARK, Baselines, DPScope, Mode
 from medfed.exceptions import ConfigError
 from medfed.resources import ResourceMonitor
 from medfed.server.phases import ArmContext, run_federated
@@ -58,6 +58,10 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     if cfg.baselines != Baselines.NONE:
         raise ConfigError("a deployment run trains one arm; run baselines as separate runs (baselines none)")
     prep = prepare(cfg)
+    if cfg.dp != DPScope.NONE and cfg.dp_run_epsilon == 0:
+        log.warning("dp %s with dp-run-epsilon 0: this run plans its noise to spend all that is left of each site's "
+                    "budget (dp-epsilon %g), and a later DP run at these sites will be refused as too noisy to train; "
+                    "give a run its share with --dp-run-epsilon (docs/PRIVACY.md)", cfg.dp, cfg.dp_epsilon)
     arm = arms_for(cfg)[0]
     acfg = arm_config(cfg, arm)
     resume = None

@@ -20,7 +20,8 @@ from medfed.calibration import THRESHOLD
 from medfed.client.algo import finetune_shared_keys, initial_encoder_state, new_classifier
 from medfed.client.app import DATA_FILE_KEY, LEDGER_DIR_KEY, PHASE_KEY, RUN_DIR_KEY, RUN_ID_KEY
 from medfed.config import RunConfig
-from medfed.constants import DPScope, Phase, SecureAggregation
+from medfed.constants import DPScope, Phase, SecureAggregation, TaskType
+from medfed.data.spec import DataSpec
 from medfed.privacy.central import CentralDPSettings, CentralLedger
 from medfed.server.checkpoints import save_checkpoint
 from medfed.server.evaluation import TestSet, evaluate_with_sites
@@ -63,12 +64,20 @@ class ArmContext:
     def arm_dir(self) -> Path:
         return self.run_dir / "arms" / self.arm
 
+    @property
+    def input_spec(self) -> DataSpec:
+        """The run's input (the centre's data: its test split's shape, task and classes), which every
+        site's data must match (`medfed.data.spec.check_matches`)."""
+        test = self.test
+        return DataSpec(test.spec.channels, test.spec.spatial_shape, TaskType(test.task), int(test.num_classes),
+                        Path(self.data_file).stem.lower())
+
     def message_config(self, phase: Phase) -> ConfigRecord:
         return ConfigRecord(
             {
                 **self.cfg.to_flat(), PHASE_KEY: phase.value, RUN_DIR_KEY: str(self.run_dir),
                 DATA_FILE_KEY: str(self.data_file), RUN_ID_KEY: f"{self.run_id}/{self.arm}",
-                LEDGER_DIR_KEY: str(self.ledger_dir),
+                LEDGER_DIR_KEY: str(self.ledger_dir), **self.input_spec.to_flat(),
             }
         )
 

@@ -115,7 +115,8 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
              f"DP-SGD at the sites for: {cfg['dp']}; budget per site epsilon {cfg['dp-epsilon']}, delta {cfg['dp-delta']} "
              f"({cfg['dp-accountant']} accountant, clipping {cfg['dp-max-grad-norm']}). Unit of privacy: one training image "
              "of a site. Cumulative across rounds and runs (each site's ledger). The federation's epsilon is the max over "
-             "sites. A round marked R was refused by the site (budget); `-` means the site was not asked.", ""]
+             "sites. A round marked R was refused by the site (its reason is listed under 'Rejected or failed site "
+             "updates'); `-` means the site was not asked.", ""]
     by_panel: dict[tuple[str, str], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     offset: dict[str, int] = {}

@@ -159,13 +159,14 @@ def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: i
         contributing.append(numeric)
     for failure in bridge.failures:
         strategy._report(SiteReport(phase, server_round, "train", -1, -1, {}, False, f"site error: {failure}"))
-    if not contributing:
-        log(WARNING, "%s round %s: every replying site refused (privacy budgets); the global model is kept",
-            phase.value, server_round)
-        return None
-    if len(contributing) < strategy.min_updates:
+    if len(contributing) + len(refused) < strategy.min_updates:  # a refusal answers the round
         raise FederationError(f"{phase.value} round {server_round}: {len(contributing)} site update(s) in the secure "
-                              f"sum, fewer than min-sites {strategy.min_updates}; resume the run when sites are back")
+                              f"sum and {len(refused)} refusal(s), fewer than min-sites {strategy.min_updates}"
+                              f"{strategy.min_updates_note}; resume the run when sites are back")
+    if not contributing:
+        log(WARNING, "%s round %s: every replying site refused (privacy budget or data; reasons above); the global "
+            "model is kept", phase.value, server_round)
+        return None
     total = parameters_to_ndarrays(bridge.aggregate)  # type: ignore[arg-type]
     if len(total) != len(shared):
         raise FederationError(f"{phase.value} round {server_round}: the secure sum holds {len(total)} arrays, expected "

@@ -148,7 +148,8 @@ def max_privacy_metrics(rows: Iterable[dict[str, float] | MetricRecord]) -> dict
 
 
 def refusal_reason(content: RecordDict) -> str | None:
-    """The reason a site refused the round (its privacy budget), or None for an ordinary reply."""
+    """The reason a site refused the round (its privacy budget, or its data do not fit the run's input), or None
+    for an ordinary reply."""
     record = content.config_records.get(RecordKey.REFUSAL.value)
     if record is None or content.array_records:
         return None
@@ -184,10 +185,12 @@ class SharedWeightsMixin:
         self.aggregation = aggregation or AggregationSettings()
         self._sent = None
         self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
-        self.min_updates = 1  # valid updates a round needs (min-sites); fewer fail the round
+        self.min_updates = 1  # sites a round needs a valid update (or a refusal) from (min-sites); fewer fail the round
+        self.min_updates_note = ""  # how min_updates follows from min-sites, for the error message
         self.central: CentralDPSettings | None = None
         self.central_ledger: CentralLedger | None = None
         self.on_central_release: ReleaseObserver | None = None
+        self.site_of_node: Callable[[int], int | None] = lambda node: None  # the deployment grid's registry
 
     def enable_central_dp(self, settings: CentralDPSettings, ledger: CentralLedger,
                           on_release: ReleaseObserver | None = None) -> None:
@@ -215,6 +218,9 @@ class SharedWeightsMixin:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = arrays
+        site_of = getattr(grid, "site_of", None)  # a deployment's registry names the site of a node that failed
+        if callable(site_of):
+            self.site_of_node = site_of
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _report(self, report: SiteReport) -> None:
@@ -236,8 +242,10 @@ class SharedWeightsMixin:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = f"site error: {msg.error.reason}"
-                errors.append(f"node {node}: {reason}")
-                reports.append(SiteReport(self.phase, server_round, "train", -1, node, {}, False, reason))
+                site = self.site_of_node(node)
+                errors.append(f"node {node}{'' if site is None else f' (site {site})'}: {reason}")
+                reports.append(SiteReport(self.phase, server_round, "train", -1 if site is None else site, node, {},
+                                          False, reason))
                 continue
             metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
@@ -286,18 +294,24 @@ class SharedWeightsMixin:
         valid = [m for m in valid if reports[report_of[id(m)]].accepted]
         for report in reports:
             self._report(report)
-        if not valid and refusals and not errors:
-            log(WARNING, "%s round %s: every replying site refused (privacy budgets); the global model is kept",
-                self.phase.value, server_round)
+        if not valid and not refusals:
+            raise FederationError(
+                f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
+            )
+        if len(valid) + len(refusals) < self.min_updates:  # a refusal answers the round: it has nothing to wait for
+            refused = f" and {len(refusals)} refusal(s)" if refusals else ""
+            raise FederationError(
+                f"{self.phase.value} round {server_round}: {len(valid)} valid site update(s){refused}, fewer than "
+                f"min-sites {self.min_updates}{self.min_updates_note} ({'; '.join(errors) or 'sites did not reply'}); "
+                "resume the run when sites are back"
+            )
+        if not valid and not errors:
+            log(WARNING, "%s round %s: every replying site refused (privacy budget or data; reasons above); the "
+                "global model is kept", self.phase.value, server_round)
             return None, MetricRecord({"refused-sites": len(refusals)})
         if not valid:
             raise FederationError(
                 f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
-            )
-        if len(valid) < self.min_updates:
-            raise FederationError(
-                f"{self.phase.value} round {server_round}: {len(valid)} valid site update(s), fewer than min-sites "
-                f"{self.min_updates} ({'; '.join(errors) or 'sites did not reply'}); resume the run when sites are back"
             )
         if self.central is not None:
             arrays, metrics = self._central_aggregate(server_round, valid)
@@ -372,7 +386,9 @@ class SharedWeightsMixin:
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self._report(SiteReport(self.phase, server_round, "evaluate", -1, node, {}, False, msg.error.reason))
+                site = self.site_of_node(node)
+                self._report(SiteReport(self.phase, server_round, "evaluate", -1 if site is None else site, node, {},
+                                        False, msg.error.reason))
                 continue
             metrics = _scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
@@ -425,7 +441,12 @@ def make_strategy(
     min_sites: int = 0,
 ) -> SharedWeightsMixin:
     """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off;
-    ``aggregation`` picks the rule (default: the strategy's example-weighted mean) and the norm-outlier screen."""
+    ``aggregation`` picks the rule (default: the strategy's example-weighted mean) and the norm-outlier screen.
+
+    ``min_sites``: a round starts once this many sites are connected and fails (resumable) unless this many send
+    a valid update (a site refusing at its privacy budget, or for its data or ledger, answers too: it is recorded,
+    not waited for). 0 means every site: all ``num_sites`` connected, and every site sampled for the round (all of
+    them unless ``fraction_train`` < 1) must answer."""
     required = min_sites or num_sites  # sites that must be connected before a round starts
     min_nodes = max(1, min(required, int(num_sites * fraction_train)))
     common = dict(
@@ -445,7 +466,8 @@ def make_strategy(
     else:
         strategy = SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private,
                                        aggregation=aggregation, **common)
-    strategy.min_updates = max(1, min_sites)
+    strategy.min_updates = min_sites if min_sites > 0 else min_nodes
+    strategy.min_updates_note = "" if min_sites > 0 else " (min-sites 0: every site sampled)"
     return strategy
 
 

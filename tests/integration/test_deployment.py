@@ -204,6 +204,20 @@ def test_three_sites_pretrain_and_finetune_over_tls_with_authentication(fed: Fed
                             str(fed.kits / "server" / "ledger-keys"), "--out", str(fed.root / "audit")],
                            capture_output=True, text=True, env=fed.env, timeout=600, check=False)
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
+    # nothing left lying around: the run directory and the SuperLink's state are the owner's only ...
+    state = fed.kits / "server" / "state"
+    loose = [str(p) for p in [run_dir, *run_dir.rglob("*"), state, *state.rglob("*")]
+             if p.stat().st_mode & 0o077 and not p.is_symlink()]
+    assert not loose, loose
+    # ... and the global model's tensors do not linger in the database's freed pages after the run
+    from safetensors.numpy import load_file
+
+    weights = load_file(next(run_dir.rglob("*.safetensors")))
+    needles = [a.tobytes()[:64] for a in weights.values() if a.nbytes >= 256][:5]
+    assert needles
+    time.sleep(2)
+    database = b"".join(p.read_bytes() for p in state.glob("superlink.db*"))
+    assert not [n for n in needles if n in database], "model bytes found in the SuperLink's database files"
 
 
 @pytest.mark.slow  # SecAgg+ takes four ClientApp processes per site per round: minutes on 2 cores
@@ -233,8 +247,9 @@ def test_an_unregistered_supernode_is_rejected(fed: Federation) -> None:
     (rogue / "supernode-auth.pub").write_bytes(public)
     p = fed.start_site("h1", kit=rogue)
     assert p.wait(timeout=120) != 0
-    log = (rogue / "state" / "supernode.log").read_text(errors="replace")
-    assert "Failed to activate SuperNode" in log or "2004" in log, log[-2000:]
+    # h1's certificate with a key the centre never registered: the gateway refuses every Fleet call
+    log = (fed.kits / "server" / "state" / "superlink.log").read_text(errors="replace")
+    assert "site h1 may act only as its own registered SuperNode" in log, log[-2000:]
 
 
 def test_a_supernode_without_the_root_certificate_cannot_connect(fed: Federation) -> None:
@@ -243,9 +258,10 @@ def test_a_supernode_without_the_root_certificate_cannot_connect(fed: Federation
     shutil.copytree(fed.kits / "h2", stranger, ignore=shutil.ignore_patterns("state", "ledger"))
     shutil.copy(other / "ca" / "ca.crt", stranger / "ca.crt")
     p = fed.start_site("h2", kit=stranger)
-    assert p.wait(timeout=120) != 0
-    log = (stranger / "state" / "supernode.log").read_text(errors="replace")
-    assert "CERTIFICATE_VERIFY_FAILED" in log, log[-2000:]
+    assert p.wait(timeout=120) == 2  # `medfed site` looks before it starts, and says why it cannot connect
+    said = " ".join((fed.root / "site-h2.out").read_text(errors="replace").split())
+    assert "is not this federation's" in said and "check --superlink and the kit's ca.crt" in said, said[-2000:]
+    assert not (stranger / "state" / "supernode.log").exists()  # no SuperNode was started to retry forever
 
 
 def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_can_rejoin(fed: Federation) -> None:
@@ -263,6 +279,7 @@ def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_can_rejoin(f
         assert accepted == [0, 1], rows
     lost = [r for r in rows if r["split"] == "train" and not r["accepted"]]
     assert lost and all("site error" in r["reason"] for r in lost)
+    assert {r["site"] for r in lost} == {2}  # named by the centre's registry (h3 is site 2), not "site -1"
     fed.start_site("h3")  # the site comes back
     fed.wait_connected("h3", count=2)
 
@@ -294,3 +311,164 @@ def test_server_killed_mid_round_resumes_with_the_same_ledger_totals(fed: Federa
     resumed, reference = ledger_rows(fed, run_id_of(run_dir)), ledger_rows(fed, run_id_of(fed.root / "runs" / "full"))
     for site in SITES:  # every site: the same DP releases as the uninterrupted run, none counted twice
         assert resumed[site] == [r for r in reference[site] if r[0] == "finetune"], (site, resumed[site])
+
+
+# ------------------------------------------------------------------------------------------ attacks
+# Issue 12's findings, replayed against the running federation: each must be refused with a clear
+# message, and no marker written by an attacker's ClientApp or ServerApp may ever appear.
+
+ATTACK_APP = '''
+from pathlib import Path
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+MARKER = Path({marker!r})
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def steal(msg: Message, context: Context) -> Message:
+    MARKER.with_name("client-ran").write_text(str(context.node_config))  # the site's data and ledger paths
+    return Message(msg.content, reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    MARKER.with_name("server-ran").write_text(open("/proc/1/cmdline").read())
+'''
+
+
+def attacker_app(fed: Federation) -> Path:
+    app = fed.root / "attacker" / "stealapp"
+    (app / "stealapp").mkdir(parents=True, exist_ok=True)
+    (app / "stealapp" / "__init__.py").write_text("")
+    (app / "stealapp" / "app.py").write_text(ATTACK_APP.format(marker=str(fed.root / "attacker" / "marker")))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "stealapp"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "eve"\n\n[tool.flwr.app.components]\n'
+        'serverapp = "stealapp.app:server"\nclientapp = "stealapp.app:client"\n\n[tool.flwr.app.config]\n')
+    return app
+
+
+def no_marker(fed: Federation) -> None:
+    time.sleep(2)
+    left = sorted(p.name for p in (fed.root / "attacker").glob("*-ran"))
+    assert not left, f"an attacker's app ran: {left}"
+
+
+def attacker_cli(fed: Federation, name: str, cert: tuple[Path, Path] | None):
+    from medfed.deploy.processes import ControlConnection, write_cli_config
+
+    home = fed.root / "attacker" / name
+    write_cli_config(home, fed.address, fed.kits / "h1" / "ca.crt")  # ca.crt is in every hospital's kit
+    return ControlConnection(home, cert)
+
+
+def test_attack_outsider_with_only_the_ca_certificate_cannot_submit_list_or_register(fed: Federation) -> None:
+    """Attacks 1 and 4: `flwr run` of one's own app, `flwr ls`, `flwr supernode register`, with ca.crt only."""
+    from medfed.deploy.processes import flwr_cli
+
+    conn = attacker_cli(fed, "outsider", None)
+    _, public = make_supernode_auth_key()
+    (fed.root / "attacker" / "rogue.pub").write_bytes(public)
+    for args in (["run", str(attacker_app(fed)), "medfed"], ["ls", "medfed"], ["log", "1", "medfed", "--show"],
+                 ["supernode", "register", str(fed.root / "attacker" / "rogue.pub"), "medfed", "--name", "h9"]):
+        result = flwr_cli(args, conn, timeout=120)
+        said = result.stdout + result.stderr
+        assert result.returncode != 0, (args, said)
+        assert "certificate" in said.lower() or "handshake" in said.lower() or "connect" in said.lower(), (args, said)
+    no_marker(fed)
+
+
+def test_attack_outsider_with_nothing_cannot_start_a_run(fed: Federation) -> None:
+    """Attack 2: Flower's Control HTTP client with verification off: no client certificate, no TLS session."""
+    import httpx
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.control import ControlHttpClient
+
+    client = ControlHttpClient(f"https://{fed.address}", verify=False)
+    with pytest.raises(httpx.HTTPError):
+        client.StartRun(StartRunRequest())
+    no_marker(fed)
+
+
+def test_attack_one_hospitals_kit_cannot_submit_list_stop_or_unregister(fed: Federation) -> None:
+    """Attacks 3 and 6: a hospital's own client certificate opens the Fleet API only, as its own node."""
+    from medfed.deploy.processes import flwr_cli
+
+    conn = attacker_cli(fed, "hospital", (fed.kits / "h1" / "site.crt", fed.kits / "h1" / "site.key"))
+    for args in (["run", str(attacker_app(fed)), "medfed"], ["ls", "medfed"], ["supernode", "ls", "medfed"],
+                 ["supernode", "unregister", "1", "medfed"], ["stop", "1", "medfed"]):
+        result = flwr_cli(args, conn, timeout=120)
+        assert result.returncode != 0 and "site h1 may not call" in result.stdout + result.stderr, args
+    no_marker(fed)
+    log = (fed.kits / "server" / "state" / "superlink.log").read_text(errors="replace")
+    assert "refused POST /v1/control/start-run" in log  # the centre sees who tried
+
+
+def test_attack_the_runtime_api_and_flowers_docs_are_closed_to_everyone_outside(fed: Federation) -> None:
+    """Attacks 5 and 6: AcquireTask and /docs on the federation port, with the operator's own certificate."""
+    import ssl
+
+    import httpx
+
+    context = ssl.create_default_context(cafile=str(fed.kits / "server" / "ca.crt"))
+    context.load_cert_chain(str(fed.kits / "server" / "operator.crt"), str(fed.kits / "server" / "operator.key"))
+    with httpx.Client(verify=context, timeout=10) as client:
+        for method, path in (("POST", "/v1/runtime/acquire-task"), ("POST", "/v1/runtime/pull-messages"),
+                             ("GET", "/docs"), ("GET", "/openapi.json")):
+            response = client.request(method, f"https://{fed.address}{path}")
+            assert response.status_code == 403 and "may not call" in response.text, (path, response.text)
+
+
+def test_attack_an_app_no_site_approved_never_touches_a_sites_data(fed: Federation) -> None:
+    """Attack 7: the operator (or whoever holds the operator's key) submits medfed with one line added to its
+    ClientApp. Every site refuses it before installing it; the centre's ServerApp sees the refusals with the
+    app's hash; each site's run log records the refusal; the legitimate app still runs afterwards (the full
+    run above, and the fault tests below)."""
+    from medfed.deploy.approval import build_app_fab, run_log_file, sha256_hex, verify_run_log
+    from medfed.config import RunConfig
+    from medfed.deploy.launch import ServerKit, run_settings, write_run_config
+    from medfed.deploy.processes import ControlConnection, stage_app, submit_run, write_cli_config
+
+    marker = fed.root / "attacker" / "client-ran"
+    app = stage_app(fed.root / "attacker" / "medfed-modified")
+    clientapp = app / "medfed" / "client" / "app.py"
+    clientapp.write_text(clientapp.read_text() + f"\nopen({str(marker)!r}, 'w').write('loaded at a site')\n")
+    digest = sha256_hex(build_app_fab(app))
+    conn = ControlConnection(fed.root / "attacker" / "operator-cli",
+                             (fed.kits / "server" / "operator.crt", fed.kits / "server" / "operator.key"))
+    write_cli_config(conn.flwr_home, fed.address, fed.kits / "server" / "ca.crt")
+    cfg = run_settings(RunConfig(data="breastmnist", pretrain="none", finetune_rounds=1, width=4,
+                                 finetune_batch_size=8, round_timeout=120, out_dir=str(fed.root / "runs"),
+                                 run_name="unapproved"), ServerKit.read(fed.kits / "server"))
+    run_id = submit_run(app, write_run_config(cfg, fed.root / "attacker" / "run.toml"), conn)
+
+    def refused_everywhere() -> bool:
+        for site in SITES:
+            path = run_log_file(fed.kits / site)
+            if not path.exists() or not any(e["run_id"] == run_id and e["outcome"] == "refused"
+                                            for e in verify_run_log(path)):
+                return False
+        return True
+
+    wait_for(refused_everywhere, 300, "every site to refuse the unapproved app")
+    for site in SITES:
+        (entry,) = [e for e in verify_run_log(run_log_file(fed.kits / site)) if e["run_id"] == run_id]
+        assert entry["app_sha256"] == digest and "not in its approved apps" in entry["reason"]
+        logged = subprocess.run([*MEDFED, "site", "log", "--kit", str(fed.kits / site)], capture_output=True,
+                                text=True, env=fed.env, timeout=120, check=False)
+        assert logged.returncode == 0 and "refused" in logged.stdout + logged.stderr
+    from medfed.deploy.processes import run_log as flower_run_log
+    from medfed.deploy.processes import stop_run
+
+    def centre_saw_it() -> bool:
+        return digest[:12] in flower_run_log(run_id, conn) or "not in its approved apps" in flower_run_log(run_id, conn)
+
+    wait_for(centre_saw_it, 300, "the ServerApp to log the sites' refusals")
+    stop_run(run_id, conn)
+    assert not marker.exists(), "the unapproved ClientApp was loaded at a site"
+    no_marker(fed)

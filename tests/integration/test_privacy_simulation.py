@@ -133,3 +133,33 @@ def test_dp_lora_sends_adapters_and_head_only(tmp_path: Path, data_path_env: Pat
     ratio = fine[0]["bytes-sent"] / pre[0]["bytes-sent"]
     assert ratio <= 1 / 20, ratio  # adapters + head against the whole encoder
     assert run_audit([run_dir]).ok
+
+
+@pytest.mark.timeout(300)
+def test_a_site_with_a_bad_or_deleted_ledger_refuses_with_its_reason_not_a_site_error(tmp_path: Path,
+                                                                                       data_path_env: Path) -> None:
+    """Simulation: a ledger that fails verification, or was deleted while its key stays, is that site's refusal (the
+    kind of problem only: no path reaches the server), not a Ray traceback reported as "site -1: site error"."""
+    cfg = dp_config(tmp_path, finetune_rounds=1, dp_epsilon=50.0, ledger_dir=str(tmp_path / "ledgers"))
+    first = runner.run_experiment(cfg.replace(run_name="first"))
+    assert run_audit([first]).ok
+    folder = tmp_path / "ledgers" / ARM
+    (folder / "site-0.ledger.sqlite").unlink()  # site 0's budget would start again from 0
+    with sqlite3.connect(folder / "site-1.ledger.sqlite") as conn:  # site 1's recorded noise is raised
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("UPDATE releases SET noise_multiplier = 9.0 WHERE seq = 1")
+    second = runner.run_experiment(cfg.replace(run_name="second"))  # every site refuses: the global model is kept
+    train = {r["site"]: r for r in Recorder.load(second / "metrics.jsonl") if r["split"] == "train"}
+    assert sorted(train) == [0, 1] and all(r.get("refused") and not r["accepted"] for r in train.values())
+    assert train[0]["reason"] == ("refused: site 0: its privacy ledger is missing or behind the releases its signing "
+                                  "key already signed (reset or rolled back); nothing is released (details in the "
+                                  "site's log)")
+    assert train[1]["reason"] == ("refused: site 1: its privacy ledger failed verification; nothing is released "
+                                  "(details in the site's log)")
+    assert str(tmp_path) not in (second / "metrics.jsonl").read_text()
+    assert not (folder / "site-0.ledger.sqlite").exists()  # no fresh ledger was started
+    report = run_audit([second])
+    assert not report.ok
+    assert any("anchor" in p and "no readable ledger" in p for p in report.run_problems), report.run_problems
+    assert any("row 1" in p for s in report.sites if s.site == "1" for p in s.problems)

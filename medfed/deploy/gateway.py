@@ -1,0 +1,471 @@
+"""The coordinating centre's front door: Flower's SuperLink served with mutual TLS and
+authorization by identity and route.
+
+Why. Flower 1.41's ``flower-superlink`` serves the Fleet, Control and Runtime APIs on one HTTPS
+port and authenticates nobody on two of them: its open-source Control API takes any caller
+(``NoOpControlAuthnPlugin``), and in its default subprocess isolation the Runtime API hands the
+ServerApp's task to whoever asks first (the SuperExec secret is ignored there). TLS proves the
+server to the client, never the client to the server. Anyone who could reach the port could
+submit an app that then ran at every hospital.
+
+What. This module runs *Flower's own* SuperLink application (``flwr.superlink.main.create_app``
+with Flower's ``SuperLinkLifespan``), unchanged, behind two uvicorn listeners in one process:
+
+* the **federation listener** (``--host``/``--port``, what the hospitals dial) requires a client
+  certificate issued by the federation's CA (``ssl.CERT_REQUIRED``; the handshake fails without
+  one) and then authorizes every request by who the certificate names and which route it asks for
+  (`authorize_federation`):
+
+  ======================  ============================================================
+  caller (certificate)    may call
+  ======================  ============================================================
+  site ``S`` (OU=site)    ``/v1/fleet/*`` only, and only with the SuperNode key the
+                          centre registered for ``S`` (so only as ``S``'s node); ``/health``
+  operator (OU=operator)  ``/v1/control/*`` (submit, list, stop, log, register); ``/health``
+  anyone                  nothing else: ``/v1/runtime/*``, ``/docs``, ``/openapi.json``, ...
+  ======================  ============================================================
+
+* the **runtime listener** binds 127.0.0.1 only and serves ``/v1/runtime/*`` and ``/health``
+  (`authorize_runtime`): the centre's own SuperExec and ServerApp processes. The SuperLink runs
+  in Flower's ``process`` isolation with a fresh SuperExec secret (0600): Flower then requires an
+  HMAC of that secret on ``AcquireTask``, so no other local process can claim the ServerApp's task;
+  every later runtime call carries the task's token.
+
+The client certificate reaches the authorizer through the ASGI TLS extension
+(``scope["extensions"]["tls"]["client_cert_chain"]``), which `PeerCertificateProtocol` fills from
+the connection's TLS session (uvicorn 0.49 does not fill it itself). TLS itself is Python's
+``ssl`` module through uvicorn's own settings; nothing here parses TLS.
+
+Two gaps of Flower's own Fleet API are closed in this process: a site may push only its own
+node's replies (`check_pushed_reply`; Flower would store a site's push as a new instruction to
+another node, or credit a reply to whichever node it names), and Flower's unauthenticated legacy
+gRPC servers are never started (`refuse_flower_backdoors`).
+
+The process also runs with umask 077 (everything the SuperLink and the ServerApps it starts
+write is 0600/0700) and turns on SQLite's ``secure_delete`` for the SuperLink's database, so the
+messages and model objects Flower deletes when a run ends are overwritten, not left in free pages.
+
+    python -m medfed.deploy.gateway --kit KIT/server --host 0.0.0.0 --port 9092 \\
+        --runtime-port 9093 --database STATE/superlink.db --superexec-secret STATE/superexec.secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import functools
+import inspect
+import json
+import logging
+import os
+import ssl
+import sys
+from base64 import b64decode
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from medfed.deploy.provision import ROLE_OPERATOR, ROLE_SITE
+
+log = logging.getLogger("medfed.gateway")
+
+ROLES = (ROLE_SITE, ROLE_OPERATOR)
+FLEET_PREFIX, CONTROL_PREFIX, RUNTIME_PREFIX = "/v1/fleet/", "/v1/control/", "/v1/runtime/"
+HEALTH_PATH = "/health"
+FLEET_PUBLIC_KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER (1.41)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ---------------------------------------------------------------------------------------- who calls
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a client certificate names: a site (its name) or the centre's operator."""
+
+    role: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.name}"
+
+
+@functools.lru_cache(maxsize=256)
+def caller_from_pem(pem: str) -> Caller | None:
+    """The `Caller` a (CA-verified) client certificate names, or None if it names no medfed role:
+    OU ``site``/``operator``, a common name, and the clientAuth extended key usage (so the
+    SuperLink's own server certificate cannot stand in for a client)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        return None
+    units = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(units) != 1 or len(names) != 1 or units[0] not in ROLES:
+        return None
+    return Caller(str(units[0]), str(names[0]))
+
+
+def supernode_key_wire_bytes(openssh_public_key: bytes) -> bytes:
+    """A SuperNode public key as Flower 1.41 sends it in the ``flwr-public-key`` header (PEM
+    SubjectPublicKeyInfo, `flwr.supercore.primitives.asymmetric.public_key_to_bytes`), from the
+    OpenSSH line `medfed provision` writes."""
+    key = serialization.load_ssh_public_key(openssh_public_key)
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the federation listener admits: each site's SuperNode public key (wire form, from the
+    server kit's registry) and the exact Fleet and Control routes the wrapped app serves."""
+
+    site_keys: dict[str, bytes]
+    fleet_routes: frozenset[str]
+    control_routes: frozenset[str]
+
+    @classmethod
+    def for_app(cls, registry: Path, app: Any) -> Policy:
+        """``registry/<site>.pub`` (OpenSSH lines, as `medfed provision` writes them) and ``app``'s routes."""
+        keys = {p.stem: supernode_key_wire_bytes(p.read_bytes()) for p in sorted(registry.glob("*.pub"))}
+        if not keys:
+            raise ValueError(f"no site keys (*.pub) in {registry}")
+        paths = app_route_paths(app)
+        return cls(keys, frozenset(p for p in paths if p.startswith(FLEET_PREFIX)),
+                   frozenset(p for p in paths if p.startswith(CONTROL_PREFIX)))
+
+
+def app_route_paths(app: Any) -> set[str]:
+    """Every route path of a FastAPI app (included routers too)."""
+    from fastapi.routing import iter_route_contexts
+
+    paths = set()
+    for context in iter_route_contexts(app.routes):
+        path = getattr(context.route, "path", None)
+        if isinstance(path, str):
+            paths.add(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- decisions
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a request may pass; if not, the HTTP status and a reason (logged and returned)."""
+
+    allowed: bool
+    status: int = 200
+    reason: str = ""
+
+
+ALLOW = Decision(True)
+
+
+def _deny(status: int, reason: str) -> Decision:
+    return Decision(False, status, reason)
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: str) -> list[bytes]:
+    key = name.encode("latin-1")
+    return [v for k, v in headers if k.lower() == key]
+
+
+def authorize_federation(caller: Caller | None, method: str, path: str,
+                         headers: Iterable[tuple[bytes, bytes]], policy: Policy) -> Decision:
+    """The federation listener's rule (see the module docstring's table). Paths are matched exactly
+    against the app's own Fleet and Control routes, never by prefix alone."""
+    if caller is None:
+        return _deny(403, "client certificate names no medfed site or operator")
+    if path == HEALTH_PATH and method in ("GET", "HEAD"):
+        return ALLOW
+    if caller.role == ROLE_SITE and path in policy.fleet_routes:
+        expected = policy.site_keys.get(caller.name)
+        if expected is None:
+            return _deny(403, f"site {caller.name} is not in the centre's registry")
+        sent = _header(headers, FLEET_PUBLIC_KEY_HEADER)
+        try:
+            key = b64decode(sent[0], validate=True) if len(sent) == 1 else None
+        except (binascii.Error, ValueError):
+            key = None
+        if key != expected:
+            return _deny(403, f"site {caller.name} may act only as its own registered SuperNode")
+        return ALLOW
+    if caller.role == ROLE_OPERATOR and path in policy.control_routes:
+        return ALLOW
+    return _deny(403, f"{caller} may not call {path}")
+
+
+def authorize_runtime(client_host: str | None, path: str) -> Decision:
+    """The loopback runtime listener's rule: the Runtime API and health, from this machine only."""
+    if client_host not in ("127.0.0.1", "::1"):
+        return _deny(403, "the Runtime API is for the centre's own processes")
+    if path == HEALTH_PATH or path.startswith(RUNTIME_PREFIX):
+        return ALLOW
+    return _deny(404, f"{path} is not served on the runtime listener")
+
+
+# ---------------------------------------------------------------------------------------- ASGI glue
+
+def client_cert_pem(scope: Scope) -> str | None:
+    """The client's leaf certificate from the ASGI TLS extension, if any."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    return str(chain[0]) if chain else None
+
+
+class Authorize:
+    """ASGI middleware: ``decide(scope)`` for every HTTP request before the wrapped app sees it;
+    a refusal is answered here (JSON ``{"detail": reason}``) and logged with the caller."""
+
+    def __init__(self, app: ASGIApp, decide: Callable[[Scope], Decision], listener: str) -> None:
+        self.app, self.decide, self.listener = app, decide, listener
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # websockets: nothing in the SuperLink needs them
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        decision = self.decide(scope)
+        if decision.allowed:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client") or ("?", 0)
+        log.warning("%s listener refused %s %s from %s:%s: %s", self.listener, scope.get("method"),
+                    scope.get("path"), client[0], client[1], decision.reason)
+        body = json.dumps({"detail": decision.reason}).encode()
+        await send({"type": "http.response.start", "status": decision.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def federation_guard(app: ASGIApp, policy: Policy) -> Authorize:
+    def decide(scope: Scope) -> Decision:
+        pem = client_cert_pem(scope)
+        caller = caller_from_pem(pem) if pem else None
+        return authorize_federation(caller, str(scope.get("method", "")), str(scope.get("path", "")),
+                                    scope.get("headers") or [], policy)
+
+    return Authorize(app, decide, "federation")
+
+
+def runtime_guard(app: ASGIApp) -> Authorize:
+    def decide(scope: Scope) -> Decision:
+        client = scope.get("client")
+        return authorize_runtime(client[0] if client else None, str(scope.get("path", "")))
+
+    return Authorize(app, decide, "runtime")
+
+
+def _peer_certificate_protocol() -> type:
+    """uvicorn's httptools protocol that, once the TLS handshake is done, hands every request of
+    the connection the client's certificate in the ASGI TLS extension."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class PeerCertificateProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+            inner = self.app
+
+            async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
+                scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": chain, "server_cert": None}
+                await inner(scope, receive, send)
+
+            self.app = with_tls
+
+    return PeerCertificateProtocol
+
+
+# ---------------------------------------------------------------------------------------- Flower's gaps
+
+class ReplyNotBoundToNode(Exception):
+    """A Fleet push that is not one reply from the authenticated node to the SuperLink."""
+
+
+def check_pushed_reply(request: Any) -> None:
+    """A site may push only its own node's reply to a message the SuperLink sent it.
+
+    Flower 1.41's ``fleet_handlers.push_messages`` stores ``messages_list[0]`` as given: without a
+    ``reply_to_message_id`` it becomes a *new instruction* to any node of the run, and as a reply it
+    is credited to whatever ``src_node_id`` it names. Its NodeAuth checks only that
+    ``request.node`` is the caller's key. So: exactly one message, a reply, from ``request.node``,
+    to the SuperLink (node 1); anything else is refused before Flower stores it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    messages = list(request.messages_list)
+    if len(messages) != 1 or len(request.message_object_trees) != 1:
+        raise ReplyNotBoundToNode(f"a push carries exactly one message; got {len(messages)}")
+    meta = messages[0].metadata
+    if not meta.reply_to_message_id:
+        raise ReplyNotBoundToNode("a site may push only replies, not new instructions")
+    if meta.src_node_id != request.node.node_id or meta.dst_node_id != SUPERLINK_NODE_ID:
+        raise ReplyNotBoundToNode(f"node {request.node.node_id} may reply only as itself, to the SuperLink "
+                                  f"(got from {meta.src_node_id} to {meta.dst_node_id})")
+
+
+def bind_pushed_replies() -> None:
+    """Run `check_pushed_reply` before Flower's Fleet push handler (patch of flwr 1.41's
+    ``fleet_handlers.push_messages``, which its Fleet router looks up at call time)."""
+    from fastapi import HTTPException
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    original = fleet_handlers.push_messages
+    if getattr(original, "__medfed_bound__", False):
+        return
+    if list(inspect.signature(original).parameters) != ["request", "state"]:
+        raise RuntimeError("flwr's fleet_handlers.push_messages changed its signature: this flwr is not 1.41")
+
+    @functools.wraps(original)
+    def push_messages(request: Any, state: Any) -> Any:
+        try:
+            check_pushed_reply(request)
+        except ReplyNotBoundToNode as exc:
+            log.warning("refused a Fleet push from node %s: %s", request.node.node_id, exc)
+            raise HTTPException(status_code=403, detail=str(exc)) from None
+        return original(request=request, state=state)
+
+    push_messages.__medfed_bound__ = True  # type: ignore[attr-defined]
+    fleet_handlers.push_messages = push_messages
+
+
+def refuse_flower_backdoors(env: Mapping[str, str]) -> None:
+    """Flower 1.41 also starts unauthenticated legacy gRPC Control/Fleet servers when asked through
+    the environment; a gateway never runs beside them."""
+    from medfed.deploy.processes import FLOWER_BACKDOORS
+
+    set_ = [name for name in FLOWER_BACKDOORS if env.get(name)]
+    if set_:
+        raise SystemExit(f"refusing to start: {', '.join(set_)} would open Flower's unauthenticated gRPC APIs "
+                         "beside the gateway; unset it")
+
+
+# ---------------------------------------------------------------------------------------- the process
+
+def scrub_deleted_rows() -> None:
+    """SQLite ``secure_delete`` on every connection Flower opens (deleted rows are overwritten with
+    zeros) and a WAL file truncated after each checkpoint. Patches flwr 1.41's pragma list."""
+    from flwr.supercore import sql_mixin
+
+    pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS", None)
+    if not isinstance(pragmas, tuple):
+        raise RuntimeError("flwr.supercore.sql_mixin.SQLITE_PRAGMAS is gone: this flwr is not 1.41")
+    extra = (("secure_delete", "ON"), ("journal_size_limit", "0"))
+    sql_mixin.SQLITE_PRAGMAS = tuple(p for p in pragmas if p[0] not in dict(extra)) + extra
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What `serve` needs; every path absolute."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    registry_dir: Path
+    host: str
+    port: int
+    runtime_port: int
+    database: Path
+    superexec_secret: Path
+
+
+def superlink_app(settings: GatewaySettings) -> Any:
+    """Flower's SuperLink FastAPI app: process isolation with the SuperExec secret, SuperNode
+    authentication on, TLS material as ``flower-superlink`` would load it, runtime installs off."""
+    from flwr.common.constant import ISOLATION_MODE_PROCESS, TRANSPORT_TYPE_GRPC_RERE
+    from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+    from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
+    from flwr.superlink.main import create_app
+
+    certificates = (settings.ca_cert.read_bytes(), settings.server_cert.read_bytes(), settings.server_key.read_bytes())
+    config = SuperLinkLifespanConfig(
+        control_address="127.0.0.1:0", health_server_address=None, host="127.0.0.1", port=settings.runtime_port,
+        insecure=False, certificates=certificates,
+        superexec_auth_secret=load_superexec_auth_secret(str(settings.superexec_secret)),
+        authn_plugin=load_control_authn_plugin(), event_log_plugin=None, fleet_event_log_plugin=None,
+        enable_event_log=False, artifact_provider=None, enable_supernode_auth=True,
+        fleet_api_type=TRANSPORT_TYPE_GRPC_RERE, fleet_api_address=None, simulation=False,
+        ssl_ca_certfile=str(settings.ca_cert), ssl_certfile=str(settings.server_cert),
+        ssl_keyfile=str(settings.server_key), database=str(settings.database), isolation=ISOLATION_MODE_PROCESS,
+        runtime_dependency_install=False)
+    return create_app(config, SuperLinkLifespan)
+
+
+def _servers(settings: GatewaySettings, app: Any) -> tuple[Any, Any]:
+    import uvicorn
+
+    policy = Policy.for_app(settings.registry_dir, app)
+    federation = uvicorn.Config(
+        federation_guard(app, policy), host=settings.host, port=settings.port, http=_peer_certificate_protocol(),
+        ssl_certfile=str(settings.server_cert), ssl_keyfile=str(settings.server_key),
+        ssl_ca_certs=str(settings.ca_cert), ssl_cert_reqs=ssl.CERT_REQUIRED, lifespan="on",
+        log_level="info", access_log=False, timeout_graceful_shutdown=5)
+    runtime = uvicorn.Config(runtime_guard(app), host="127.0.0.1", port=settings.runtime_port, http="httptools",
+                             lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    return uvicorn.Server(federation), uvicorn.Server(runtime)
+
+
+async def _serve_both(federation: Any, runtime: Any) -> None:
+    """Both listeners in one event loop; the federation server owns the app's lifespan and the
+    signal handling, and the runtime listener stops with it."""
+    runtime_task = asyncio.create_task(runtime.serve())
+    while not runtime.started:
+        if runtime_task.done():
+            runtime_task.result()  # raises the bind error
+            raise SystemExit("the runtime listener stopped before it started")
+        await asyncio.sleep(0.05)
+    try:
+        await federation.serve()
+    finally:
+        runtime.should_exit = True
+        await runtime_task
+    if not federation.started:
+        raise SystemExit(f"the federation listener could not start on {federation.config.host}:{federation.config.port}")
+
+
+def serve(settings: GatewaySettings) -> None:
+    refuse_flower_backdoors(os.environ)
+    os.umask(0o077)
+    scrub_deleted_rows()
+    bind_pushed_replies()
+    federation, runtime = _servers(settings, superlink_app(settings))
+    asyncio.run(_serve_both(federation, runtime))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m medfed.deploy.gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--ca-cert", required=True)
+    parser.add_argument("--server-cert", required=True)
+    parser.add_argument("--server-key", required=True)
+    parser.add_argument("--registry", required=True, help="folder of the sites' SuperNode public keys (<site>.pub)")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--runtime-port", type=int, required=True)
+    parser.add_argument("--database", required=True)
+    parser.add_argument("--superexec-secret", required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(GatewaySettings(
+        ca_cert=Path(args.ca_cert).resolve(), server_cert=Path(args.server_cert).resolve(),
+        server_key=Path(args.server_key).resolve(), registry_dir=Path(args.registry).resolve(), host=args.host,
+        port=args.port, runtime_port=args.runtime_port, database=Path(args.database).resolve(),
+        superexec_secret=Path(args.superexec_secret).resolve()))
+
+
+if __name__ == "__main__":
+    main()
