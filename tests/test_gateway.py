@@ -288,3 +288,39 @@ def test_a_rogue_node_key_cannot_be_registered_by_a_site(kits: Path, gateway: tu
                         ControlConnection(home, (kits / "server/operator.crt", kits / "server/operator.key")))
     assert operator.returncode == 0, operator.stdout + operator.stderr
     assert "h9" not in operator.stdout
+
+
+def _deleted_blob_left_on_disk(path: Path) -> bool:
+    """Write a distinctive blob through a connection set up as Flower sets up its SQLite connections,
+    delete it, checkpoint; whether its bytes are still in the database files."""
+    import sqlite3
+
+    from flwr.supercore import sql_mixin
+
+    blob = os.urandom(16) * 256  # 4 KiB, a page's worth: never found by chance
+    conn = sqlite3.connect(path, isolation_level=None)
+    sql_mixin._set_sqlite_pragmas(conn, None)  # noqa: SLF001 -- the hook Flower's engines run on connect
+    conn.execute("CREATE TABLE objects (id INTEGER PRIMARY KEY, content BLOB)")
+    conn.execute("CREATE TABLE keep (id INTEGER PRIMARY KEY, content BLOB)")
+    conn.execute("INSERT INTO keep (content) VALUES (?)", (b"x" * 9000,))
+    conn.execute("INSERT INTO objects (content) VALUES (?)", (blob,))
+    conn.execute("DELETE FROM objects")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return any(blob[:64] in p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+
+def test_the_superlink_database_overwrites_what_flower_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower deletes a run's messages and model objects when the run ends. Whether their bytes then stay in
+    the file's free pages depends on how SQLite was built (Debian's defaults to secure_delete on, others
+    off); the gateway turns it on explicitly."""
+    from flwr.supercore import sql_mixin
+
+    from medfed.deploy.gateway import scrub_deleted_rows
+
+    flowers = sql_mixin.SQLITE_PRAGMAS
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", (*flowers, ("secure_delete", "OFF")))  # a build that is off
+    assert _deleted_blob_left_on_disk(tmp_path / "flower.db")  # the problem there
+    scrub_deleted_rows()
+    assert ("secure_delete", "ON") in sql_mixin.SQLITE_PRAGMAS
+    assert not _deleted_blob_left_on_disk(tmp_path / "gateway.db")
