@@ -151,24 +151,37 @@ def make_ca(days: int, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x5
     return key, cert
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: list[str], days: int,
-                     now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The SuperLink's TLS server certificate for ``sans`` (DNS names / IPs), signed by the CA."""
+def _leaf_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, subject: x509.Name, days: int,
+               now: dt.datetime, usage: x509.ObjectIdentifier, *, key_encipherment: bool,
+               sans: list[str] | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new EC P-384 key and its certificate for ``subject``, signed by the CA, valid ``days``, for one
+    extended key usage (server or client authentication) only."""
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(sans[0])).issuer_name(ca_cert.subject)
+    builder = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    if sans is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False)
+    cert = (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=key_encipherment, data_encipherment=False, key_agreement=True,
+                                     key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     return key, cert
+
+
+def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: list[str], days: int,
+                     now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS server certificate for ``sans`` (DNS names / IPs), signed by the CA."""
+    return _leaf_cert(ca_key, ca_cert, _name(sans[0]), days, now, ExtendedKeyUsageOID.SERVER_AUTH,
+                      key_encipherment=True, sans=sans)
 
 
 def make_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, role: str, name: str,
@@ -177,20 +190,8 @@ def make_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     operator) and CN ``name``, extended key usage clientAuth only (it cannot serve as a server's)."""
     if role not in (ROLE_SITE, ROLE_OPERATOR):
         raise ConfigError(f"client certificate role must be {ROLE_SITE} or {ROLE_OPERATOR}; got {role!r}")
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(name, role)).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
+    return _leaf_cert(ca_key, ca_cert, _name(name, role), days, now, ExtendedKeyUsageOID.CLIENT_AUTH,
+                      key_encipherment=False)
 
 
 def make_supernode_auth_key() -> tuple[bytes, bytes]:
