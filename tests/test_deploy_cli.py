@@ -174,3 +174,25 @@ def test_certificates_near_expiry_warn_and_expired_ones_are_refused(kits: Path) 
     assert len(warnings) == 1 and "expires on" in warnings[0] and "10 days left" in warnings[0]
     with pytest.raises(ConfigError, match="expired on"):
         check_certificates([cert], warnings.append, now=ends + dt.timedelta(seconds=1))
+
+
+def test_export_app_writes_the_release_fab_that_a_site_then_approves(kits: Path, tmp_path: Path) -> None:
+    """The centre hands hospitals the exact bundle `medfed run` submits; a site approves that file."""
+    import json as _json
+
+    from medfed.deploy.approval import approvals_file, load_approvals, release_app_hash
+
+    fab = tmp_path / "medfed.fab"
+    result = runner.invoke(app, ["export-app", "--out", str(fab)])
+    assert result.exit_code == 0 and f"sha256:{release_app_hash()}" in said(result)
+    again = runner.invoke(app, ["export-app", "--out", str(fab)])
+    assert again.exit_code == 2 and "already exists" in said(again)
+    site = tmp_path / "h1"
+    import shutil
+
+    shutil.copytree(kits / "h1", site)
+    approvals_file(site).unlink()  # a site that has approved nothing yet
+    approved = runner.invoke(app, ["site", "approve", "--kit", str(site), "--fab", str(fab), "--yes", "--by", "it"])
+    assert approved.exit_code == 0, approved.output
+    assert [a.sha256 for a in load_approvals(approvals_file(site))] == [release_app_hash()]
+    assert _json.loads(approvals_file(site).read_text())  # recorded on disk

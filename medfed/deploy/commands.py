@@ -208,8 +208,31 @@ def split_sites(
         console.print(f"{site}: {path}", highlight=False)
 
 
+def export_app(
+    out: str = typer.Option("medfed.fab", "--out", help="File that receives the app bundle."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+) -> None:
+    """Write the app bundle (FAB) that `medfed run` of this installed medfed submits, and print its sha256:
+    hand it to the hospitals, who approve it with `medfed site approve --fab FILE` before the first run."""
+    from medfed.deploy.approval import describe_fab, release_app_fab
+    from medfed.files import replace_durably
+
+    target = Path(out).expanduser()
+    try:
+        if target.exists() and not force:
+            raise ConfigError(f"{target} already exists (pass --force to replace it)")
+        fab = release_app_fab()
+        replace_durably(target, lambda tmp: tmp.write_bytes(fab))
+    except MedfedError as exc:
+        _fail(exc)
+    description = describe_fab(fab)
+    console.print(f"wrote {target}: app sha256:{description.sha256} (medfed {description.medfed_version}, "
+                  f"{len(description.files)} files)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("provision")(provision)
+    app.command("export-app")(export_app)
     app.command("split-sites")(split_sites)
     app.command("server")(server)
     app.add_typer(site_group(site), name="site")
