@@ -31,6 +31,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM as CLIPPING_NORM_KEY
 
 from medfed.client.algo import SiteAlgo
+from medfed.client.redaction import redacted_errors_mod
 from medfed.client.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 from medfed.config import RunConfig
 from medfed.constants import (
@@ -48,7 +49,6 @@ from medfed.data.medmnist import MedMNISTData, load_medmnist
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
 from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
-from medfed.client.redaction import redacted_errors_mod
 from medfed.packing import packed_transport_mod
 from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy

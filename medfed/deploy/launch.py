@@ -315,15 +315,16 @@ def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path |
     node_config = site_node_config(kit, data)
     work = (workdir or kit / "state").resolve()
     client_env: dict[str, str] = {}
+    client_cert: tuple[Path, Path] | None = None
     if insecure:
         say(f"WARNING {INSECURE_WARNING}")
         root, key = None, None
     else:
         root, key = _need(kit / CA_CERT, "site kit file"), _need(kit / AUTH_KEY, "site kit file")
-        cert, cert_key = _need(kit / SITE_CERT, "site kit file"), _need(kit / SITE_KEY, "site kit file")
-        check_certificates([root, cert], say)
-        client_env = client_certificate_env(cert, cert_key)
-    say(probe_superlink(host, port, ca_file=root, client_cert=None if insecure else (kit / SITE_CERT, kit / SITE_KEY)))
+        client_cert = (_need(kit / SITE_CERT, "site kit file"), _need(kit / SITE_KEY, "site kit file"))
+        check_certificates([root, client_cert[0]], say)
+        client_env = client_certificate_env(*client_cert)
+    say(probe_superlink(host, port, ca_file=root, client_cert=client_cert))
     runtime_port = proc.free_port()
     approvals = load_approvals(approvals_file(kit))  # the app gate's allow-list: a clear error before anything starts
     secret = proc.write_superexec_secret(work / "superexec.secret")
