@@ -18,11 +18,11 @@ import torch
 from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandFlip, RandGaussianNoise, RandGaussianSmooth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
-from medfed.data.transforms import AugmentSpec, augment  # noqa: E402
-from medfed.models.encoders import CNNEncoder, InputSpec  # noqa: E402
-from medfed.selfsup.methods import SimCLR, SSLSettings  # noqa: E402
+from medfed.data.transforms import AugmentSpec, augment
+from medfed.models.encoders import CNNEncoder, InputSpec
+from medfed.selfsup.methods import SimCLR, SSLSettings
 
 
 def per_view_ms(fn, repeats: int) -> float:

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
-from medfed.resources import ResourceMonitor  # noqa: E402
+from medfed.resources import ResourceMonitor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 LIMIT_S = 600

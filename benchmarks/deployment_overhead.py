@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section
 
+from medfed.data.site_files import write_site_files
 from medfed.deploy.processes import CONNECTION, ControlConnection, flwr_cli, free_port, stop_tree
 from medfed.deploy.provision import ProvisionPlan, provision
-from medfed.server.recorder import Recorder
-from medfed.simulations.site_files import write_site_files
+from medfed.experiment.recorder import Recorder
 
 MEDFED = [sys.executable, "-m", "medfed.cli"]
 SITES = ["h1", "h2", "h3"]
@@ -40,7 +40,7 @@ SITES = ["h1", "h2", "h3"]
 FRONTS = ("gateway", "direct")
 
 
-def start_direct_superlink(kits: Path, port: int, work: Path, spawn_raw) -> None:  # noqa: ANN001
+def start_direct_superlink(kits: Path, port: int, work: Path, spawn_raw) -> None:
     """What `medfed server` ran before the gateway: Flower's own SuperLink on the federation port with TLS and
     SuperNode authentication (no client certificates, Flower's subprocess isolation), sites registered with the
     flwr CLI. Only for measuring what the gateway costs; never a deployment."""

@@ -26,18 +26,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
-from medfed.config import RunConfig  # noqa: E402
-from medfed.client.algo import new_classifier  # noqa: E402
-from medfed.constants import TaskType  # noqa: E402
-from medfed.models.encoders import InputSpec  # noqa: E402
+from medfed.config import run_config
+from medfed.constants import TaskType
+from medfed.models.encoders import InputSpec
+from medfed.task.algo import new_classifier
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 def build(finetune_mode: str, device: str) -> nn.Module:
-    cfg = RunConfig(pretrain="none", finetune_mode=finetune_mode, encoder="cnn")
+    cfg = run_config(pretrain="none", finetune_mode=finetune_mode, encoder="cnn")
     return new_classifier(cfg, InputSpec(1, (28, 28)), TaskType.BINARY, 2, None).to(device)
 
 

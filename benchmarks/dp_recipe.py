@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section
 
-from medfed.config import RunConfig
-from medfed.server.recorder import Recorder
-from medfed.simulations.runner import run_experiment
+from medfed.config import run_config
+from medfed.experiment.recorder import Recorder
+from medfed.simulations.launcher import simulate as run_experiment
 
 
 def federated_val_auc(rows: list[dict], rnd: int) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     encoder = Path(args.encoder).resolve()
-    base = RunConfig(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(encoder), dp="finetune",
+    base = run_config(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(encoder), dp="finetune",
                      dp_epsilon=args.epsilon, dp_delta=1e-5)
     grid = list(itertools.product(args.modes.split(","), [float(x) for x in args.lrs.split(",")],
                                   [int(x) for x in args.batches.split(",")], [int(x) for x in args.rounds.split(",")],

@@ -25,11 +25,11 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
-from medfed.config import DP_FINETUNE_RECIPE, FINETUNE_RECIPE, RunConfig  # noqa: E402
-from medfed.server.recorder import Recorder  # noqa: E402
-from medfed.simulations.runner import run_experiment  # noqa: E402
+from medfed.config import DP_FINETUNE_RECIPE, FINETUNE_RECIPE, RunConfig, run_config
+from medfed.experiment.recorder import Recorder
+from medfed.simulations.launcher import simulate as run_experiment
 
 EPSILONS = (1.0, 3.0, 8.0)
 MODES = ("full", "lora")
@@ -46,10 +46,10 @@ def run(cfg: RunConfig) -> tuple[Path, dict]:
     return run_dir, {
         "auc": arm["test"]["auc"],
         "accuracy": arm["test"]["accuracy"],
-        # at the threshold calibrated on the sites' pooled validation histograms (medfed.calibration)
+        # at the threshold calibrated on the sites' pooled validation histograms (medfed.task.calibration)
         "threshold": arm["test"].get("threshold", float("nan")),
         "calibrated": tuple(arm["test"].get(f"calibrated-{k}", float("nan")) for k in ("accuracy", "sensitivity", "specificity")),
-        "epsilon": max((r.get("epsilon", 0.0) for r in fine), default=0.0) if cfg.dp != "none" else float("inf"),
+        "epsilon": max((r.get("epsilon", 0.0) for r in fine), default=0.0) if cfg.privacy.scope != "none" else float("inf"),
         "sigma": [r["noise-multiplier"] for r in fine if "noise-multiplier" in r],
         "refused": sum(1 for r in rows if r.get("refused")),
         "bytes_finetune": max((r["bytes-sent"] for r in fine), default=0),
@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     rounds = dict(pretrain_rounds=2, finetune_rounds=3) if args.quick else {}
-    base = RunConfig(baselines="none", out_dir=str(out), seed=args.seed, **rounds)  # type: ignore[arg-type]
+    base = run_config(baselines="none", out_dir=str(out), seed=args.seed, **rounds)  # type: ignore[arg-type]
     if args.encoder:
         encoder = Path(args.encoder).resolve()
         pre_dir = encoder.parents[2]
@@ -109,14 +109,14 @@ def main() -> None:
     lines = [
         f"## Utility under DP (PneumoniaMNIST, 5 sites, 10 % labels, delta 1e-5)\n\nCommand: `{command}` "
         f"(one run, {os.cpu_count()} CPU cores). Encoder: federated SimCLR pretraining without DP "
-        f"({base.pretrain_rounds} rounds; uncovered exposure, listed by `medfed audit`), then "
+        f"({base.ssl.rounds} rounds; uncovered exposure, listed by `medfed audit`), then "
         "federated fine-tuning with DP-SGD at every site (noise planned from the budget, RDP accountant, "
         "clipping 1, Poisson sampling) with the DP recipe of each mode, chosen on validation data (`dp_recipe`: "
         + "; ".join(f"{m} lr {r.lr:g}, batch {r.batch_size}, {r.rounds} rounds" for m, r in DP_FINETUNE_RECIPE.items()
                     if m in modes)
         + f"; without DP: lr {FINETUNE_RECIPE.lr:g}, batch {FINETUNE_RECIPE.batch_size}, {FINETUNE_RECIPE.rounds} rounds). "
         "Target: AUC >= 0.93 at epsilon 8. The decision threshold is calibrated each round on the sites' pooled "
-        "validation score histograms (Youden's J; `medfed.calibration`), never on test.",
+        "validation score histograms (Youden's J; `medfed.task.calibration`), never on test.",
         "",
         "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC"
         + (f" (mean +- sd over {args.repeats} runs)" if args.repeats > 1 else "")

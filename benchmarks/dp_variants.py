@@ -18,7 +18,6 @@ A variant is ``name:key=value,key=value`` with RunConfig field names (``encoder_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -30,26 +29,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
-from medfed.client.algo import evaluate, new_classifier  # noqa: E402
-from medfed.config import RunConfig  # noqa: E402
-from medfed.data.medmnist import load_medmnist, resolve_data_path  # noqa: E402
-from medfed.data.transforms import scale_intensity  # noqa: E402
-from medfed.models.encoders import InputSpec  # noqa: E402
-from medfed.simulations.runner import run_experiment  # noqa: E402
+from medfed.config import RunConfig, run_config
+from medfed.data.medmnist import load_medmnist, resolve_data_path
+from medfed.data.transforms import scale_intensity
+from medfed.models.encoders import InputSpec
+from medfed.simulations.launcher import simulate as run_experiment
+from medfed.task.algo import evaluate, new_classifier
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
     """``name:key=value,...`` -> (name, changes), values typed like the RunConfig field."""
     name, _, body = text.partition(":")
-    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    types = {key.replace("-", "_"): s.type for key, (_, s) in RunConfig.settings().items()}
     changes: dict[str, object] = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"variant {name!r}: {key!r} is not a RunConfig setting")
-        kind = {"int": int, "float": float, "bool": lambda v: v.lower() == "true"}.get(str(types[key]), str)
+        kind = {int: int, float: float, bool: lambda v: v.lower() == "true"}.get(types[key], str)
         changes[key] = kind(value)  # type: ignore[operator]
     return name, changes
 
@@ -65,9 +64,9 @@ def main() -> None:
     parser.add_argument("--section", default="dp_variants", help="the docs/RESULTS.md section to write")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    base = RunConfig(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(Path(args.encoder).resolve()),
+    base = run_config(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(Path(args.encoder).resolve()),
                      dp="finetune", dp_epsilon=args.epsilon, dp_delta=1e-5)
-    data = load_medmnist(resolve_data_path(base.data, download=False), download=False)
+    data = load_medmnist(resolve_data_path(base.dataset.source, download=False), download=False)
     splits = {name: (scale_intensity(data.split(name).images, data.intensity_range), torch.as_tensor(data.split(name).labels))
               for name in ("val", "test")}
     spec = InputSpec(data.channels, data.spatial_shape)

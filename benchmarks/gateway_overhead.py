@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deployment_overhead import SITES, run_federation
 from results_md import write_section
 
-from medfed.simulations.site_files import write_site_files
+from medfed.data.site_files import write_site_files
 
 
 def round_figures(rows: list[dict]) -> list[tuple[str, int, float, float]]:

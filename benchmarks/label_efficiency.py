@@ -30,10 +30,11 @@ import torch
 
 from medfed.config import RunConfig
 from medfed.constants import NO_PRETRAIN, Mode
-from medfed.simulations.runner import Arm, run_experiment
+from medfed.experiment.arms import Arm
+from medfed.simulations.launcher import simulate as run_experiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section  # noqa: E402
+from results_md import write_section
 
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
 
@@ -84,7 +85,7 @@ def main() -> None:
         first_split: list[list[int]] | None = None
         for fraction in args.fractions:
             cfg = base.replace(label_fraction=fraction, seed=seed, run_name=f"frac{fraction}-seed{seed}")
-            chosen = arms(cfg.pretrain)
+            chosen = arms(cfg.ssl.method)
             print(f"[label_efficiency] fraction {fraction} seed {seed}", flush=True)
             if not first:
                 runs = [(run_experiment(cfg, arms=[a for _, a in chosen]), chosen)]
@@ -93,12 +94,12 @@ def main() -> None:
                         first[label] = runs[0][0] / "arms" / arm.name / "pretrained_encoder.safetensors"
             else:
                 # Same seed -> same partition -> the same pretraining: reuse it, fine-tune at this fraction.
-                runs = [(run_experiment(cfg.replace(run_name=f"{cfg.run_name}-supervised"),
+                runs = [(run_experiment(cfg.replace(run_name=f"{cfg.output.run_name}-supervised"),
                                         arms=[a for _, a in chosen if a.pretrain == NO_PRETRAIN]),
                          [c for c in chosen if c[1].pretrain == NO_PRETRAIN])]
                 for label, arm in chosen:
                     if arm.pretrain != NO_PRETRAIN:
-                        reuse = cfg.replace(encoder_init=str(first[label]), run_name=f"{cfg.run_name}-{arm.mode}")
+                        reuse = cfg.replace(encoder_init=str(first[label]), run_name=f"{cfg.output.run_name}-{arm.mode}")
                         runs.append((run_experiment(reuse, arms=[arm]), [(label, arm)]))
             for run_dir, labelled_arms in runs:
                 split = [s["train"] for s in json.loads((run_dir / "split.json").read_text())["sites"]]
@@ -120,10 +121,10 @@ def main() -> None:
         f"Command: `{command}`",
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, total {(time.time() - started) / 60:.1f} min. Settings: "
-        f"{base.num_sites} sites, {base.partition} alpha {base.alpha}, pretrain {base.pretrain} "
-        f"{base.pretrain_rounds} rounds x {base.pretrain_epochs} epochs (batch {base.pretrain_batch_size}), "
-        f"fine-tune {base.finetune_mode} {base.finetune_rounds} rounds x {base.finetune_epochs} epochs, "
-        f"width {base.width}, seeds {args.seeds}.",
+        f"{base.dataset.num_sites} sites, {base.dataset.partition} alpha {base.dataset.alpha}, pretrain {base.ssl.method} "
+        f"{base.ssl.rounds} rounds x {base.ssl.epochs} epochs (batch {base.ssl.batch_size}), "
+        f"fine-tune {base.finetune.mode} {base.finetune.rounds} rounds x {base.finetune.epochs} epochs, "
+        f"width {base.model.width}, seeds {args.seeds}.",
         "Test metrics on the official test split (624 images), mean ± standard deviation over seeds.",
         f"Pretraining depends on the seed only (the partition is drawn before the labelled subsets), so the SSL "
         f"arms at {', '.join(f'{f:.0%}' for f in args.fractions[1:])} labels fine-tune the encoders pretrained in the "

@@ -24,16 +24,16 @@ from safetensors.numpy import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section
 
-from medfed.config import RunConfig
-from medfed.server.recorder import Recorder
-from medfed.simulations import runner
+from medfed.config import RunConfig, run_config
+from medfed.experiment.recorder import Recorder
+from medfed.simulations import launcher
 
 ARM = "federated-simclr"
 
 
 def run(cfg: RunConfig) -> tuple[Path, float]:
     start = time.perf_counter()
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     return run_dir, time.perf_counter() - start
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="secagg-bench-"))
-    base = RunConfig(data=args.data, num_sites=args.sites, partition="iid", pretrain="simclr",
+    base = run_config(data=args.data, num_sites=args.sites, partition="iid", pretrain="simclr",
                      pretrain_rounds=args.pretrain_rounds, pretrain_batch_size=64, finetune_rounds=args.finetune_rounds,
                      width=8, baselines="none", label_fraction=0.3, out_dir=str(out), client_cpus=1)
     plain_dir, plain_wall = run(base.replace(run_name="plain"))

@@ -27,7 +27,7 @@ def import_monai() -> None:
     blocker = _BlockTransformers()
     sys.meta_path.insert(0, blocker)
     try:
-        import monai  # noqa: F401
+        import monai  # noqa: F401  (imported for its side effect: MONAI loaded with transformers blocked)
     finally:
         sys.meta_path.remove(blocker)
 

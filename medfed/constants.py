@@ -115,12 +115,35 @@ class EncoderKind(StrEnum):
     VIT = "vit"
 
 
+class SSLMethodName(StrEnum):
+    """Self-supervised methods `--pretrain` accepts (joined with '+'); `medfed.selfsup.registry` builds them."""
+
+    BYOL = "byol"
+    MAE = "mae"
+    RESTORE = "restore"
+    SIMCLR = "simclr"
+
+
 class TaskType(StrEnum):
     """Label layout of a MedMNIST-style file (MedMNIST's own names, ordinal treated as multi-class)."""
 
     BINARY = "binary-class"
     MULTICLASS = "multi-class"
     MULTILABEL = "multi-label"
+
+
+class FinetuneLoss(StrEnum):
+    """The fine-tuning loss."""
+
+    CE = "ce"  # cross-entropy (binary cross-entropy for multi-label tasks)
+    LOGIT_ADJUSTED = "logit-adjusted"  # plus the log of the site's label prior (Menon et al., ICLR 2021)
+
+
+class SiteData(StrEnum):
+    """Where the sites' data come from."""
+
+    PARTITION = "partition"  # the centre cuts --data into the simulated sites' shares
+    OWN = "own"  # each site reads its own file (a deployment's node config data-path)
 
 
 class Baselines(StrEnum):
@@ -139,6 +162,18 @@ class RecordKey(StrEnum):
     METRICS = "metrics"
     SITE_LOCAL = "site-local"  # heads, predictors, decoders, momentum targets: never sent
     REFUSAL = "refusal"  # ConfigRecord of a site that refuses a round (its privacy budget)
+
+
+class MessageKey(StrEnum):
+    """Keys the server adds to the run settings in every message's ConfigRecord."""
+
+    PHASE = "phase"
+    RUN_DIR = "run-dir"  # simulation: the run directory holding the partition (split.json)
+    DATA_FILE = "data-file"  # simulation: the file the partition was cut from
+    ROUND = "server-round"  # set by Flower's strategies
+    RUN_ID = "run-id"  # names the run in the sites' ledgers
+    LEDGER_DIR = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
+    CLIPPING_NORM = "clipping_norm"  # Flower's client-side DP wrapper (`flwr.supercore.differential_privacy`)
 
 
 class MetricKey(StrEnum):

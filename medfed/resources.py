@@ -46,7 +46,7 @@ class ResourceMonitor:
             self.peak_bytes = max(self.peak_bytes, tree_rss(pid))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "ResourceMonitor":
+    def __enter__(self) -> ResourceMonitor:
         self._start = time.perf_counter()
         self._thread.start()
         return self

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from medfed.client.algo import SiteAlgo, derive_seed, new_classifier, new_encoder
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
 from medfed.constants import TaskType
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import SiteData, site_from_own_file
 from medfed.exceptions import ConfigError
+from medfed.task.algo import SiteAlgo, derive_seed, new_classifier, new_encoder
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def breast_site(shared_data: Path) -> SiteData:
 
 
 def cfg(**changes: object) -> RunConfig:
-    return RunConfig(data="breastmnist", width=8, pretrain_batch_size=64, finetune_batch_size=16, pretrain_epochs=1, finetune_epochs=1, **changes)
+    return run_config(data="breastmnist", width=8, pretrain_batch_size=64, finetune_batch_size=16, pretrain_epochs=1, finetune_epochs=1, **changes)
 
 
 def test_seeds_are_stable_across_processes() -> None:

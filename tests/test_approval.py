@@ -35,6 +35,7 @@ from medfed.deploy.approval import (
 )
 from medfed.deploy.clientapp_gate import GateSettings
 from medfed.exceptions import AppNotApproved, ConfigError, FederationError, RunLogError
+from medfed.flower_patches import clientapp_seam
 
 runner = CliRunner()
 PYPROJECT = ('[project]\nname = "tinyapp"\nversion = "1.2.3"\n\n[tool.flwr.app]\npublisher = "test"\n\n'
@@ -165,7 +166,7 @@ def _fab_that_flwr_run_submits(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     sent = []
 
     class Control:
-        def StartRun(self, request):  # noqa: N802 -- Flower's name
+        def StartRun(self, request):
             sent.append(request)
             raise RuntimeError("captured")
 
@@ -175,7 +176,7 @@ def _fab_that_flwr_run_submits(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(flwr_run, "read_superlink_connection",
                         lambda name: SimpleNamespace(federation=None, options=None))
     monkeypatch.setattr(flwr_run, "init_http_client_from_connection", lambda conn: Control())
-    with pytest.raises(Exception):  # noqa: B017 -- the fake refuses the run after capturing it
+    with pytest.raises(Exception):
         flwr_run.run(app=str(app_dir), superlink="medfed", federation=None, run_config_overrides=None,
                      federation_config_overrides=None, stream=False, output_format="default")
     [request] = sent
@@ -199,7 +200,7 @@ def test_the_release_fab_is_the_one_medfed_run_submits(tmp_path: Path, monkeypat
 
     assert described.project == "medfed" and described.medfed_version == medfed.__version__
     paths = {f.path for f in described.files}
-    assert {"pyproject.toml", "medfed/deploy/approval.py", "medfed/client/app.py"} <= paths
+    assert {"pyproject.toml", "medfed/deploy/approval.py", "medfed/client_app.py"} <= paths
     assert not any("__pycache__" in p for p in paths)
 
 
@@ -359,11 +360,11 @@ def test_the_gate_refuses_to_run_on_a_flower_without_its_seam(monkeypatch) -> No
 
     monkeypatch.setattr(rc, "run_clientapp", lambda *a, **k: None)  # no longer calls install_from_fab
     with pytest.raises(FederationError, match="no longer calls pull_task_input"):
-        clientapp_gate.target_module()
+        clientapp_seam.target_module()
     monkeypatch.undo()
     monkeypatch.delattr(rc, "install_from_fab")
     with pytest.raises(FederationError, match="no longer calls install_from_fab"):
-        clientapp_gate.target_module()
+        clientapp_seam.target_module()
 
 
 def test_gate_settings_come_from_the_environment_or_the_gate_refuses() -> None:

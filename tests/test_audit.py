@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app as cli_app
-from medfed.config import RunConfig
+from medfed.config import run_config
 from medfed.constants import Phase
 from medfed.exceptions import LedgerError
 from medfed.privacy.audit import run_audit, write_audit
@@ -23,7 +23,7 @@ ROUNDS = [(0.2, 10), (0.2, 10), (0.25, 8), (0.2, 10)]
 
 def build_ledgers(folder: Path, accountant: str = "rdp", sites: int = 2) -> list[Path]:
     """Each site: one uncovered pretraining release, then DP rounds with planned noise."""
-    cfg = RunConfig(pretrain="none", dp="finetune", dp_epsilon=3.0, dp_delta=1e-5, dp_accountant=accountant)
+    cfg = run_config(pretrain="none", dp="finetune", dp_epsilon=3.0, dp_delta=1e-5, dp_accountant=accountant)
     for site in range(sites):
         guard = PrivacyGuard(SitePrivacy.resolve(cfg, str(site), {}, folder), "run-A/federated-none")
         guard.record_uncovered(Phase.PRETRAIN, 1)
@@ -112,7 +112,7 @@ def test_the_server_view_catches_a_row_missing_from_a_ledger(clean: Path, tmp_pa
     ledgers = run_dir / "ledgers"
     ledgers.mkdir(parents=True)
     shutil.copytree(clean, ledgers / "federated-none")
-    (run_dir / "config.json").write_text(json.dumps(RunConfig(pretrain="none", dp="finetune", dp_epsilon=3.0).to_flat()))
+    (run_dir / "config.json").write_text(json.dumps(run_config(pretrain="none", dp="finetune", dp_epsilon=3.0).to_flat()))
     (run_dir / "summary.json").write_text(json.dumps({"run_id": "run-A"}))
     report = run_audit([ledgers / "federated-none"])
     rows = [{"arm": "federated-none", "phase": "finetune", "round": c.seq - 1, "site": int(s.site), "split": "train",

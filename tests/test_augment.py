@@ -8,7 +8,6 @@ import torch
 
 from medfed.data.transforms import AugmentSpec, augment, gaussian_blur, mask_patches, random_affine, scale_intensity
 
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medfed.calibration import (
+from medfed.task.calibration import (
     BIN_WIDTH,
     EDGES,
     HIST_NEGATIVE,

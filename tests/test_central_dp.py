@@ -16,8 +16,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
 )
 
-from medfed.client.app import clip_for_central_dp
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
 from medfed.constants import CentralDP, Phase
 from medfed.exceptions import ConfigError, FederationError
 from medfed.privacy.audit import run_audit
@@ -34,6 +33,7 @@ from medfed.privacy.independent import independent_epsilon
 from medfed.privacy.ledger import verify_ledger
 from medfed.strategies.central_dp import wrap_central_dp
 from medfed.strategies.shared_weights import make_strategy
+from medfed.task.site_round import clip_for_central_dp
 
 REF = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -193,7 +193,7 @@ def test_client_clip_sends_flowers_clipping_norm_and_rejects_an_unclipped_update
 
 
 def test_the_site_clips_its_update_to_the_norm_it_is_sent() -> None:
-    cfg = RunConfig(central_dp="client-clip", central_dp_clipping_norm=1.0)
+    cfg = run_config(central_dp="client-clip", central_dp_clipping_norm=1.0)
     incoming = {"w": torch.zeros(4), "frozen": torch.ones(2)}
     shared = {"w": torch.full((4,), 3.0)}  # norm 6
     clipped = clip_for_central_dp(cfg, {"clipping_norm": 1.0}, shared, incoming)
@@ -225,10 +225,10 @@ REFUSED = {
 @pytest.mark.parametrize("changes,message", REFUSED.values(), ids=REFUSED.keys())
 def test_combinations_that_cannot_work_are_refused_naming_the_rule(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        RunConfig(**changes)
+        run_config(**changes)
 
 
 def test_the_combinations_that_work_are_accepted() -> None:
-    RunConfig(secure_aggregation="secagg+", central_dp="client-clip")
-    RunConfig(secure_aggregation="secagg+", dp="finetune")
-    RunConfig(central_dp="server-clip", strategy="fedprox", proximal_mu=0.1)
+    run_config(secure_aggregation="secagg+", central_dp="client-clip")
+    run_config(secure_aggregation="secagg+", dp="finetune")
+    run_config(central_dp="server-clip", strategy="fedprox", proximal_mu=0.1)

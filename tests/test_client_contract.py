@@ -10,20 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_metadata
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from conftest import make_metadata
-from medfed.calibration import HIST_NEGATIVE, HIST_POSITIVE, HISTOGRAM_KEYS
-from medfed.client.algo import finetune_shared_keys, new_classifier, new_encoder
-from medfed.client.app import app as client_app
-from medfed.config import RunConfig
+from medfed.client_app import app as client_app
+from medfed.config import run_config
 from medfed.constants import Phase
+from medfed.data.partition import SPLIT_FILE, SitePlan
+from medfed.experiment.phases import ArmContext
+from medfed.experiment.prepare import prepare
+from medfed.experiment.recorder import Recorder
 from medfed.privacy.ledger import verify_ledger
-from medfed.server.phases import ArmContext
-from medfed.server.recorder import Recorder
-from medfed.simulations.partition import SPLIT_FILE, SitePlan
-from medfed.simulations.runner import prepare
 from medfed.strategies.shared_weights import check_evaluate_reply
+from medfed.task.algo import finetune_shared_keys, new_classifier, new_encoder
+from medfed.task.calibration import HIST_NEGATIVE, HIST_POSITIVE, HISTOGRAM_KEYS
 
 ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
 
@@ -31,7 +31,7 @@ ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seco
 @pytest.fixture()
 def arm(tmp_path: Path, data_path_env: Path) -> ArmContext:
     def make(**changes: object) -> ArmContext:
-        cfg = RunConfig(data="breastmnist", num_sites=2, pretrain_batch_size=64, finetune_batch_size=16, width=8, **changes)
+        cfg = run_config(data="breastmnist", num_sites=2, pretrain_batch_size=64, finetune_batch_size=16, width=8, **changes)
         prep = prepare(cfg)
         prep.plan.save(tmp_path / SPLIT_FILE)
         return ArmContext("test", cfg, tmp_path, prep.data.path, prep.test, Recorder(tmp_path / "m.jsonl"))

@@ -1,24 +1,28 @@
-"""RunConfig: defaults, flat round trip, pyproject agreement, and a table of bad values."""
+"""RunConfig: defaults, flat round trip, pyproject agreement, a table of bad values, run.toml, flags, and the
+settings a site is sent."""
 
 from __future__ import annotations
 
 import math
-
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
+from medfed.config.flags import setting_parameters, settings_from_flags
+from medfed.config.run import read_toml
+from medfed.constants import DPScope
 from medfed.exceptions import ConfigError
+from medfed.selfsup.compat import check_methods_fit
 
 
 def test_defaults_are_the_documented_default_run() -> None:
     cfg = RunConfig()
-    assert (cfg.data, cfg.num_sites, cfg.partition, cfg.alpha, cfg.label_fraction) == (
+    assert (cfg.dataset.source, cfg.dataset.num_sites, cfg.dataset.partition, cfg.dataset.alpha, cfg.dataset.label_fraction) == (
         "pneumoniamnist", 5, "dirichlet", 0.5, 0.1,
     )
-    assert cfg.ssl_methods == ["simclr"] and cfg.mode == "federated"
+    assert cfg.ssl.methods == ["simclr"] and cfg.experiment.mode == "federated"
 
 
 def test_dp_run_share_defaults() -> None:
@@ -27,8 +31,8 @@ def test_dp_run_share_defaults() -> None:
     from medfed.privacy.accounting import DEFAULT_MAX_PLANNED_NOISE
 
     cfg = RunConfig()
-    assert (cfg.dp_run_epsilon, cfg.dp_max_planned_noise) == (0.0, 20.0) == (0.0, DEFAULT_MAX_PLANNED_NOISE)
-    assert RunConfig(dp="finetune", dp_epsilon=8.0, dp_run_epsilon=8.0).dp_run_epsilon == 8.0
+    assert (cfg.privacy.run_epsilon, cfg.privacy.max_planned_noise) == (0.0, 20.0) == (0.0, DEFAULT_MAX_PLANNED_NOISE)
+    assert run_config(dp="finetune", dp_epsilon=8.0, dp_run_epsilon=8.0).privacy.run_epsilon == 8.0
 
 
 def test_finetune_recipe_follows_dp_unless_set() -> None:
@@ -36,13 +40,13 @@ def test_finetune_recipe_follows_dp_unless_set() -> None:
 
     assert RunConfig().finetune_recipe == FINETUNE_RECIPE == FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
     for mode in ("full", "lora", "linear"):
-        assert RunConfig(dp="finetune", finetune_mode=mode).finetune_recipe == DP_FINETUNE_RECIPE[mode]
-    assert RunConfig(dp="pretrain", pretrain="mae").finetune_recipe == FINETUNE_RECIPE  # fine-tuning is not DP
-    dp = RunConfig(dp="all", pretrain="mae", finetune_lr=0.5, finetune_rounds=3)
+        assert run_config(dp="finetune", finetune_mode=mode).finetune_recipe == DP_FINETUNE_RECIPE[mode]
+    assert run_config(dp="pretrain", pretrain="mae").finetune_recipe == FINETUNE_RECIPE  # fine-tuning is not DP
+    dp = run_config(dp="all", pretrain="mae", finetune_lr=0.5, finetune_rounds=3)
     assert dp.finetune_recipe == FinetuneRecipe(lr=0.5, batch_size=DP_FINETUNE_RECIPE["full"].batch_size, rounds=3)
     # replace re-resolves: the recipe is derived, never frozen into the settings
     assert RunConfig().replace(dp="finetune").finetune_recipe == DP_FINETUNE_RECIPE["full"]
-    chosen = RunConfig(dp="finetune", finetune_lr_schedule="constant", dp_augment_multiplicity=3).finetune_recipe
+    chosen = run_config(dp="finetune", finetune_lr_schedule="constant", dp_augment_multiplicity=3).finetune_recipe
     assert (chosen.lr_schedule, chosen.augment_multiplicity) == ("constant", 3)
 
 
@@ -59,11 +63,11 @@ def test_cosine_learning_rate_over_rounds() -> None:
 
 
 def test_flat_round_trip_and_kebab_keys() -> None:
-    cfg = RunConfig(num_sites=3, pretrain="simclr+restore", pretrain_weights="1,0.5")
+    cfg = run_config(num_sites=3, pretrain="simclr+restore", pretrain_weights="1,0.5")
     flat = cfg.to_flat()
     assert flat["num-sites"] == 3 and "num_sites" not in flat
     assert RunConfig.from_flat(flat) == cfg
-    assert cfg.ssl_methods == ["simclr", "restore"] and cfg.ssl_weights == [1.0, 0.5]
+    assert cfg.ssl.methods == ["simclr", "restore"] and cfg.ssl.method_weights == [1.0, 0.5]
 
 
 def test_pyproject_flwr_defaults_match_runconfig() -> None:
@@ -72,7 +76,7 @@ def test_pyproject_flwr_defaults_match_runconfig() -> None:
 
 
 def test_from_flat_accepts_ints_for_floats_and_rejects_unknown_keys() -> None:
-    assert RunConfig.from_flat({"alpha": 1}).alpha == 1.0
+    assert RunConfig.from_flat({"alpha": 1}).dataset.alpha == 1.0
     with pytest.raises(ConfigError, match="unknown setting 'num-site'"):
         RunConfig.from_flat({"num-site": 3})
     with pytest.raises(ConfigError, match="'num-sites' must be of type int"):
@@ -137,7 +141,6 @@ BAD = [
     ({"dp": "finetune", "dp_augment_multiplicity": -1}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "finetune", "dp_augment_multiplicity": 65}, "dp-augment-multiplicity must be in [1, 64]"),
     ({"dp": "all", "pretrain": "byol", "dp_grad_sample_mode": "ew"}, "dp-grad-sample-mode ew needs the loss"),
-    ({"dp": "finetune", "encoder": "vit", "dp_grad_sample_mode": "ew"}, "ew works with the cnn encoder only"),
     ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
     ({"dp": "finetune", "dp_run_epsilon": -1.0}, "dp-run-epsilon (this run's share of each site's budget) must be in [0, "
@@ -146,8 +149,6 @@ BAD = [
                                                                    "got 5"),
     ({"dp": "finetune", "dp_max_planned_noise": 0.1}, "dp-max-planned-noise must be in (0.1, 50]"),
     ({"dp": "finetune", "dp_max_planned_noise": 60.0}, "dp-max-planned-noise must be in (0.1, 50]"),
-    ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
-    ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),
     ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),
     ({"dp": "finetune", "strategy": "fedprox", "proximal_mu": 0.1}, "fedprox cannot be combined with dp"),
     ({"dp": "finetune", "finetune_loss": "logit-adjusted"}, "DP-SGD does not protect"),
@@ -160,14 +161,118 @@ BAD = [
 @pytest.mark.parametrize(("changes", "message"), BAD, ids=[str(c) for c, _ in BAD])
 def test_bad_values_raise_config_error_naming_the_rule(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        RunConfig(**changes)
+        run_config(**changes)
+    assert message in str(info.value)
+
+
+BAD_FOR_THE_METHODS = [  # valid settings on their own, which the self-supervised methods cannot serve
+    ({"dp": "finetune", "encoder": "vit", "dp_grad_sample_mode": "ew"}, "ew works with the cnn encoder only"),
+    ({"dp": "all"}, "couples the examples of a batch"),  # simclr under DP
+    ({"dp": "pretrain", "pretrain": "simclr+restore"}, "couples the examples of a batch"),
+    ({"pretrain": "mae", "encoder": "cnn"}, "self-supervised method 'mae' needs a vit encoder"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_FOR_THE_METHODS, ids=[str(c) for c, _ in BAD_FOR_THE_METHODS])
+def test_settings_the_methods_cannot_serve_are_refused_by_their_check(changes: dict, message: str) -> None:
+    cfg = run_config(**changes)
+    with pytest.raises(ConfigError) as info:
+        check_methods_fit(cfg)
     assert message in str(info.value)
 
 
 def test_pretrain_none_needs_no_pretrain_rounds() -> None:
-    assert RunConfig(pretrain="none", pretrain_rounds=0).ssl_methods == []
+    assert run_config(pretrain="none", pretrain_rounds=0).ssl.methods == []
 
 
 def test_per_example_pretraining_is_accepted_under_dp() -> None:
     for method in ("mae", "byol", "restore", "byol+restore"):
-        assert RunConfig(dp="all", pretrain=method).dp == "all"
+        check_methods_fit(run_config(dp="all", pretrain=method))
+
+
+# ---- parts, run.toml, flags and what a site is sent -----------------------------------------------------------
+
+def test_a_run_toml_round_trips_and_names_every_part(tmp_path: Path) -> None:
+    cfg = run_config(num_sites=3, pretrain="byol", dp="finetune", dp_epsilon=4.0, aggregation="median",
+                     finetune_lr_schedule="cosine", dp_secure_rng=True, run_name="r1")
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    assert RunConfig.from_toml(path) == cfg
+    assert [line for line in path.read_text().splitlines() if line.startswith("[")] == [
+        f"[{attr}]" for attr, _ in RunConfig().parts()]
+    assert read_toml(path)["dp-secure-rng"] is True and read_toml(path)["aggregation"] == "median"
+
+
+def test_a_run_toml_may_be_flat_and_flags_override_it(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('data = "breastmnist"\nnum-sites = 4\n\n[privacy]\ndp = "finetune"\ndp-epsilon = 2.0\n')
+    cfg = settings_from_flags(str(path), {"num_sites": 2, "seed": None, "dp_epsilon": None})
+    assert (cfg.dataset.source, cfg.dataset.num_sites, cfg.privacy.scope, cfg.privacy.epsilon) == (
+        "breastmnist", 2, "finetune", 2.0)
+    assert cfg.experiment.seed == 0  # a flag left out (None) does not override anything
+    # a command's own defaults sit under the file: `medfed run` defaults to no baselines
+    assert settings_from_flags(None, {}, defaults={"baselines": "none"}).experiment.baselines == "none"
+    assert settings_from_flags(str(path), {}, defaults={"num_sites": 9}).dataset.num_sites == 4
+
+
+BAD_FILES = [
+    ("num-sites = [", "cannot be read"),
+    ("[sites]\nnum-sites = 3\n", "[sites] is not a part of the settings"),
+    ("[privacy]\nnum-sites = 3\n", "num-sites belongs in [dataset], not [privacy]"),
+    ("num-site = 3\n", "unknown setting 'num-site'"),
+    ("[dataset]\nnum-sites = 0\n", "num-sites must be >= 1; got 0"),
+    ("[experiment]\nmode = \"swarm\"\n", "mode must be one of federated, centralized, local-only; got 'swarm'"),
+    ("[dataset]\nnum-sites = \"3\"\n", "setting 'num-sites' must be of type int"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_FILES, ids=[m for _, m in BAD_FILES])
+def test_a_bad_run_toml_is_refused_naming_the_file_and_the_rule(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        settings_from_flags(str(path), {})
+    assert message in str(info.value) and "bad.toml" in str(info.value)
+
+
+def test_a_missing_run_toml_is_refused_by_the_cli_with_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--config", str(tmp_path / "none.toml"), "--out-dir",
+                                      str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "none.toml" in result.output and "cannot be read" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sites_are_sent_only_the_settings_they_train_by() -> None:
+    cfg = run_config(data="breastmnist", out_dir="/secret/centre/path", run_name="r", aggregation="median",
+                     ledger_dir="/centre/ledgers", dp="finetune", dp_epsilon=3.0, client_cpus=2)
+    sent = cfg.site_settings()
+    for centre_only in ("data", "out-dir", "run-name", "aggregation", "ledger-dir", "client-cpus", "site-keys",
+                        "resume-from", "baselines", "partition", "fraction-train", "min-sites", "round-timeout"):
+        assert centre_only not in sent, centre_only
+    assert {"dp", "dp-epsilon", "seed", "pretrain", "finetune-mode", "label-fraction"} <= set(sent)
+    at_site = RunConfig.from_flat(sent)  # what the site rebuilds: the same training settings
+    for attr in ("ssl", "finetune", "lora", "privacy", "model", "experiment"):
+        sent_part, full_part = getattr(at_site, attr).flat(), getattr(cfg, attr).flat()
+        assert {k: v for k, v in full_part.items() if k in sent} == {k: v for k, v in sent_part.items() if k in sent}
+    assert at_site.finetune_recipe == cfg.finetune_recipe
+
+
+def test_every_setting_has_help_and_a_part_and_the_flags_keep_their_names() -> None:
+    settings = RunConfig.settings()
+    assert len(settings) == 66
+    assert all(s.help for _, s in settings.values())
+    for key in ("data", "num-sites", "pretrain", "dp", "dp-epsilon", "secure-aggregation", "central-dp",
+                "central-dp-clipping-norm", "aggregation", "out-dir", "site-keys"):
+        assert key in settings, key
+    params = {p.name for p in setting_parameters()}
+    assert {"config", "num_sites", "dp_epsilon", "secagg_num_shares"} <= params
+
+
+def test_choices_are_enums_and_compare_as_their_names() -> None:
+    cfg = run_config(dp="all", pretrain="mae")
+    assert isinstance(cfg.privacy.scope, DPScope) and cfg.privacy.scope == "all" == DPScope.ALL
+    assert cfg.to_flat()["dp"] == "all" and type(cfg.to_flat()["dp"]) is str

@@ -8,22 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_metadata
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from conftest import make_metadata
-from medfed.client.algo import new_classifier
-from medfed.client.app import RUN_ID_KEY
-from medfed.client.app import app as client_app
-from medfed.config import RunConfig
-from medfed.constants import Phase, TaskType
+from medfed.client_app import app as client_app
+from medfed.config import RunConfig, run_config
+from medfed.constants import MessageKey, Phase, TaskType
 from medfed.data.medmnist import load_medmnist
 from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
 from medfed.exceptions import ConfigError, DataError, DataMismatch
+from medfed.experiment.phases import ArmContext
+from medfed.experiment.prepare import prepare
+from medfed.experiment.recorder import Recorder
 from medfed.models.encoders import InputSpec
-from medfed.server.phases import ArmContext
-from medfed.server.recorder import Recorder
-from medfed.simulations.runner import prepare
 from medfed.strategies.shared_weights import refusal_reason
+from medfed.task.algo import new_classifier
 
 PNEUMONIA = DataSpec(1, (28, 28), TaskType.BINARY, 2, "pneumoniamnist")
 
@@ -92,7 +91,7 @@ def test_spec_of_a_loaded_file(shared_data: Path) -> None:
 # ---- the spec travels with every message ----------------------------------------------------
 
 def test_the_server_sends_the_runs_input_spec(tmp_path: Path, data_path_env: Path) -> None:
-    cfg = RunConfig(data="breastmnist", pretrain="none", baselines="none", site_data="own", width=8)
+    cfg = run_config(data="breastmnist", pretrain="none", baselines="none", site_data="own", width=8)
     prep = prepare(cfg)
     ctx = ArmContext("federated-none", cfg, tmp_path, prep.data.path, prep.test, Recorder(tmp_path / "m.jsonl"))
     for phase in Phase:
@@ -125,12 +124,12 @@ def _message(cfg: RunConfig, run: DataSpec, kind: str = "train") -> Message:
     spec = InputSpec(run.channels, run.spatial_shape)
     state = new_classifier(cfg, spec, run.task, run.num_classes, None).state_dict()
     config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": 1,
-                           RUN_ID_KEY: "deploy-1/federated-none", **run.to_flat()})
+                           MessageKey.RUN_ID.value: "deploy-1/federated-none", **run.to_flat()})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}),
                    metadata=make_metadata(dst_node_id=5, message_type=kind))
 
 
-CFG = RunConfig(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=2,
+CFG = run_config(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=2,
                 site_data="own")
 BREAST = DataSpec(1, (28, 28), TaskType.BINARY, 2, "breastmnist")
 

@@ -104,7 +104,7 @@ def test_a_second_server_on_a_busy_port_fails_at_once_without_claiming_ready(kit
 class _OneShotServer:
     """A listener on loopback that answers one connection: plain HTTP, or TLS with ``context``."""
 
-    def __init__(self, context=None) -> None:  # noqa: ANN001
+    def __init__(self, context=None) -> None:
         import socket
         import threading
 

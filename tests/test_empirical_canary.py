@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfed.client.algo import initial_encoder_state
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import site_from_own_file
 from medfed.data.transforms import scale_intensity
-from medfed.privacy.canary import audit_site_training
+from medfed.experiment.canary_audit import audit_site_training
+from medfed.task.algo import initial_encoder_state
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -34,14 +34,14 @@ def run(cfg: RunConfig, breast) -> object:
 
 @pytest.mark.timeout(120)
 def test_without_dp_the_audit_finds_leakage(breast) -> None:
-    result = run(RunConfig(data="breastmnist", pretrain="none", width=8, finetune_lr=3e-3), breast)
+    result = run(run_config(data="breastmnist", pretrain="none", width=8, finetune_lr=3e-3), breast)
     assert result.epsilon_lower_bound > 0.3, result.describe()  # the audit has power
     assert result.num_inserted > 50 and result.rounds == 30
 
 
 @pytest.mark.timeout(120)
 def test_with_dp_the_bound_stays_below_the_accountant(breast) -> None:
-    cfg = RunConfig(data="breastmnist", pretrain="none", width=8, finetune_lr=3e-3, dp="finetune", dp_epsilon=2.0,
+    cfg = run_config(data="breastmnist", pretrain="none", width=8, finetune_lr=3e-3, dp="finetune", dp_epsilon=2.0,
                     dp_delta=1e-4, finetune_rounds=30)
     result = run(cfg, breast)
     assert 0 < result.accountant_epsilon <= 2.0

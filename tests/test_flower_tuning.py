@@ -1,4 +1,4 @@
-"""medfed's latency tuning of Flower 1.41's deployment runtime (`medfed.deploy.flower_tuning`)."""
+"""medfed's latency tuning of Flower 1.41's deployment runtime (`medfed.flower_patches.flower_tuning`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from medfed.deploy import flower_tuning
+from medfed.flower_patches import flower_tuning
 
 
 @pytest.fixture()

@@ -142,7 +142,7 @@ def test_the_middleware_answers_a_refusal_itself_and_passes_the_rest() -> None:
 
     seen: list[str] = []
 
-    async def app(scope, receive, send) -> None:  # noqa: ANN001
+    async def app(scope, receive, send) -> None:
         seen.append(scope["path"])
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -256,7 +256,6 @@ def test_routes_by_certificate_over_real_tls(kits: Path, gateway: tuple[int, int
 
 def test_the_runtime_listener_is_loopback_plain_and_claims_need_the_secret(gateway: tuple[int, int]) -> None:
     import httpx
-
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.runtime import RuntimeHttpClient
 
@@ -299,7 +298,7 @@ def _deleted_blob_left_on_disk(path: Path) -> bool:
 
     blob = os.urandom(16) * 256  # 4 KiB, a page's worth: never found by chance
     conn = sqlite3.connect(path, isolation_level=None)
-    sql_mixin._set_sqlite_pragmas(conn, None)  # noqa: SLF001 -- the hook Flower's engines run on connect
+    sql_mixin._set_sqlite_pragmas(conn, None)
     conn.execute("CREATE TABLE objects (id INTEGER PRIMARY KEY, content BLOB)")
     conn.execute("CREATE TABLE keep (id INTEGER PRIMARY KEY, content BLOB)")
     conn.execute("INSERT INTO keep (content) VALUES (?)", (b"x" * 9000,))
@@ -316,7 +315,7 @@ def test_the_superlink_database_overwrites_what_flower_deletes(tmp_path: Path, m
     off); the gateway turns it on explicitly."""
     from flwr.supercore import sql_mixin
 
-    from medfed.deploy.gateway import scrub_deleted_rows
+    from medfed.flower_patches.sqlite_scrub import scrub_deleted_rows
 
     flowers = sql_mixin.SQLITE_PRAGMAS
     monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", (*flowers, ("secure_delete", "OFF")))  # a build that is off

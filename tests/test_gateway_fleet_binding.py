@@ -13,14 +13,15 @@ import pytest
 
 
 @pytest.fixture()
-def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from cryptography.hazmat.primitives import serialization
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.superlink.main import create_app
     from flwr.superlink.servicer.fleet import fleet_handlers
 
-    from medfed.deploy.gateway import Policy, bind_pushed_replies, federation_guard, supernode_key_wire_bytes
+    from medfed.deploy.gateway import Policy, federation_guard, supernode_key_wire_bytes
     from medfed.deploy.provision import ProvisionPlan, provision
+    from medfed.flower_patches.fleet_push import bind_pushed_replies
 
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "superlink.db"))
     monkeypatch.setattr(fleet_handlers, "push_messages", fleet_handlers.push_messages)  # restored after the test
@@ -44,7 +45,7 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     return dict(kits=kits, guard=guard, state=state, wire=wire, keys=keys, node=node, run_id=run_id, task_id=task_id)
 
 
-def _push(f: dict, site: str, message) -> int:  # noqa: ANN001
+def _push(f: dict, site: str, message) -> int:
     """Push ``message`` as ``site`` (its certificate, its node, its signed key header); returns the status."""
     import httpx
     from flwr.app.message.message import remove_content_from_message
@@ -62,7 +63,7 @@ def _push(f: dict, site: str, message) -> int:  # noqa: ANN001
                                       message_object_trees=[get_object_tree(message)])
     pem = (f["kits"] / site / "site.crt").read_text()
 
-    async def app(scope, receive, send) -> None:  # noqa: ANN001
+    async def app(scope, receive, send) -> None:
         scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem], "server_cert": None}
         await f["guard"](scope, receive, send)
 
@@ -80,7 +81,7 @@ def _push(f: dict, site: str, message) -> int:  # noqa: ANN001
     return asyncio.run(call())
 
 
-def _instruction(f: dict, dst: int):  # noqa: ANN202
+def _instruction(f: dict, dst: int):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -131,7 +132,7 @@ def test_the_push_rule_in_isolation() -> None:
     from flwr.proto.message_pb2 import Message, Metadata, ObjectTree  # pylint: disable=no-name-in-module
     from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
 
-    from medfed.deploy.gateway import ReplyNotBoundToNode, check_pushed_reply
+    from medfed.flower_patches.fleet_push import ReplyNotBoundToNode, check_pushed_reply
 
     def request(n: int = 1, reply_to: str = "m1", src: int = 7, dst: int = 1) -> PushMessagesRequest:
         meta = Metadata(reply_to_message_id=reply_to, src_node_id=src, dst_node_id=dst)

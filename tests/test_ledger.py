@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from medfed.exceptions import ConfigError, LedgerError
 from medfed.privacy.ledger import (
     LEDGER_VERSION,
-    MECHANISM_DP_SGD,
     MECHANISM_CENTRAL,
+    MECHANISM_DP_SGD,
     MECHANISM_NONE,
     Ledger,
     LedgerEntry,
@@ -680,7 +680,8 @@ _CRASH_BEFORE_COMMIT = textwrap.dedent(
     import os, sys
     from pathlib import Path
     import medfed.privacy.ledger as m
-    original = m._insert_row
+    import medfed.privacy.ledger.writer as writer
+    original = writer._insert_row
     def insert_then_die(conn, entry, head):
         original(conn, entry, head)
         # spill dirty pages to the file so the crash leaves a hot journal behind
@@ -689,7 +690,7 @@ _CRASH_BEFORE_COMMIT = textwrap.dedent(
         for _ in range(2000):
             conn.execute("INSERT INTO junk VALUES (?)", ("x" * 500,))
         os._exit(9)
-    m._insert_row = insert_then_die
+    writer._insert_row = insert_then_die
     key = m.load_or_create_signing_key(Path(sys.argv[1]))
     with m.Ledger.open(Path(sys.argv[2]), key, "site-a") as ledger:
         ledger.append(m.Release("run-1", 3, "pretrain", "poisson-subsampled-gaussian", 0.01, 1.1, 100, 1e-5,

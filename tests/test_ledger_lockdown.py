@@ -12,19 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_metadata
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from typer.testing import CliRunner
 
-from conftest import make_metadata
 from medfed.cli import app as cli_app
-from medfed.client.algo import SiteAlgo, new_classifier
-from medfed.client.app import app as client_app
-from medfed.client.app import privacy_guard
-from medfed.config import RunConfig
+from medfed.client_app import app as client_app
+from medfed.config import RunConfig, run_config
 from medfed.constants import MetricKey, Phase
 from medfed.data.medmnist import load_medmnist
+from medfed.data.partition import SPLIT_FILE
 from medfed.data.site import site_from_own_file
 from medfed.exceptions import ConfigError, LedgerError, LedgerResetError, LedgerVerificationError
+from medfed.experiment.phases import ArmContext
+from medfed.experiment.prepare import prepare
+from medfed.experiment.recorder import Recorder
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.audit import run_audit, write_audit
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
@@ -38,11 +40,9 @@ from medfed.privacy.ledger import (
     read_anchor,
     verify_ledger,
 )
-from medfed.server.phases import ArmContext
-from medfed.server.recorder import Recorder
-from medfed.simulations.partition import SPLIT_FILE
-from medfed.simulations.runner import prepare
 from medfed.strategies.shared_weights import refusal_reason
+from medfed.task.algo import SiteAlgo, new_classifier
+from medfed.task.site_round import privacy_guard
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -151,7 +151,7 @@ def cfg(**changes: object) -> RunConfig:
     base = dict(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
                 dp="finetune", dp_noise_multiplier=1.2, dp_delta=1e-4, dp_epsilon=20.0)
     base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return run_config(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_a_site_whose_ledger_was_deleted_refuses_before_training(site, tmp_path:
         SiteAlgo(c, site, guard(c, tmp_path)).finetune_round(state, rnd)
     (tmp_path / "site-0.ledger.sqlite").unlink()  # the budget would start again from 0
 
-    from medfed.client import algo
+    from medfed.task import algo
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained although the ledger was reset")
@@ -214,7 +214,7 @@ def test_a_deployed_site_needs_a_ledger_path_even_without_dp(site) -> None:
 @pytest.fixture()
 def arm(tmp_path: Path, data_path_env: Path):
     def make(**changes: object) -> ArmContext:
-        c = RunConfig(data="breastmnist", num_sites=2, pretrain="none", finetune_batch_size=16, width=8, **changes)
+        c = run_config(data="breastmnist", num_sites=2, pretrain="none", finetune_batch_size=16, width=8, **changes)
         prep = prepare(c)
         prep.plan.save(tmp_path / SPLIT_FILE)
         return ArmContext("federated-none", c, tmp_path, prep.data.path, prep.test, Recorder(tmp_path / "m.jsonl"))
@@ -274,7 +274,7 @@ def build(folder: Path, budget: float = 3.0, run_id: str = "run-A/federated-none
           rounds: list[tuple[float, int]] = ROUNDS, copy_after: int | None = None) -> Path | None:
     """Each site: DP rounds with planned noise, as in tests/test_audit.py; optionally a copy of site 1's ledger after
     ``copy_after`` rows (a backup an attacker could put back)."""
-    c = RunConfig(pretrain="none", dp="finetune", dp_epsilon=budget, dp_delta=1e-5)
+    c = run_config(pretrain="none", dp="finetune", dp_epsilon=budget, dp_delta=1e-5)
     backup = None
     for s in range(sites):
         g = PrivacyGuard(SitePrivacy.resolve(c, str(s), {}, folder), run_id)
@@ -402,7 +402,7 @@ def test_the_servers_record_is_the_second_witness_when_ledger_and_anchor_are_bot
     shared = tmp_path / "site-ledgers"
     run_dir = tmp_path / "run-A"
     run_dir.mkdir()
-    none = RunConfig(pretrain="none", dp="none", ledger_dir=str(shared))
+    none = run_config(pretrain="none", dp="none", ledger_dir=str(shared))
     (run_dir / "config.json").write_text(json.dumps(none.to_flat()))
     (run_dir / "summary.json").write_text(json.dumps({"run_id": "run-A"}))
     rows = []

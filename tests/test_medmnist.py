@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA
+
 from medfed.constants import TaskType
 from medfed.data import medmnist as mm
 from medfed.data.medmnist import DATA_PATH_ENV, load_medmnist, resolve_data_path, sha256_of

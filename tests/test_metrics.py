@@ -1,4 +1,4 @@
-"""AUC, accuracy, sensitivity, specificity and FPR against hand-computed values (medfed.metrics)."""
+"""AUC, accuracy, sensitivity, specificity and FPR against hand-computed values (medfed.task.metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medfed.constants import MetricKey, TaskType
-from medfed.metrics import binary_auc, classification_metrics
+from medfed.task.metrics import binary_auc, classification_metrics
 
 
 @pytest.mark.parametrize(

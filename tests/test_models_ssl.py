@@ -9,13 +9,12 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from medfed.constants import EncoderKind, TaskType
+from medfed.constants import EncoderKind, SSLMethodName, TaskType
 from medfed.exceptions import ConfigError
-from medfed.models.encoders import CNNEncoder, InputSpec, ViTEncoder, ViTSize, resolve_encoder_kind, vit_patch_size
+from medfed.models.encoders import CNNEncoder, InputSpec, ViTEncoder, ViTSize, vit_patch_size
 from medfed.models.heads import Classifier, RestorationDecoder
 from medfed.selfsup.methods import BYOL, MAE, Combined, Restore, SimCLR, SSLSettings
-from medfed.selfsup.registry import available_methods, build_method, method_class, supports_dp
-
+from medfed.selfsup.registry import available_methods, build_method, method_class, resolve_encoder_kind
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -174,9 +173,7 @@ def test_per_example_flags_and_dp_support():
     assert BYOL.per_example_loss is True
     assert MAE.per_example_loss is True
     assert Restore.per_example_loss is True
-    assert supports_dp(["byol", "restore"]) is True
-    assert supports_dp(["mae"]) is True
-    assert supports_dp(["byol", "simclr"]) is False
+    assert sorted(m.value for m in SSLMethodName) == available_methods()  # the enum and the registry agree
     combined = build_method(["byol", "restore"], [1.0, 1.0], cnn(), SETTINGS)
     assert combined.per_example_loss is True
     assert build_method(["byol", "simclr"], [1.0, 1.0], cnn(), SETTINGS).per_example_loss is False

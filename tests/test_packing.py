@@ -1,4 +1,4 @@
-"""Packed arrays on the deployment wire (`medfed.packing`): bit-exact, few objects, only where packed."""
+"""Packed arrays on the deployment wire (`medfed.fl.packing`): bit-exact, few objects, only where packed."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from medfed.models.encoders import InputSpec, build_encoder
-from medfed.packing import (
+from medfed.fl.packing import (
     PACKED_SUFFIX,
     is_packed,
     pack_content,
@@ -18,6 +17,7 @@ from medfed.packing import (
     unpack_content,
     unpack_message,
 )
+from medfed.models.encoders import InputSpec, build_encoder
 from medfed.server.grid import DeploymentGrid
 
 

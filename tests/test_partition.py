@@ -1,4 +1,4 @@
-"""Properties of make_site_plan (medfed.simulations.partition) on real PneumoniaMNIST labels."""
+"""Properties of make_site_plan (medfed.data.partition) on real PneumoniaMNIST labels."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import functools
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA
 from medfed.constants import TaskType
+from medfed.data.partition import SitePlan, make_site_plan, stratify_key, summarize
 from medfed.exceptions import SplitError
-from medfed.simulations.partition import SitePlan, make_site_plan, stratify_key, summarize
 
 SHARED = SHARED_DATA
 pytestmark = pytest.mark.usefixtures("shared_data")  # fails, not skips, when the pinned files are missing

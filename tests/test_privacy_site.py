@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfed.client.algo import SiteAlgo, finetune_shared_keys, new_classifier, new_encoder
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
 from medfed.constants import MetricKey, Phase, TaskType
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import site_from_own_file
@@ -18,6 +17,7 @@ from medfed.models.encoders import InputSpec
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.privacy.ledger import MECHANISM_NONE, verify_ledger
+from medfed.task.algo import SiteAlgo, finetune_shared_keys, new_classifier, new_encoder
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -31,7 +31,7 @@ def cfg(**changes: object) -> RunConfig:
     base = dict(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4, dp="finetune",
                 dp_noise_multiplier=1.2, dp_delta=1e-4, dp_epsilon=20.0)
     base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return run_config(**base)  # type: ignore[arg-type]
 
 
 def guard(c: RunConfig, folder: Path, node_config: dict | None = None) -> PrivacyGuard:
@@ -72,7 +72,7 @@ def test_the_grad_sample_mode_each_phase_runs_with(site, tmp_path: Path, monkeyp
                                                   finetune_mode: str) -> None:
     """auto (the default): expanded weights for fine-tuning a CNN (faster on CPU), Opacus' hooks for pretraining
     and for the ViT (whose patch embedding PyTorch's expanded weights cannot handle)."""
-    from medfed.client import algo
+    from medfed.task import algo
 
     seen: list[str] = []
     real = algo.dp_train_loop
@@ -82,7 +82,7 @@ def test_the_grad_sample_mode_each_phase_runs_with(site, tmp_path: Path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(algo, "dp_train_loop", spy)
-    assert RunConfig().dp_grad_sample_mode == "auto"
+    assert RunConfig().privacy.grad_sample_mode == "auto"
     c = cfg(dp="all", pretrain=pretrain, encoder=encoder, dp_grad_sample_mode=chosen, pretrain_batch_size=16)
     worker = SiteAlgo(c, site, guard(c, tmp_path))
     encoder, _, _ = worker.pretrain_round(new_encoder(c, site.spec).state_dict(), None, 1)
@@ -152,7 +152,7 @@ def test_delta_above_one_over_site_size_is_refused_before_training(site, tmp_pat
 def test_non_dp_phases_are_recorded_as_uncovered_exposure(site, tmp_path: Path) -> None:
     c = cfg(pretrain="restore", pretrain_rounds=1, pretrain_batch_size=64)  # dp finetune only
     algo = SiteAlgo(c, site, guard(c, tmp_path))
-    from medfed.client.algo import initial_encoder_state
+    from medfed.task.algo import initial_encoder_state
 
     _, _, stats = algo.pretrain_round(initial_encoder_state(c, site.spec), None, 1)
     entries = verify_ledger(tmp_path / "site-0.ledger.sqlite").entries
@@ -165,7 +165,7 @@ def test_non_dp_phases_are_recorded_as_uncovered_exposure(site, tmp_path: Path) 
 
 def test_lora_starts_equal_to_the_pretrained_encoder_and_shares_adapters_only() -> None:
     spec = InputSpec(1, (28, 28))
-    plain = RunConfig(pretrain="none", width=16)
+    plain = run_config(pretrain="none", width=16)
     lora = plain.replace(finetune_mode="lora")
     torch.manual_seed(0)
     encoder_state = new_classifier(plain, spec, TaskType.BINARY, 2, None).encoder.state_dict()
@@ -185,8 +185,8 @@ def test_lora_starts_equal_to_the_pretrained_encoder_and_shares_adapters_only() 
 
 
 def test_lora_on_a_3d_encoder_and_a_vit() -> None:
-    for c, spec in ((RunConfig(pretrain="none", width=8, finetune_mode="lora"), InputSpec(1, (28, 28, 28))),
-                    (RunConfig(pretrain="mae", width=8, finetune_mode="lora"), InputSpec(1, (28, 28)))):
+    for c, spec in ((run_config(pretrain="none", width=8, finetune_mode="lora"), InputSpec(1, (28, 28, 28))),
+                    (run_config(pretrain="mae", width=8, finetune_mode="lora"), InputSpec(1, (28, 28)))):
         model = new_classifier(c, spec, TaskType.BINARY, 2, None)
         assert any("lora_A" in k for k in model.state_dict())
         from medfed.privacy.dp_sgd import check_private_model

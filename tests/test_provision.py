@@ -147,7 +147,7 @@ def test_cli_provision_writes_kits_and_refuses_a_second_time(tmp_path: Path) -> 
 
 
 def test_site_files_hold_disjoint_shares_of_every_split(tmp_path: Path, shared_data: Path) -> None:
-    from medfed.simulations.site_files import write_site_files
+    from medfed.data.site_files import write_site_files
 
     files = write_site_files(str(shared_data / "breastmnist.npz"), ["h1", "h2", "h3"], tmp_path / "sites")
     with np.load(shared_data / "breastmnist.npz") as npz:

@@ -54,6 +54,6 @@ def test_other_exceptions_reach_the_server_as_their_type_only() -> None:
 
 
 def test_the_clientapp_runs_the_redaction_outermost() -> None:
-    from medfed.client.app import app
+    from medfed.client_app import app
 
-    assert app._mods[0] is redacted_errors_mod  # noqa: SLF001 -- Flower applies mods[0] outermost
+    assert app._mods[0] is redacted_errors_mod

@@ -10,14 +10,13 @@ import torch
 from conftest import make_metadata
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from medfed.client.app import RUN_ID_KEY
-from medfed.client.app import app as client_app
-from medfed.client.replay import Release, ReleaseCache, release_key
-from medfed.config import RunConfig
-from medfed.constants import TaskType
+from medfed.client_app import app as client_app
+from medfed.config import RunConfig, run_config
+from medfed.constants import MessageKey, TaskType
+from medfed.data.site_files import write_site_files
 from medfed.data.spec import DataSpec
 from medfed.privacy.ledger import verify_ledger
-from medfed.simulations.site_files import write_site_files
+from medfed.task.replay import Release, ReleaseCache, release_key
 
 
 def test_release_key_changes_with_every_part_of_the_request() -> None:
@@ -59,16 +58,16 @@ def deployed_site(tmp_path: Path, shared_data: Path) -> Context:
 
 def finetune_message(cfg: RunConfig, state: dict[str, torch.Tensor], rnd: int) -> Message:
     run_input = DataSpec(1, (28, 28), TaskType.BINARY, 2, "breastmnist").to_flat()  # what the ServerApp sends
-    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd, RUN_ID_KEY: "deploy-1/federated-none",
+    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd, MessageKey.RUN_ID.value: "deploy-1/federated-none",
                            **run_input})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), metadata=make_metadata(dst_node_id=5))
 
 
 def test_a_repeated_dp_round_is_answered_with_the_same_release_and_no_new_ledger_row(deployed_site: Context) -> None:
-    from medfed.client.algo import new_classifier
     from medfed.models.encoders import InputSpec
+    from medfed.task.algo import new_classifier
 
-    cfg = RunConfig(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
+    cfg = run_config(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
                     dp="finetune", dp_epsilon=8.0, dp_delta=1e-4, site_data="own")
     state = new_classifier(cfg, InputSpec(1, (28, 28)), "binary-class", 2, None).state_dict()
     ledger = Path(str(deployed_site.node_config["ledger-path"]))

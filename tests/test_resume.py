@@ -10,7 +10,7 @@ import torch
 
 from medfed.constants import Phase
 from medfed.exceptions import ConfigError
-from medfed.server.resume import (
+from medfed.experiment.resume import (
     CHECKPOINT_DIR,
     check_same_settings,
     drop_unfinished_rows,

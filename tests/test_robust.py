@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 from test_strategy import SENT, good, reply
 
-from medfed.constants import Phase
-from medfed.exceptions import FederationError
+from medfed.config import RobustSettings
+from medfed.constants import AggregationRule, Phase
+from medfed.exceptions import ConfigError, FederationError
 from medfed.strategies import robust
-from medfed.strategies.robust import AggregationSettings
 from medfed.strategies.shared_weights import SiteReport, make_strategy
 
 
@@ -106,18 +106,18 @@ def test_norm_screen_needs_three_updates() -> None:
 
 
 def test_settings_reject_bad_values() -> None:
-    with pytest.raises(ValueError):
-        AggregationSettings(aggregation="mode")
-    with pytest.raises(ValueError, match="trim_fraction"):
-        AggregationSettings(trim_fraction=0.5)
-    with pytest.raises(ValueError, match="norm_outlier_factor"):
-        AggregationSettings(norm_outlier_factor=1.0)
+    with pytest.raises(ConfigError, match="aggregation must be one of mean, trimmed-mean, median, krum"):
+        RobustSettings(rule="mode")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="trim-fraction"):
+        RobustSettings(trim_fraction=0.5)
+    with pytest.raises(ConfigError, match="norm-outlier-factor"):
+        RobustSettings(norm_outlier_factor=1.0)
 
 
 # ---- through the strategy, with mocked Flower replies --------------------------------------------
 
 
-def strategy(aggregation: AggregationSettings, shared: list[str] | None = None, reports: list | None = None):
+def strategy(aggregation: RobustSettings, shared: list[str] | None = None, reports: list | None = None):
     s = make_strategy(
         "fedavg", phase=Phase.PRETRAIN, shared_keys=shared or list(SENT.keys()), num_sites=5, fraction_train=1.0,
         evaluate=False, observer=(reports.append if reports is not None else None), aggregation=aggregation,
@@ -129,7 +129,7 @@ def strategy(aggregation: AggregationSettings, shared: list[str] | None = None, 
 
 def test_a_norm_outlier_reply_is_rejected_with_its_reason_and_the_rest_averaged() -> None:
     reports: list[SiteReport] = []
-    s = strategy(AggregationSettings(norm_outlier_factor=10.0), reports=reports)
+    s = strategy(RobustSettings(norm_outlier_factor=10.0), reports=reports)
     replies = [good(1.0, 2, 0), good(2.0, 2, 1), good(3.0, 4, 2), good(500.0, 100, 3)]
     arrays, metrics = s.aggregate_train(1, replies)
     # the mean (weighted 2:2:4) of the other three: (2 + 4 + 12) / 8
@@ -144,8 +144,8 @@ def test_a_norm_outlier_reply_is_rejected_with_its_reason_and_the_rest_averaged(
 def test_median_resists_a_poisoned_site_the_mean_does_not() -> None:
     honest = [good(1.0, 10, 0), good(1.2, 10, 1), good(0.9, 10, 2), good(1.1, 10, 3)]
     poisoned = good(1000.0, 10, 4)
-    median, metrics = strategy(AggregationSettings(aggregation="median")).aggregate_train(1, [*honest, poisoned])
-    mean, _ = strategy(AggregationSettings()).aggregate_train(1, [*honest, poisoned])
+    median, metrics = strategy(RobustSettings(rule="median")).aggregate_train(1, [*honest, poisoned])
+    mean, _ = strategy(RobustSettings()).aggregate_train(1, [*honest, poisoned])
     np.testing.assert_allclose(median["encoder.w"].numpy(), 1.1, rtol=1e-6)  # median of 0.9 1.0 1.1 1.2 1000
     np.testing.assert_allclose(mean["encoder.w"].numpy(), 200.84, rtol=1e-6)  # (1 + 1.2 + 0.9 + 1.1 + 1000) / 5
     assert median["encoder.w"].numpy().dtype == np.float32
@@ -153,27 +153,27 @@ def test_median_resists_a_poisoned_site_the_mean_does_not() -> None:
 
 
 def test_median_is_unweighted() -> None:
-    out, _ = strategy(AggregationSettings(aggregation="median")).aggregate_train(
+    out, _ = strategy(RobustSettings(rule="median")).aggregate_train(
         1, [good(1.0, 1000, 0), good(2.0, 1, 1), good(3.0, 1, 2)])
     np.testing.assert_allclose(out["encoder.w"].numpy(), 2.0)  # the example counts do not weigh in
 
 
 def test_krum_through_the_strategy_and_its_median_fallback_when_sites_are_missing() -> None:
     honest = [good(1.0, 10, 0), good(1.2, 10, 1), good(0.9, 10, 2), good(1.05, 10, 3)]
-    out, _ = strategy(AggregationSettings(aggregation="krum")).aggregate_train(1, [*honest, good(-50.0, 10, 4)])
+    out, _ = strategy(RobustSettings(rule="krum")).aggregate_train(1, [*honest, good(-50.0, 10, 4)])
     # scores (2 nearest, squared distances over 9 coordinates): site 0 = 9 * (0.01 + 0.0025) = 0.1125 is the
     # lowest (site 3: 0.225, site 2: 0.2925, site 1: 0.5625)
     np.testing.assert_allclose(out["encoder.w"].numpy(), 1.0)
     # a site lost this round: 4 updates are too few for Krum with f = 1 (2f+3 = 5); the round still completes,
     # with the coordinate-wise median of the four (1.0, 1.2, 0.9, 1.05 -> 1.025)
-    out, _ = strategy(AggregationSettings(aggregation="krum")).aggregate_train(2, honest)
+    out, _ = strategy(RobustSettings(rule="krum")).aggregate_train(2, honest)
     np.testing.assert_allclose(out["encoder.w"].numpy(), 1.025)
 
 
 def test_frozen_weights_are_carried_over_under_robust_aggregation() -> None:
     heads = [reply({"encoder.b": np.full(3, v, np.float32)}, {"num-examples": 2, "site-id": i}, node=10 + i)
              for i, v in enumerate([5.0, 6.0, 7.0, 8.0, 90.0])]
-    out, _ = strategy(AggregationSettings(aggregation="trimmed-mean", trim_fraction=0.2),
+    out, _ = strategy(RobustSettings(rule="trimmed-mean", trim_fraction=0.2),
                       shared=["encoder.b"]).aggregate_train(1, heads)
     assert list(out.keys()) == list(SENT.keys()) and isinstance(out, ArrayRecord)
     np.testing.assert_allclose(out["encoder.b"].numpy(), 7.0)  # mean of 6 7 8 after dropping 5 and 90
@@ -193,7 +193,7 @@ def test_robust_aggregation_does_not_depend_on_reply_order() -> None:
         return msg
 
     for rule in ("trimmed-mean", "median", "krum"):
-        settings = AggregationSettings(aggregation=rule, norm_outlier_factor=5.0)
+        settings = RobustSettings(rule=rule, norm_outlier_factor=5.0)
         results = []
         for order in (values, list(reversed(values))):
             s = strategy(settings, shared=list(sent.keys()))
@@ -207,9 +207,9 @@ def test_robust_aggregation_does_not_depend_on_reply_order() -> None:
 
 
 def test_settings_come_from_the_run_config() -> None:
-    from medfed.config import RunConfig
+    from medfed.config import RunConfig, run_config
 
-    cfg = RunConfig(aggregation="krum", krum_byzantine=1, krum_select=2, norm_outlier_factor=3.0)
-    assert AggregationSettings.from_config(cfg) == AggregationSettings("krum", 0.2, 1, 2, 3.0)
-    assert AggregationSettings.from_config(RunConfig()) == AggregationSettings()  # mean, screen off
-    assert RunConfig(aggregation="trimmed-mean", num_sites=10, trim_fraction=0.1).sites_per_round == 10
+    cfg = run_config(aggregation="krum", krum_byzantine=1, krum_select=2, norm_outlier_factor=3.0)
+    assert cfg.robust == RobustSettings(AggregationRule.KRUM, 0.2, 1, 2, 3.0)
+    assert RunConfig().robust == RobustSettings()  # mean, screen off
+    assert run_config(aggregation="trimmed-mean", num_sites=10, trim_fraction=0.1).sites_per_round == 10

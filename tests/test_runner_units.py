@@ -8,24 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from medfed.client.algo import SiteAlgo
-from medfed.config import RunConfig
+from medfed.config import run_config
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import site_from_own_file
 from medfed.exceptions import ConfigError
-from medfed.simulations.runner import Arm, arm_config, arms_for, arms_for_flower_runtime, publish
+from medfed.experiment.arms import Arm, arm_config, arms_for
+from medfed.experiment.run_dir import publish
+from medfed.experiment.runner import arms_for_flower_runtime
+from medfed.task.algo import SiteAlgo
 
 
 def test_baselines_from_scratch_fine_tune_fully_and_keep_the_main_encoder() -> None:
-    main = RunConfig(pretrain="mae", finetune_mode="linear")
+    main = run_config(pretrain="mae", finetune_mode="linear")
     scratch = arm_config(main, Arm("federated", "none"))
-    assert (scratch.encoder, scratch.finetune_mode, scratch.pretrain) == ("vit", "full", "none")
+    assert (scratch.model.encoder, scratch.finetune.mode, scratch.ssl.method) == ("vit", "full", "none")
     same = arm_config(main, Arm("centralized", "mae"))
-    assert (same.encoder, same.finetune_mode) == ("vit", "linear")
+    assert (same.model.encoder, same.finetune.mode) == ("vit", "linear")
 
 
 def test_baselines_all_include_every_mode_with_the_same_pretraining() -> None:
-    names = [a.name for a in arms_for(RunConfig(mode="centralized", pretrain="byol", baselines="all"))]
+    names = [a.name for a in arms_for(run_config(mode="centralized", pretrain="byol", baselines="all"))]
     assert names == ["centralized-byol", "local-only-none", "federated-none", "federated-byol", "local-only-byol"]
 
 
@@ -38,12 +40,12 @@ class FakeGrid:
 
 
 def test_inside_a_flower_runtime_only_federated_arms_run() -> None:
-    cfg = RunConfig(num_sites=3)
+    cfg = run_config(num_sites=3)
     kept = arms_for_flower_runtime(cfg, arms_for(cfg), FakeGrid(3))
     assert [a.name for a in kept] == ["federated-simclr", "federated-none"]
     with pytest.raises(ConfigError, match="only 2 SuperNodes are connected"):
         arms_for_flower_runtime(cfg, arms_for(cfg), FakeGrid(2))
-    local = RunConfig(num_sites=3, mode="local-only")
+    local = run_config(num_sites=3, mode="local-only")
     with pytest.raises(ConfigError, match="trains outside the federation"):
         arms_for_flower_runtime(local, arms_for(local), FakeGrid(3))
 
@@ -62,7 +64,7 @@ def test_publish_takes_the_next_free_name_if_another_run_took_it(tmp_path: Path)
 
 def test_fedprox_term_only_in_federated_runs(shared_data: Path) -> None:
     site = site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), 0, 0.1, 0)
-    fed = RunConfig(strategy="fedprox", proximal_mu=0.5)
+    fed = run_config(strategy="fedprox", proximal_mu=0.5)
     assert SiteAlgo(fed, site).proximal_mu == 0.5
     assert SiteAlgo(fed.replace(mode="centralized"), site).proximal_mu == 0.0
     assert SiteAlgo(fed.replace(mode="local-only"), site).proximal_mu == 0.0

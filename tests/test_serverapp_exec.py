@@ -16,7 +16,7 @@ from medfed.deploy.serverapp_exec import StdinTokenExecutor, run_task
 TOKEN = "f" * 64
 
 
-def spec(task_type):  # noqa: ANN001
+def spec(task_type):
     from flwr.supercore.superexec.executor.types import ExecutionSpec
 
     return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9", token=TOKEN, insecure=True,

@@ -7,10 +7,10 @@ import pytest
 from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from medfed.calibration import HIST_NEGATIVE, score_histograms
 from medfed.constants import Phase
 from medfed.exceptions import FederationError
 from medfed.strategies.shared_weights import SiteReport, check_reply, make_strategy
+from medfed.task.calibration import HIST_NEGATIVE, score_histograms
 
 SENT = ArrayRecord({"encoder.w": Array(np.zeros((2, 3), np.float32)), "encoder.b": Array(np.zeros(3, np.float32))})
 

@@ -14,9 +14,9 @@ import torch
 
 from medfed.constants import TaskType
 from medfed.data.medmnist import MedMNISTData
+from medfed.data.partition import SitePlan, SiteSplit, make_site_plan
 from medfed.data.transforms import scale_intensity
 from medfed.models.encoders import InputSpec
-from medfed.simulations.partition import SitePlan, SiteSplit, make_site_plan
 
 POOLED_SITE_ID = -1
 
@@ -45,7 +45,7 @@ def site_from_split(data: MedMNISTData, site: SiteSplit) -> SiteData:
 
 def pooled_site(data: MedMNISTData, plan: SitePlan) -> SiteData:
     """All sites' data together: the centralized baseline sees exactly what the sites hold."""
-    cat = lambda attr: np.sort(np.concatenate([np.asarray(getattr(s, attr)) for s in plan.sites]))  # noqa: E731
+    cat = lambda attr: np.sort(np.concatenate([np.asarray(getattr(s, attr)) for s in plan.sites]))
     return _site(data, POOLED_SITE_ID, cat("train"), cat("labelled"), cat("val"))
 
 

@@ -16,13 +16,15 @@ milder crops and rotations, no hue changes.
 
 from __future__ import annotations
 
+import medfed._monai  # noqa: F401  (first: MONAI without transformers, see medfed/_monai.py)
+
+# isort: split
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.transforms import ScaleIntensityRange
 
 
@@ -56,7 +58,7 @@ class AugmentSpec:
     channel_gain: float = 0.1  # RGB only
 
     @classmethod
-    def light(cls) -> "AugmentSpec":
+    def light(cls) -> AugmentSpec:
         return cls(
             crop_scale=(0.8, 1.0), rotate_degrees=10.0, brightness=0.1, contrast=0.1, gamma=0.0,
             noise_prob=0.0, blur_prob=0.0, channel_gain=0.0,

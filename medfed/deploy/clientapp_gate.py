@@ -32,27 +32,24 @@ the ClientApp later imports the *submitted* app's medfed, after medfed's own mod
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medfed.deploy import approval
-from medfed.exceptions import AppNotApproved, ConfigError, FederationError, MedfedError
+from medfed.exceptions import AppNotApproved, ConfigError, MedfedError
+from medfed.flower_patches import clientapp_seam
 
-TARGET_MODULE = "flwr.supernode.runtime.run_clientapp"
-PATCHED = ("pull_task_input", "install_from_fab")
-CLIENTAPP_ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+CLIENTAPP_ENTRY = clientapp_seam.CLIENTAPP_ENTRY
 APPROVALS_ENV, RUN_LOG_ENV, SITE_ENV = "MEDFED_GATE_APPROVED_APPS", "MEDFED_GATE_RUN_LOG", "MEDFED_GATE_SITE"
 OWN_PACKAGE = "medfed"
 TOKEN_LIMIT = 4096  # bytes read from stdin for the token (Flower's are 64 hex digits)
-_MARK = "__medfed_app_gate__"
 
 
 def _log(text: str) -> None:
@@ -151,59 +148,29 @@ def check_app(settings: GateSettings, fab: bytes, task: _Task | None = None) -> 
 
 # ------------------------------------------------------------------------------------ the patch
 
-def target_module() -> Any:
-    """Flower's ClientApp runtime module, checked to still have the seam the gate relies on: both
-    names exist, and ``run_clientapp`` looks them up in the module at call time (flwr 1.41)."""
-    module = importlib.import_module(TARGET_MODULE)
-    runner = getattr(module, "run_clientapp", None)
-    names = getattr(getattr(runner, "__code__", None), "co_names", ())
-    for name in PATCHED:
-        if not callable(getattr(module, name, None)) or name not in names:
-            raise FederationError(f"{TARGET_MODULE}.run_clientapp no longer calls {name}: this flwr is not the "
-                                  "1.41 medfed's app gate was written for; refusing to run ClientApps ungated")
-    return module
-
-
-def is_installed(module: Any | None = None) -> bool:
-    module = module or target_module()
-    return all(getattr(getattr(module, name), _MARK, False) for name in PATCHED)
+def _on_task(message: Any, context: Any, run: Any, fab: Any) -> None:
+    """Remember the pulled task's run, app and settings for the check of its app bundle."""
+    config = getattr(context, "run_config", None)
+    if config is None:
+        config = getattr(run, "override_config", None)
+    _current.run_id = getattr(run, "run_id", None)
+    _current.fab_id = getattr(run, "fab_id", None)
+    _current.fab_version = getattr(run, "fab_version", None)
+    _current.declared_hash = getattr(fab, "hash_str", None) or None
+    _current.run_config_sha256 = approval.run_config_digest(config)
 
 
 def install(settings: GateSettings) -> None:
     """Gate every ClientApp this process (and its forks) will run (idempotent)."""
-    module = target_module()
-    if is_installed(module):
-        return
-    original_pull: Callable[..., Any] = module.pull_task_input
-    original_install: Callable[..., Any] = module.install_from_fab
 
-    @functools.wraps(original_pull)
-    def pull_task_input(*args: Any, **kwargs: Any) -> Any:
-        message, context, run, fab = original_pull(*args, **kwargs)
-        config = getattr(context, "run_config", None)
-        if config is None:
-            config = getattr(run, "override_config", None)
-        _current.run_id = getattr(run, "run_id", None)
-        _current.fab_id = getattr(run, "fab_id", None)
-        _current.fab_version = getattr(run, "fab_version", None)
-        _current.declared_hash = getattr(fab, "hash_str", None) or None
-        _current.run_config_sha256 = approval.run_config_digest(config)
-        return message, context, run, fab
-
-    @functools.wraps(original_install)
-    def install_from_fab(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Any:
-        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+    def before_install(content: bytes) -> None:
         app_hash = check_app(settings, content, _current)
         if _current.fab_id is not None:  # a real task: Flower loads the folder named by id, version, hash prefix
             if not _current.declared_hash:
                 raise AppNotApproved(f"site {settings.site} refused app sha256:{app_hash}: its task declared no hash")
             clear_stale_install(content, _current.fab_id, _current.fab_version or "", app_hash)
-        return original_install(content, *args, **kwargs)  # the bytes that were checked, not a path re-read
 
-    setattr(pull_task_input, _MARK, True)
-    setattr(install_from_fab, _MARK, True)
-    module.pull_task_input = pull_task_input
-    module.install_from_fab = install_from_fab
+    clientapp_seam.install_hooks(_on_task, before_install)
 
 
 def installed_app_matches(folder: Path, fab: bytes) -> bool:
@@ -222,9 +189,7 @@ def clear_stale_install(fab: bytes, fab_id: str, fab_version: str, app_hash: str
     hash>`` and keeps a folder already there untouched, then loads whatever that folder holds. A folder
     that is not exactly the approved FAB's files (planted, left by an ungated install, or another app
     whose hash shares the 8-hex prefix) is removed, so the approved bytes are what gets installed."""
-    from flwr.common.config import get_project_dir
-
-    folder = get_project_dir(fab_id, fab_version, app_hash)
+    folder = clientapp_seam.installed_app_folder(fab_id, fab_version, app_hash)
     if folder.exists() and not installed_app_matches(folder, fab):
         _log(f"removing {folder}: it does not hold exactly the approved app sha256:{app_hash}")
         shutil.rmtree(folder)
@@ -264,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     except MedfedError as exc:
         _log(str(exc))
         raise SystemExit(1) from None
-    from medfed.deploy.flower_tuning import tune_object_pulls
+    from medfed.flower_patches.flower_tuning import tune_object_pulls
 
     tune_object_pulls()  # as in a ClientApp forked from the warm zygote
     module, _, attr = entry_ref.partition(":")

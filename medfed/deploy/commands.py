@@ -7,7 +7,6 @@ naming the option and the rule, exit code 2, and nothing written.
 from __future__ import annotations
 
 import inspect
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +113,16 @@ def _say(text: str) -> None:
         console.print(text, highlight=False)
 
 
+RUN_DEFAULTS = {"baselines": "none"}  # a deployment run trains one arm: baselines are separate runs
+
+
 def run(
     kit: str = "",
     superlink: str = "",
     resume: str = "",
     workdir: str = "",
     insecure: bool = False,
+    config: str | None = None,
     **settings: Any,
 ) -> None:
     """Submit a federated run to a deployment (the SuperLink of `medfed server`) and wait for it.
@@ -127,8 +130,9 @@ def run(
     The sites train on their own data (site-data own); --data names the server's evaluation file.
     With --resume RUN_DIR the run continues after that directory's last completed round, with its settings."""
     from medfed.config import RunConfig
+    from medfed.config.flags import settings_from_flags
     from medfed.deploy.launch import INSECURE_WARNING, ServerKit, run_settings, submit
-    from medfed.server.resume import load_round_checkpoint
+    from medfed.experiment.resume import load_round_checkpoint
 
     try:
         if not kit:
@@ -138,8 +142,7 @@ def run(
             _say(f"WARNING {INSECURE_WARNING}")
         address = superlink or f"{server_kit.server_address}:{DEFAULT_PORT}"
         if resume:
-            defaults = {f.name: f.default for f in fields(RunConfig)} | {"baselines": "none"}
-            given = sorted(k for k, v in settings.items() if v != defaults.get(k))
+            given = sorted([k for k, v in settings.items() if v is not None] + (["config"] if config else []))
             if given:  # a resumed run keeps its own settings; say so rather than drop them silently
                 _say("WARNING --resume continues with the run's own settings; ignoring "
                      + ", ".join(f"--{k.replace('_', '-')}" for k in given))
@@ -147,7 +150,8 @@ def run(
             cfg = RunConfig.from_flat({**checkpoint.settings, "resume-from": str(Path(resume).expanduser().resolve())})
             _say(f"resuming {resume} after {checkpoint.phase.value} round {checkpoint.completed_round}")
         else:
-            cfg = run_settings(RunConfig(**settings), server_kit, insecure=insecure)
+            cfg = run_settings(settings_from_flags(config, settings, defaults=RUN_DEFAULTS), server_kit,
+                               insecure=insecure)
         work = Path(workdir) if workdir else server_kit.folder / "state"
         ca = None if insecure else server_kit.folder / "ca.crt"
         operator = None if insecure else (server_kit.operator_cert, server_kit.operator_key)
@@ -159,8 +163,7 @@ def run(
 
 
 def _run_signature() -> inspect.Signature:
-    from medfed.cli import HELP, SETTING_TYPES
-    from medfed.config import RunConfig
+    from medfed.config.flags import setting_parameters
 
     params = [
         inspect.Parameter("kit", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
@@ -176,14 +179,7 @@ def _run_signature() -> inspect.Signature:
     ]
     # set by the deployment (sites from the kit, one federated arm, each site's own data), or simulation only
     skip = {"site_data", "resume_from", "client_cpus", "ledger_dir", "num_sites", "mode", "baselines", "site_keys"}
-    defaults = {"baselines": "none"}
-    for f in fields(RunConfig):
-        if f.name in skip:
-            continue
-        params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=SETTING_TYPES[str(f.type)],
-            default=typer.Option(defaults.get(f.name, f.default), f"--{f.name.replace('_', '-')}",
-                                 help=HELP.get(f.name, ""))))
+    params += setting_parameters(skip=skip, defaults=RUN_DEFAULTS)
     return inspect.Signature(params)
 
 
@@ -197,7 +193,7 @@ def split_sites(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
     """Cut a MedMNIST file into one file per site, to rehearse a deployment on public data."""
-    from medfed.simulations.site_files import write_site_files
+    from medfed.data.site_files import write_site_files
 
     try:
         files = write_site_files(data, [s.strip() for s in sites.split(",") if s.strip()], Path(out),

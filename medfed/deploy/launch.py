@@ -34,7 +34,6 @@ from medfed.config import RunConfig
 from medfed.constants import RUN_DIR_MARK, NodeConfigKey
 from medfed.deploy import processes as proc
 from medfed.deploy.approval import approvals_file, load_approvals, run_log_file
-from medfed.deploy.client_tls import client_certificate_env
 from medfed.deploy.provision import (
     AUTH_KEY,
     CA_CERT,
@@ -49,6 +48,7 @@ from medfed.deploy.provision import (
     SUPERNODE_KEYS_DIR,
 )
 from medfed.exceptions import ConfigError, DataError, FederationError
+from medfed.flower_patches.client_tls import client_certificate_env
 
 log = logging.getLogger("medfed.deploy")
 INSECURE_WARNING = ("--insecure: traffic is NOT encrypted and ANYONE who reaches the port may join, submit runs "
@@ -358,9 +358,9 @@ def run_settings(cfg: RunConfig, kit: ServerKit, *, insecure: bool = False) -> R
 
     num_sites = len(kit.sites)
     return cfg.replace(site_data="own", baselines="none", num_sites=num_sites,
-                       min_sites=min(cfg.min_sites, num_sites),
-                       data=str(resolve_data_path(cfg.data, download=False)),
-                       out_dir=str(Path(cfg.out_dir).expanduser().resolve()),
+                       min_sites=min(cfg.federation.min_sites, num_sites),
+                       data=str(resolve_data_path(cfg.dataset.source, download=False)),
+                       out_dir=str(Path(cfg.output.out_dir).expanduser().resolve()),
                        site_keys="" if insecure else kit.site_keys_setting())
 
 

@@ -201,10 +201,10 @@ def supernode_command(*, superlink: str, node_config: dict[str, object], runtime
                       root_certificate: Path | None, auth_key: Path | None,
                       superexec_secret: Path | None = None) -> list[str]:
     """A SuperNode dialling ``superlink`` (``flower-supernode`` with medfed's latency tuning,
-    `medfed.deploy.flower_tuning`); ``root_certificate`` None = insecure. With
+    `medfed.flower_patches.flower_tuning`); ``root_certificate`` None = insecure. With
     ``superexec_secret`` it starts no SuperExec of its own (``--isolation process``): medfed's warm
     SuperExec (`warm_exec_command`) serves its ClientApp tasks, authenticated by that secret."""
-    command = [sys.executable, "-m", "medfed.deploy.flower_tuning", "supernode", "--superlink", superlink,
+    command = [sys.executable, "-m", "medfed.flower_patches.flower_tuning", "supernode", "--superlink", superlink,
                "--node-config", node_config_arg(node_config), "--host", "127.0.0.1", "--port", str(runtime_port)]
     if superexec_secret is not None:
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
@@ -256,15 +256,15 @@ class ControlConnection:
 
 def flwr_cli(args: list[str], conn: ControlConnection, *, timeout: float = 120.0,
              cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``flwr ARGS``; with a client certificate, through `medfed.deploy.client_tls` so that Flower's
+    """``flwr ARGS``; with a client certificate, through `medfed.flower_patches.client_tls` so that Flower's
     HTTP client presents it."""
-    from medfed.deploy.client_tls import client_certificate_env
+    from medfed.flower_patches.client_tls import client_certificate_env
 
     env = flower_env(conn.flwr_home)
     command = [flower_bin("flwr"), *args]
     if conn.client_cert is not None:
         env.update(client_certificate_env(*conn.client_cert))
-        command = [sys.executable, "-m", "medfed.deploy.client_tls", "flwr", *args]
+        command = [sys.executable, "-m", "medfed.flower_patches.client_tls", "flwr", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from medfed.deploy.clientapp_gate import read_token
 from medfed.deploy.warm_exec import clientapp_argv as task_argv
 from medfed.deploy.warm_exec import start_with_token, without_token
+from medfed.flower_patches.superexec import run_superexec_with
 
 MODULE = "medfed.deploy.serverapp_exec"
 SERVERAPP_ENTRY = "flwr.superlink.cli:flwr_serverapp"
@@ -88,21 +89,13 @@ def run_task(argv: Sequence[str], stdin: Any = None) -> None:
 
 def run(argv: Sequence[str]) -> None:
     """Flower's SuperExec with `StdinTokenExecutor` (options as ``flower-superexec``'s)."""
-    import flwr.supercore.superexec.run_superexec as superexec
-    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
-
-    if not hasattr(superexec, "get_executor"):  # the one seam this relies on; flwr is pinned to 1.41.0
-        raise RuntimeError("flwr.supercore.superexec.run_superexec.get_executor is gone: this flwr is not 1.41")
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--superexec-auth-secret-file", required=True)
     args = parser.parse_args(argv)
-    executor = StdinTokenExecutor()
-    superexec.get_executor = lambda *_, **__: executor
-    superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True,
-                            superexec_auth_secret=load_superexec_auth_secret(args.superexec_auth_secret_file),
-                            parent_pid=args.parent_pid, runtime_dependency_install=False)
+    run_superexec_with(StdinTokenExecutor(), runtime_api_address=args.runtime_api_address,
+                       auth_secret_file=args.superexec_auth_secret_file, parent_pid=args.parent_pid)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -54,6 +54,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medfed.deploy import clientapp_gate
+from medfed.flower_patches import clientapp_seam
+from medfed.flower_patches.superexec import run_superexec_with
 
 MODULE = "medfed.deploy.warm_exec"
 GATE_MODULE = "medfed.deploy.clientapp_gate"
@@ -66,7 +68,7 @@ TASK_POLL_SECONDS = "0.1"  # Flower's default is 1 s; AcquireTask is one local H
 # are imported only to pull in their dependencies, then dropped (see the module docstring).
 WARM_MODULES = (
     "flwr.supernode.cli.flwr_clientapp",
-    "medfed.client.app", "medfed.client.algo", "medfed.client.replay",
+    "medfed.client_app", "medfed.task.algo", "medfed.task.replay",
     "medfed.privacy.dp_sgd", "medfed.privacy.ledger", "medfed.privacy.guard",
     "medfed.models.encoders", "medfed.models.lora", "medfed.selfsup.registry",
     "opacus", "opacus.validators", "opacus.optimizers", "opacus.grad_sample",
@@ -87,7 +89,7 @@ def warm_up(modules: Sequence[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 -- a warm-up miss must not stop the site
+        except Exception as exc:
             _log(f"could not pre-import {name}: {type(exc).__name__}: {exc}")
     for name in [m for m in sys.modules if m == OWN_PACKAGE or m.startswith(OWN_PACKAGE + ".")]:
         del sys.modules[name]
@@ -126,7 +128,7 @@ def run_child(entry: Callable[[], object], argv: list[str]) -> int:
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 -- report and exit non-zero, like a crashed process
+    except BaseException:
         traceback.print_exc()
         return 1
 
@@ -135,7 +137,7 @@ def serve(entry_ref: str, modules: Sequence[str], requests_fd: int = 0) -> None:
     """The zygote: install the app gate (settings from the environment; it refuses to start without),
     warm up, then fork one child per request line (``{"argv": [...]}``) read from ``requests_fd``,
     until it closes. Exited children are reaped."""
-    from medfed.deploy.flower_tuning import tune_object_pulls
+    from medfed.flower_patches.flower_tuning import tune_object_pulls
 
     clientapp_gate.install(clientapp_gate.GateSettings.from_env())  # inherited by every fork
     tune_object_pulls()  # objects not there yet: retried after 50 ms, not Flower's 1 s (see flower_tuning)
@@ -316,18 +318,13 @@ def gate_settings_from_args(approved_apps: str, run_log: str, site: str) -> clie
     from medfed.deploy.approval import load_approvals
 
     settings = clientapp_gate.GateSettings(Path(approved_apps).resolve(), Path(run_log).resolve(), site)
-    clientapp_gate.target_module()
+    clientapp_seam.target_module()
     load_approvals(settings.approved_apps)
     return settings
 
 
 def run(argv: Sequence[str]) -> None:
     """Flower's SuperExec with `ZygoteExecutor` (``flower-superexec``'s options, plus the app gate's)."""
-    import flwr.supercore.superexec.run_superexec as superexec
-    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
-
-    if not hasattr(superexec, "get_executor"):  # the one seam this relies on; flwr is pinned to 1.41.0
-        raise RuntimeError("flwr.supercore.superexec.run_superexec.get_executor is gone: this flwr is not 1.41")
     parser = argparse.ArgumentParser(prog="python -m medfed.deploy.warm_exec")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--insecure", action="store_true")
@@ -343,11 +340,9 @@ def run(argv: Sequence[str]) -> None:
     os.environ.update(settings.to_env())  # inherited by the zygote and every fresh ClientApp process
     os.environ.setdefault(POLL_ENV, TASK_POLL_SECONDS)
     executor = ZygoteExecutor(warm=args.clientapp_start == "warm")
-    superexec.get_executor = lambda *_, **__: executor
-    superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
-                            root_certificates_path=args.root_certificates,
-                            superexec_auth_secret=load_superexec_auth_secret(args.superexec_auth_secret_file),
-                            parent_pid=args.parent_pid, runtime_dependency_install=False)
+    run_superexec_with(executor, runtime_api_address=args.runtime_api_address,
+                       auth_secret_file=args.superexec_auth_secret_file, parent_pid=args.parent_pid,
+                       insecure=args.insecure, root_certificates=args.root_certificates)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,11 +12,13 @@ Every encoder maps ``(B, C, *spatial)`` to features ``(B, feature_dim)``.
 
 from __future__ import annotations
 
+import medfed._monai  # noqa: F401  (first: MONAI without transformers, see medfed/_monai.py)
+
+# isort: split
 import math
 from dataclasses import dataclass
 
 import torch
-import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch import nn
@@ -160,20 +162,3 @@ def build_encoder(kind: EncoderKind | str, spec: InputSpec, width: int = 16) -> 
     if kind == EncoderKind.VIT:
         return ViTEncoder(spec)
     raise ConfigError(f"encoder kind must be resolved to cnn or vit before building; got {kind}")
-
-
-def resolve_encoder_kind(requested: str, ssl_methods: list[str]) -> EncoderKind:
-    """AUTO -> ViT when MAE is among the methods, else CNN; check the methods can use the kind."""
-    from medfed.selfsup.registry import method_class
-
-    kind = EncoderKind(requested)
-    if kind == EncoderKind.AUTO:
-        kind = EncoderKind.VIT if "mae" in ssl_methods else EncoderKind.CNN
-    for name in ssl_methods:
-        allowed = method_class(name).encoder_kinds
-        if kind not in allowed:
-            raise ConfigError(
-                f"self-supervised method {name!r} needs a {' or '.join(k.value for k in allowed)} encoder; "
-                f"got --encoder {kind.value}"
-            )
-    return kind

@@ -5,9 +5,11 @@ All use LayerNorm or GroupNorm, never BatchNorm, so a model stays valid for DP-S
 
 from __future__ import annotations
 
+import medfed._monai  # noqa: F401  (first: MONAI without transformers, see medfed/_monai.py)
+
+# isort: split
 import torch
 import torch.nn.functional as F
-import medfed._monai  # noqa: F401  (MONAI without transformers: see medfed/_monai.py)
 from monai.networks.blocks import Convolution
 from torch import nn
 

@@ -21,6 +21,10 @@ For each ledger found (in a run directory, a folder, or given as files) the audi
 and writes ``audit.json``, ``audit.md`` and ``audit_epsilon.png`` (epsilon per site against
 its releases, with budget lines). The unit of privacy is stated in the report. A ledger that
 cannot be read is one failed entry (with the reason); the others are still audited.
+
+The audit of one ledger is `medfed.privacy.audit_site`; finding the ledgers, anchors and run configs is
+`medfed.privacy.audit_discovery`. This module runs the audit over its targets, cross-checks the server's view
+and writes the report.
 """
 
 from __future__ import annotations
@@ -30,31 +34,17 @@ import math
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.exceptions import ConfigError, LedgerError
+from medfed.exceptions import LedgerError
+from medfed.privacy.audit_discovery import LEDGER_GLOB, _Anchors, _collect_anchors, _run_config, find_ledgers
+from medfed.privacy.audit_site import TOLERANCE, SiteAudit, _unreadable, audit_ledger
 from medfed.privacy.central import CENTRAL_SITE
-from medfed.privacy.independent import INDEPENDENT_FOR, compare, independent_epsilon
-from medfed.privacy.ledger import (
-    ANCHOR_SUFFIX,
-    MECHANISM_CENTRAL,
-    MECHANISM_DP_SGD,
-    MECHANISM_NONE,
-    Anchor,
-    LedgerEntry,
-    anchor_problems,
-    load_public_key,
-    read_anchor,
-    verify_ledger,
-)
-
-DP_MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_CENTRAL)  # rows an accountant composes (one kind per ledger)
+from medfed.privacy.ledger import verify_ledger
 from medfed.privacy.plots import plot_epsilon
 
-LEDGER_GLOB = "*.ledger.sqlite"
-ANCHOR_GLOB = f"*{ANCHOR_SUFFIX}"
 UNIT_OF_PRIVACY = (
     "one training image of one site (example-level DP): adding or removing one image of a site's training data "
     "changes the distribution of the weights that leave that site by at most (epsilon, delta) (scalar metrics such "
@@ -68,51 +58,6 @@ CENTRAL_UNIT_OF_PRIVACY = (
     "global weights by at most (epsilon, delta). It covers what anyone who receives the global model learns; the "
     "server itself sees each update unless secure aggregation (secagg+) hides them (docs/PRIVACY.md)."
 )
-TOLERANCE = 0.01
-
-
-@dataclass
-class RowCheck:
-    seq: int
-    reported: float
-    recomputed: float
-    method: str
-    agrees: bool
-
-
-@dataclass
-class SiteAudit:
-    """The audit of one ledger."""
-
-    ledger: str
-    group: str  # the folder above the ledger (the arm in a simulation)
-    site: str
-    public_key: str
-    rows: int
-    problems: list[str]
-    reported_epsilon: float
-    delta: float
-    recomputed: dict[str, float]  # independent method -> epsilon after the last row
-    row_checks: list[RowCheck]
-    uncovered: list[dict[str, Any]]
-    budget: float | None  # the budget in force at the last row (as recorded, else the audit's fallback)
-    releases: list[dict[str, Any]] = field(default_factory=list)  # seq, run_id, phase, round, mechanism, epsilon,
-    # budget (the one recorded in the row, or None)
-    anchor: str | None = None  # the anchor the ledger was checked against, if one was found
-    readable: bool = True  # False: the ledger could not be read at all (its one problem says why)
-
-    @property
-    def series(self) -> list[tuple[int, float]]:
-        """(release number, epsilon after) for the plot."""
-        return [(i + 1, r["epsilon"]) for i, r in enumerate(self.releases)]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def label(self) -> str:
-        return f"{self.group} site {self.site}" if self.group else f"site {self.site}"
 
 
 @dataclass
@@ -128,178 +73,6 @@ class AuditReport:
     @property
     def ok(self) -> bool:
         return not self.run_problems and all(s.ok for s in self.sites)
-
-
-def find_ledgers(target: Path, pattern: str = LEDGER_GLOB) -> list[Path]:
-    """Ledgers (or, with ``pattern``, other files such as anchors) in a run directory (its ledgers/ or the
-    ledger-dir of its config), a folder, or a file."""
-    if target.is_file():
-        return [target]
-    if not target.is_dir():
-        raise LedgerError(f"audit target {str(target)!r} does not exist")
-    found = sorted(target.rglob(pattern))
-    config = _run_config(target)
-    if config and config.get("ledger-dir"):
-        external = Path(str(config["ledger-dir"])).expanduser()
-        if external.is_dir():
-            found += sorted(p for p in external.rglob(pattern) if p not in found)
-    return found
-
-
-@dataclass
-class _Anchors:
-    """The anchors found for an audit, by the public key they belong to, and which ledgers used them."""
-
-    by_key: dict[str, Anchor] = field(default_factory=dict)
-    expected: set[str] = field(default_factory=set)  # keys whose ledger must be among those audited
-    used: set[str] = field(default_factory=set)  # keys whose ledger was audited
-    problems: list[str] = field(default_factory=list)
-
-    def add(self, path: Path, *, expected: bool) -> None:
-        """Read one anchor file (an unreadable or forged one is a problem of the audit)."""
-        try:
-            anchor = read_anchor(path)
-        except LedgerError as exc:
-            self.problems.append(f"anchor {path}: {exc}")
-            return
-        if expected:
-            self.expected.add(anchor.public_key_hex)
-        known = self.by_key.get(anchor.public_key_hex)
-        if known is None or anchor.seq > known.seq:  # copies of one key's anchor: the furthest one counts
-            self.by_key[anchor.public_key_hex] = anchor
-
-    def for_ledger(self, public_key: str) -> Anchor | None:
-        self.used.add(public_key)
-        return self.by_key.get(public_key)
-
-    def orphans(self) -> list[str]:
-        """Anchors that record releases but whose ledger was not audited: the ledger was deleted (or replaced by
-        one signed with another key)."""
-        return [
-            f"anchor {a.path}: the key {a.public_key_hex[:16]}.. of site {a.site!r} signed a ledger with {a.seq} "
-            f"release(s) (it was at {a.ledger}), but no readable ledger signed by that key was found (deleted, "
-            "unreadable, or replaced by a ledger of another key?)"
-            for a in sorted(self.by_key.values(), key=lambda a: str(a.path))
-            if a.seq > 0 and a.public_key_hex in self.expected and a.public_key_hex not in self.used
-        ]
-
-
-def _collect_anchors(targets: Sequence[Path], anchors: Path | None) -> _Anchors:
-    """Anchors beside the ledgers of every target (a run directory or folder: every anchor under it must find its
-    ledger; a ledger file: the anchors in its folder are used if they match) and those given with ``--anchors``."""
-    found = _Anchors()
-    for target in targets:
-        if target.is_dir():
-            for path in find_ledgers(target, ANCHOR_GLOB):
-                found.add(path, expected=True)
-        elif target.is_file():
-            for path in sorted(target.parent.glob(ANCHOR_GLOB)):
-                found.add(path, expected=False)
-    if anchors is not None:
-        if not anchors.exists():
-            raise LedgerError(f"anchors {str(anchors)!r} do not exist")
-        for path in [anchors] if anchors.is_file() else sorted(anchors.rglob(ANCHOR_GLOB)):
-            found.add(path, expected=True)
-    return found
-
-
-def _run_config(target: Path) -> dict[str, Any] | None:
-    path = target / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{path}: not a readable run config ({exc})") from exc
-
-
-def _history(entries: Sequence[LedgerEntry]) -> list[tuple[float, float, int]]:
-    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.mechanism in DP_MECHANISMS]
-
-
-def audit_ledger(path: Path, *, trusted_key: Path | None = None, budget: float | None = None,
-                 tolerance: float = TOLERANCE, anchor: Anchor | None = None) -> SiteAudit:
-    """Verify one ledger (against its ``anchor`` too, when one is given) and recompute its epsilons independently.
-
-    Each DP row is judged against the budget recorded in it (the one in force when it was written); ``budget`` is
-    the fallback for rows that record none (ledgers written before medfed recorded it)."""
-    trusted = load_public_key(trusted_key) if trusted_key is not None else None
-    verification = verify_ledger(path, trusted)
-    entries = verification.entries
-    problems = list(verification.problems)
-    if anchor is not None:
-        behind = anchor_problems(anchor, verification.site, verification.public_key_hex, entries)
-        problems += [f"ledger {p}" for p in behind]
-    checks: list[RowCheck] = []
-    for i, entry in enumerate(entries):
-        if entry.mechanism not in DP_MECHANISMS:
-            continue
-        method = INDEPENDENT_FOR.get(entry.accountant)
-        if method is None:
-            problems.append(f"row {entry.seq}: unknown accountant {entry.accountant!r}")
-            continue
-        try:
-            recomputed = independent_epsilon(_history(entries[: i + 1]), entry.delta, method)
-        except ConfigError as exc:  # a row with impossible values (already a verification problem): no number
-            problems.append(f"row {entry.seq}: epsilon cannot be recomputed ({exc})")
-            continue
-        agrees, _ = compare(entry.epsilon_after, recomputed, tolerance)
-        checks.append(RowCheck(entry.seq, entry.epsilon_after, recomputed, method, agrees))
-        if not agrees:
-            problems.append(
-                f"row {entry.seq}: reported epsilon {entry.epsilon_after:.6g} but {method} recomputes {recomputed:.6g} "
-                f"(more than {tolerance:.0%} apart)"
-            )
-    problems += _budget_problems(entries, budget)
-    history = _history(entries)
-    delta = entries[-1].delta if entries else 0.0
-    try:
-        recomputed_final = {m: independent_epsilon(history, delta, m) for m in ("rdp", "pld")} if history else {}
-    except ConfigError:  # listed per row above
-        recomputed_final = {}
-    releases = [
-        {"seq": e.seq, "run_id": e.run_id, "phase": e.phase, "round": e.server_round, "mechanism": e.mechanism,
-         "epsilon": e.epsilon_after, "budget": e.epsilon_budget}
-        for e in entries
-    ]
-    uncovered = [r for r in releases if r["mechanism"] == MECHANISM_NONE]
-    recorded = [e.epsilon_budget for e in entries if e.epsilon_budget is not None]
-    return SiteAudit(
-        ledger=str(path), group=path.parent.name, site=verification.site, public_key=verification.public_key_hex,
-        rows=len(entries), problems=problems, reported_epsilon=entries[-1].epsilon_after if entries else 0.0,
-        delta=delta, recomputed=recomputed_final, row_checks=checks, uncovered=uncovered,
-        budget=recorded[-1] if recorded else budget, releases=releases,
-        anchor=None if anchor is None else str(anchor.path),
-    )
-
-
-def _budget_problems(entries: Sequence[LedgerEntry], fallback: float | None) -> list[str]:
-    """DP rows over the budget in force when they were written (recorded in the row); a row that records no budget
-    (written before medfed recorded it) is judged against ``fallback``, whatever its mechanism, as before. A
-    ``none`` row that records its budget is not judged: it spends nothing, it repeats the epsilon so far."""
-    over: list[tuple[LedgerEntry, float, bool]] = []
-    for e in entries:
-        if e.epsilon_budget is not None:
-            if e.mechanism in DP_MECHANISMS and e.epsilon_after > e.epsilon_budget * (1 + 1e-9):
-                over.append((e, e.epsilon_budget, True))
-        elif fallback is not None and e.epsilon_after > fallback * (1 + 1e-9):
-            over.append((e, fallback, False))
-    if not over:
-        return []
-    first, limit, recorded = over[0]
-    whose = "in force when it was written" if recorded else "of this audit (the row records none)"
-    return [f"row {first.seq}: epsilon {first.epsilon_after:.6g} is over the budget {limit:g} {whose} "
-            f"({len(over)} row(s) over)"]
-
-
-def _unreadable(path: Path, exc: LedgerError) -> SiteAudit:
-    """A ledger that cannot be audited at all: one failed entry saying why (the others are still audited)."""
-    site = path.name.removesuffix(".ledger.sqlite").removeprefix("site-")
-    return SiteAudit(
-        ledger=str(path), group=path.parent.name, site=site, public_key="", rows=0,
-        problems=[f"cannot be audited: {exc}"], reported_epsilon=math.nan, delta=math.nan, recomputed={},
-        row_checks=[], uncovered=[], budget=None, readable=False,
-    )
 
 
 def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:

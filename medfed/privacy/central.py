@@ -61,10 +61,10 @@ class CentralDPSettings:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> CentralDPSettings | None:
-        if cfg.central_dp == CentralDP.NONE:
+        if cfg.central.mode == CentralDP.NONE:
             return None
-        return cls(CentralDP(cfg.central_dp), cfg.central_dp_noise_multiplier, cfg.central_dp_clipping_norm,
-                   cfg.central_dp_delta)
+        return cls(CentralDP(cfg.central.mode), cfg.central.noise_multiplier, cfg.central.clipping_norm,
+                   cfg.central.delta)
 
     def noise_std(self, num_updates: int) -> float:
         """Standard deviation of the noise on each coordinate of the mean of ``num_updates`` clipped updates."""

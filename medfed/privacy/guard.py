@@ -76,7 +76,7 @@ class SitePrivacy:
                 default_ledger_dir: Path | None) -> SitePrivacy:
         """Run settings, overridden by the site's node config (ledger path, key, a lower budget).
         ``default_ledger_dir`` holds the ledger when the node config names none (simulation)."""
-        epsilon, delta = cfg.dp_epsilon, cfg.dp_delta
+        epsilon, delta = cfg.privacy.epsilon, cfg.privacy.delta
         if NodeConfigKey.DP_EPSILON in node_config:
             epsilon = min(epsilon, _number(node_config, NodeConfigKey.DP_EPSILON))
         if NodeConfigKey.DP_DELTA in node_config:
@@ -90,11 +90,11 @@ class SitePrivacy:
             raise ConfigError(f"site {site}: no ledger-path in its node config and no default ledger folder")
         key = Path(str(node_config.get(NodeConfigKey.SIGNING_KEY, ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + KEY_SUFFIX))))
         return cls(
-            site=site, epsilon=epsilon, delta=delta, accountant=check_accountant(cfg.dp_accountant),
-            max_grad_norm=cfg.dp_max_grad_norm, noise_multiplier=cfg.dp_noise_multiplier,
-            grad_sample_mode=cfg.dp_grad_sample_mode, secure_rng=cfg.dp_secure_rng,
+            site=site, epsilon=epsilon, delta=delta, accountant=check_accountant(cfg.privacy.accountant),
+            max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
+            grad_sample_mode=cfg.privacy.grad_sample_mode, secure_rng=cfg.privacy.secure_rng,
             ledger_path=ledger.expanduser(), key_path=key.expanduser(),
-            run_epsilon=cfg.dp_run_epsilon, max_planned_noise=cfg.dp_max_planned_noise,
+            run_epsilon=cfg.privacy.run_epsilon, max_planned_noise=cfg.privacy.max_planned_noise,
         )
 
 

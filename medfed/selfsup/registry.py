@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from medfed.constants import EncoderKind, SSLMethodName
 from medfed.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -11,19 +12,19 @@ if TYPE_CHECKING:
     from medfed.selfsup.methods import SSLMethod, SSLSettings
 
 _METHOD_PATHS = {
-    "simclr": "SimCLR",
-    "byol": "BYOL",
-    "mae": "MAE",
-    "restore": "Restore",
+    SSLMethodName.SIMCLR: "SimCLR",
+    SSLMethodName.BYOL: "BYOL",
+    SSLMethodName.MAE: "MAE",
+    SSLMethodName.RESTORE: "Restore",
 }
 
 
 def available_methods() -> list[str]:
     """Names accepted by ``--pretrain`` (joinable with '+'), besides 'none'."""
-    return sorted(_METHOD_PATHS)
+    return sorted(m.value for m in _METHOD_PATHS)
 
 
-def method_class(name: str) -> type["SSLMethod"]:
+def method_class(name: str) -> type[SSLMethod]:
     from medfed.selfsup import methods
 
     if name not in _METHOD_PATHS:
@@ -32,8 +33,8 @@ def method_class(name: str) -> type["SSLMethod"]:
 
 
 def build_method(
-    names: list[str], weights: list[float], encoder: "Encoder", settings: "SSLSettings"
-) -> "SSLMethod":
+    names: list[str], weights: list[float], encoder: Encoder, settings: SSLSettings
+) -> SSLMethod:
     """One method, or a weighted `Combined` of several, all on the same encoder."""
     from medfed.selfsup.methods import Combined
 
@@ -45,6 +46,16 @@ def build_method(
     return Combined(encoder, parts, weights)
 
 
-def supports_dp(names: list[str]) -> bool:
-    """True when every named method has a per-example loss (usable under DP-SGD)."""
-    return all(method_class(n).per_example_loss for n in names)
+def resolve_encoder_kind(requested: str, ssl_methods: list[str]) -> EncoderKind:
+    """AUTO -> ViT when MAE is among the methods, else CNN; check the methods can use the kind."""
+    kind = EncoderKind(requested)
+    if kind == EncoderKind.AUTO:
+        kind = EncoderKind.VIT if "mae" in ssl_methods else EncoderKind.CNN
+    for name in ssl_methods:
+        allowed = method_class(name).encoder_kinds
+        if kind not in allowed:
+            raise ConfigError(
+                f"self-supervised method {name!r} needs a {' or '.join(k.value for k in allowed)} encoder; "
+                f"got --encoder {kind.value}"
+            )
+    return kind

@@ -6,7 +6,7 @@ has arrived, and SecAgg+ pays that once per stage (four per round). `QuickPollGr
 Grid and checks every `REPLY_POLL_SECONDS` instead (the simulation runtime's own Grid polls every
 0.1 s); each check is one small request to the SuperLink on the ServerApp's own connection.
 It also packs every ArrayRecord of the messages it pushes into one Array and unpacks the replies
-it pulls (`medfed.packing`: bit-exact; a message becomes a handful of transport objects instead
+it pulls (`medfed.fl.packing`: bit-exact; a message becomes a handful of transport objects instead
 of one or two per tensor).
 
 Defence in depth behind the gateway (`medfed.deploy.gateway`), given the centre's registry (run
@@ -29,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from medfed.constants import MetricKey
-from medfed.packing import pack_message, unpack_message
+from medfed.fl.packing import pack_message, unpack_message
 
 log = logging.getLogger(__name__)
 REPLY_POLL_SECONDS = 0.2

@@ -18,7 +18,6 @@ from flwr.serverapp.strategy import Strategy
 
 from medfed.constants import DEFAULT_ROUND_TIMEOUT
 
-
 TrainRound = Callable[[int, ArrayRecord, ConfigRecord], "ArrayRecord | None"]
 """One training round's exchange: (round, global arrays, train config) -> new arrays (None: keep them).
 The default sends the strategy's messages and aggregates the replies; SecAgg+ replaces it

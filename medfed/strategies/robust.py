@@ -27,51 +27,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 
+from medfed.config.rules import MIN_UPDATES_TO_SCREEN, krum_problem, trim_count
 from medfed.constants import AggregationRule
 from medfed.exceptions import FederationError
 
 Update = Mapping[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class AggregationSettings:
-    """The server's aggregation rule and norm-outlier screen (RunConfig's settings of the same names).
-
-    ``aggregation``: mean (the strategy's own example-weighted average) | trimmed-mean | median | krum;
-    ``trim_fraction``: dropped at each end (trimmed-mean); ``krum_byzantine``: f; ``krum_select``: m
-    (Multi-Krum); ``norm_outlier_factor``: 0 (off) or > 1.
-    """
-
-    aggregation: str = AggregationRule.MEAN.value
-    trim_fraction: float = 0.2
-    krum_byzantine: int = 1
-    krum_select: int = 1
-    norm_outlier_factor: float = 0.0
-
-    def __post_init__(self) -> None:
-        AggregationRule(self.aggregation)  # ValueError for an unknown rule
-        if not 0 <= self.trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5); got {self.trim_fraction}")
-        if self.krum_byzantine < 0 or self.krum_select < 1:
-            raise ValueError(f"krum_byzantine must be >= 0 and krum_select >= 1; "
-                             f"got {self.krum_byzantine}, {self.krum_select}")
-        if self.norm_outlier_factor != 0 and not self.norm_outlier_factor > 1:
-            raise ValueError(f"norm_outlier_factor must be 0 (off) or > 1; got {self.norm_outlier_factor}")
-
-    @classmethod
-    def from_config(cls, cfg: object) -> AggregationSettings:
-        """The settings of a RunConfig (any object with attributes of these names)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
-
-    @property
-    def rule(self) -> AggregationRule:
-        return AggregationRule(self.aggregation)
-
-_EPS = 1e-9  # guards floor(trim * n) against 0.29 * 100 = 28.999...
 
 
 def _is_float(array: np.ndarray) -> bool:
@@ -113,13 +76,6 @@ def mean(updates: Sequence[Update]) -> dict[str, np.ndarray]:
     return _coordinatewise(updates, lambda s: s.mean(axis=0))
 
 
-def trim_count(n: int, trim_fraction: float) -> int:
-    """How many values `trimmed_mean` drops at EACH end of every coordinate: floor(trim_fraction * n)."""
-    if not 0 <= trim_fraction < 0.5:
-        raise ValueError(f"trim_fraction must be in [0, 0.5); got {trim_fraction}")
-    return math.floor(trim_fraction * n + _EPS)
-
-
 def trimmed_mean(updates: Sequence[Update], trim_fraction: float) -> dict[str, np.ndarray]:
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018, Algorithm "beta-trimmed mean").
 
@@ -142,19 +98,6 @@ def coordinate_median(updates: Sequence[Update]) -> dict[str, np.ndarray]:
     It tolerates fewer than half faulty updates per coordinate; with two updates it is their mean.
     """
     return _coordinatewise(updates, lambda s: np.median(s, axis=0))
-
-
-def krum_problem(n: int, byzantine: int, select: int = 1) -> str:
-    """Why Krum cannot run on ``n`` updates tolerating ``byzantine`` faulty ones and keeping ``select``, or ''."""
-    if byzantine < 0 or select < 1:
-        return f"Krum needs krum-byzantine >= 0 and krum-select >= 1; got {byzantine} and {select}"
-    if n < 2 * byzantine + 3:
-        return (f"Krum tolerating f={byzantine} faulty updates needs n >= 2f+3 = {2 * byzantine + 3} updates "
-                f"(Blanchard et al. 2017); got n={n}")
-    if select > n - byzantine:
-        return (f"Multi-Krum keeping m={select} updates must keep m <= n - f = {n} - {byzantine} = {n - byzantine}, "
-                f"or a faulty update could always be among them")
-    return ""
 
 
 def _pairwise_sq_distances(updates: Sequence[Update], keys: list[str]) -> np.ndarray:
@@ -223,10 +166,6 @@ def aggregate(rule: str, updates: Sequence[Update], *, trim_fraction: float = 0.
 
 # ---- norm-outlier screen ---------------------------------------------------------------------
 
-MIN_UPDATES_TO_SCREEN = 3
-"""With fewer updates there is no 'the others' to compare with, and `norm_outliers` flags nothing."""
-
-
 def update_distances(updates: Sequence[Update], reference: Update) -> np.ndarray:
     """Each update's L2 distance from ``reference`` (the global weights sent), over the update's
     floating-point arrays, in float64."""
@@ -268,7 +207,7 @@ def norm_outliers(updates: Sequence[Update], reference: Update, factor: float) -
 
 
 __all__ = [
-    "MIN_UPDATES_TO_SCREEN", "AggregationSettings", "aggregate", "coordinate_median", "krum", "krum_problem",
+    "MIN_UPDATES_TO_SCREEN", "aggregate", "coordinate_median", "krum", "krum_problem",
     "krum_scores",
     "krum_selection", "mean", "norm_outliers", "trim_count", "trimmed_mean", "update_distances",
 ]

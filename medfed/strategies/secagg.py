@@ -11,7 +11,7 @@ ledgers, central DP.
 
 The four SecAgg+ stages are four train messages per site per round (setup, share keys, collect masked
 vectors, unmask; the site's training runs in the third). On the site, Flower's ``secaggplus_mod``
-masks the reply (`medfed.client.app`). Each site's weight in the sum is 1 (0 for a site that refuses
+masks the reply (`medfed.client_app`). Each site's weight in the sum is 1 (0 for a site that refuses
 the round at its privacy budget, whose refusal and metrics still arrive in the clear): the result is the
 UNWEIGHTED mean of the sites' shared weights, which is what central DP needs, and a site's example count
 cannot push the weighted values out of SecAgg+'s quantisation range. Values are quantised to
@@ -67,7 +67,7 @@ class SecAggSettings:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SecAggSettings:
-        return cls(cfg.secagg_num_shares, cfg.secagg_threshold, cfg.secagg_clipping_range, cfg.round_timeout)
+        return cls(cfg.secagg.num_shares, cfg.secagg.threshold, cfg.secagg.clipping_range, cfg.federation.round_timeout)
 
     def workflow(self) -> SecAggPlusWorkflow:
         return SecAggPlusWorkflow(num_shares=float(self.num_shares), reconstruction_threshold=float(self.threshold),

@@ -30,12 +30,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from medfed.calibration import HISTOGRAM_KEYS, Threshold, histogram_problem, pooled_threshold
+from medfed.config import RobustSettings
 from medfed.constants import AggregationRule, CentralDP, MetricKey, Phase, RecordKey, StrategyName
 from medfed.exceptions import FederationError
 from medfed.privacy.central import CLIP_TOLERANCE, CentralDPSettings, CentralLedger, add_noise, clip_update, update_norm
 from medfed.strategies import robust
-from medfed.strategies.robust import AggregationSettings
+from medfed.task.calibration import HISTOGRAM_KEYS, Threshold, histogram_problem, pooled_threshold
 
 
 @dataclass(frozen=True)
@@ -175,14 +175,14 @@ class SharedWeightsMixin:
     phase: Phase
     shared_keys: list[str]
     observer: Observer | None
-    aggregation: AggregationSettings
+    aggregation: RobustSettings
     _sent: ArrayRecord | None
 
     def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None, private: bool = False,
-               aggregation: AggregationSettings | None = None) -> None:
+               aggregation: RobustSettings | None = None) -> None:
         self.phase, self.shared_keys, self.observer = phase, list(shared_keys), observer
         self.private = private  # a DP phase: every update must say what it cost
-        self.aggregation = aggregation or AggregationSettings()
+        self.aggregation = aggregation or RobustSettings()
         self._sent = None
         self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
         self.min_updates = 1  # sites a round needs a valid update (or a refusal) from (min-sites); fewer fail the round
@@ -315,7 +315,7 @@ class SharedWeightsMixin:
             )
         if self.central is not None:
             arrays, metrics = self._central_aggregate(server_round, valid)
-        elif self.aggregation.rule == AggregationRule.MEAN:
+        elif AggregationRule(self.aggregation.rule) == AggregationRule.MEAN:
             arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         else:
             arrays, metrics = self._robust_aggregate(server_round, valid)
@@ -356,7 +356,7 @@ class SharedWeightsMixin:
     def _robust_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
         """Trimmed mean, median or (Multi-)Krum over the valid replies' shared arrays: UNWEIGHTED (a faulty site
         could claim any example count); dtypes kept. Metrics as in the mean path (``train_metrics_aggr_fn``)."""
-        settings, rule = self.aggregation, self.aggregation.rule
+        settings, rule = self.aggregation, AggregationRule(self.aggregation.rule)
         updates = [_update_arrays(m) for m in valid]
         n = len(updates)
         problem = robust.krum_problem(n, settings.krum_byzantine, settings.krum_select) if rule == AggregationRule.KRUM else ""
@@ -412,7 +412,7 @@ class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
     """FedAvg over the shared weights only, with the reply contract enforced."""
 
     def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 aggregation: AggregationSettings | None = None, **fedavg_kwargs: object) -> None:
+                 aggregation: RobustSettings | None = None, **fedavg_kwargs: object) -> None:
         FedAvg.__init__(self, **fedavg_kwargs)  # type: ignore[arg-type]
         self._setup(phase, shared_keys, observer, private, aggregation)
 
@@ -421,7 +421,7 @@ class SharedWeightsFedProx(SharedWeightsMixin, FedProx):
     """FedProx over the shared weights only (sites add the proximal term)."""
 
     def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 aggregation: AggregationSettings | None = None, **fedprox_kwargs: object) -> None:
+                 aggregation: RobustSettings | None = None, **fedprox_kwargs: object) -> None:
         FedProx.__init__(self, **fedprox_kwargs)  # type: ignore[arg-type]
         self._setup(phase, shared_keys, observer, private, aggregation)
 
@@ -437,7 +437,7 @@ def make_strategy(
     proximal_mu: float = 0.0,
     observer: Observer | None = None,
     private: bool = False,
-    aggregation: AggregationSettings | None = None,
+    aggregation: RobustSettings | None = None,
     min_sites: int = 0,
 ) -> SharedWeightsMixin:
     """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off;
@@ -472,6 +472,6 @@ def make_strategy(
 
 
 __all__ = [
-    "AggregationSettings", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_evaluate_reply",
+    "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_evaluate_reply",
     "check_reply", "make_strategy",
 ]

@@ -24,12 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from medfed.data.site_files import write_site_files
 from medfed.deploy.processes import free_port
 from medfed.deploy.provision import ProvisionPlan, make_supernode_auth_key, provision
+from medfed.experiment.recorder import Recorder
+from medfed.experiment.resume import CHECKPOINT_DIR, STATE_FILE
 from medfed.privacy.ledger import MECHANISM_DP_SGD, MECHANISM_NONE, verify_ledger
-from medfed.server.recorder import Recorder
-from medfed.server.resume import CHECKPOINT_DIR, STATE_FILE
-from medfed.simulations.site_files import write_site_files
 
 SITES = ("h1", "h2", "h3")
 MEDFED = [sys.executable, "-m", "medfed.cli"]
@@ -434,20 +434,20 @@ def test_attack_an_app_no_site_approved_never_touches_a_sites_data(fed: Federati
     ClientApp. Every site refuses it before installing it; the centre's ServerApp sees the refusals with the
     app's hash; each site's run log records the refusal; the legitimate app still runs afterwards (the full
     run above, and the fault tests below)."""
+    from medfed.config import run_config
     from medfed.deploy.approval import build_app_fab, run_log_file, sha256_hex, verify_run_log
-    from medfed.config import RunConfig
     from medfed.deploy.launch import ServerKit, run_settings, write_run_config
     from medfed.deploy.processes import ControlConnection, stage_app, submit_run, write_cli_config
 
     marker = fed.root / "attacker" / "client-ran"
     app = stage_app(fed.root / "attacker" / "medfed-modified")
-    clientapp = app / "medfed" / "client" / "app.py"
+    clientapp = app / "medfed" / "client_app.py"
     clientapp.write_text(clientapp.read_text() + f"\nopen({str(marker)!r}, 'w').write('loaded at a site')\n")
     digest = sha256_hex(build_app_fab(app))
     conn = ControlConnection(fed.root / "attacker" / "operator-cli",
                              (fed.kits / "server" / "operator.crt", fed.kits / "server" / "operator.key"))
     write_cli_config(conn.flwr_home, fed.address, fed.kits / "server" / "ca.crt")
-    cfg = run_settings(RunConfig(data=str(Path(fed.env["MEDFED_DATA_PATH"]) / "breastmnist.npz"), pretrain="none", finetune_rounds=1, width=4,
+    cfg = run_settings(run_config(data=str(Path(fed.env["MEDFED_DATA_PATH"]) / "breastmnist.npz"), pretrain="none", finetune_rounds=1, width=4,
                                  finetune_batch_size=8, round_timeout=120, out_dir=str(fed.root / "runs"),
                                  run_name="unapproved"), ServerKit.read(fed.kits / "server"))
     run_id = submit_run(app, write_run_config(cfg, fed.root / "attacker" / "run.toml"), conn)

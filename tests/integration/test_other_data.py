@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medfed.config import RunConfig
-from medfed.simulations.runner import run_experiment
+from medfed.config import run_config
+from medfed.simulations.launcher import simulate as run_experiment
 
 
 def synthetic(path: Path, *, channels: int, labels_fn) -> Path:
@@ -36,7 +36,7 @@ def synthetic(path: Path, *, channels: int, labels_fn) -> Path:
 )
 def test_unseen_layouts_run_end_to_end(tmp_path: Path, name: str, channels: int, labels_fn, task: str, classes: int) -> None:
     data = synthetic(tmp_path / name, channels=channels, labels_fn=labels_fn)
-    cfg = RunConfig(
+    cfg = run_config(
         data=str(data), num_sites=3, partition="dirichlet", alpha=1.0, label_fraction=0.5, mode="local-only",
         pretrain="byol", pretrain_rounds=1, finetune_rounds=2, width=8, pretrain_batch_size=32,
         baselines="none", out_dir=str(tmp_path / "runs"), min_site_size=5,

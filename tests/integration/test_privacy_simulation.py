@@ -11,12 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app as cli_app
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
+from medfed.experiment import prepare
+from medfed.experiment.recorder import Recorder
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.audit import run_audit
 from medfed.privacy.ledger import verify_ledger
-from medfed.server.recorder import Recorder
-from medfed.simulations import runner
+from medfed.simulations import launcher
 
 ARM = "federated-none"
 
@@ -28,19 +29,19 @@ def dp_config(tmp_path: Path, **changes: object) -> RunConfig:
         dp="finetune", dp_noise_multiplier=1.0, dp_delta=1e-4, label_fraction=0.2,
     )
     base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return run_config(**base)  # type: ignore[arg-type]
 
 
 def budget_for_two_rounds(cfg: RunConfig) -> float:
     """A budget between every site's epsilon after 2 rounds and after 3 (the sites differ slightly in size)."""
-    prep = runner.prepare(cfg.replace(dp="none"))
+    prep = prepare.prepare(cfg.replace(dp="none"))
     after2, after3 = [], []
     for site in prep.plan.sites:
         n = len(site.labelled)
-        q, steps = min(1.0, cfg.finetune_batch_size / n), -(-n // cfg.finetune_batch_size)
-        step = MechanismStep(cfg.dp_noise_multiplier, q, steps)
-        after2.append(epsilon_spent([step] * 2, cfg.dp_delta, cfg.dp_accountant))
-        after3.append(epsilon_spent([step] * 3, cfg.dp_delta, cfg.dp_accountant))
+        q, steps = min(1.0, cfg.finetune.batch_size / n), -(-n // cfg.finetune.batch_size)
+        step = MechanismStep(cfg.privacy.noise_multiplier, q, steps)
+        after2.append(epsilon_spent([step] * 2, cfg.privacy.delta, cfg.privacy.accountant))
+        after3.append(epsilon_spent([step] * 3, cfg.privacy.delta, cfg.privacy.accountant))
     assert max(after2) < min(after3), (after2, after3)
     return (max(after2) + min(after3)) / 2
 
@@ -49,7 +50,7 @@ def budget_for_two_rounds(cfg: RunConfig) -> float:
 def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_path_env: Path) -> None:
     cfg0 = dp_config(tmp_path)
     cfg = cfg0.replace(dp_epsilon=budget_for_two_rounds(cfg0))
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     rows = Recorder.load(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["split"] == "train"]
     accepted = {(r["round"], r["site"]) for r in train if r["accepted"]}
@@ -59,7 +60,7 @@ def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_pa
     assert all("privacy budget" in r["reason"] or "refuses" in r["reason"] for r in train if r.get("refused"))
     eps = {(r["round"], r["site"]): r["epsilon"] for r in train if r["accepted"]}
     assert all(eps[(2, s)] > eps[(1, s)] > 0 for s in (0, 1))  # cumulative, not per round
-    assert all(v <= cfg.dp_epsilon for v in eps.values())
+    assert all(v <= cfg.privacy.epsilon for v in eps.values())
     assert not any("train-loss" in r for r in train)  # the loss is a non-private statistic: kept at the site
     val = {(r["round"], r["site"]) for r in rows if r["split"] == "val" and r["accepted"]}
     assert val == {(rnd, s) for rnd in (1, 2, 3) for s in (0, 1)}  # federated evaluation works under DP
@@ -92,7 +93,7 @@ def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_pa
     assert result.exit_code == 0, result.output
     empirical = json.loads((tmp_path / "audit-empirical" / "audit.json").read_text())["empirical"]
     assert empirical["dp"] and empirical["consistent"]
-    assert empirical["epsilon_lower_bound"] <= empirical["accountant_epsilon"] <= cfg.dp_epsilon
+    assert empirical["epsilon_lower_bound"] <= empirical["accountant_epsilon"] <= cfg.privacy.epsilon
 
     # tamper with a row (after dropping the append-only triggers, as an attacker with file access could)
     with sqlite3.connect(ledgers[1]) as conn:
@@ -108,8 +109,8 @@ def test_sites_refuse_at_the_budget_and_the_audit_agrees(tmp_path: Path, data_pa
 def test_budget_carries_across_runs_with_a_shared_ledger_dir(tmp_path: Path, data_path_env: Path) -> None:
     cfg0 = dp_config(tmp_path, finetune_rounds=2, ledger_dir=str(tmp_path / "ledgers"))
     budget = budget_for_two_rounds(cfg0.replace(finetune_rounds=3))
-    first = runner.run_experiment(cfg0.replace(dp_epsilon=budget, run_name="first"))
-    second = runner.run_experiment(cfg0.replace(dp_epsilon=budget, run_name="second"))
+    first = launcher.simulate(cfg0.replace(dp_epsilon=budget, run_name="first"))
+    second = launcher.simulate(cfg0.replace(dp_epsilon=budget, run_name="second"))
     rows1 = [r for r in Recorder.load(first / "metrics.jsonl") if r["split"] == "train"]
     rows2 = [r for r in Recorder.load(second / "metrics.jsonl") if r["split"] == "train"]
     assert all(r["accepted"] for r in rows1)
@@ -123,7 +124,7 @@ def test_budget_carries_across_runs_with_a_shared_ledger_dir(tmp_path: Path, dat
 def test_dp_lora_sends_adapters_and_head_only(tmp_path: Path, data_path_env: Path) -> None:
     cfg = dp_config(tmp_path, pretrain="restore", pretrain_rounds=1, pretrain_batch_size=64, finetune_rounds=1,
                     finetune_mode="lora", dp="all", dp_epsilon=50.0, dp_noise_multiplier=0.0, width=16)
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     rows = Recorder.load(run_dir / "metrics.jsonl")
     pre = [r for r in rows if r["phase"] == "pretrain" and r["split"] == "train"]
     fine = [r for r in rows if r["phase"] == "finetune" and r["split"] == "train"]
@@ -141,7 +142,7 @@ def test_a_site_with_a_bad_or_deleted_ledger_refuses_with_its_reason_not_a_site_
     """Simulation: a ledger that fails verification, or was deleted while its key stays, is that site's refusal (the
     kind of problem only: no path reaches the server), not a Ray traceback reported as "site -1: site error"."""
     cfg = dp_config(tmp_path, finetune_rounds=1, dp_epsilon=50.0, ledger_dir=str(tmp_path / "ledgers"))
-    first = runner.run_experiment(cfg.replace(run_name="first"))
+    first = launcher.simulate(cfg.replace(run_name="first"))
     assert run_audit([first]).ok
     folder = tmp_path / "ledgers" / ARM
     (folder / "site-0.ledger.sqlite").unlink()  # site 0's budget would start again from 0
@@ -149,7 +150,7 @@ def test_a_site_with_a_bad_or_deleted_ledger_refuses_with_its_reason_not_a_site_
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
             conn.execute(f"DROP TRIGGER {name}")
         conn.execute("UPDATE releases SET noise_multiplier = 9.0 WHERE seq = 1")
-    second = runner.run_experiment(cfg.replace(run_name="second"))  # every site refuses: the global model is kept
+    second = launcher.simulate(cfg.replace(run_name="second"))  # every site refuses: the global model is kept
     train = {r["site"]: r for r in Recorder.load(second / "metrics.jsonl") if r["split"] == "train"}
     assert sorted(train) == [0, 1] and all(r.get("refused") and not r["accepted"] for r in train.values())
     assert train[0]["reason"] == ("refused: site 0: its privacy ledger is missing or behind the releases its signing "

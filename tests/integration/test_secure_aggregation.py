@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from medfed.config import RunConfig
+from medfed.config import RunConfig, run_config
+from medfed.experiment import prepare
+from medfed.experiment.recorder import Recorder
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.audit import run_audit
 from medfed.privacy.central import CentralDPSettings, central_epsilon
 from medfed.privacy.ledger import verify_ledger
-from medfed.server.recorder import Recorder
-from medfed.simulations import runner
+from medfed.simulations import launcher
 
 ARM = "federated-simclr"
 
@@ -27,13 +28,13 @@ def config(tmp_path: Path, name: str, **changes: object) -> RunConfig:
                 pretrain_batch_size=32, finetune_rounds=1, finetune_batch_size=16, width=8, baselines="none",
                 label_fraction=0.3, out_dir=str(tmp_path / "runs"), client_cpus=1, run_name=name)
     base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return run_config(**base)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(300)
 def test_the_secure_sum_equals_plain_averaging_up_to_quantisation(tmp_path: Path, data_path_env: Path) -> None:
-    plain = runner.run_experiment(config(tmp_path, "plain"))
-    secure = runner.run_experiment(config(tmp_path, "secure", secure_aggregation="secagg+"))
+    plain = launcher.simulate(config(tmp_path, "plain"))
+    secure = launcher.simulate(config(tmp_path, "secure", secure_aggregation="secagg+"))
     a = load_file(plain / "arms" / ARM / "pretrained_encoder.safetensors")
     b = load_file(secure / "arms" / ARM / "pretrained_encoder.safetensors")
     assert a.keys() == b.keys()
@@ -55,7 +56,7 @@ def test_secagg_with_dp_sgd_and_central_dp_a_refusing_site_drops_out(tmp_path: P
                   dp="finetune", dp_noise_multiplier=1.0, dp_delta=1e-4, secure_aggregation="secagg+",
                   central_dp="client-clip", central_dp_noise_multiplier=5.0, central_dp_clipping_norm=0.5,
                   central_dp_delta=1e-3)
-    prep = runner.prepare(cfg0.replace(dp="none", secure_aggregation="none", central_dp="none"))
+    prep = prepare.prepare(cfg0.replace(dp="none", secure_aggregation="none", central_dp="none"))
     after = []
     for site in prep.plan.sites:  # every site's epsilon after 1 and after 2 rounds (sites differ in size)
         n = len(site.labelled)
@@ -65,7 +66,7 @@ def test_secagg_with_dp_sgd_and_central_dp_a_refusing_site_drops_out(tmp_path: P
     budget = (first + min(a[1] for a in after if a[1] > first)) / 2
     affords_two = {s for s, a in enumerate(after) if a[1] <= budget}
     assert 1 <= len(affords_two) <= 2, after  # some sites go on in round 2, the others refuse
-    run_dir = runner.run_experiment(cfg0.replace(run_name="dp", dp_epsilon=budget))
+    run_dir = launcher.simulate(cfg0.replace(run_name="dp", dp_epsilon=budget))
 
     rows = Recorder.load(run_dir / "metrics.jsonl")
     train = {(r["round"], r["site"]): r for r in rows if r["split"] == "train"}

@@ -11,10 +11,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from medfed.client.algo import new_classifier, new_encoder
-from medfed.config import RunConfig
-from medfed.server.recorder import Recorder
-from medfed.simulations import runner
+from medfed.config import RunConfig, run_config
+from medfed.experiment import arms, prepare, runner
+from medfed.experiment.recorder import Recorder
+from medfed.simulations import launcher
+from medfed.task.algo import new_classifier, new_encoder
 
 
 def small(tmp_path: Path, **changes: object) -> RunConfig:
@@ -23,19 +24,20 @@ def small(tmp_path: Path, **changes: object) -> RunConfig:
         pretrain_batch_size=64, width=8, baselines="none", out_dir=str(tmp_path / "runs"), client_cpus=1,
     )
     base.update(changes)
-    return RunConfig(**base)  # type: ignore[arg-type]
+    return run_config(**base)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(120)
 def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, data_path_env: Path) -> None:
     cfg = small(tmp_path)
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     assert run_dir == tmp_path / "runs" / "breastmnist-federated-simclr-s0"
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no partial left
-    for name in ("config.json", "split.json", "data.json", "metrics.jsonl", "summary.json", "report.md",
+    for name in ("config.json", "config.toml", "split.json", "data.json", "metrics.jsonl", "summary.json", "report.md",
                  "plots/loss_per_site.png", "plots/test_auc_per_round.png"):
         assert (run_dir / name).is_file(), name
     assert RunConfig.from_flat(json.loads((run_dir / "config.json").read_text())) == cfg
+    assert RunConfig.from_toml(run_dir / "config.toml") == cfg  # `medfed simulate --config` reruns the run
 
     rows = Recorder.load(run_dir / "metrics.jsonl")
     arm = "federated-simclr"
@@ -50,7 +52,7 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
     assert all(r["arm"] == arm for r in rows)
 
     # only encoder bytes travelled in pretraining
-    spec = runner.prepare(cfg).test.spec
+    spec = prepare.prepare(cfg).test.spec
     encoder = new_encoder(cfg, spec).state_dict()
     encoder_bytes = sum(v.numel() * v.element_size() for v in encoder.values())
     assert {r["bytes-sent"] for r in rows if r["phase"] == "pretrain" and r["split"] == "train"} == {encoder_bytes}
@@ -59,7 +61,7 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
 
     ckpt = run_dir / "arms" / arm
     assert list(load_file(str(ckpt / "pretrained_encoder.safetensors"))) == sorted(encoder)
-    classifier_keys = set(new_classifier(cfg, spec, runner.prepare(cfg).test.task, 2, None).state_dict())
+    classifier_keys = set(new_classifier(cfg, spec, prepare.prepare(cfg).test.task, 2, None).state_dict())
     assert set(load_file(str(ckpt / "final_model.safetensors"))) == classifier_keys
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -85,10 +87,10 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
 
 def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, data_path_env: Path) -> None:
     cfg = small(tmp_path, mode="local-only", pretrain="byol", baselines="all", pretrain_rounds=1, finetune_rounds=1)
-    names = [a.name for a in runner.arms_for(cfg)]
+    names = [a.name for a in arms.arms_for(cfg)]
     assert names == ["local-only-byol", "local-only-none", "federated-none", "federated-byol", "centralized-byol"]
     cfg = cfg.replace(baselines="none")
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())["arms"]["local-only-byol"]
     per_site = summary["per_site_test"]
     assert set(per_site) == {"0", "1"}
@@ -99,7 +101,7 @@ def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, dat
         both = len(np.unique(data["val_labels"][site["val"]])) == 2
         assert ("threshold" in per_site[str(site["site_id"])]) is both, site["site_id"]
     assert 0.0 < summary["test"]["threshold"] < 1.0
-    central = runner.run_experiment(cfg.replace(mode="centralized", pretrain="none", run_name="central"))
+    central = launcher.simulate(cfg.replace(mode="centralized", pretrain="none", run_name="central"))
     rows = Recorder.load(central / "metrics.jsonl")
     split = json.loads((central / "split.json").read_text())
     labelled = sum(len(s["labelled"]) for s in split["sites"])
@@ -113,14 +115,14 @@ def test_a_failing_run_leaves_no_run_directory(tmp_path: Path, data_path_env: Pa
 
     monkeypatch.setattr(runner, "run_arm", explode)
     with pytest.raises(RuntimeError, match="site crashed"):
-        runner.run_experiment(small(tmp_path))
+        launcher.simulate(small(tmp_path))
     assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_an_existing_run_directory_is_not_overwritten(tmp_path: Path, data_path_env: Path) -> None:
     cfg = small(tmp_path, pretrain="none", finetune_rounds=1, mode="centralized")
-    first = runner.run_experiment(cfg)
-    second = runner.run_experiment(cfg)
+    first = launcher.simulate(cfg)
+    second = launcher.simulate(cfg)
     assert first.name == "breastmnist-centralized-none-s0" and second.name == "breastmnist-centralized-none-s0-2"
 
 
@@ -130,7 +132,7 @@ def test_3d_smoke_run_on_adrenalmnist3d(tmp_path: Path, data_path_env: Path) -> 
         tmp_path, data="adrenalmnist3d", pretrain="simclr", pretrain_rounds=1, finetune_rounds=1, width=4,
         pretrain_batch_size=64, finetune_batch_size=32,
     )
-    run_dir = runner.run_experiment(cfg)
+    run_dir = launcher.simulate(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     data = json.loads((run_dir / "data.json").read_text())
     assert data["spatial_shape"] == [28, 28, 28]
@@ -141,23 +143,23 @@ def test_encoder_init_reuses_a_pretrained_encoder_and_skips_pretraining(tmp_path
     from medfed.exceptions import ConfigError
 
     cfg = small(tmp_path, mode="centralized", pretrain="byol", pretrain_rounds=1, finetune_rounds=1, run_name="first")
-    first = runner.run_experiment(cfg)
+    first = launcher.simulate(cfg)
     encoder_file = first / "arms" / "centralized-byol" / "pretrained_encoder.safetensors"
-    second = runner.run_experiment(cfg.replace(encoder_init=str(encoder_file), run_name="second", label_fraction=0.5))
+    second = launcher.simulate(cfg.replace(encoder_init=str(encoder_file), run_name="second", label_fraction=0.5))
     rows = Recorder.load(second / "metrics.jsonl")
     assert not [r for r in rows if r["phase"] == "pretrain"]
     assert not (second / "arms" / "centralized-byol" / "pretrained_encoder.safetensors").exists()
     assert "encoder loaded from" in (second / "report.md").read_text()
     # the second run starts from the first run's pretrained encoder and the same seeded head, so their
     # models before fine-tuning (round 0) are identical
-    r0 = lambda d: [r for r in Recorder.load(d / "metrics.jsonl") if r["split"] == "test" and r["round"] == 0][0]  # noqa: E731
+    r0 = lambda d: [r for r in Recorder.load(d / "metrics.jsonl") if r["split"] == "test" and r["round"] == 0][0]
     assert r0(first)["auc"] == r0(second)["auc"]
 
     wrong = cfg.replace(width=16, encoder_init=str(encoder_file), run_name="third")
     with pytest.raises(ConfigError, match="does not fit this encoder"):
-        runner.run_experiment(wrong)
+        launcher.simulate(wrong)
     with pytest.raises(ConfigError, match="does not exist"):
-        runner.run_experiment(cfg.replace(encoder_init=str(tmp_path / "none.safetensors"), run_name="fourth"))
+        launcher.simulate(cfg.replace(encoder_init=str(tmp_path / "none.safetensors"), run_name="fourth"))
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["first", "second"]
 
 
@@ -169,11 +171,11 @@ def test_module_level_server_app_reads_the_run_config_from_its_context(tmp_path:
     simulation engine through its internal entry point with a context that carries one.
     """
     from flwr.app import Context, RecordDict
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
-    from medfed.client.app import app as client_app
-    from medfed.server.app import app as server_app
+    from medfed.client_app import app as client_app
+    from medfed.server_app import app as server_app
 
     cfg = small(tmp_path, pretrain_rounds=1, finetune_rounds=1, run_name="from-flwr")
     context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat())

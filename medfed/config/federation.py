@@ -1,0 +1,81 @@
+"""Settings parts for the federation: the strategy and its rounds, and how the centre combines the sites'
+updates (the mean, or a Byzantine-robust rule, and a norm-outlier screen)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from medfed.config.base import Part, setting
+from medfed.constants import DEFAULT_ROUND_TIMEOUT, AggregationRule, StrategyName
+from medfed.exceptions import ConfigError
+
+
+@dataclass(frozen=True)
+class FederationSettings(Part):
+    """Flower's strategy and how rounds sample and wait for the sites."""
+
+    TITLE: ClassVar[str] = "federation"
+
+    strategy: StrategyName = setting(StrategyName.FEDAVG, "Aggregation: fedavg (example-weighted) or fedprox.",
+                                     key="strategy")
+    proximal_mu: float = setting(0.0, "FedProx proximal weight mu (> 0 with --strategy fedprox).", key="proximal-mu")
+    fraction_train: float = setting(1.0, "Fraction of sites sampled each round.", key="fraction-train", site=False)
+    min_sites: int = setting(0, "Sites a round needs: it starts once this many are connected and fails (resumable) "
+                             "unless this many answer with a valid update (a site refusing at its privacy budget answers "
+                             "too: recorded, not waited for); 0 = every site, so a site that dies or sends an invalid "
+                             "update fails the round. Below num-sites, such a site is left out and may rejoin later.",
+                             key="min-sites", site=False)
+    round_timeout: float = setting(DEFAULT_ROUND_TIMEOUT, "Seconds a round waits for the sites' replies.",
+                                   key="round-timeout", site=False)
+    client_cpus: int = setting(0, "CPU cores per simulated site (0 = all cores, so sites train one after another).",
+                               key="client-cpus", site=False)
+
+    def check(self) -> None:
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal-mu must be >= 0; got {self.proximal_mu}")
+        if self.strategy == StrategyName.FEDPROX and self.proximal_mu == 0:
+            raise ConfigError("strategy fedprox needs proximal-mu > 0 (with 0 it is FedAvg)")
+        if self.strategy != StrategyName.FEDPROX and self.proximal_mu > 0:
+            raise ConfigError(f"proximal-mu > 0 needs --strategy fedprox; got strategy {self.strategy}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round-timeout must be > 0 seconds; got {self.round_timeout}")
+        if self.client_cpus < 0:
+            raise ConfigError(f"client-cpus must be >= 0; got {self.client_cpus}")
+
+
+@dataclass(frozen=True)
+class RobustSettings(Part):
+    """How the centre combines accepted updates of the shared weights, and which updates it screens out."""
+
+    TITLE: ClassVar[str] = "robust"
+
+    rule: AggregationRule = setting(AggregationRule.MEAN, "How accepted updates are combined: mean (the strategy's "
+                                    "example-weighted average), or a Byzantine-robust rule, unweighted: trimmed-mean or "
+                                    "median (coordinate-wise, Yin et al. 2018) or krum (Blanchard et al. 2017). Applies "
+                                    "to the shared weights only (the encoder in pretraining).", key="aggregation",
+                                    site=False)
+    trim_fraction: float = setting(0.2, "trimmed-mean: fraction of the sites' values dropped at EACH end of every "
+                                   "coordinate, in [0, 0.5); at least one site per end must be dropped.",
+                                   key="trim-fraction", site=False)
+    krum_byzantine: int = setting(1, "krum: number f of faulty sites tolerated; needs at least 2f+3 sites per round.",
+                                  key="krum-byzantine", site=False)
+    krum_select: int = setting(1, "krum: Multi-Krum averages the m best-scored updates (1 = Krum); m <= sites per "
+                               "round - f.", key="krum-select", site=False)
+    norm_outlier_factor: float = setting(0.0, "Reject an update whose L2 distance from the global weights exceeds this "
+                                         "factor times the median distance of the other updates (0 = off, else > 1; "
+                                         "needs at least 3 sites per round).", key="norm-outlier-factor", site=False)
+
+    def check(self) -> None:
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(
+                f"trim-fraction must be in [0, 0.5) (the fraction dropped at each end); got {self.trim_fraction}"
+            )
+        if self.krum_byzantine < 0:
+            raise ConfigError(f"krum-byzantine must be >= 0; got {self.krum_byzantine}")
+        if self.krum_select < 1:
+            raise ConfigError(f"krum-select must be >= 1; got {self.krum_select}")
+        if self.norm_outlier_factor != 0 and not self.norm_outlier_factor > 1:
+            raise ConfigError(f"norm-outlier-factor must be 0 (off) or > 1; got {self.norm_outlier_factor}")

@@ -1,0 +1,175 @@
+"""Settings parts for training at the sites: self-supervised pretraining, supervised fine-tuning (and its
+recipes), and LoRA adapters. Each part checks its own values."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from medfed.config.base import Part, setting
+from medfed.constants import NO_PRETRAIN, FinetuneLoss, FinetuneMode, SSLMethodName
+from medfed.exceptions import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """How federated fine-tuning steps: AdamW learning rate, (Poisson) batch size, rounds."""
+
+    lr: float
+    batch_size: int
+    rounds: int
+    augment_multiplicity: int = 1  # under DP-SGD: views per example, gradients averaged before clipping
+    lr_schedule: str = "constant"  # constant | cosine (over rounds; `lr_at_round`)
+
+    def lr_at_round(self, server_round: int) -> float:
+        """The learning rate of fine-tuning round ``server_round`` (1-based) of ``rounds``: constant, or cosine
+        decay from ``lr`` in round 1 towards 0 after the last round (Loshchilov and Hutter, ICLR 2017, one cycle,
+        stepped per round). Decaying shrinks the last rounds' noisy steps, so the final model sits nearer the
+        optimum than DP noise at the full rate would let it (the released model is the last round's)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(max(server_round - 1, 0), self.rounds) / self.rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+FINETUNE_RECIPE = FinetuneRecipe(lr=3e-4, batch_size=32, rounds=25)
+"""Fine-tuning without DP (sized with `benchmarks/default_run.py`)."""
+
+DP_FINETUNE_RECIPE: dict[str, FinetuneRecipe] = {
+    FinetuneMode.FULL.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),
+    FinetuneMode.LORA.value: FinetuneRecipe(lr=3e-2, batch_size=64, rounds=20),
+    FinetuneMode.LINEAR.value: FinetuneRecipe(lr=1e-2, batch_size=64, rounds=10),  # not searched: full's recipe
+}
+"""Fine-tuning under DP-SGD, per fine-tuning mode: chosen on the sites' validation data (never the test
+split) by `benchmarks/dp_recipe.py` at epsilon 8 (PneumoniaMNIST, 5 sites, delta 1e-5); its table is in
+docs/RESULTS.md (dp_recipe)."""
+
+
+@dataclass(frozen=True)
+class PretrainSettings(Part):
+    """Self-supervised pretraining of the encoder: the method(s), rounds, optimisation and the methods' knobs."""
+
+    TITLE: ClassVar[str] = "pretrain"
+
+    method: str = setting("simclr", f"Self-supervised method: {', '.join(m.value for m in SSLMethodName)}, several "
+                          "joined by '+', or none.", key="pretrain")
+    weights: str = setting("", "Comma-separated weight per method when combining (e.g. 1,0.5 for simclr+restore).",
+                           key="pretrain-weights")
+    rounds: int = setting(10, "Federated rounds of self-supervised pretraining.", key="pretrain-rounds")
+    epochs: int = setting(1, "Local epochs per pretraining round.", key="pretrain-epochs")
+    lr: float = setting(1e-3, "AdamW learning rate for pretraining.", key="pretrain-lr")
+    batch_size: int = setting(128, "Batch size for pretraining (SimCLR's negatives come from the batch).",
+                              key="pretrain-batch-size")
+    temperature: float = setting(0.2, "NT-Xent temperature (SimCLR).", key="temperature")
+    byol_momentum: float = setting(0.99, "Momentum of BYOL's target network (kept at each site).", key="byol-momentum")
+    mask_ratio: float = setting(0.75, "Fraction of patches MAE hides.", key="mask-ratio")
+
+    def check(self) -> None:
+        known = sorted(m.value for m in SSLMethodName)
+        methods = self.methods
+        if self.method != NO_PRETRAIN:
+            if len(set(methods)) != len(methods) or not all(methods):
+                raise ConfigError(f"pretrain must be 'none' or distinct methods joined by '+'; got {self.method!r}")
+            for m in methods:
+                if m not in known:
+                    raise ConfigError(
+                        f"unknown self-supervised method {m!r} in pretrain; known: {', '.join(known)}, or 'none'"
+                    )
+        if self.weights:
+            try:
+                weights = [float(w) for w in self.weights.split(",")]
+            except ValueError as exc:
+                raise ConfigError(f"pretrain-weights must be comma-separated numbers; got {self.weights!r}") from exc
+            if len(weights) != len(methods):
+                raise ConfigError(
+                    f"pretrain-weights needs one weight per method in pretrain ({len(methods)}); got {len(weights)}"
+                )
+            if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+                raise ConfigError(f"pretrain-weights must be >= 0 with at least one > 0; got {self.weights!r}")
+        if self.rounds < 0:
+            raise ConfigError(f"pretrain-rounds must be >= 0; got {self.rounds}")
+        if self.method != NO_PRETRAIN and self.rounds < 1:
+            raise ConfigError("pretrain-rounds must be >= 1 when a pretrain method is set (or use --pretrain none)")
+        for key, value in (("pretrain-epochs", self.epochs), ("pretrain-batch-size", self.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1; got {value}")
+        if "simclr" in methods and self.batch_size < 2:
+            raise ConfigError("pretrain-batch-size must be >= 2 for simclr (it needs in-batch negatives)")
+        for key, fvalue in (("pretrain-lr", self.lr), ("temperature", self.temperature)):
+            if not fvalue > 0:
+                raise ConfigError(f"{key} must be > 0; got {fvalue}")
+        if not 0 <= self.byol_momentum < 1:
+            raise ConfigError(f"byol-momentum must be in [0, 1); got {self.byol_momentum}")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"mask-ratio must be in (0, 1); got {self.mask_ratio}")
+
+    @property
+    def methods(self) -> list[str]:
+        """The SSL methods named by `method` ('simclr+restore' -> ['simclr', 'restore']; 'none' -> [])."""
+        return [] if self.method == NO_PRETRAIN else self.method.split("+")
+
+    @property
+    def method_weights(self) -> list[float]:
+        """One weight per method (all 1 unless `weights` says otherwise)."""
+        if not self.weights:
+            return [1.0] * len(self.methods)
+        return [float(w) for w in self.weights.split(",")]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings(Part):
+    """Supervised fine-tuning on the labelled share of each site: what is trained and how (0 / '': the recipe's)."""
+
+    TITLE: ClassVar[str] = "finetune"
+
+    mode: FinetuneMode = setting(FinetuneMode.FULL, "full (encoder and head), linear (head only; only the head is "
+                                 "sent) or lora (low-rank adapters on the encoder's conv/linear layers plus the head; "
+                                 "only those are sent).", key="finetune-mode")
+    rounds: int = setting(0, "Federated rounds of supervised fine-tuning (0: the recipe's, 25 without DP; under DP the "
+                          "recipe chosen on validation data, docs/RESULTS.md dp_recipe).", key="finetune-rounds")
+    epochs: int = setting(1, "Local epochs per fine-tuning round.", key="finetune-epochs")
+    lr: float = setting(0.0, "AdamW learning rate for fine-tuning (0: the recipe's, 3e-4 without DP).",
+                        key="finetune-lr")
+    batch_size: int = setting(0, "Batch size for fine-tuning, expected Poisson batch under DP (0: the recipe's, 32 "
+                              "without DP).", key="finetune-batch-size")
+    lr_schedule: str = setting("", "Learning rate over the fine-tuning rounds: constant, or cosine (decays from "
+                               "finetune-lr towards 0 by the last round); empty: the recipe's.",
+                               key="finetune-lr-schedule")
+    loss: FinetuneLoss = setting(FinetuneLoss.CE, "ce, or logit-adjusted: cross-entropy on logits plus the log of the "
+                                 "site's own label prior (Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with "
+                                 "skewed labels does not drag the shared head towards its majority class. Single-label "
+                                 "tasks only.", key="finetune-loss")
+
+    def check(self) -> None:
+        if self.lr_schedule and self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"finetune-lr-schedule must be one of {', '.join(LR_SCHEDULES)}; "
+                              f"got {self.lr_schedule!r}")
+        if self.rounds < 0:
+            raise ConfigError(f"finetune-rounds must be >= 1 (the run ends with a fine-tuned model), or 0 for the "
+                              f"recipe's; got {self.rounds}")
+        if self.epochs < 1:
+            raise ConfigError(f"finetune-epochs must be >= 1; got {self.epochs}")
+        if self.batch_size < 0:
+            raise ConfigError(f"finetune-batch-size must be >= 1, or 0 for the recipe's; got {self.batch_size}")
+        if self.lr < 0:
+            raise ConfigError(f"finetune-lr must be > 0, or 0 for the recipe's; got {self.lr}")
+
+
+@dataclass(frozen=True)
+class LoRASettings(Part):
+    """Low-rank adapters for ``finetune-mode lora`` (Hu et al., ICLR 2022; peft)."""
+
+    TITLE: ClassVar[str] = "lora"
+
+    rank: int = setting(4, "Rank of the LoRA adapters (finetune-mode lora).", key="lora-rank")
+    alpha: float = setting(8.0, "LoRA scaling numerator: adapters are scaled by lora-alpha / lora-rank.",
+                           key="lora-alpha")
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora-rank must be >= 1; got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora-alpha must be > 0; got {self.alpha}")

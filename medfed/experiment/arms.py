@@ -1,0 +1,77 @@
+"""The arms of an experiment: the main arm and its baselines, and each arm's settings.
+
+An arm is one line of the comparison in report.md: where it trains (federated, centralized, local-only)
+and how its encoder is pretrained (a self-supervised method, or none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medfed.config import RunConfig
+from medfed.constants import NO_PRETRAIN, Baselines, DPScope, FinetuneMode, Mode, Phase
+from medfed.selfsup.registry import resolve_encoder_kind
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the comparison: where it trains and how it is pretrained."""
+
+    mode: str
+    pretrain: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-{self.pretrain}"
+
+
+def arms_for(cfg: RunConfig) -> list[Arm]:
+    """The main arm first, then the baselines asked for (duplicates dropped)."""
+    arms = [Arm(cfg.experiment.mode, cfg.ssl.method)]
+    if cfg.experiment.baselines != Baselines.NONE:
+        arms += [Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), Arm(Mode.FEDERATED.value, NO_PRETRAIN)]
+        if cfg.experiment.baselines == Baselines.ALL and cfg.ssl.method != NO_PRETRAIN:
+            arms += [Arm(mode.value, cfg.ssl.method) for mode in (Mode.FEDERATED, Mode.CENTRALIZED, Mode.LOCAL_ONLY)]
+    unique: list[Arm] = []
+    for arm in arms:
+        if arm not in unique:
+            unique.append(arm)
+    return unique
+
+
+def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
+    """Settings of one arm: the main settings with the arm's mode and pretraining.
+
+    Baselines keep the main arm's resolved encoder (so a MAE run compares ViTs with ViTs), and
+    a supervised-from-scratch baseline always fine-tunes fully (a linear probe on a random
+    encoder measures nothing).
+    """
+    same_ssl = arm.pretrain == main.ssl.method
+    baseline_from_scratch = arm.pretrain == NO_PRETRAIN and main.ssl.method != NO_PRETRAIN
+    return main.replace(
+        mode=arm.mode,
+        pretrain=arm.pretrain,
+        pretrain_weights=main.ssl.weights if same_ssl else "",
+        encoder_init=main.model.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",
+        encoder=resolve_encoder_kind(main.model.encoder, main.ssl.methods).value,
+        finetune_mode=FinetuneMode.FULL.value if baseline_from_scratch else main.finetune.mode,
+        dp=_arm_dp(main, arm),
+    )
+
+
+def _arm_dp(main: RunConfig, arm: Arm) -> str:
+    """An arm without pretraining keeps DP only for fine-tuning (there is no pretraining to protect)."""
+    scope = DPScope(main.privacy.scope)
+    if arm.pretrain != NO_PRETRAIN and not (arm.pretrain == main.ssl.method and main.model.encoder_init):
+        return scope.value
+    return DPScope.FINETUNE.value if scope.covers(Phase.FINETUNE) else DPScope.NONE.value
+
+
+def progress_units(cfg: RunConfig) -> int:
+    """Site-rounds the whole experiment will train (for a progress bar)."""
+    total = 0
+    for arm in arms_for(cfg):
+        sites = 1 if arm.mode == Mode.CENTRALIZED else cfg.dataset.num_sites
+        pre = cfg.ssl.rounds if arm.pretrain != NO_PRETRAIN and not cfg.model.encoder_init else 0
+        total += sites * (pre + cfg.finetune_recipe.rounds)
+    return total

@@ -1,0 +1,180 @@
+"""The federated run on the server: a pretraining phase, then a fine-tuning phase.
+
+Pretraining sends and aggregates only the encoder. Fine-tuning starts from the pretrained
+encoder plus a fresh head; sites send back encoder and head (full fine-tuning) or only the
+head (linear probe). After every fine-tuning round the global model is evaluated on the
+official test split (server side) and on each site's validation data (federated evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from medfed.config import RunConfig
+from medfed.constants import DPScope, MessageKey, Phase, SecureAggregation, TaskType
+from medfed.data.spec import DataSpec
+from medfed.experiment.recorder import GLOBAL, Recorder
+from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
+from medfed.privacy.central import CentralDPSettings, CentralLedger
+from medfed.server.rounds import TrainRound, run_rounds
+from medfed.strategies.central_dp import wrap_central_dp
+from medfed.strategies.secagg import SecAggSettings, secagg_train_round
+from medfed.strategies.shared_weights import SharedWeightsMixin, make_strategy
+from medfed.task.algo import finetune_shared_keys, initial_encoder_state, new_classifier
+from medfed.task.calibration import THRESHOLD
+from medfed.task.checkpoints import save_checkpoint
+from medfed.task.evaluation import TestSet, evaluate_with_sites
+
+PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
+ROUND_SPLIT = "round"  # metrics.jsonl split name: the server's wall time of a round
+TEST_SITE_SPLIT = "test-site"  # metrics.jsonl split name: a site's share of the official test split
+CENTRAL_DP_SPLIT = "central-dp"  # metrics.jsonl split name: the server's central-DP release of a round
+FINAL_MODEL = "final_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ArmContext:
+    """Everything one arm of an experiment needs besides the transport."""
+
+    arm: str
+    cfg: RunConfig
+    run_dir: Path
+    data_file: Path
+    test: TestSet
+    recorder: Recorder
+    run_id: str = ""
+    checkpoints: bool = False  # write RUN_DIR/checkpoint/ after every round (deployment)
+    resume: RoundCheckpoint | None = None  # continue after this checkpoint's round
+
+    @property
+    def ledger_dir(self) -> Path:
+        """Where the simulated sites of this arm keep their ledgers: ``ledger-dir`` (kept across
+        runs) or the run directory's ``ledgers/``, one folder per arm (arms are separate worlds)."""
+        root = Path(self.cfg.privacy.ledger_dir).expanduser() if self.cfg.privacy.ledger_dir else self.run_dir / "ledgers"
+        return root / self.arm
+
+    @property
+    def arm_dir(self) -> Path:
+        return self.run_dir / "arms" / self.arm
+
+    @property
+    def input_spec(self) -> DataSpec:
+        """The run's input (the centre's data: its test split's shape, task and classes), which every
+        site's data must match (`medfed.data.spec.check_matches`)."""
+        test = self.test
+        return DataSpec(test.spec.channels, test.spec.spatial_shape, TaskType(test.task), int(test.num_classes),
+                        Path(self.data_file).stem.lower())
+
+    def message_config(self, phase: Phase) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value, MessageKey.RUN_DIR.value: str(self.run_dir),
+                MessageKey.DATA_FILE.value: str(self.data_file), MessageKey.RUN_ID.value: f"{self.run_id}/{self.arm}",
+                MessageKey.LEDGER_DIR.value: str(self.ledger_dir), **self.input_spec.to_flat(),
+            }
+        )
+
+
+def federation(ctx: ArmContext, grid: Grid, strategy: SharedWeightsMixin, phase: Phase) -> tuple[Any, TrainRound | None]:
+    """The strategy as the round loop drives it, and its training exchange: wrapped in Flower's central-DP
+    wrapper when ``central-dp`` is on (one ledger row per release, in the arm's ledger folder), and exchanging
+    through SecAgg+ when ``secure-aggregation`` is ``secagg+``."""
+    cfg, outer = ctx.cfg, strategy
+    settings = CentralDPSettings.from_config(cfg)
+    if settings is not None:
+        def on_release(server_round: int, figures: dict[str, float]) -> None:
+            ctx.recorder.record(ctx.arm, phase, server_round, GLOBAL, CENTRAL_DP_SPLIT, figures)
+
+        ledger = CentralLedger(ctx.ledger_dir, f"{ctx.run_id}/{ctx.arm}", settings)
+        outer = wrap_central_dp(strategy, settings, ledger, on_release)
+    if cfg.secagg.mode != SecureAggregation.SECAGG_PLUS:
+        return outer, None
+    secagg = SecAggSettings.from_config(cfg)
+
+    def train_round(server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
+        return secagg_train_round(strategy, grid, server_round, arrays, config, secagg, configure=outer)
+
+    return outer, train_round
+
+
+def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
+    """Run both phases over the grid; returns the final global test metrics.
+
+    With ``ctx.checkpoints`` the global weights are checkpointed after every round; with
+    ``ctx.resume`` the run continues after the checkpoint's round (same run id, same rounds).
+    """
+    cfg, spec, test = ctx.cfg, ctx.test.spec, ctx.test
+    meta = {"arm": ctx.arm, "config": cfg.to_json()}
+    resume = ctx.resume
+    encoder_state = initial_encoder_state(cfg, spec)
+    common = dict(num_sites=cfg.dataset.num_sites, fraction_train=cfg.federation.fraction_train, proximal_mu=cfg.federation.proximal_mu,
+                  observer=ctx.recorder.site_observer(ctx.arm), aggregation=cfg.robust,
+                  min_sites=cfg.federation.min_sites)
+
+    def timing(phase: Phase) -> Callable[[int, dict[str, float]], None]:
+        def record(server_round: int, seconds: dict[str, float]) -> None:
+            ctx.recorder.record(ctx.arm, phase, server_round, GLOBAL, ROUND_SPLIT, seconds)
+
+        return record
+
+    def checkpoint(phase: Phase) -> Callable[[int, ArrayRecord], None] | None:
+        if not ctx.checkpoints:
+            return None
+
+        def save(server_round: int, arrays: ArrayRecord) -> None:
+            save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase, completed_round=server_round,
+                                  settings=cfg.to_flat(), weights=arrays.to_torch_state_dict())
+
+        return save
+
+    if cfg.ssl.methods and not cfg.model.encoder_init and (resume is None or resume.phase == Phase.PRETRAIN):
+        first = 1
+        if resume is not None:
+            encoder_state, first = resume.weights, resume.completed_round + 1
+        strategy = make_strategy(cfg.federation.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), evaluate=False,
+                                 private=DPScope(cfg.privacy.scope).covers(Phase.PRETRAIN), **common)  # type: ignore[arg-type]
+        outer, exchange = federation(ctx, grid, strategy, Phase.PRETRAIN)
+        arrays, _ = run_rounds(outer, grid, ArrayRecord(encoder_state), first_round=first,
+                               last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
+                               after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.federation.round_timeout,
+                               on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
+        encoder_state = arrays.to_torch_state_dict()
+        save_checkpoint(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
+
+    if resume is not None and resume.phase == Phase.FINETUNE:
+        state, first = resume.weights, resume.completed_round + 1
+    else:
+        state, first = new_classifier(cfg, spec, test.task, test.num_classes, encoder_state).state_dict(), 1
+        if (save := checkpoint(Phase.FINETUNE)) is not None:  # round 0: the starting model, so a resume repeats it
+            save(0, ArrayRecord(state))
+    strategy = make_strategy(cfg.federation.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
+                             evaluate=True, private=DPScope(cfg.privacy.scope).covers(Phase.FINETUNE), **common)  # type: ignore[arg-type]
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # the round's federated evaluation came first: its pooled validation histograms set the threshold
+        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict(), strategy.thresholds.get(server_round))
+        ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, GLOBAL, "test", metrics)
+        for site, site_metrics in per_site.items():  # the global model on each site's share of the test split
+            ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)
+        return MetricRecord(metrics)
+
+    config = ctx.message_config(Phase.FINETUNE)
+    last = cfg.finetune_recipe.rounds
+    outer, exchange = federation(ctx, grid, strategy, Phase.FINETUNE)
+    arrays, server_metrics = run_rounds(outer, grid, ArrayRecord(state), first_round=first, last_round=last,
+                                        train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
+                                        after_round=checkpoint(Phase.FINETUNE), timeout=cfg.federation.round_timeout,
+                                        evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
+                                        on_round_timing=timing(Phase.FINETUNE), train_round=exchange)
+    threshold = strategy.thresholds.get(last)
+    if threshold is not None:  # the operating point travels with the model it was calibrated for
+        meta = {**meta, THRESHOLD: f"{threshold.probability:.17g}"}
+    save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
+    final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
+    return {k: float(v) for k, v in final.items()}

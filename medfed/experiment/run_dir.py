@@ -1,0 +1,76 @@
+"""Run directories: names, the hidden partial directory a run is built in, and publishing it.
+
+A run is built under a hidden partial name and renamed into place only when it finished:
+``OUT/.NAME.partial-PID`` for a simulation (removed on failure: a simulation is re-run) and
+``OUT/.NAME.partial`` for a deployment run (kept on failure: ``medfed run --resume`` continues it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from medfed.config import RunConfig
+from medfed.experiment.arms import Arm
+from medfed.experiment.recorder import json_safe
+from medfed.resources import ResourceMonitor
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_dir(out: Path, name: str, pid: int | None = None) -> Path:
+    """The hidden directory a run named ``name`` is built in: ``.NAME.partial``, or ``.NAME.partial-PID``."""
+    return out / f".{name}{PARTIAL_SUFFIX}" if pid is None else out / f".{name}{PARTIAL_SUFFIX}-{pid}"
+
+
+def final_name(partial: Path) -> str:
+    """The name a deployment's partial directory gets when its run finishes."""
+    return partial.name.removeprefix(".").removesuffix(PARTIAL_SUFFIX)
+
+
+def unique_dir(path: Path) -> Path:
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def publish(partial: Path, final: Path) -> Path:
+    """Rename the finished partial directory into place; if another run took the name meanwhile,
+    take the next free one instead of failing (and losing the finished run)."""
+    for _ in range(100):
+        try:
+            partial.rename(final)
+            return final
+        except OSError:
+            if not final.exists():
+                raise
+            final = unique_dir(final)
+    raise FileExistsError(f"could not find a free run directory name near {final}")
+
+
+def run_summary(cfg: RunConfig, run_id: str) -> dict[str, Any]:
+    """summary.json before its arms: the settings, the resolved fine-tuning recipe, the run id."""
+    return {"config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe), "run_id": run_id,
+            "arms": {}}
+
+
+def arm_summary(arm: Arm, metrics: dict[str, float], per_site: dict[int, dict[str, float]],
+                monitor: ResourceMonitor) -> dict[str, Any]:
+    """One arm's entry in summary.json."""
+    return {"mode": arm.mode, "pretrain": arm.pretrain, "test": metrics,
+            "per_site_test": {str(k): v for k, v in per_site.items()}, "wall_seconds": monitor.wall_seconds,
+            "peak_memory_mb": monitor.peak_bytes / 2**20}
+
+
+def write_summary_and_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+                             data_info: dict[str, Any], title: str) -> None:
+    """summary.json and report.md (with its plots) of a finished run."""
+    from medfed.experiment.report import write_report
+
+    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
+    write_report(run_dir, summary, rows, data_info, title=title)

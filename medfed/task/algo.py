@@ -1,0 +1,413 @@
+"""A site's local work, free of Flower: pretraining rounds, fine-tuning rounds, evaluation.
+
+`SiteAlgo` is what the ClientApp calls in federated runs and what the centralized and
+local-only baselines call directly, so every arm of a comparison runs the same loop.
+One training loop (`train_loop`) serves both phases; FedProx (Li et al., MLSys 2020)
+adds ``mu/2 * ||w - w_global||^2`` over the shared weights when ``proximal_mu > 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.config import RunConfig
+from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, Mode, Phase, TaskType
+from medfed.data.site import SiteData
+from medfed.data.transforms import AugmentSpec, augment
+from medfed.exceptions import ConfigError, TrainingDiverged
+from medfed.models.encoders import Encoder, InputSpec, build_encoder
+from medfed.models.heads import Classifier
+from medfed.models.lora import add_lora, is_lora_key
+from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
+from medfed.privacy.guard import PrivacyGuard, RoundPlan
+from medfed.selfsup.compat import check_methods_fit
+from medfed.selfsup.methods import SSLMethod, SSLSettings
+from medfed.selfsup.registry import build_method, resolve_encoder_kind
+from medfed.task.calibration import Threshold, metrics_at_threshold, pooled_threshold, score_histograms
+from medfed.task.metrics import classification_metrics
+
+StateDict = dict[str, torch.Tensor]
+EVAL_BATCH = 512
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (run seed, site, phase, round), same on every machine."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module with weights drawn from ``seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# ---- models -------------------------------------------------------------------------
+
+
+def new_encoder(cfg: RunConfig, spec: InputSpec) -> Encoder:
+    kind = resolve_encoder_kind(cfg.model.encoder, cfg.ssl.methods)
+    return _seeded_init(derive_seed(cfg.experiment.seed, "encoder-init"), lambda: build_encoder(kind, spec, cfg.model.width))  # type: ignore[return-value]
+
+
+def new_classifier(cfg: RunConfig, spec: InputSpec, task: TaskType, num_classes: int, encoder_state: StateDict | None) -> Classifier:
+    """Classifier with the given (pretrained) encoder weights and a seeded fresh head; under
+    ``finetune-mode lora`` the encoder then gets seeded LoRA adapters (its own weights frozen)."""
+    model: Classifier = _seeded_init(
+        derive_seed(cfg.experiment.seed, "classifier-init"), lambda: Classifier(new_encoder(cfg, spec), task, num_classes)
+    )  # type: ignore[assignment]
+    if encoder_state is not None:
+        model.encoder.load_state_dict(encoder_state)
+    if cfg.finetune.mode == FinetuneMode.LORA:
+        _seeded_init(derive_seed(cfg.experiment.seed, "lora-init"), lambda: add_lora(model.encoder, cfg.lora.rank, cfg.lora.alpha))
+    return model
+
+
+def initial_encoder_state(cfg: RunConfig, spec: InputSpec) -> StateDict:
+    """The encoder a run starts from: ``encoder-init`` when given (checked against the data), else a seeded fresh one."""
+    fresh = new_encoder(cfg, spec).state_dict()
+    if not cfg.model.encoder_init:
+        return fresh
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(cfg.model.encoder_init).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"encoder-init {str(path)!r} does not exist")
+    try:
+        loaded = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"encoder-init {str(path)!r} is not a readable safetensors file ({exc})") from exc
+    for key, value in fresh.items():
+        if key not in loaded or tuple(loaded[key].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"encoder-init {str(path)!r} does not fit this encoder ({cfg.model.encoder}, width {cfg.model.width}, input "
+                f"{spec.channels}x{'x'.join(map(str, spec.spatial_shape))}): {key!r} missing or of another shape"
+            )
+    extra = sorted(set(loaded) - set(fresh))
+    if extra:
+        raise ConfigError(f"encoder-init {str(path)!r} holds arrays this encoder lacks: {extra[:3]}")
+    return {k: loaded[k] for k in fresh}
+
+
+def check_loss_fits_task(cfg: RunConfig, task: TaskType) -> None:
+    if cfg.finetune.loss == "logit-adjusted" and task == TaskType.MULTILABEL:
+        raise ConfigError("finetune-loss logit-adjusted needs a single-label task; this data is multi-label")
+
+
+def ssl_settings(cfg: RunConfig) -> SSLSettings:
+    return SSLSettings(temperature=cfg.ssl.temperature, byol_momentum=cfg.ssl.byol_momentum, mask_ratio=cfg.ssl.mask_ratio)
+
+
+def finetune_shared_keys(cfg: RunConfig, classifier_keys: list[str]) -> list[str]:
+    """Keys a site sends after fine-tuning: the head for a linear probe, the adapters and the
+    head under LoRA, else everything."""
+    if cfg.finetune.mode == FinetuneMode.LINEAR:
+        return [k for k in classifier_keys if k.startswith("head.")]
+    if cfg.finetune.mode == FinetuneMode.LORA:
+        return [k for k in classifier_keys if k.startswith("head.") or is_lora_key(k)]
+    return list(classifier_keys)
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    proximal_mu: float = 0.0
+    drop_last: bool = False
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_examples: int
+    loss: float  # mean loss over the steps of the last epoch (DP: over the round's non-empty steps)
+    steps: int
+    seconds: float
+    privacy: dict[str, float] = field(default_factory=dict)  # epsilon, delta, budget, sigma, q (metric keys)
+
+
+def minibatches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
+    """Shuffled index batches; with ``drop_last`` a short tail is dropped unless it is the only batch."""
+    order = torch.randperm(n, generator=gen)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def train_loop(
+    params: list[nn.Parameter],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    settings: TrainSettings,
+    gen: torch.Generator,
+    *,
+    prox_params: list[nn.Parameter] | None = None,
+    on_step_end: Callable[[], None] | None = None,
+) -> TrainStats:
+    """AdamW over ``params`` for ``settings.epochs`` passes over ``n`` examples."""
+    start = time.perf_counter()
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    anchors = [p.detach().clone() for p in prox_params] if prox_params and settings.proximal_mu > 0 else None
+    steps, last_losses = 0, []
+    for _ in range(settings.epochs):
+        last_losses = []
+        for idx in minibatches(n, settings.batch_size, gen, settings.drop_last):
+            loss = batch_loss(idx)
+            if anchors is not None:
+                prox = sum((p - a).pow(2).sum() for p, a in zip(prox_params, anchors, strict=True))  # type: ignore[arg-type]
+                loss = loss + 0.5 * settings.proximal_mu * prox
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training loss became {float(loss)} at step {steps}; lower the learning rate")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if on_step_end is not None:
+                on_step_end()
+            steps += 1
+            last_losses.append(float(loss.detach()))
+    return TrainStats(n, float(np.mean(last_losses)) if last_losses else float("nan"), steps, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def logits_of(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, K)`` in evaluation mode, in batches."""
+    model.eval()
+    return torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+
+
+def metrics_from_logits(
+    model: Classifier, logits: torch.Tensor, labels: torch.Tensor, threshold: Threshold | None = None
+) -> dict[str, float]:
+    """AUC, accuracy, sensitivity, specificity, FPR and mean loss for precomputed logits; for a binary
+    task with a calibrated ``threshold`` also the threshold and the metrics at it (`medfed.task.calibration`)."""
+    with torch.no_grad():
+        probs = model.probabilities(logits).numpy()
+        metrics = classification_metrics(model.task, labels.numpy(), probs)
+        metrics[MetricKey.EVAL_LOSS] = float(model.loss(logits, labels))
+        if threshold is not None and model.task == TaskType.BINARY:
+            metrics.update(metrics_at_threshold(labels.numpy(), probs, threshold))
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Metrics of ``model`` on a labelled set (one forward pass)."""
+    return metrics_from_logits(model, logits_of(model, images), labels)
+
+
+def evaluate_with_histograms(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | list[int]]:
+    """`evaluate`'s metrics plus, for a binary task, the score histograms a threshold is calibrated from."""
+    logits = logits_of(model, images)
+    metrics: dict[str, float | list[int]] = dict(metrics_from_logits(model, logits, labels))
+    if model.task == TaskType.BINARY:
+        with torch.no_grad():
+            metrics.update(score_histograms(labels.numpy(), model.probabilities(logits).numpy()))
+    return metrics
+
+
+# ---- the site -----------------------------------------------------------------------
+
+
+class SiteAlgo:
+    """One site's training, given the run config and the site's data.
+
+    With a `PrivacyGuard` the phases that ``dp`` covers run DP-SGD (each round planned,
+    projected, refused past the budget and recorded in the site's ledger) and the other
+    phases record their weight releases as uncovered exposure (also when ``dp`` is none).
+    """
+
+    def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None) -> None:
+        check_methods_fit(cfg)  # a site checks what the server asks of it, too
+        self.cfg, self.data, self.privacy = cfg, data, privacy
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's mu, for federated runs only: baselines have no global model to stay near."""
+        return self.cfg.federation.proximal_mu if self.cfg.experiment.mode == Mode.FEDERATED else 0.0
+
+    def _gen(self, phase: Phase, server_round: int) -> torch.Generator:
+        """The round's generator (sampling, augmentation, DP noise). Under DP it is keyed by the
+        site's secret signing key and the run id: the server knows the run seed, and must not be
+        able to re-derive a site's noise or Poisson batches (nor may two runs reuse them)."""
+        if self.privacy is not None and self._is_private(phase):
+            return torch.Generator().manual_seed(self.privacy.secret_seed(self.cfg.experiment.seed, phase.value, server_round))
+        return generator(self.cfg.experiment.seed, self.data.site_id, phase.value, server_round)
+
+    def build_method(self, encoder_state: StateDict, local_state: StateDict | None) -> SSLMethod:
+        encoder = new_encoder(self.cfg, self.data.spec)
+        encoder.load_state_dict(encoder_state)
+        method: SSLMethod = _seeded_init(  # heads, predictors and decoders: seeded per site
+            derive_seed(self.cfg.experiment.seed, self.data.site_id, "ssl-heads"),
+            lambda: build_method(self.cfg.ssl.methods, self.cfg.ssl.method_weights, encoder, ssl_settings(self.cfg)),
+        )  # type: ignore[assignment]
+        if local_state is not None:
+            method.load_local_state_dict(local_state)
+        return method
+
+    # ---- privacy ---------------------------------------------------------------------
+    def _is_private(self, phase: Phase) -> bool:
+        return DPScope(self.cfg.privacy.scope).covers(phase)
+
+    def _schedule(self, phase: Phase) -> PoissonSchedule:
+        if phase == Phase.PRETRAIN:
+            return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.ssl.batch_size, self.cfg.ssl.epochs)
+        return PoissonSchedule.for_round(len(self.data.labelled_images), self.cfg.finetune_recipe.batch_size, self.cfg.finetune.epochs)
+
+    def _later_dp_rounds(self, phase: Phase, server_round: int) -> list[tuple[float, int]]:
+        """The DP rounds this run still plans after this one (for planning the noise)."""
+        later: list[tuple[float, int]] = []
+        if phase == Phase.PRETRAIN:
+            s = self._schedule(Phase.PRETRAIN)
+            later += [(s.sample_rate, s.steps)] * max(0, self.cfg.ssl.rounds - server_round)
+            if self._is_private(Phase.FINETUNE):
+                f = self._schedule(Phase.FINETUNE)
+                later += [(f.sample_rate, f.steps)] * self.cfg.finetune_recipe.rounds
+        else:
+            f = self._schedule(Phase.FINETUNE)
+            later += [(f.sample_rate, f.steps)] * max(0, self.cfg.finetune_recipe.rounds - server_round)
+        return later
+
+    def _plan(self, phase: Phase, server_round: int) -> tuple[RoundPlan, DPStepSettings]:
+        """Plan and project a DP round; raises PrivacyBudgetExceeded (nothing written) past the budget."""
+        if self.privacy is None:
+            raise ConfigError("dp is on but this site has no privacy guard (ledger) to account for the round")
+        schedule = self._schedule(phase)
+        n = len(self.data.train_images) if phase == Phase.PRETRAIN else len(self.data.labelled_images)
+        self.privacy.check_site_size(n)
+        plan = self.privacy.plan(schedule.sample_rate, schedule.steps, self._later_dp_rounds(phase, server_round))
+        p = self.privacy.privacy
+        views = self.cfg.finetune_recipe.augment_multiplicity if phase == Phase.FINETUNE else self.cfg.privacy.augment_multiplicity or 1
+        kind = resolve_encoder_kind(self.cfg.model.encoder, self.cfg.ssl.methods)
+        mode = GradSampleMode(p.grad_sample_mode).for_phase(finetuning=phase == Phase.FINETUNE, encoder=kind.value)
+        return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, mode.value, p.secure_rng, views)
+
+    def _record(self, phase: Phase, server_round: int, plan: RoundPlan | None) -> dict[str, float]:
+        """Append the round to the ledger; returns the privacy metrics of the reply."""
+        if self.privacy is None:
+            return {}
+        p = self.privacy.privacy
+        if plan is None:
+            entry = self.privacy.record_uncovered(phase, server_round)
+            if self.cfg.privacy.scope == DPScope.NONE:  # no DP anywhere in the run: the row is the record, no epsilon to report
+                return {}
+            return {MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
+                    MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: 0.0}
+        entry = self.privacy.record_dp(plan, phase, server_round)
+        return {
+            MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
+            MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: plan.noise_multiplier,
+            MetricKey.SAMPLE_RATE.value: plan.sample_rate, MetricKey.DP_STEPS.value: float(plan.steps),
+        }
+
+    def _train(
+        self, phase: Phase, server_round: int, module: nn.Module, trainable: list[nn.Parameter],
+        batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int, settings: TrainSettings, gen: torch.Generator,
+        prox_params: list[nn.Parameter], on_step_end: Callable[[], None] | None = None,
+    ) -> TrainStats:
+        """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way."""
+        if not self._is_private(phase):
+            stats = train_loop(trainable, batch_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end)
+            return dataclasses.replace(stats, privacy=self._record(phase, server_round, None))
+        plan, dp = self._plan(phase, server_round)
+        dp_stats = dp_train_loop(
+            module, trainable, batch_loss, n, dp, lr=settings.lr, weight_decay=settings.weight_decay, gen=gen,
+            on_step_end=on_step_end,
+        )
+        privacy = self._record(phase, server_round, plan)
+        return TrainStats(n, dp_stats.loss, dp_stats.steps, dp_stats.seconds, privacy)
+
+    # ---- phases ----------------------------------------------------------------------
+    def pretrain_round(
+        self, encoder_state: StateDict, local_state: StateDict | None, server_round: int
+    ) -> tuple[StateDict, StateDict, TrainStats]:
+        """Train the global encoder on all of this site's images with the SSL objective.
+
+        Returns the new encoder weights (to share), the site-local state (heads, predictors,
+        decoders, momentum targets: to keep) and training statistics. Under DP raises
+        `PrivacyBudgetExceeded` before training when the round would pass the budget.
+        """
+        method = self.build_method(encoder_state, local_state)
+        method.train()
+        gen = self._gen(Phase.PRETRAIN, server_round)
+        images = self.data.train_images
+        settings = TrainSettings(
+            epochs=self.cfg.ssl.epochs, batch_size=self.cfg.ssl.batch_size, lr=self.cfg.ssl.lr,
+            proximal_mu=self.proximal_mu, drop_last=True,
+        )
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        stats = self._train(
+            Phase.PRETRAIN, server_round, method, trainable, lambda idx: method.loss(images[idx], gen), len(images),
+            settings, gen, prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
+        )
+        encoder_out = {k: v.detach().clone() for k, v in method.encoder.state_dict().items()}
+        return encoder_out, method.local_state_dict(), stats
+
+    def classifier(self, state: StateDict) -> Classifier:
+        model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
+        model.load_state_dict(state)
+        return model
+
+    def finetune_round(self, classifier_state: StateDict, server_round: int) -> tuple[StateDict, TrainStats]:
+        """Supervised training on the labelled subset; returns the weights to share and statistics.
+
+        Full: encoder and head train; linear: the head; lora: the adapters and the head.
+        Under DP raises `PrivacyBudgetExceeded` before training when the round would pass the budget.
+        """
+        model = self.classifier(classifier_state)
+        if self.cfg.finetune.mode == FinetuneMode.LINEAR:
+            model.encoder.requires_grad_(False)
+        model.train()
+        gen = self._gen(Phase.FINETUNE, server_round)
+        images, labels = self.data.labelled_images, self.data.labelled_labels
+        views = AugmentSpec.light()
+        recipe = self.cfg.finetune_recipe
+        settings = TrainSettings(
+            epochs=self.cfg.finetune.epochs, batch_size=recipe.batch_size, lr=recipe.lr_at_round(server_round),
+            proximal_mu=self.proximal_mu,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        shift = self.logit_shift()
+        stats = self._train(
+            Phase.FINETUNE, server_round, model, trainable,
+            lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]), len(images), settings, gen,
+            prox_params=trainable,
+        )
+        state = model.state_dict()
+        keys = finetune_shared_keys(self.cfg, list(state))
+        return {k: state[k].detach().clone() for k in keys}, stats
+
+    def logit_shift(self) -> torch.Tensor | float:
+        """Training-time logit shift: log of this site's label prior (add-one smoothed) for the
+        logit-adjusted loss (Menon et al., ICLR 2021), else 0. Predictions use raw logits."""
+        if self.cfg.finetune.loss != "logit-adjusted":
+            return 0.0
+        check_loss_fits_task(self.cfg, self.data.task)
+        counts = torch.bincount(self.data.labelled_labels[:, 0], minlength=self.data.num_classes).float() + 1.0
+        return torch.log(counts / counts.sum())
+
+    def evaluate_val(self, classifier_state: StateDict) -> dict[str, float | list[int]]:
+        """Metrics on this site's validation split and, for a binary task, its score histograms."""
+        return evaluate_with_histograms(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)
+
+    def validation_threshold(self, classifier_state: StateDict) -> Threshold | None:
+        """The threshold calibrated on this site's validation split alone (baselines); None unless binary."""
+        return pooled_threshold([self.evaluate_val(classifier_state)])

@@ -1,0 +1,54 @@
+"""Server-side evaluation of the global model on the official test split (the benchmark's number).
+
+In simulation the coordinating server reads the public test split of the benchmark file;
+site-held validation data are evaluated at the sites (federated evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medfed.config import RunConfig
+from medfed.constants import TaskType
+from medfed.models.encoders import InputSpec
+from medfed.task.algo import logits_of, metrics_from_logits, new_classifier
+from medfed.task.calibration import Threshold
+
+
+@dataclass(frozen=True)
+class TestSet:
+    images: torch.Tensor  # (N, C, *S) in [0, 1]
+    labels: torch.Tensor  # (N, K)
+    task: TaskType
+    num_classes: int
+    site_indices: dict[int, np.ndarray] = field(default_factory=dict)  # each site's share (per-site metrics)
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(int(self.images.shape[1]), tuple(int(s) for s in self.images.shape[2:]))
+
+
+def evaluate_state(cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor],
+                   threshold: Threshold | None = None) -> dict[str, float]:
+    """Metrics of a classifier (given by its weights) on the whole test set."""
+    return evaluate_with_sites(cfg, test, classifier_state, threshold)[0]
+
+
+def evaluate_with_sites(
+    cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor], threshold: Threshold | None = None
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Metrics on the whole test set and on each site's share of it (one forward pass); with a
+    ``threshold`` calibrated on validation data, also the metrics at it (binary tasks)."""
+    model = new_classifier(cfg, test.spec, test.task, test.num_classes, None)
+    model.load_state_dict(classifier_state)
+    logits = logits_of(model, test.images)
+    overall = metrics_from_logits(model, logits, test.labels, threshold)
+    per_site = {
+        site: metrics_from_logits(model, logits[idx], test.labels[idx], threshold)
+        for site, idx in test.site_indices.items()
+        if len(idx)
+    }
+    return overall, per_site

@@ -1,0 +1,257 @@
+"""One site's side of a round, free of Flower: read the message's settings, find the site's data, train or
+refuse, and say what leaves the site.
+
+`medfed.client_app` translates Flower messages to and from these functions and nothing more; tests call
+them directly. What a round decides here:
+
+* where the site's data come from: its own file (a deployment's node config ``data-path``, checked
+  against the run's input spec) or its share of the simulation's partition (``partition-id``);
+* refusals: data that do not fit the run, a site that requires DP the run does not give, a privacy
+  budget that would be passed, a ledger that fails verification; a refusal releases nothing and says
+  why without a site-local path;
+* replay: a deployed site asked again for a round it already released (the server was resumed)
+  sends that same release instead of spending privacy twice;
+* central DP with client-side clipping: the update is clipped here, to the norm the run set;
+* which metrics leave: under DP the training loss stays at the site.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfed.config import RunConfig
+from medfed.constants import CentralDP, DPScope, MessageKey, MetricKey, NodeConfigKey, Phase
+from medfed.data.medmnist import MedMNISTData, load_medmnist
+from medfed.data.partition import SPLIT_FILE, SitePlan
+from medfed.data.site import SiteData, site_from_own_file, site_from_split
+from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
+from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
+from medfed.privacy.central import clip_update
+from medfed.privacy.guard import PrivacyGuard, SitePrivacy
+from medfed.task.algo import SiteAlgo
+from medfed.task.replay import RELEASES_DIR, Release, ReleaseCache, release_key
+
+StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
+MESSAGE_EXTRAS = (*(k.value for k in MessageKey), *INPUT_KEYS)
+"""Keys of a message's settings that are not run settings: the server's per-message extras and the run's
+input spec (`medfed.data.spec`), which a site's own data must match."""
+
+
+def read_message_config(config: Mapping[str, Any]) -> tuple[RunConfig, dict[str, object]]:
+    """Split a message's settings (its ConfigRecord) into the RunConfig and the per-message extras."""
+    flat = {k: v for k, v in config.items() if k not in MESSAGE_EXTRAS}
+    extras = {k: config[k] for k in MESSAGE_EXTRAS if k in config}
+    return RunConfig.from_flat(flat), extras
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str, size: int, mtime_ns: int) -> MedMNISTData:
+    """Validated file contents, cached by file identity (a site reads its file every round)."""
+    return load_medmnist(path, download=False)
+
+
+def read_data(path: str) -> MedMNISTData:
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise DataError(f"data file {path!r} cannot be read at this site ({exc})") from exc
+    return _read(path, stat.st_size, stat.st_mtime_ns)
+
+
+def own_site_id(node_config: dict) -> int:
+    """A deployed site's number in the federation (its node config's site-id)."""
+    return int(node_config.get(NodeConfigKey.SITE_ID, node_config.get(NodeConfigKey.PARTITION_ID, 0)))
+
+
+def site_label(node_config: dict) -> str:
+    """How a site is named in its messages: its site-name (kit folder), else its number."""
+    return str(node_config.get(NodeConfigKey.SITE_NAME, own_site_id(node_config)))
+
+
+def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> SiteData:
+    """This site's data: its own file (deployment) or its partition (simulation). Its own file must match the
+    run's input spec the server sent (`medfed.data.spec`), else `DataMismatch` before anything trains."""
+    if NodeConfigKey.DATA_PATH in node_config:
+        site_id = own_site_id(node_config)
+        run_spec = DataSpec.from_flat(extras)  # ConfigError when the server sent none
+        data = read_data(str(node_config[NodeConfigKey.DATA_PATH]))
+        check_matches(DataSpec.of(data), run_spec, site_label(node_config))
+        return site_from_own_file(data, site_id, cfg.dataset.label_fraction, cfg.experiment.seed)
+    if NodeConfigKey.PARTITION_ID not in node_config:
+        raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
+    site_id = int(node_config[NodeConfigKey.PARTITION_ID])
+    plan = SitePlan.load(Path(str(extras[MessageKey.RUN_DIR])) / SPLIT_FILE)
+    data = read_data(str(extras[MessageKey.DATA_FILE]))
+    if data.sha256 != plan.data_sha256:
+        raise DataError(f"{data.path}: contents differ from the file the split was made from (sha256 mismatch)")
+    if not 0 <= site_id < len(plan.sites):
+        raise DataError(f"partition-id {site_id} is outside the split's {len(plan.sites)} sites")
+    partitions = node_config.get(NodeConfigKey.NUM_PARTITIONS)
+    if partitions is not None and int(partitions) != len(plan.sites):
+        raise DataError(f"this SuperNode is one of {partitions} partitions but the split has {len(plan.sites)} sites")
+    return site_from_split(data, plan.sites[site_id])
+
+
+def process_seconds() -> float:
+    """Seconds since this process started or was forked (a deployed site's ClientApp process serves one message)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+def release_cache(node_config: dict) -> ReleaseCache | None:
+    """Where a deployed site keeps its last releases: beside its ledger, on its own disk (None in
+    simulation, which has no server to resume)."""
+    if NodeConfigKey.DATA_PATH not in node_config or NodeConfigKey.LEDGER_PATH not in node_config:
+        return None
+    return ReleaseCache(Path(str(node_config[NodeConfigKey.LEDGER_PATH])).expanduser().parent / RELEASES_DIR)
+
+
+def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard:
+    """The site's privacy guard, with or without DP (every release that leaves the site is recorded; without DP
+    as uncovered exposure): its ledger and key from the node config (deployment), else under the simulation's
+    ledger folder."""
+    if NodeConfigKey.DATA_PATH in node_config and NodeConfigKey.LEDGER_PATH not in node_config:
+        raise ConfigError("this site's node config must name its 'ledger-path' (on the site's own disk): every "
+                          "release that leaves the site is recorded there, with or without DP")
+    default_dir = None if NodeConfigKey.LEDGER_PATH in node_config else Path(
+        str(extras.get(MessageKey.LEDGER_DIR) or Path(str(extras[MessageKey.RUN_DIR])) / "ledgers"))
+    privacy = SitePrivacy.resolve(cfg, str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id)), node_config, default_dir)
+    return PrivacyGuard(privacy, str(extras.get(MessageKey.RUN_ID, "")))
+
+
+@dataclass
+class TrainOutcome:
+    """What a site releases for a train message: its shared weights and metrics, or a refusal."""
+
+    shared: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    refusal: str = ""
+    local_state: StateDict | None = None  # pretraining: the site-local SSL state to keep for the next round
+
+
+def _refusal(site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExceeded) -> TrainOutcome:
+    """A site's refusal: no arrays, its spending so far, and why (the server records it)."""
+    metrics = {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}
+    if guard is not None:
+        try:
+            spent = guard.spent()
+        except LedgerError as err:  # the ledger went bad since the round was planned: the refusal still goes out
+            log.warning("Site %s: its spending cannot be reported: %s", site.site_id, err)
+        else:
+            p = guard.privacy
+            metrics |= {MetricKey.EPSILON.value: spent, MetricKey.DELTA.value: p.delta,
+                        MetricKey.EPSILON_BUDGET.value: p.epsilon}
+    return TrainOutcome(None, metrics, str(exc))
+
+
+def ledger_refusal(site: SiteData, exc: LedgerError) -> TrainOutcome:
+    """A site whose privacy ledger cannot be used (it failed verification, or is behind what its key signed)
+    releases nothing and refuses. The server gets the site and the kind of problem only; the full message, with
+    the ledger's site-local path and the rows at fault, is logged here at the site."""
+    log.warning("Site %s refuses the round: %s", site.site_id, exc)
+    reason = f"site {site.site_id}: its privacy ledger {exc.kind}; nothing is released (details in the site's log)"
+    return TrainOutcome(None, {MetricKey.SITE_ID.value: site.site_id, MetricKey.REFUSED.value: 1.0}, reason)
+
+
+def _data_refusal(node_config: dict, exc: DataMismatch) -> TrainOutcome:
+    """A site whose own data do not fit the run's input refuses, before any training: no arrays, and the reason
+    (shapes, channels, task and classes only: `check_matches` puts no path in it), logged here too."""
+    log.warning("Refusing the round: %s", exc)
+    metrics = {MetricKey.SITE_ID.value: own_site_id(node_config), MetricKey.REFUSED.value: 1.0}
+    return TrainOutcome(None, metrics, str(exc))
+
+
+def clip_for_central_dp(cfg: RunConfig, extras: dict[str, object], shared: dict[str, torch.Tensor],
+                        incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """central-dp client-clip: the site's update (shared weights minus those it was sent) clipped to the norm
+    Flower's client-side DP wrapper sent (``clipping_norm``), which must be the run's central-dp-clipping-norm."""
+    if cfg.central.mode != CentralDP.CLIENT_CLIP:
+        return shared
+    norm = float(extras.get(MessageKey.CLIPPING_NORM, cfg.central.clipping_norm))  # type: ignore[arg-type]
+    if norm != cfg.central.clipping_norm:
+        raise ConfigError(f"the server asks for clipping norm {norm:g} but the run's central-dp-clipping-norm is "
+                          f"{cfg.central.clipping_norm:g}")
+    weights = {k: v.detach().cpu().numpy() for k, v in shared.items()}
+    reference = {k: incoming[k].detach().cpu().numpy() for k in shared}
+    clipped, _ = clip_update(weights, reference, norm)
+    return {k: torch.from_numpy(v) for k, v in clipped.items()}
+
+
+def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapping[str, Any],
+               local_state: StateDict | None = None) -> TrainOutcome:
+    """One training round at this site (Flower-free apart from ``context``'s node config and state): replay a
+    release already made, or train, record the DP cost, clip for central DP, and return what leaves."""
+    cfg, extras = read_message_config(config)
+    phase, server_round = Phase(str(extras[MessageKey.PHASE])), int(extras[MessageKey.ROUND])
+    node_config = dict(node_config)
+    try:
+        site = load_site(node_config, cfg, extras)
+    except DataMismatch as exc:
+        return _data_refusal(node_config, exc)
+    try:
+        required = DPScope(str(node_config.get(NodeConfigKey.DP_REQUIRE, DPScope.NONE.value)))
+    except ValueError:
+        raise ConfigError(f"node config dp-require must be one of {', '.join(s.value for s in DPScope)}") from None
+    if required.covers(phase) and not DPScope(cfg.privacy.scope).covers(phase):
+        return _refusal(site, None, PrivacyBudgetExceeded(
+            f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); the run has dp {cfg.privacy.scope}"))
+    guard = privacy_guard(cfg, site, node_config, extras)
+    algo = SiteAlgo(cfg, site, guard)
+    cache = release_cache(node_config)
+    run_id = str(extras.get(MessageKey.RUN_ID, ""))
+    settings = cfg.run_settings()  # a resumed run asks the same question
+    key = release_key(run_id, phase.value, server_round, settings, incoming) if cache else ""
+    if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
+        # the server asks again for a round this site already released (it was resumed): send that
+        # same release; training again would spend privacy a second time for one round
+        return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
+    try:
+        if phase == Phase.PRETRAIN:
+            shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
+        else:
+            new_local = None
+            shared, stats = algo.finetune_round(incoming, server_round)
+    except PrivacyBudgetExceeded as exc:  # only the privacy guard refuses rounds
+        return _refusal(site, guard, exc)
+    except LedgerError as exc:  # verification failed, or the ledger is behind its anchor: refuse, name no path
+        return ledger_refusal(site, exc)
+    shared = clip_for_central_dp(cfg, extras, shared, incoming)
+    metrics = {
+        MetricKey.NUM_EXAMPLES.value: stats.num_examples,
+        MetricKey.SITE_ID.value: site.site_id,
+        MetricKey.LOSS.value: stats.loss,
+        MetricKey.STEPS.value: stats.steps,
+        MetricKey.SECONDS.value: stats.seconds,
+        **stats.privacy,
+    }
+    if DPScope(cfg.privacy.scope).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
+        metrics.pop(MetricKey.LOSS.value)
+    if NodeConfigKey.DATA_PATH in node_config:  # deployment: one ClientApp process per message, so its age is
+        metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
+    if cache is not None:
+        cache.put(run_id, phase.value, key, Release(shared, metrics))
+    return TrainOutcome(shared, metrics, local_state=new_local)
+
+
+def evaluate_site(config: Mapping[str, Any], state: StateDict, node_config: Mapping[str, Any]) -> dict[str, float]:
+    """The global model ``state`` on this site's validation data, with the site's number and example count.
+
+    A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only
+    shapes and tasks), as its train reply refuses."""
+    cfg, extras = read_message_config(config)
+    site = load_site(dict(node_config), cfg, extras)
+    metrics = SiteAlgo(cfg, site).evaluate_val(state)
+    metrics[MetricKey.NUM_EXAMPLES.value] = float(len(site.val_images))
+    metrics[MetricKey.SITE_ID.value] = float(site.site_id)
+    return metrics
