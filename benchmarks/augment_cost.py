@@ -62,7 +62,8 @@ def main() -> None:
         "",
         "| pipeline | ms per view |",
         "|---|---|",
-        f"| MONAI per-sample Compose (RandAffine, RandFlip, RandAdjustContrast, RandGaussianNoise, RandGaussianSmooth) | {monai_ms:.3f} |",
+        "| MONAI per-sample Compose (RandAffine, RandFlip, RandAdjustContrast, RandGaussianNoise, RandGaussianSmooth) "
+        f"| {monai_ms:.3f} |",
         f"| medfed batched `augment` (same operations, per-sample random parameters) | {batched_ms:.3f} |",
         f"| for scale: one SimCLR training step of the default encoder (width 16), per view | {step_ms:.3f} |",
         "",

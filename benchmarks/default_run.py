@@ -43,7 +43,8 @@ def main() -> None:
     text = "\n".join([
         "## The default run (`medfed simulate` with no options)",
         "",
-        "Command: `python benchmarks/default_run.py` (runs `MEDFED_DATA_PATH=../shared/data/medmnist medfed simulate`).",
+        "Command: `python benchmarks/default_run.py` "
+        "(runs `MEDFED_DATA_PATH=../shared/data/medmnist medfed simulate`).",
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores: wall time "
         f"{monitor.wall_seconds:.0f} s ({verdict} the {LIMIT_S} s bound), peak memory of the process tree "
         f"{monitor.peak_bytes / 2**20:.0f} MB. 5 sites, Dirichlet alpha 0.5, PneumoniaMNIST, 10 % labels, "

@@ -58,7 +58,8 @@ def start_direct_superlink(kits: Path, port: int, work: Path, spawn_raw) -> None
     spawn_raw([flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port), "--database",
                str(state / "superlink.db"), "--disable-runtime-dependency-installation", "--ssl-ca-certfile",
                str(server / "ca.crt"), "--ssl-certfile", str(server / "server.crt"), "--ssl-keyfile",
-               str(server / "server.key"), "--enable-supernode-auth"], "server.out", flower_env(state / "flwr-superlink"))
+               str(server / "server.key"), "--enable-supernode-auth"],
+          "server.out", flower_env(state / "flwr-superlink"))
     wait_healthy(f"127.0.0.1:{port}", server / "ca.crt", timeout=120)
     conn = ControlConnection(state / "flwr-cli")
     write_cli_config(conn.flwr_home, f"127.0.0.1:{port}", server / "ca.crt")
@@ -131,8 +132,10 @@ def main() -> None:
     table, ratios, transport, walls, locals_ = [], [], [], [], []
     for phase in ("pretrain", "finetune"):
         for rnd in sorted({r["round"] for r in rows if r["phase"] == phase and r["split"] == "round"}):
-            wall = next(r["train-round-seconds"] for r in rows if r["phase"] == phase and r["round"] == rnd and r["split"] == "round")
-            sites = [r for r in rows if r["phase"] == phase and r["round"] == rnd and r["split"] == "train" and r["accepted"]]
+            wall = next(r["train-round-seconds"] for r in rows
+                        if r["phase"] == phase and r["round"] == rnd and r["split"] == "round")
+            sites = [r for r in rows
+                     if r["phase"] == phase and r["round"] == rnd and r["split"] == "train" and r["accepted"]]
             local = max(r["train-seconds"] for r in sites)
             process = max(r.get("process-seconds", float("nan")) for r in sites)
             payload = max(r["bytes-sent"] for r in sites)
@@ -146,11 +149,11 @@ def main() -> None:
     command = (f"python benchmarks/deployment_overhead.py --data {args.data} --pretrain-rounds {args.pretrain_rounds} "
                f"--finetune-rounds {args.finetune_rounds}")
     lines = [
-        "## Deployment on loopback: orchestration overhead and bytes on the wire (3 sites, mutual-TLS gateway, SuperNode "
-        "authentication)",
+        "## Deployment on loopback: orchestration overhead and bytes on the wire (3 sites, mutual-TLS gateway, "
+        "SuperNode authentication)",
         "",
-        (f"Command: `{command}` (one run, {os.cpu_count()} CPU cores shared by the SuperLink, the ServerApp and the three "
-        f"SuperNodes; default model and settings: CNN width 16, SimCLR, {args.data} cut iid into 3 site files). "
+        (f"Command: `{command}` (one run, {os.cpu_count()} CPU cores shared by the SuperLink, the ServerApp and the "
+        f"three SuperNodes; default model and settings: CNN width 16, SimCLR, {args.data} cut iid into 3 site files). "
         "Overhead of a round = 1 - slowest site's local training time / the server's wall time for the round "
         "(send, wait for all replies, aggregate). Target: <= 15 % for the default model."),
         "",
@@ -161,14 +164,14 @@ def main() -> None:
         "The last overhead column is what is left beyond that: the SuperNode and SuperLink passing the message, "
         "polling and aggregation.",
         "",
-        "| phase | round | round wall s | slowest site's training s | slowest site's process s | overhead (vs training) "
-        "| overhead beyond the site's process | uplink bytes per site |",
+        "| phase | round | round wall s | slowest site's training s | slowest site's process s "
+        "| overhead (vs training) | overhead beyond the site's process | uplink bytes per site |",
         "|---|---|---|---|---|---|---|---|",
         *table,
         "",
         (f"Mean overhead: pretraining rounds {sum(pre) / len(pre):.1%}, all rounds {sum(ratios) / len(ratios):.1%}, "
-        f"all rounds weighted by their length (1 - total training s / total round s) {1 - sum(locals_) / sum(walls):.1%}; "
-        f"beyond the sites' processes: {sum(transport) / len(transport):.1%}. "
+        f"all rounds weighted by their length (1 - total training s / total round s) "
+        f"{1 - sum(locals_) / sum(walls):.1%}; beyond the sites' processes: {sum(transport) / len(transport):.1%}. "
         f"The SuperLink counted {traffic} of network traffic for the whole run ({total:.0f} s end to end, "
         "including federated evaluation after every fine-tuning round)."),
     ]

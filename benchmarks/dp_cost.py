@@ -31,7 +31,7 @@ from results_md import write_section
 from medfed.config import run_config
 from medfed.constants import TaskType
 from medfed.models.encoders import InputSpec
-from medfed.task.algo import new_classifier
+from medfed.task.model_setup import new_classifier
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -116,7 +116,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if args.device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         f"Device: {device_name}; torch {torch.__version__}. Median of {args.rounds} interleaved steps per variant; "
         "ratio = DP step / non-DP step on the same model and batch (noise multiplier 1, clipping 1, AdamW).",

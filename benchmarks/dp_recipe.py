@@ -73,29 +73,31 @@ def main() -> None:
         rows = Recorder.load(run_dir / "metrics.jsonl")
         test = [r for r in rows if r["split"] == "test" and r["phase"] == "finetune"]
         eps = max(r.get("epsilon", 0.0) for r in rows if r["split"] == "train" and r.get("accepted"))
-        r = {"mode": mode, "lr": lr, "batch": batch, "rounds": rounds, "clip": clip, "val_auc": federated_val_auc(rows, rounds),
-             "test_auc": test[-1]["auc"], "epsilon": eps, "seconds": time.perf_counter() - start}
+        r = {"mode": mode, "lr": lr, "batch": batch, "rounds": rounds, "clip": clip,
+             "val_auc": federated_val_auc(rows, rounds), "test_auc": test[-1]["auc"], "epsilon": eps,
+             "seconds": time.perf_counter() - start}
         results.append(r)
         print(f"[{i}/{len(grid)}] {name}: val AUC {r['val_auc']:.4f} (test {r['test_auc']:.4f}) "
               f"epsilon {eps:.3f} ({r['seconds']:.0f} s)", flush=True)
     best = {m: max((r for r in results if r["mode"] == m), key=lambda r: r["val_auc"]) for m in args.modes.split(",")}
     command = (f"python benchmarks/dp_recipe.py --encoder {os.path.relpath(encoder, Path.cwd())} --modes {args.modes} "
                f"--lrs {args.lrs} --batches {args.batches} --rounds {args.rounds} --epsilon {args.epsilon:g} "
-               f"--seed {args.seed}" + (f" --max-grad-norms {args.max_grad_norms}" if args.max_grad_norms != "1" else ""))
+               f"--seed {args.seed}"
+               + (f" --max-grad-norms {args.max_grad_norms}" if args.max_grad_norms != "1" else ""))
     lines = [
         (f"## Choosing the DP fine-tuning recipe on the validation split (epsilon {args.epsilon:g}, delta 1e-5)\n\n"
-        f"Command: `{command}` (one run, {os.cpu_count()} CPU cores). AdamW, per-example clipping norm C as listed, noise planned from the budget "
-        "over the planned rounds, fresh ledgers per run. Selection: the highest federated validation AUC after the "
-        "last round (sites' official-val shares, weighted by size). The test AUC is shown for transparency and was "
-        "not used."),
+        f"Command: `{command}` (one run, {os.cpu_count()} CPU cores). AdamW, per-example clipping norm C as listed, "
+        "noise planned from the budget over the planned rounds, fresh ledgers per run. Selection: the highest "
+        "federated validation AUC after the last round (sites' official-val shares, weighted by size). The test AUC "
+        "is shown for transparency and was not used."),
         "",
         "| mode | lr | Poisson batch | rounds | clipping C | reached epsilon | val AUC (selects) | test AUC | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mark = " **chosen**" if r is best[r["mode"]] else ""
-        lines.append(f"| {r['mode']} | {r['lr']:g} | {r['batch']} | {r['rounds']} | {r['clip']:g} | {r['epsilon']:.3f} | "
-                     f"{r['val_auc']:.4f}{mark} | {r['test_auc']:.4f} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['mode']} | {r['lr']:g} | {r['batch']} | {r['rounds']} | {r['clip']:g} "
+                     f"| {r['epsilon']:.3f} | {r['val_auc']:.4f}{mark} | {r['test_auc']:.4f} | {r['seconds']:.0f} |")
     write_section("dp_recipe" if args.max_grad_norms == "1" else "dp_recipe_clipping", "\n".join(lines))
     print("\n".join(lines))
 

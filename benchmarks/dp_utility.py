@@ -48,8 +48,10 @@ def run(cfg: RunConfig) -> tuple[Path, dict]:
         "accuracy": arm["test"]["accuracy"],
         # at the threshold calibrated on the sites' pooled validation histograms (medfed.task.calibration)
         "threshold": arm["test"].get("threshold", float("nan")),
-        "calibrated": tuple(arm["test"].get(f"calibrated-{k}", float("nan")) for k in ("accuracy", "sensitivity", "specificity")),
-        "epsilon": max((r.get("epsilon", 0.0) for r in fine), default=0.0) if cfg.privacy.scope != "none" else float("inf"),
+        "calibrated": tuple(arm["test"].get(f"calibrated-{k}", float("nan"))
+                            for k in ("accuracy", "sensitivity", "specificity")),
+        "epsilon": (max((r.get("epsilon", 0.0) for r in fine), default=0.0)
+                    if cfg.privacy.scope != "none" else float("inf")),
         "sigma": [r["noise-multiplier"] for r in fine if "noise-multiplier" in r],
         "refused": sum(1 for r in rows if r.get("refused")),
         "bytes_finetune": max((r["bytes-sent"] for r in fine), default=0),
@@ -67,7 +69,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the non-DP reference arms")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="runs per arm (fresh DP noise each): mean and sd")
-    parser.add_argument("--encoder", default="", help="reuse a pretrained encoder (safetensors) of an earlier run of this script")
+    parser.add_argument("--encoder", default="",
+                        help="reuse a pretrained encoder (safetensors) of an earlier run of this script")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     rounds = dict(pretrain_rounds=2, finetune_rounds=3) if args.quick else {}
@@ -87,7 +90,8 @@ def main() -> None:
     arms = [(mode, eps, rep) for mode in modes for eps in ([] if args.no_reference else [None]) + epsilons
             for rep in range(args.repeats)]
     for mode, eps, rep in arms:
-        name = f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}" + (f"-r{rep}" if args.repeats > 1 else "")
+        name = (f"{mode}-{'nodp' if eps is None else f'eps{eps:g}'}-s{args.seed}"
+                + (f"-r{rep}" if args.repeats > 1 else ""))
         cfg = base.replace(encoder_init=str(encoder), finetune_mode=mode, run_name=name)
         if eps is not None:
             # fresh ledgers for every arm of every invocation: a budget spent by an earlier (or aborted)
@@ -101,7 +105,8 @@ def main() -> None:
     flags = "--quick " if args.quick else ""
     command = f"python benchmarks/dp_utility.py {flags}--seed {args.seed}"
     if modes != list(MODES) or epsilons != list(EPSILONS) or args.no_reference:
-        command += f" --modes {args.modes} --epsilons {args.epsilons}" + (" --no-reference" if args.no_reference else "")
+        command += (f" --modes {args.modes} --epsilons {args.epsilons}"
+                    + (" --no-reference" if args.no_reference else ""))
     if args.repeats > 1:
         command += f" --repeats {args.repeats}"
     if args.encoder:  # the pretraining step of an earlier run of this same script, reused
@@ -114,11 +119,13 @@ def main() -> None:
         "clipping 1, Poisson sampling) with the DP recipe of each mode, chosen on validation data (`dp_recipe`: "
         + "; ".join(f"{m} lr {r.lr:g}, batch {r.batch_size}, {r.rounds} rounds" for m, r in DP_FINETUNE_RECIPE.items()
                     if m in modes)
-        + f"; without DP: lr {FINETUNE_RECIPE.lr:g}, batch {FINETUNE_RECIPE.batch_size}, {FINETUNE_RECIPE.rounds} rounds). "
+        + f"; without DP: lr {FINETUNE_RECIPE.lr:g}, batch {FINETUNE_RECIPE.batch_size}, "
+        f"{FINETUNE_RECIPE.rounds} rounds). "
         "Target: AUC >= 0.93 at epsilon 8. The decision threshold is calibrated each round on the sites' pooled "
         "validation score histograms (Youden's J; `medfed.task.calibration`), never on test.",
         "",
-        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) | test AUC"
+        "| fine-tuning | target epsilon | reached epsilon (max over sites) | noise multiplier (range over sites) "
+        "| test AUC"
         + (f" (mean +- sd over {args.repeats} runs)" if args.repeats > 1 else "")
         + " | accuracy at 0.5 | calibrated threshold | accuracy / sensitivity / specificity at it | wall s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -138,8 +145,8 @@ def main() -> None:
         secs = statistics.mean(r["seconds"] for r in rs)
         threshold = statistics.mean(r["threshold"] for r in rs)
         calibrated = " / ".join(f"{statistics.mean(r['calibrated'][i] for r in rs):.4f}" for i in range(3))
-        lines.append(f"| {mode} | {target} | {reached} | {sigma} | {auc} | {acc:.4f} | {threshold:.4f} | {calibrated} | "
-                     f"{secs:.0f} |")
+        lines.append(f"| {mode} | {target} | {reached} | {sigma} | {auc} | {acc:.4f} | {threshold:.4f} "
+                     f"| {calibrated} | {secs:.0f} |")
     default = modes == list(MODES)
     write_section("dp_utility" if default else f"dp_utility_{'_'.join(modes)}", "\n".join(lines))
     if not default:
@@ -154,9 +161,11 @@ def main() -> None:
         "| what a site sends | bytes per site per round | ratio to the full encoder |",
         "|---|---|---|",
         f"| pretraining: encoder | {pre['bytes_pretrain']:,} | 1 |",
-        f"| fine-tuning, full: encoder + head | {full['bytes_finetune']:,} | {full['bytes_finetune'] / pre['bytes_pretrain']:.4f} |",
+        f"| fine-tuning, full: encoder + head | {full['bytes_finetune']:,} "
+        f"| {full['bytes_finetune'] / pre['bytes_pretrain']:.4f} |",
         f"| fine-tuning, LoRA rank 4: adapters + head | {lora['bytes_finetune']:,} | "
-        f"{lora['bytes_finetune'] / pre['bytes_pretrain']:.4f} (1/{pre['bytes_pretrain'] / lora['bytes_finetune']:.1f}) |",
+        f"{lora['bytes_finetune'] / pre['bytes_pretrain']:.4f} "
+        f"(1/{pre['bytes_pretrain'] / lora['bytes_finetune']:.1f}) |",
         "",
         "Target: LoRA sends at most 1/20 of the full encoder.",
     ]

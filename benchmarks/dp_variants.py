@@ -36,7 +36,8 @@ from medfed.data.medmnist import load_medmnist, resolve_data_path
 from medfed.data.transforms import scale_intensity
 from medfed.models.encoders import InputSpec
 from medfed.simulations.launcher import simulate as run_experiment
-from medfed.task.algo import evaluate, new_classifier
+from medfed.task.algo import evaluate
+from medfed.task.model_setup import new_classifier
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
@@ -64,10 +65,12 @@ def main() -> None:
     parser.add_argument("--section", default="dp_variants", help="the docs/RESULTS.md section to write")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    base = run_config(baselines="none", out_dir=str(out), seed=args.seed, encoder_init=str(Path(args.encoder).resolve()),
-                     dp="finetune", dp_epsilon=args.epsilon, dp_delta=1e-5)
+    base = run_config(baselines="none", out_dir=str(out), seed=args.seed,
+                     encoder_init=str(Path(args.encoder).resolve()), dp="finetune", dp_epsilon=args.epsilon,
+                     dp_delta=1e-5)
     data = load_medmnist(resolve_data_path(base.dataset.source, download=False), download=False)
-    splits = {name: (scale_intensity(data.split(name).images, data.intensity_range), torch.as_tensor(data.split(name).labels))
+    splits = {name: (scale_intensity(data.split(name).images, data.intensity_range),
+                     torch.as_tensor(data.split(name).labels))
               for name in ("val", "test")}
     spec = InputSpec(data.channels, data.spatial_shape)
     variants = [parse_variant(v) for v in args.variant]
@@ -87,7 +90,8 @@ def main() -> None:
                    "calibrated-accuracy": summary.get("calibrated-accuracy", float("nan")),
                    "seconds": time.perf_counter() - start}
             results.setdefault(name, []).append(row)
-            print(f"{run_name}: val AUC {row['val']:.4f} test AUC {row['test']:.4f} ({row['seconds']:.0f} s)", flush=True)
+            print(f"{run_name}: val AUC {row['val']:.4f} test AUC {row['test']:.4f} ({row['seconds']:.0f} s)",
+                  flush=True)
 
     def stat(rows: list[dict[str, float]], key: str) -> str:
         values = [r[key] for r in rows]
@@ -107,7 +111,8 @@ def main() -> None:
         "DP recipe with the variant's changes, the global model after the last round scored on the official "
         "validation split (decides) and the official test split (shown, not used to choose). Mean +- sd over runs.",
         "",
-        "| variant | changes | val AUC (decides) | test AUC | test accuracy at the calibrated threshold | wall s (mean) |",
+        "| variant | changes | val AUC (decides) | test AUC | test accuracy at the calibrated threshold "
+        "| wall s (mean) |",
         "|---|---|---|---|---|---|",
     ]
     for name, changes in variants:
@@ -118,7 +123,8 @@ def main() -> None:
                      f"{stat(rows, 'calibrated-accuracy')} | {statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines.append("")
     lines.append("Per run (val, test): " + "; ".join(
-        f"{name}: " + ", ".join(f"({r['val']:.4f}, {r['test']:.4f})" for r in results[name]) for name, _ in variants) + ".")
+        f"{name}: " + ", ".join(f"({r['val']:.4f}, {r['test']:.4f})" for r in results[name])
+        for name, _ in variants) + ".")
     write_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 

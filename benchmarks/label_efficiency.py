@@ -60,7 +60,8 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"),
+    default_data = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
+    parser.add_argument("--data", default=str(default_data),
                         help="MedMNIST flag or file (default: the pinned copy in ../shared/data/medmnist)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -99,7 +100,8 @@ def main() -> None:
                          [c for c in chosen if c[1].pretrain == NO_PRETRAIN])]
                 for label, arm in chosen:
                     if arm.pretrain != NO_PRETRAIN:
-                        reuse = cfg.replace(encoder_init=str(first[label]), run_name=f"{cfg.output.run_name}-{arm.mode}")
+                        reuse = cfg.replace(encoder_init=str(first[label]),
+                                            run_name=f"{cfg.output.run_name}-{arm.mode}")
                         runs.append((run_experiment(reuse, arms=[arm]), [(label, arm)]))
             for run_dir, labelled_arms in runs:
                 split = [s["train"] for s in json.loads((run_dir / "split.json").read_text())["sites"]]
@@ -119,16 +121,19 @@ def main() -> None:
         "## Label efficiency on PneumoniaMNIST (issue: federated SSL end to end)",
         "",
         f"Command: `{command}`",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, total {(time.time() - started) / 60:.1f} min. Settings: "
-        f"{base.dataset.num_sites} sites, {base.dataset.partition} alpha {base.dataset.alpha}, pretrain {base.ssl.method} "
-        f"{base.ssl.rounds} rounds x {base.ssl.epochs} epochs (batch {base.ssl.batch_size}), "
+        f"{base.dataset.num_sites} sites, {base.dataset.partition} alpha {base.dataset.alpha}, "
+        f"pretrain {base.ssl.method} {base.ssl.rounds} rounds x {base.ssl.epochs} epochs "
+        f"(batch {base.ssl.batch_size}), "
         f"fine-tune {base.finetune.mode} {base.finetune.rounds} rounds x {base.finetune.epochs} epochs, "
         f"width {base.model.width}, seeds {args.seeds}.",
         "Test metrics on the official test split (624 images), mean ± standard deviation over seeds.",
         f"Pretraining depends on the seed only (the partition is drawn before the labelled subsets), so the SSL "
         f"arms at {', '.join(f'{f:.0%}' for f in args.fractions[1:])} labels fine-tune the encoders pretrained in the "
-        f"{args.fractions[0]:.0%} runs of the same seed (checked: identical partitions); their wall time excludes pretraining.",
+        f"{args.fractions[0]:.0%} runs of the same seed (checked: identical partitions); their wall time excludes "
+        "pretraining.",
         "",
     ]
     for fraction, by_arm in results.items():
@@ -144,14 +149,17 @@ def main() -> None:
         loc = np.mean([r["auc"] for r in by_arm["local-only supervised (mean over sites)"]])
         lines += ["", f"Targets at this fraction: federated SSL AUC {fed:.3f}"
                   + (f" (target >= 0.95: {'met' if fed >= 0.95 else 'missed'})" if abs(fraction - 0.1) < 1e-9 else "")
-                  + f"; federated - centralized {fed - cen:+.3f} (target within 0.01: {'met' if abs(fed - cen) <= 0.01 else 'missed'}"
-                  + f"); federated - local-only {fed - loc:+.3f} (target >= +0.05: {'met' if fed - loc >= 0.05 else 'missed'}).", ""]
+                  + f"; federated - centralized {fed - cen:+.3f} "
+                  f"(target within 0.01: {'met' if abs(fed - cen) <= 0.01 else 'missed'}"
+                  + f"); federated - local-only {fed - loc:+.3f} "
+                  f"(target >= +0.05: {'met' if fed - loc >= 0.05 else 'missed'}).", ""]
     lines += ["Per-run numbers (seed: AUC, wall s):", ""]
     for fraction, by_arm in results.items():
         for label in ORDER:
             runs = by_arm[label]
             lines.append(f"- {fraction:.0%} {label}: " + ", ".join(
-                f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" + (" (pretraining reused)" if r["reused"] else "") for r in runs))
+                f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" + (" (pretraining reused)" if r["reused"] else "")
+                for r in runs))
     write_section("label_efficiency", "\n".join(lines))
     print("\n".join(lines))
 

@@ -71,7 +71,8 @@ def main() -> None:
     central = []
     for z in (float(x) for x in args.noise.split(",")):
         d, _ = run(base.replace(run_name=f"central-z{z:g}", secure_aggregation="secagg+", central_dp="client-clip",
-                                central_dp_noise_multiplier=z, central_dp_clipping_norm=args.clip, central_dp_delta=delta))
+                                central_dp_noise_multiplier=z, central_dp_clipping_norm=args.clip,
+                                central_dp_delta=delta))
         rows = Recorder.load(d / "metrics.jsonl")
         eps = [r for r in rows if r["split"] == "central-dp"][-1]["central-epsilon"]
         central.append((z, eps, final(d, "auc")))
@@ -87,14 +88,14 @@ def main() -> None:
         f"| SecAgg+ | {t_secure:.2f} | {t_secure / t_plain:.2f} | {secure_wall:.0f} | {final(secure_dir, 'auc'):.3f} |",
         "",
         f"Largest difference between the plain and the SecAgg+ pretrained encoder after {args.pretrain_rounds} rounds: "
-        f"{worst:.2e}. SecAgg+ rounds each value to a step of 16 / 2**22 = {16 / 2**22:.1e}; later rounds train on from "
-        "the slightly different weights, so the gap grows with the rounds (after one round it stays below 2e-5: "
+        f"{worst:.2e}. SecAgg+ rounds each value to a step of 16 / 2**22 = {16 / 2**22:.1e}; later rounds train on "
+        "from the slightly different weights, so the gap grows with the rounds (after one round it stays below 2e-5: "
         "tests/integration/test_secure_aggregation.py). The sites are IID and equal in size, so FedAvg's example "
         "weights are equal and both runs average the same way. In simulation SecAgg+'s four stages cost little; in a "
         "deployment each stage is one more ClientApp process per site.",
         "",
-        f"Central DP (client-clip under SecAgg+, clipping norm {args.clip:g}, delta {delta:g}; every aggregate of both phases "
-        f"is a release: {args.pretrain_rounds + args.finetune_rounds} in all):", "",
+        f"Central DP (client-clip under SecAgg+, clipping norm {args.clip:g}, delta {delta:g}; every aggregate of "
+        f"both phases is a release: {args.pretrain_rounds + args.finetune_rounds} in all):", "",
         "| noise multiplier z | noise std on the mean (z C / n) | site-level epsilon | test AUC |", "|---|---|---|---|",
     ]
     lines += [f"| {z:g} | {z * args.clip / args.sites:.3g} | {eps:.3g} | {auc:.3f} |" for z, eps, auc in central]

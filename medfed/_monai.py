@@ -2,10 +2,10 @@
 
 MONAI's package init imports every network it has, and TransChex imports BERT from
 ``transformers`` when that is installed (it is: peft depends on it). That alone costs about 2 s
-of CPU per process (docs/RESULTS.md, deployment_overhead), and Flower's deployment runtime starts a fresh ClientApp process for every
-message. medfed never uses TransChex, so while MONAI is first imported, ``transformers`` is made
-unimportable; MONAI's ``optional_import`` then marks TransChex unavailable. Afterwards nothing is
-blocked: peft imports ``transformers`` normally when LoRA is used.
+of CPU per process (docs/RESULTS.md, deployment_overhead), and Flower's deployment runtime starts a
+fresh ClientApp process for every message. medfed never uses TransChex, so while MONAI is first
+imported, ``transformers`` is made unimportable; MONAI's ``optional_import`` then marks TransChex
+unavailable. Afterwards nothing is blocked: peft imports ``transformers`` normally when LoRA is used.
 """
 
 from __future__ import annotations

@@ -21,10 +21,13 @@ from rich.table import Table
 from medfed import __version__
 from medfed.config import RunConfig
 from medfed.config.flags import setting_parameters, settings_from_flags
+from medfed.deploy.commands import register as _register_deployment
 from medfed.exceptions import ConfigError, MedfedError
 from medfed.selfsup.registry import available_methods
 
-app = typer.Typer(help="Federated self-supervised learning for medical imaging on Flower.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Federated self-supervised learning for medical imaging on Flower.", no_args_is_help=True, add_completion=False
+)
 console = Console(stderr=True)
 
 
@@ -64,7 +67,8 @@ def _run_with_progress(cfg: RunConfig, verbose: bool) -> None:
         table.add_column(col)
     for name, arm in summary["arms"].items():
         t = arm["test"]
-        cells = [f"{t[k]:.3f}" if t.get(k) is not None else "n/a" for k in ("auc", "accuracy", "sensitivity", "specificity", "fpr")]
+        cells = [f"{t[k]:.3f}" if t.get(k) is not None else "n/a"
+                 for k in ("auc", "accuracy", "sensitivity", "specificity", "fpr")]
         table.add_row(name, *cells, f"{arm['wall_seconds']:.0f}")
     Console().print(table)
     Console().print(f"report: {run_dir / 'report.md'}")
@@ -94,7 +98,8 @@ def methods() -> None:
     for name in available_methods():
         cls = method_class(name)
         kinds = "/".join(k.value for k in cls.encoder_kinds)
-        print(f"{name:8s} encoder {kinds:8s} per-example loss: {'yes' if cls.per_example_loss else 'no (in-batch negatives)'}")
+        per_example = "yes" if cls.per_example_loss else "no (in-batch negatives)"
+        print(f"{name:8s} encoder {kinds:8s} per-example loss: {per_example}")
 
 
 @app.command("audit")
@@ -144,7 +149,10 @@ def audit(
             if len(paths) != 1 or not (paths[0] / "config.json").is_file():
                 raise ConfigError("--empirical needs exactly one run directory (its settings are replayed)")
             empirical_result = run_empirical_audit(paths[0], num_canaries=canaries)
-        out_dir = Path(out).expanduser() if out else (paths[0] / "audit" if len(paths) == 1 and paths[0].is_dir() else Path("audit"))
+        if out:
+            out_dir = Path(out).expanduser()
+        else:
+            out_dir = paths[0] / "audit" if len(paths) == 1 and paths[0].is_dir() else Path("audit")
         written = write_audit(report, out_dir, empirical=empirical_result)
     except MedfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -154,8 +162,6 @@ def audit(
     if not report.ok:
         raise typer.Exit(code=1)
 
-
-from medfed.deploy.commands import register as _register_deployment
 
 _register_deployment(app)
 
@@ -180,7 +186,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Federated self-supervised learning for medical imaging on Flower."""
 

@@ -12,7 +12,10 @@ share of the partition written to the run directory.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 from flwr.clientapp import ClientApp
 
 from medfed.client.redaction import redacted_errors_mod
@@ -38,8 +41,8 @@ def site_train(config: ConfigRecord, incoming: dict, context: Context) -> TrainO
     return outcome
 
 
-def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) -> Message:
-    content = RecordDict({RecordKey.METRICS.value: MetricRecord(metrics)})
+def _reply(msg: Message, arrays: ArrayRecord | None, metrics: Mapping[str, MetricRecordValues]) -> Message:
+    content = RecordDict({RecordKey.METRICS.value: MetricRecord(dict(metrics))})
     if arrays is not None:
         content[RecordKey.ARRAYS.value] = arrays
     return Message(content=content, reply_to=msg)
@@ -49,10 +52,10 @@ def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict[str, float]) 
 def train(msg: Message, context: Context) -> Message:
     if is_secagg_round(msg):
         return train_secagg(msg, context, site_train)
-    incoming = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
-    outcome = site_train(msg.content[RecordKey.CONFIG.value], incoming, context)
+    incoming = msg.content.array_records[RecordKey.ARRAYS.value].to_torch_state_dict()
+    outcome = site_train(msg.content.config_records[RecordKey.CONFIG.value], incoming, context)
     if outcome.shared is None:
-        content = RecordDict({RecordKey.METRICS.value: MetricRecord(outcome.metrics),
+        content = RecordDict({RecordKey.METRICS.value: MetricRecord(dict(outcome.metrics)),
                               RecordKey.REFUSAL.value: ConfigRecord({REFUSAL_REASON: outcome.refusal})})
         return Message(content=content, reply_to=msg)
     return _reply(msg, ArrayRecord(outcome.shared), outcome.metrics)
@@ -61,5 +64,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's validation data."""
-    state = msg.content[RecordKey.ARRAYS.value].to_torch_state_dict()
-    return _reply(msg, None, evaluate_site(msg.content[RecordKey.CONFIG.value], state, context.node_config))
+    state = msg.content.array_records[RecordKey.ARRAYS.value].to_torch_state_dict()
+    config = msg.content.config_records[RecordKey.CONFIG.value]
+    return _reply(msg, None, evaluate_site(config, state, context.node_config))

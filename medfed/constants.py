@@ -93,7 +93,6 @@ class SecureAggregation(StrEnum):
     SECAGG_PLUS = "secagg+"  # Flower's SecAgg+ (Bell et al., CCS 2020): the server learns only the sum
 
 
-RUN_DIR_MARK = "medfed run directory: "  # a deployed ServerApp prints it; `medfed run` reads the last one
 SECAGG_SENT_KEYS = "secagg-sent-keys"  # names of the arrays sent, newline-joined (legacy Parameters carry none)
 SECAGG_SHARED_KEYS = "secagg-shared-keys"  # names of the arrays each site returns into the secure sum, in order
 SECAGG_REFUSAL_METRIC = "refusal-reason"  # a refusing site's reason, in its plaintext fit metrics

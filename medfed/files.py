@@ -63,7 +63,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_durably(path: Path, write: Callable[[Path], None]) -> None:
+def replace_durably(path: Path, write: Callable[[Path], object]) -> None:
     """Replace ``path`` atomically: ``write`` fills a temporary file beside it, which is fsynced, renamed
     over ``path`` and the rename made durable. A crash leaves the old file or the new one, never half of
     one; a failing ``write`` leaves the old file and no temporary."""
@@ -82,7 +82,9 @@ def replace_durably(path: Path, write: Callable[[Path], None]) -> None:
     fsync_dir(path.parent)
 
 
-def save_safetensors_durably(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_durably(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """`replace_durably` for a safetensors file of ``tensors`` (moved to contiguous CPU memory)."""
     from safetensors.torch import save_file
 

@@ -38,6 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point inside a Flower runtime (``flwr run``): settings from the run config
     (pyproject defaults plus overrides); federated arms use this ServerApp's grid, with arrays packed
     on the wire and replies polled every 0.2 s instead of Flower's 3 s (`medfed.server.grid`)."""
-    with object_pulls_tuned():  # replies' objects: retried after 50 ms, not Flower's 1 s (medfed.flower_patches.flower_tuning)
+    # replies' objects: retried after 50 ms, not Flower's 1 s (medfed.flower_patches.flower_tuning)
+    with object_pulls_tuned():
         cfg = RunConfig.from_flat(dict(context.run_config))
         run_experiment(cfg, grid=DeploymentGrid(grid, registry=cfg.deployment.registered_sites))

@@ -84,7 +84,7 @@ def test_classic_abadi_setting_is_in_the_known_range() -> None:
     eps = epsilon_spent([MechanismStep(1.1, ABADI_Q, ABADI_STEPS)], 1e-5, "rdp")
     mironov = min(
         r + math.log(1 / 1e-5) / (a - 1)
-        for a, r in zip(RDP_ORDERS, _fresh_rdp_curve(1.1, ABADI_Q) * ABADI_STEPS)
+        for a, r in zip(RDP_ORDERS, _fresh_rdp_curve(1.1, ABADI_Q) * ABADI_STEPS, strict=True)
     )
     assert mironov == pytest.approx(3.01, abs=0.01)
     assert 2.5 < eps < mironov
@@ -343,7 +343,7 @@ RDP_HISTORIES = [[g[1:4]] for g in GOLDEN if g[0] == "rdp"] + _random_histories(
 RDP_DELTAS = [g[4] for g in GOLDEN if g[0] == "rdp"] + [1e-5, 1e-4, 1e-3, 3e-5]
 
 
-@pytest.mark.parametrize(("history", "delta"), list(zip(RDP_HISTORIES, RDP_DELTAS)))
+@pytest.mark.parametrize(("history", "delta"), list(zip(RDP_HISTORIES, RDP_DELTAS, strict=True)))
 def test_independent_rdp_agrees_with_opacus(history: list, delta: float) -> None:
     reported = epsilon_spent([MechanismStep(*r) for r in history], delta, "rdp")
     recomputed = independent_epsilon(history, delta, INDEPENDENT_FOR["rdp"])
@@ -371,7 +371,7 @@ PRV_HISTORIES = [[g[1:4]] for g in GOLDEN if g[0] == "prv"] + _random_histories(
 PRV_DELTAS = [g[4] for g in GOLDEN if g[0] == "prv"] + [1e-5, 1e-3]
 
 
-@pytest.mark.parametrize(("history", "delta"), list(zip(PRV_HISTORIES, PRV_DELTAS)))
+@pytest.mark.parametrize(("history", "delta"), list(zip(PRV_HISTORIES, PRV_DELTAS, strict=True)))
 def test_independent_pld_agrees_with_opacus_prv(history: list, delta: float) -> None:
     reported = epsilon_spent([MechanismStep(*r) for r in history], delta, "prv")
     recomputed = independent_epsilon(history, delta, INDEPENDENT_FOR["prv"])
@@ -485,8 +485,9 @@ def test_a_run_after_one_that_spent_everything_is_refused_as_useless() -> None:
 
 def test_a_spent_share_is_refused_and_bad_limits_are_config_errors() -> None:
     prior = [MechanismStep(GOLDEN_RUN_PLANS[1][3], RUN_Q, RUN_STEPS)] * 10  # epsilon ~4, all of it in this run
-    with pytest.raises(PrivacyBudgetExceeded, match=r"^site h1 has epsilon 4 of 8 left, of which this run may still "
-                                                    r"spend 0 \(dp-run-epsilon 2\): this run's share is spent: refused$"):
+    with pytest.raises(PrivacyBudgetExceeded,
+                       match=r"^site h1 has epsilon 4 of 8 left, of which this run may still "
+                             r"spend 0 \(dp-run-epsilon 2\): this run's share is spent: refused$"):
         plan_run_noise(prior, RUN_ROUNDS, lifetime=8.0, delta=1e-5, accountant="rdp", spent_before_run=1.5,
                        run_epsilon=2.0, site="h1")
     assert run_target_epsilon(8.0, 3.0, 0.0) == 8.0 and run_target_epsilon(8.0, 3.0, 2.0) == 5.0

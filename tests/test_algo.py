@@ -13,7 +13,8 @@ from medfed.constants import TaskType
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import SiteData, site_from_own_file
 from medfed.exceptions import ConfigError
-from medfed.task.algo import SiteAlgo, derive_seed, new_classifier, new_encoder
+from medfed.task.algo import SiteAlgo
+from medfed.task.model_setup import derive_seed, new_classifier, new_encoder
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def breast_site(shared_data: Path) -> SiteData:
 
 
 def cfg(**changes: object) -> RunConfig:
-    return run_config(data="breastmnist", width=8, pretrain_batch_size=64, finetune_batch_size=16, pretrain_epochs=1, finetune_epochs=1, **changes)
+    return run_config(data="breastmnist", width=8, pretrain_batch_size=64, finetune_batch_size=16, pretrain_epochs=1,
+                      finetune_epochs=1, **changes)
 
 
 def test_seeds_are_stable_across_processes() -> None:
@@ -57,10 +59,13 @@ def test_logit_shift_is_the_log_of_the_smoothed_site_prior(breast_site: SiteData
     counts = np.bincount(breast_site.labelled_labels[:, 0].numpy(), minlength=2) + 1.0
     shift = SiteAlgo(cfg(finetune_loss="logit-adjusted"), breast_site).logit_shift()
     np.testing.assert_allclose(shift.numpy(), np.log(counts / counts.sum()), rtol=1e-6)
-    one_class = SiteData(0, breast_site.train_images, breast_site.labelled_images[:3], torch.ones(3, 1, dtype=torch.long),
+    one_class = SiteData(0, breast_site.train_images, breast_site.labelled_images[:3],
+                         torch.ones(3, 1, dtype=torch.long),
                          breast_site.val_images, breast_site.val_labels, TaskType.BINARY, 2)
-    np.testing.assert_allclose(SiteAlgo(cfg(finetune_loss="logit-adjusted"), one_class).logit_shift().numpy(), np.log([0.2, 0.8]), rtol=1e-6)
-    multilabel = SiteData(0, breast_site.train_images, breast_site.labelled_images[:3], torch.ones(3, 4, dtype=torch.long),
+    np.testing.assert_allclose(SiteAlgo(cfg(finetune_loss="logit-adjusted"), one_class).logit_shift().numpy(),
+                               np.log([0.2, 0.8]), rtol=1e-6)
+    multilabel = SiteData(0, breast_site.train_images, breast_site.labelled_images[:3],
+                          torch.ones(3, 4, dtype=torch.long),
                           breast_site.val_images, breast_site.val_labels[:, :1].repeat(1, 4), TaskType.MULTILABEL, 4)
     with pytest.raises(ConfigError, match="single-label task"):
         SiteAlgo(cfg(finetune_loss="logit-adjusted"), multilabel).logit_shift()

@@ -21,19 +21,17 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app
-from medfed.deploy import approval, clientapp_gate
+from medfed.deploy import approval, clientapp_gate, run_log
 from medfed.deploy.approval import (
     add_approval,
-    append_run,
     approvals_file,
     describe_fab,
     load_approvals,
-    run_log_file,
     sha256_hex,
-    verify_run_log,
     write_initial_approvals,
 )
 from medfed.deploy.clientapp_gate import GateSettings
+from medfed.deploy.run_log import append_run, run_log_file, verify_run_log
 from medfed.exceptions import AppNotApproved, ConfigError, FederationError, RunLogError
 from medfed.flower_patches import clientapp_seam
 
@@ -176,7 +174,7 @@ def _fab_that_flwr_run_submits(app_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(flwr_run, "read_superlink_connection",
                         lambda name: SimpleNamespace(federation=None, options=None))
     monkeypatch.setattr(flwr_run, "init_http_client_from_connection", lambda conn: Control())
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="captured"):  # flwr re-raises our fake's error as a ClickException
         flwr_run.run(app=str(app_dir), superlink="medfed", federation=None, run_config_overrides=None,
                      federation_config_overrides=None, stream=False, output_format="default")
     [request] = sent
@@ -277,7 +275,7 @@ def test_each_run_is_logged_once_with_its_config_digest_and_no_paths(gated) -> N
     entries = verify_run_log(gated.settings.run_log)
     assert [(e["run_id"], e["outcome"], e["app_sha256"]) for e in entries] == [
         (21, "approved", sha256_hex(gated.approved)), (22, "refused", sha256_hex(bad))]
-    assert entries[0]["run_config_sha256"] == approval.run_config_digest({"lr": 0.1, "data": "/secret/path.npz"})
+    assert entries[0]["run_config_sha256"] == run_log.run_config_digest({"lr": 0.1, "data": "/secret/path.npz"})
     text = gated.settings.run_log.read_text()
     assert "/secret" not in text and "path.npz" not in text
     assert stat.S_IMODE(gated.settings.run_log.stat().st_mode) == 0o600
@@ -352,7 +350,7 @@ def test_run_clientapp_answers_a_refused_app_with_an_error_naming_its_hash(kit, 
     assert f"site h1 refused app sha256:{sha256_hex(bad)}: not in its approved apps" in pushed[0].error.reason
     [entry] = verify_run_log(run_log_file(kit))
     assert entry["run_id"] == 11 and entry["outcome"] == "refused"
-    assert entry["run_config_sha256"] == approval.run_config_digest({"lr": 0.1})
+    assert entry["run_config_sha256"] == run_log.run_config_digest({"lr": 0.1})
 
 
 def test_the_gate_refuses_to_run_on_a_flower_without_its_seam(monkeypatch) -> None:
@@ -385,7 +383,7 @@ def test_the_run_log_chains_its_entries(tmp_path: Path) -> None:
     assert verify_run_log(path) == []
     first, second = _append(path, 1), _append(path, 2, "refused")
     assert _append(path, 1) is None  # once per run and outcome
-    assert first["prev"] == approval.GENESIS and second["prev"] == first["hash"]
+    assert first["prev"] == run_log.GENESIS and second["prev"] == first["hash"]
     assert verify_run_log(path) == [first, second]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with pytest.raises(ValueError, match="outcome must be one of"):

@@ -112,17 +112,19 @@ def test_the_server_view_catches_a_row_missing_from_a_ledger(clean: Path, tmp_pa
     ledgers = run_dir / "ledgers"
     ledgers.mkdir(parents=True)
     shutil.copytree(clean, ledgers / "federated-none")
-    (run_dir / "config.json").write_text(json.dumps(run_config(pretrain="none", dp="finetune", dp_epsilon=3.0).to_flat()))
+    (run_dir / "config.json").write_text(
+        json.dumps(run_config(pretrain="none", dp="finetune", dp_epsilon=3.0).to_flat()))
     (run_dir / "summary.json").write_text(json.dumps({"run_id": "run-A"}))
     report = run_audit([ledgers / "federated-none"])
     rows = [{"arm": "federated-none", "phase": "finetune", "round": c.seq - 1, "site": int(s.site), "split": "train",
              "accepted": True, "epsilon": c.reported} for s in report.sites for c in s.row_checks]
-    rows.append({"arm": "federated-none", "phase": "finetune", "round": 9, "site": 0, "split": "train", "accepted": True,
-                 "epsilon": 2.9})  # the server saw a release the ledger does not hold
+    rows.append({"arm": "federated-none", "phase": "finetune", "round": 9, "site": 0, "split": "train",
+                 "accepted": True, "epsilon": 2.9})  # the server saw a release the ledger does not hold
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     report = run_audit([run_dir])
     assert all(s.ok for s in report.sites) and not report.ok
-    assert len(report.run_problems) == 1 and "round 9" in report.run_problems[0] and "no such row" in report.run_problems[0]
+    assert len(report.run_problems) == 1
+    assert "round 9" in report.run_problems[0] and "no such row" in report.run_problems[0]
 
 
 def test_outputs_and_bad_input(clean: Path, tmp_path: Path) -> None:

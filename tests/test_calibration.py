@@ -81,10 +81,11 @@ BAD_HISTOGRAMS = {
     "wrong length": ({HIST_POSITIVE: [0] * 10, HIST_NEGATIVE: [0] * SCORE_BINS}, 0, f"list of {SCORE_BINS} counts"),
     "negative count": ({HIST_POSITIVE: [-1] + [0] * (SCORE_BINS - 1), HIST_NEGATIVE: [1] + [0] * (SCORE_BINS - 1)}, 0,
                        "whole counts >= 0"),
-    "fractional count": ({HIST_POSITIVE: [0.5] + [0.0] * (SCORE_BINS - 1), HIST_NEGATIVE: [0.5] + [0.0] * (SCORE_BINS - 1)},
+    "fractional count": ({HIST_POSITIVE: [0.5] + [0.0] * (SCORE_BINS - 1),
+                          HIST_NEGATIVE: [0.5] + [0.0] * (SCORE_BINS - 1)},
                          1, "whole counts >= 0"),
-    "counts other cases": ({HIST_POSITIVE: [2] + [0] * (SCORE_BINS - 1), HIST_NEGATIVE: [1] + [0] * (SCORE_BINS - 1)}, 4,
-                           "count 3 cases but the site evaluated 4"),
+    "counts other cases": ({HIST_POSITIVE: [2] + [0] * (SCORE_BINS - 1), HIST_NEGATIVE: [1] + [0] * (SCORE_BINS - 1)},
+                           4, "count 3 cases but the site evaluated 4"),
 }
 
 

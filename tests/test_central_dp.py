@@ -1,5 +1,5 @@
-"""Central (site-level) DP: clipping, CSPRNG noise, the accountant, the server's ledger, Flower's wrappers
-over medfed's strategy with mocked replies, the sites' clipping, and the settings refused."""
+"""Central (site-level) DP: clipping, CSPRNG noise, the accountant, the server's ledger, the strategy's
+central-DP part with mocked replies, the sites' clipping, and the settings refused."""
 
 from __future__ import annotations
 
@@ -11,42 +11,49 @@ import pytest
 import torch
 from conftest import make_metadata
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-)
 
-from medfed.config import RunConfig, run_config
+from medfed.config import CentralDPSettings, RunConfig, run_config
 from medfed.constants import CentralDP, Phase
 from medfed.exceptions import ConfigError, FederationError
+from medfed.privacy.accounting import epsilon_spent
 from medfed.privacy.audit import run_audit
 from medfed.privacy.central import (
-    CentralDPSettings,
+    CENTRAL_ACCOUNTANT,
     CentralLedger,
     add_noise,
-    central_epsilon,
     clip_update,
+    noise_std,
     secure_standard_normal,
     update_norm,
 )
 from medfed.privacy.independent import independent_epsilon
 from medfed.privacy.ledger import verify_ledger
-from medfed.strategies.central_dp import wrap_central_dp
+from medfed.privacy.mechanism import MechanismStep
+from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.shared_weights import make_strategy
 from medfed.task.site_round import clip_for_central_dp
 
 REF = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 
-def settings(mode: CentralDP = CentralDP.SERVER_CLIP, z: float = 1.0, c: float = 1.0, delta: float = 1e-3) -> CentralDPSettings:
+def settings(mode: CentralDP = CentralDP.SERVER_CLIP, z: float = 1.0, c: float = 1.0,
+             delta: float = 1e-3) -> CentralDPSettings:
     return CentralDPSettings(mode, z, c, delta)
+
+
+def central_epsilon(releases: int, s: CentralDPSettings) -> float:
+    """Site-level epsilon after ``releases`` aggregates: Gaussian mechanisms without amplification (RDP)."""
+    if releases < 1:
+        return 0.0
+    return epsilon_spent([MechanismStep(s.noise_multiplier, 1.0, releases)], s.delta, CENTRAL_ACCOUNTANT)
 
 
 # ---- the mechanism -------------------------------------------------------------------------------
 
 
 def test_clip_update_scales_the_whole_update_to_the_norm_and_keeps_dtypes() -> None:
-    weights = {"w": np.full((2, 2), 3.0, np.float32), "b": np.full(2, 4.0, np.float32)}  # norm sqrt(4*9 + 2*16) = sqrt(68)
+    # norm sqrt(4*9 + 2*16) = sqrt(68)
+    weights = {"w": np.full((2, 2), 3.0, np.float32), "b": np.full(2, 4.0, np.float32)}
     clipped, norm = clip_update(weights, REF, 1.0)
     assert norm == pytest.approx(math.sqrt(68))
     assert update_norm(clipped, REF) == pytest.approx(1.0, rel=1e-6)
@@ -65,9 +72,9 @@ def test_clip_update_is_relative_to_the_weights_sent() -> None:
 
 
 def test_noise_std_is_z_c_over_the_updates_averaged() -> None:
-    assert settings(z=2.0, c=0.5).noise_std(4) == pytest.approx(0.25)
+    assert noise_std(settings(z=2.0, c=0.5), 4) == pytest.approx(0.25)
     with pytest.raises(FederationError, match="no update"):
-        settings().noise_std(0)
+        noise_std(settings(), 0)
 
 
 def test_csprng_normals_have_the_right_moments_and_are_never_repeated() -> None:
@@ -110,7 +117,7 @@ def test_the_central_ledger_composes_across_phases_and_the_audit_recomputes_it(t
     assert (tmp_path / "central.pub").is_file()
 
 
-# ---- through medfed's strategy and Flower's wrappers (mocked replies) -----------------------------
+# ---- through medfed's strategy with its central-DP part (mocked replies) ---------------------------
 
 SENT = ArrayRecord({"enc.w": Array(np.zeros(4, np.float32)), "head.w": Array(np.ones(2, np.float32)),
                     "frozen.w": Array(np.full(3, 7.0, np.float32))})
@@ -125,21 +132,23 @@ def reply(site: int, enc: float, head: float = 1.0, n: int = 10) -> Message:
 
 def wrapped(tmp_path: Path, mode: CentralDP, z: float = 1e-6, c: float = 1.0, reports: list | None = None,
             releases: list | None = None):
-    inner = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=SHARED, num_sites=3, fraction_train=1.0,
-                          evaluate=False, observer=reports.append if reports is not None else None,
-                          min_sites=1)  # rounds go on with the sites that sent a valid update (0 would need all 3)
     s = settings(mode, z=z, c=c)
-    outer = wrap_central_dp(inner, s, CentralLedger(tmp_path, "r", s),
-                            (lambda rnd, figures: releases.append((rnd, figures))) if releases is not None else None)
-    inner._sent = SENT
-    return outer, inner
+    central = CentralDPAggregation(
+        s, CentralLedger(tmp_path, "r", s), Phase.FINETUNE,
+        (lambda rnd, figures: releases.append((rnd, figures))) if releases is not None else None)
+    strategy = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=SHARED, num_sites=3, fraction_train=1.0,
+                             evaluate=False, observer=reports.append if reports is not None else None, central=central,
+                             min_sites=1)  # rounds go on with the sites that sent a valid update (0 would need all 3)
+    strategy._sent = SENT
+    return strategy, strategy
 
 
 def test_server_clip_clips_each_update_averages_unweighted_and_leaves_frozen_weights_alone(tmp_path: Path) -> None:
     releases: list = []
     outer, _ = wrapped(tmp_path, CentralDP.SERVER_CLIP, releases=releases)
-    assert isinstance(outer, DifferentialPrivacyServerSideFixedClipping)
-    # site 0: update norm 2 on enc (4 x 1.0) -> clipped to 0.5 per coordinate; site 1: norm 0.2, kept; weights 10 vs 1000
+    assert outer.central is not None and outer.rule is None
+    # site 0: update norm 2 on enc (4 x 1.0) -> clipped to 0.5 per coordinate; site 1: norm 0.2, kept;
+    # weights 10 vs 1000
     arrays, _ = outer.aggregate_train(1, [reply(0, 1.0, n=10), reply(1, 0.1, n=1000)])
     np.testing.assert_allclose(arrays["enc.w"].numpy(), np.full(4, (0.5 + 0.1) / 2), atol=1e-4)  # not example-weighted
     np.testing.assert_allclose(arrays["head.w"].numpy(), np.ones(2), atol=1e-4)
@@ -178,7 +187,6 @@ def test_client_clip_sends_flowers_clipping_norm_and_rejects_an_unclipped_update
                                                                                   flwr_task_identity: object) -> None:
     reports: list = []
     outer, _ = wrapped(tmp_path, CentralDP.CLIENT_CLIP, c=0.5, reports=reports)
-    assert isinstance(outer, DifferentialPrivacyClientSideFixedClipping)
 
     class ThreeNodeGrid:
         def get_node_ids(self) -> list[int]:
@@ -207,14 +215,18 @@ def test_the_site_clips_its_update_to_the_norm_it_is_sent() -> None:
 
 REFUSED = {
     "secagg+ with a robust rule": (dict(secure_aggregation="secagg+", aggregation="median"), "robust rule needs every"),
-    "secagg+ with the norm screen": (dict(secure_aggregation="secagg+", norm_outlier_factor=3.0), "norm-outlier-factor"),
-    "secagg+ with server clipping": (dict(secure_aggregation="secagg+", central_dp="server-clip"), "use central-dp client-clip"),
+    "secagg+ with the norm screen": (
+        dict(secure_aggregation="secagg+", norm_outlier_factor=3.0), "norm-outlier-factor"),
+    "secagg+ with server clipping": (
+        dict(secure_aggregation="secagg+", central_dp="server-clip"), "use central-dp client-clip"),
     "secagg+ with one site": (dict(secure_aggregation="secagg+", num_sites=1), "at least 2 sites"),
     "unknown secure aggregation": (dict(secure_aggregation="secagg"), "secure-aggregation must be one of"),
     "unknown central dp": (dict(central_dp="local"), "central-dp must be one of"),
     "central dp with a robust rule": (dict(central_dp="server-clip", aggregation="median"), "sensitivity of the mean"),
-    "zero noise": (dict(central_dp="server-clip", central_dp_noise_multiplier=0.0), "central-dp-noise-multiplier must be > 0"),
-    "zero clipping norm": (dict(central_dp="client-clip", central_dp_clipping_norm=0.0), "central-dp-clipping-norm must be > 0"),
+    "zero noise": (
+        dict(central_dp="server-clip", central_dp_noise_multiplier=0.0), "central-dp-noise-multiplier must be > 0"),
+    "zero clipping norm": (
+        dict(central_dp="client-clip", central_dp_clipping_norm=0.0), "central-dp-clipping-norm must be > 0"),
     "delta not below 1/sites": (dict(central_dp="server-clip", central_dp_delta=0.2), "central-dp-delta must be in"),
     "shares fraction above 1": (dict(secagg_num_shares=3.0), "secagg-num-shares"),
     "threshold 0": (dict(secagg_threshold=0.0), "secagg-threshold"),

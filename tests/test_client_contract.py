@@ -22,8 +22,8 @@ from medfed.experiment.prepare import prepare
 from medfed.experiment.recorder import Recorder
 from medfed.privacy.ledger import verify_ledger
 from medfed.strategies.shared_weights import check_evaluate_reply
-from medfed.task.algo import finetune_shared_keys, new_classifier, new_encoder
 from medfed.task.calibration import HIST_NEGATIVE, HIST_POSITIVE, HISTOGRAM_KEYS
+from medfed.task.model_setup import finetune_shared_keys, new_classifier, new_encoder
 
 ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seconds"}
 
@@ -31,7 +31,8 @@ ALLOWED_METRICS = {"num-examples", "site-id", "train-loss", "steps", "train-seco
 @pytest.fixture()
 def arm(tmp_path: Path, data_path_env: Path) -> ArmContext:
     def make(**changes: object) -> ArmContext:
-        cfg = run_config(data="breastmnist", num_sites=2, pretrain_batch_size=64, finetune_batch_size=16, width=8, **changes)
+        cfg = run_config(data="breastmnist", num_sites=2, pretrain_batch_size=64, finetune_batch_size=16, width=8,
+                         **changes)
         prep = prepare(cfg)
         prep.plan.save(tmp_path / SPLIT_FILE)
         return ArmContext("test", cfg, tmp_path, prep.data.path, prep.test, Recorder(tmp_path / "m.jsonl"))
@@ -39,15 +40,19 @@ def arm(tmp_path: Path, data_path_env: Path) -> ArmContext:
     return make  # type: ignore[return-value]
 
 
-def send(ctx: ArmContext, phase: Phase, arrays: dict[str, torch.Tensor], context: Context, kind: str = "train", rnd: int = 1) -> Message:
+def send(
+    ctx: ArmContext, phase: Phase, arrays: dict[str, torch.Tensor], context: Context, kind: str = "train", rnd: int = 1
+) -> Message:
     config = ctx.message_config(phase)
     config["server-round"] = rnd
-    msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=make_metadata(dst_node_id=5, message_type=kind))
+    msg = Message(RecordDict({"arrays": ArrayRecord(arrays), "config": config}),
+                  metadata=make_metadata(dst_node_id=5, message_type=kind))
     return client_app(msg, context)
 
 
 def site_context(site: int = 0) -> Context:
-    return Context(run_id=1, node_id=5, node_config={"partition-id": site, "num-partitions": 2}, state=RecordDict(), run_config={})
+    return Context(run_id=1, node_id=5, node_config={"partition-id": site, "num-partitions": 2}, state=RecordDict(),
+                   run_config={})
 
 
 def assert_no_data_leaves(reply: Message, n_images: int, image_shape: tuple[int, ...]) -> None:
@@ -73,13 +78,15 @@ def test_pretrain_reply_holds_exactly_the_encoder(arm, method: str) -> None:
     assert list(sent_back.keys()) == list(encoder.keys())
     for key, value in encoder.items():
         assert tuple(sent_back[key].shape) == tuple(value.shape)
-    assert sum(a.numpy().nbytes for a in sent_back.values()) == sum(v.numel() * v.element_size() for v in encoder.values())
+    assert (sum(a.numpy().nbytes for a in sent_back.values())
+            == sum(v.numel() * v.element_size() for v in encoder.values()))
     n_site = len(SitePlan.load(ctx.run_dir / SPLIT_FILE).sites[0].train)
     assert_no_data_leaves(reply, n_site, (28, 28))
     # the heads stayed at the site, in its state, and none of them was sent
     local = context.state.array_records["site-local"]
     assert len(local) > 0 and not set(local.keys()) & set(sent_back.keys())
-    head_prefix = {"simclr": "projector", "byol": "predictor", "simclr+restore": "parts.1.decoder", "mae": "decoder_pred"}[method]
+    head_prefix = {"simclr": "projector", "byol": "predictor", "simclr+restore": "parts.1.decoder",
+                   "mae": "decoder_pred"}[method]
     assert any(k.startswith(head_prefix) for k in local.keys())
     changed = [k for k in encoder if not np.allclose(sent_back[k].numpy(), encoder[k].numpy())]
     assert len(changed) > len(encoder) // 2  # the encoder was trained
@@ -160,7 +167,8 @@ def test_a_dp_reply_reports_its_cost_and_keeps_the_loss_at_the_site(arm) -> None
 def test_a_site_that_requires_dp_refuses_a_non_dp_round(arm) -> None:
     ctx = arm(pretrain="none")
     state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, 2, None).state_dict()
-    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2, "dp-require": "finetune"},
+    context = Context(run_id=1, node_id=5,
+                      node_config={"partition-id": 0, "num-partitions": 2, "dp-require": "finetune"},
                       state=RecordDict(), run_config={})
     reply = send(ctx, Phase.FINETUNE, state, context)
     assert not reply.content.array_records  # no weights leave

@@ -19,7 +19,8 @@ from medfed.selfsup.compat import check_methods_fit
 
 def test_defaults_are_the_documented_default_run() -> None:
     cfg = RunConfig()
-    assert (cfg.dataset.source, cfg.dataset.num_sites, cfg.dataset.partition, cfg.dataset.alpha, cfg.dataset.label_fraction) == (
+    d = cfg.dataset
+    assert (d.source, d.num_sites, d.partition, d.alpha, d.label_fraction) == (
         "pneumoniamnist", 5, "dirichlet", 0.5, 0.1,
     )
     assert cfg.ssl.methods == ["simclr"] and cfg.experiment.mode == "federated"
@@ -57,7 +58,7 @@ def test_cosine_learning_rate_over_rounds() -> None:
     got = [cosine.lr_at_round(r) for r in range(1, 11)]
     assert got[0] == 0.01 and got[5] == pytest.approx(0.005)  # full rate first, half way at round 6 of 10
     assert got[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 0.9)))  # 0.000245: the last step is small
-    assert all(a > b for a, b in zip(got, got[1:]))
+    assert all(a > b for a, b in zip(got, got[1:], strict=False))
     constant = FinetuneRecipe(lr=0.01, batch_size=64, rounds=10)
     assert {constant.lr_at_round(r) for r in range(1, 11)} == {0.01}
 
@@ -143,10 +144,10 @@ BAD = [
     ({"dp": "all", "pretrain": "byol", "dp_grad_sample_mode": "ew"}, "dp-grad-sample-mode ew needs the loss"),
     ({"finetune_lr_schedule": "step"}, "finetune-lr-schedule"),
     ({"dp": "finetune", "dp_noise_multiplier": -0.5}, "dp-noise-multiplier must be >= 0"),
-    ({"dp": "finetune", "dp_run_epsilon": -1.0}, "dp-run-epsilon (this run's share of each site's budget) must be in [0, "
-                                                 "dp-epsilon = 8]"),
-    ({"dp": "finetune", "dp_epsilon": 4.0, "dp_run_epsilon": 5.0}, "must be in [0, dp-epsilon = 4] (0: all that is left); "
-                                                                   "got 5"),
+    ({"dp": "finetune", "dp_run_epsilon": -1.0},
+     "dp-run-epsilon (this run's share of each site's budget) must be in [0, dp-epsilon = 8]"),
+    ({"dp": "finetune", "dp_epsilon": 4.0, "dp_run_epsilon": 5.0},
+     "must be in [0, dp-epsilon = 4] (0: all that is left); got 5"),
     ({"dp": "finetune", "dp_max_planned_noise": 0.1}, "dp-max-planned-noise must be in (0.1, 50]"),
     ({"dp": "finetune", "dp_max_planned_noise": 60.0}, "dp-max-planned-noise must be in (0.1, 50]"),
     ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),

@@ -22,7 +22,7 @@ from medfed.experiment.prepare import prepare
 from medfed.experiment.recorder import Recorder
 from medfed.models.encoders import InputSpec
 from medfed.strategies.shared_weights import refusal_reason
-from medfed.task.algo import new_classifier
+from medfed.task.model_setup import new_classifier
 
 PNEUMONIA = DataSpec(1, (28, 28), TaskType.BINARY, 2, "pneumoniamnist")
 

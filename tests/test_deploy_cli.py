@@ -69,7 +69,8 @@ def test_resume_warns_about_ignored_settings_and_needs_a_checkpoint(kits: Path, 
 
 
 def test_run_rejects_bad_settings_before_submitting(kits: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["run", "--kit", str(kits / "server"), "--min-sites", "9", "--workdir", str(tmp_path / "w")])
+    result = runner.invoke(app, ["run", "--kit", str(kits / "server"), "--min-sites", "9",
+                                 "--workdir", str(tmp_path / "w")])
     assert result.exit_code == 2 and "min-sites must be in [0, num-sites" in said(result)
     assert not (tmp_path / "w").exists()
 

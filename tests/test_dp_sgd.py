@@ -148,7 +148,8 @@ def test_noise_has_the_planned_standard_deviation() -> None:
     assert std == pytest.approx(sigma * clip / 4, rel=0.08)
 
 
-@pytest.mark.parametrize("names,kind", [(["byol"], "cnn"), (["restore"], "cnn"), (["mae"], "vit"), (["byol", "restore"], "cnn")])
+@pytest.mark.parametrize("names,kind",
+                         [(["byol"], "cnn"), (["restore"], "cnn"), (["mae"], "vit"), (["byol", "restore"], "cnn")])
 def test_per_example_ssl_methods_train_under_dp_with_bounded_sensitivity(names: list[str], kind: str) -> None:
     """One image = one clipped gradient: the mean update over B images has norm <= C.
     (BYOL with both views in one 2B batch would clip each view separately: norm up to 2C.)"""
@@ -158,8 +159,8 @@ def test_per_example_ssl_methods_train_under_dp_with_bounded_sensitivity(names: 
     gen = torch.Generator().manual_seed(0)
     params = [p for p in method.parameters() if p.requires_grad]
     clip = 1e-3
-    dp_train_loop(method, params, lambda idx: method.loss(x[idx], gen), len(x), DPStepSettings(0.0, clip, PoissonSchedule(1.0, 1)),
-                  lr=1e-3, weight_decay=0.0, gen=gen)
+    dp_train_loop(method, params, lambda idx: method.loss(x[idx], gen), len(x),
+                  DPStepSettings(0.0, clip, PoissonSchedule(1.0, 1)), lr=1e-3, weight_decay=0.0, gen=gen)
     norm = torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None))
     assert 0 < float(norm) <= clip * (1 + 1e-4)
     assert not any(hasattr(p, "grad_sample") for p in method.parameters())  # hooks and per-sample grads removed

@@ -13,7 +13,7 @@ from medfed.data.medmnist import load_medmnist
 from medfed.data.site import site_from_own_file
 from medfed.data.transforms import scale_intensity
 from medfed.experiment.canary_audit import audit_site_training
-from medfed.task.algo import initial_encoder_state
+from medfed.task.model_setup import initial_encoder_state
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -108,7 +108,8 @@ def test_the_supernode_loop_sleeps_at_most_the_cap(restore_flower) -> None:
 def test_run_supernode_runs_flowers_supernode_with_its_options(restore_flower, monkeypatch) -> None:
     import importlib
 
-    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the module (the package exports a function of that name)
+    # the module (the package exports a function of that name)
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
 
     seen = []
     monkeypatch.setattr(cli, "flower_supernode", lambda: seen.append(list(sys.argv)))

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medfed.deploy.gateway import (
-    Authorize,
+from medfed.deploy.authorization import (
     Caller,
     Decision,
     Policy,
@@ -27,6 +26,7 @@ from medfed.deploy.gateway import (
     caller_from_pem,
     supernode_key_wire_bytes,
 )
+from medfed.deploy.gateway import Authorize
 from medfed.deploy.processes import free_port, stop_tree, write_superexec_secret
 from medfed.deploy.provision import ProvisionPlan, make_supernode_auth_key, provision
 

@@ -19,7 +19,8 @@ def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from flwr.superlink.main import create_app
     from flwr.superlink.servicer.fleet import fleet_handlers
 
-    from medfed.deploy.gateway import Policy, federation_guard, supernode_key_wire_bytes
+    from medfed.deploy.authorization import Policy, supernode_key_wire_bytes
+    from medfed.deploy.gateway import federation_guard
     from medfed.deploy.provision import ProvisionPlan, provision
     from medfed.flower_patches.fleet_push import bind_pushed_replies
 

@@ -41,7 +41,8 @@ from medfed.privacy.ledger import (
     verify_ledger,
 )
 from medfed.strategies.shared_weights import refusal_reason
-from medfed.task.algo import SiteAlgo, new_classifier
+from medfed.task.algo import SiteAlgo
+from medfed.task.model_setup import new_classifier
 from medfed.task.site_round import privacy_guard
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -440,4 +441,5 @@ def test_a_row_with_impossible_values_is_listed_not_a_crash_of_the_audit(tmp_pat
     report = run_audit([folder])
     by_site = {s.site: s for s in report.sites}
     assert by_site["0"].ok and not by_site["1"].ok
-    assert any(p.startswith("row 2: epsilon cannot be recomputed") for p in by_site["1"].problems), by_site["1"].problems
+    problems = by_site["1"].problems
+    assert any(p.startswith("row 2: epsilon cannot be recomputed") for p in problems), problems

@@ -85,7 +85,7 @@ def test_shared_files_read(flag, sizes, spatial):
         assert s.labels.dtype == np.int64
         assert set(np.unique(s.labels)) == {0, 1}
     d = data.describe()
-    assert d["sizes"] == dict(zip(("train", "val", "test"), sizes))
+    assert d["sizes"] == dict(zip(("train", "val", "test"), sizes, strict=True))
     assert d["spatial_shape"] == list(spatial)
     assert d["task"] == "binary-class"
 
@@ -129,7 +129,8 @@ def test_2d_grayscale_binary_inferred(tmp_path):
 
 def test_2d_rgb_multiclass(tmp_path):
     rng = np.random.default_rng(1)
-    images = {s: rng.integers(0, 256, size=(n, 28, 28, 3), dtype=np.uint8) for s, n in (("train", 12), ("val", 5), ("test", 4))}
+    images = {s: rng.integers(0, 256, size=(n, 28, 28, 3), dtype=np.uint8)
+              for s, n in (("train", 12), ("val", 5), ("test", 4))}
     labels = {s: (np.arange(len(images[s])) % 4).astype(np.uint8)[:, None] for s in images}
     path = write_npz(tmp_path / "colour.npz", **{f"{s}_images": images[s] for s in images},
                      **{f"{s}_labels": labels[s] for s in labels})
@@ -147,7 +148,8 @@ def test_2d_rgb_multiclass(tmp_path):
 
 def test_known_flag_uses_official_class_count(tmp_path):
     # dermamnist has 7 classes even if a small file only holds labels 0..2
-    labels = {f"{s}_labels": (np.arange(n) % 3).astype(np.uint8)[:, None] for s, n in (("train", 20), ("val", 6), ("test", 6))}
+    labels = {f"{s}_labels": (np.arange(n) % 3).astype(np.uint8)[:, None]
+              for s, n in (("train", 20), ("val", 6), ("test", 6))}
     rgb = {f"{s}_images": np.zeros((n, 28, 28, 3), np.uint8) for s, n in (("train", 20), ("val", 6), ("test", 6))}
     data = load_medmnist(write_npz(tmp_path / "dermamnist.npz", **labels, **rgb))
     assert data.task == TaskType.MULTICLASS and data.num_classes == 7 and data.channels == 3
@@ -166,7 +168,8 @@ def test_multilabel(tmp_path):
 
 
 def test_known_multilabel_flag(tmp_path):
-    lab = {f"{s}_labels": (np.arange(n * 14).reshape(n, 14) % 3 == 0).astype(np.uint8) for s, n in (("train", 20), ("val", 6), ("test", 6))}
+    lab = {f"{s}_labels": (np.arange(n * 14).reshape(n, 14) % 3 == 0).astype(np.uint8)
+           for s, n in (("train", 20), ("val", 6), ("test", 6))}
     data = load_medmnist(write_npz(tmp_path / "chestmnist.npz", **lab))
     assert data.task == TaskType.MULTILABEL and data.num_classes == 14
 
@@ -191,7 +194,8 @@ def test_3d_known_flag_name(tmp_path):
 
 def test_float_images(tmp_path):
     rng = np.random.default_rng(3)
-    imgs = {f"{s}_images": rng.normal(size=(n, 28, 28)).astype(np.float32) * 100 for s, n in (("train", 20), ("val", 6), ("test", 6))}
+    imgs = {f"{s}_images": rng.normal(size=(n, 28, 28)).astype(np.float32) * 100
+            for s, n in (("train", 20), ("val", 6), ("test", 6))}
     data = load_medmnist(write_npz(tmp_path / "ct.npz", **imgs))
     assert np.issubdtype(data.train.images.dtype, np.floating)
     np.testing.assert_array_equal(data.test.images[:, 0], imgs["test_images"])
@@ -430,7 +434,8 @@ BAD_CASES = [
                  ["tiny.npz", "train_images spatial size", "minimum of 8"], id="too-small"),
     pytest.param(_w("empty.npz", test_images=np.zeros((0, 28, 28), np.uint8), test_labels=np.zeros((0, 1), np.uint8)),
                  ["empty.npz", "test_images is empty"], id="empty-split"),
-    pytest.param(_w("nan.npz", train_images=np.where(np.eye(28)[None] > 0, np.nan, 0.5).repeat(20, 0).astype(np.float32)),
+    pytest.param(_w("nan.npz",
+                    train_images=np.where(np.eye(28)[None] > 0, np.nan, 0.5).repeat(20, 0).astype(np.float32)),
                  ["nan.npz", "train_images contains NaN"], id="nan-images"),
     pytest.param(_w("frac.npz", train_labels=(np.arange(20) % 2 + 0.5)[:, None]),
                  ["frac.npz", "train_labels must hold whole numbers"], id="fractional-labels"),

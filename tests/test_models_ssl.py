@@ -62,7 +62,7 @@ def test_cnn_encoder_output(spec, feature_dim, stages):
     assert torch.isfinite(out).all()
     fmap = enc.forward_features(x)
     assert fmap.shape[:2] == (3, feature_dim)
-    assert all(s == math.ceil(n / 2**stages) for s, n in zip(fmap.shape[2:], spec.spatial_shape))
+    assert all(s == math.ceil(n / 2**stages) for s, n in zip(fmap.shape[2:], spec.spatial_shape, strict=True))
 
 
 @pytest.mark.parametrize("spec, patch, tokens", [(GRAY2D, 4, 49), (RGB2D, 4, 49), (VOL3D, 8, 8)])
@@ -353,7 +353,7 @@ def test_combined_is_weighted_sum(names, weights, kind):
     total = combined.loss(x, torch.Generator().manual_seed(123))
     gen = torch.Generator().manual_seed(123)
     parts = [part.loss(x, gen) for part in combined.parts]
-    expected = sum(w * p for w, p in zip(weights, parts))
+    expected = sum(w * p for w, p in zip(weights, parts, strict=True))
     assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert parts[0].item() != pytest.approx(parts[1].item())
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from medfed.config import RunConfig, run_config
 from medfed.constants import MetricKey, Phase, TaskType
@@ -17,7 +19,8 @@ from medfed.models.encoders import InputSpec
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.privacy.ledger import MECHANISM_NONE, verify_ledger
-from medfed.task.algo import SiteAlgo, finetune_shared_keys, new_classifier, new_encoder
+from medfed.task.algo import SiteAlgo
+from medfed.task.model_setup import finetune_shared_keys, new_classifier, new_encoder
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -60,7 +63,8 @@ def test_epsilon_is_cumulative_across_rounds_and_survives_a_restart(site, tmp_pa
     entries = verify_ledger(tmp_path / "site-0.ledger.sqlite").entries
     assert [e.server_round for e in entries] == [1, 2, 3]
     assert [e.epsilon_after for e in entries] == pytest.approx(expected, rel=1e-9)
-    assert (tmp_path / "site-0.pub").is_file() and oct((tmp_path / "site-0.ed25519.pem").stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "site-0.pub").is_file()
+    assert oct((tmp_path / "site-0.ed25519.pem").stat().st_mode & 0o777) == "0o600"
 
 
 @pytest.mark.parametrize("chosen,pretrain,encoder,pretrain_mode,finetune_mode", [
@@ -128,7 +132,9 @@ def test_a_site_node_config_can_lower_the_budget_never_raise_it(tmp_path: Path) 
     c = cfg(dp_epsilon=5.0)
     assert SitePrivacy.resolve(c, "0", {"dp-epsilon": 2.0}, tmp_path).epsilon == 2.0
     assert SitePrivacy.resolve(c, "0", {"dp-epsilon": 50.0}, tmp_path).epsilon == 5.0
-    own = SitePrivacy.resolve(c, "0", {"ledger-path": str(tmp_path / "h1.sqlite"), "signing-key": str(tmp_path / "k.pem")}, tmp_path)
+    own = SitePrivacy.resolve(
+        c, "0", {"ledger-path": str(tmp_path / "h1.sqlite"), "signing-key": str(tmp_path / "k.pem")}, tmp_path
+    )
     assert own.ledger_path == tmp_path / "h1.sqlite" and own.key_path == tmp_path / "k.pem"
     with pytest.raises(ConfigError, match="dp-epsilon"):
         SitePrivacy.resolve(c, "0", {"dp-epsilon": "lots"}, tmp_path)
@@ -152,7 +158,7 @@ def test_delta_above_one_over_site_size_is_refused_before_training(site, tmp_pat
 def test_non_dp_phases_are_recorded_as_uncovered_exposure(site, tmp_path: Path) -> None:
     c = cfg(pretrain="restore", pretrain_rounds=1, pretrain_batch_size=64)  # dp finetune only
     algo = SiteAlgo(c, site, guard(c, tmp_path))
-    from medfed.task.algo import initial_encoder_state
+    from medfed.task.model_setup import initial_encoder_state
 
     _, _, stats = algo.pretrain_round(initial_encoder_state(c, site.spec), None, 1)
     entries = verify_ledger(tmp_path / "site-0.ledger.sqlite").entries
@@ -196,9 +202,6 @@ def test_lora_on_a_3d_encoder_and_a_vit() -> None:
 
 # ---- no schedule overspends (the real guard and ledger, across "runs") -----------------
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 ROUND = st.tuples(st.floats(0.02, 0.6), st.integers(1, 30), st.one_of(st.just(0.0), st.floats(0.4, 4.0)))
 
 
@@ -213,7 +216,8 @@ def test_no_generated_schedule_of_rounds_and_runs_overspends(tmp_path_factory, b
             later = [(r[0], r[1]) for r in rounds[i + 1:]]
             try:
                 if sigma > 0:
-                    g = PrivacyGuard(SitePrivacy.resolve(c.replace(dp_noise_multiplier=sigma), "0", {}, folder), f"run-{run_index}")
+                    g = PrivacyGuard(SitePrivacy.resolve(c.replace(dp_noise_multiplier=sigma), "0", {}, folder),
+                                     f"run-{run_index}")
                 else:
                     g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, folder), f"run-{run_index}")
                 plan = g.plan(q, steps, later)
@@ -223,7 +227,8 @@ def test_no_generated_schedule_of_rounds_and_runs_overspends(tmp_path_factory, b
                     assert epsilon_spent(g.history() + [MechanismStep(sigma, q, steps)], 1e-5, "rdp") > budget
                 continue
             g.record_dp(plan, Phase.FINETUNE, i + 1)
-    entries = verify_ledger(folder / "site-0.ledger.sqlite").entries if (folder / "site-0.ledger.sqlite").exists() else []
+    ledger = folder / "site-0.ledger.sqlite"
+    entries = verify_ledger(ledger).entries if ledger.exists() else []
     assert all(e.epsilon_after <= budget * (1 + 1e-9) for e in entries)
     history = [MechanismStep(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
     assert epsilon_spent(history, 1e-5, "rdp") <= budget * (1 + 1e-9)
@@ -284,8 +289,9 @@ def test_a_given_noise_multiplier_may_not_pass_the_runs_share(tmp_path: Path) ->
     g = PrivacyGuard(SitePrivacy.resolve(c, "0", {}, tmp_path), "run-1")
     for rnd in (1, 2, 3):  # epsilon 0.627, 0.831, 0.992 (RDP, delta 1e-5)
         g.record_dp(g.plan(0.2, 3, []), Phase.FINETUNE, rnd)
-    with pytest.raises(PrivacyBudgetExceeded, match=r"^site 0 refuses the round: epsilon would reach 1.131 > 1, this "
-                                                    r"run's share \(dp-run-epsilon 1 from 0 when the run began; sigma 3"):
+    with pytest.raises(PrivacyBudgetExceeded,
+                       match=r"^site 0 refuses the round: epsilon would reach 1.131 > 1, this "
+                             r"run's share \(dp-run-epsilon 1 from 0 when the run began; sigma 3"):
         g.plan(0.2, 3, [])
     assert _spent(tmp_path) == pytest.approx(0.9923369638853572, rel=1e-9)
     # the next run has a share of its own, counted from the 0.992 spent when it begins

@@ -36,7 +36,8 @@ def test_every_private_key_is_0600_and_the_ca_key_is_in_no_kit(kits: Path) -> No
     assert private == ["ca/ca.key", "h1/approved-apps.json", "h1/ledger.ed25519.pem", "h1/site.key",
                        "h1/supernode-auth.key", "h2/approved-apps.json", "h2/ledger.ed25519.pem", "h2/site.key",
                        "h2/supernode-auth.key", "server/operator.key", "server/server.key"]
-    assert all(mode(p) == 0o644 for p in kits.rglob("*") if p.is_file() and p.relative_to(kits).as_posix() not in private)
+    assert all(mode(p) == 0o644 for p in kits.rglob("*")
+               if p.is_file() and p.relative_to(kits).as_posix() not in private)
     assert all(mode(d) == 0o700 for d in [kits, *[p for p in kits.rglob("*") if p.is_dir()]])
     for kit in ("server", "h1", "h2"):
         assert not (kits / kit / "ca.key").exists()
@@ -86,13 +87,14 @@ def test_client_certificates_name_their_holder_and_serve_only_as_clients(kits: P
                                                                          role: str, name: str) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from medfed.deploy.gateway import Caller, caller_from_pem
+    from medfed.deploy.authorization import Caller, caller_from_pem
 
     ca = x509.load_pem_x509_certificate((kits / "ca/ca.crt").read_bytes())
     pem = (kits / kit / cert).read_text()
     leaf = x509.load_pem_x509_certificate(pem.encode())
     leaf.verify_directly_issued_by(ca)
-    assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert load_pem_private_key((kits / kit / key).read_bytes(), None).public_key().public_numbers() == \
         leaf.public_key().public_numbers()
     assert caller_from_pem(pem) == Caller(role, name)

@@ -58,14 +58,14 @@ def deployed_site(tmp_path: Path, shared_data: Path) -> Context:
 
 def finetune_message(cfg: RunConfig, state: dict[str, torch.Tensor], rnd: int) -> Message:
     run_input = DataSpec(1, (28, 28), TaskType.BINARY, 2, "breastmnist").to_flat()  # what the ServerApp sends
-    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd, MessageKey.RUN_ID.value: "deploy-1/federated-none",
-                           **run_input})
+    config = ConfigRecord({**cfg.to_flat(), "phase": "finetune", "server-round": rnd,
+                           MessageKey.RUN_ID.value: "deploy-1/federated-none", **run_input})
     return Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), metadata=make_metadata(dst_node_id=5))
 
 
 def test_a_repeated_dp_round_is_answered_with_the_same_release_and_no_new_ledger_row(deployed_site: Context) -> None:
     from medfed.models.encoders import InputSpec
-    from medfed.task.algo import new_classifier
+    from medfed.task.model_setup import new_classifier
 
     cfg = run_config(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
                     dp="finetune", dp_epsilon=8.0, dp_delta=1e-4, site_data="own")

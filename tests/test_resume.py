@@ -27,7 +27,8 @@ def test_checkpoint_round_trip_keeps_only_the_latest_weights(tmp_path: Path) -> 
     assert (ckpt.run_id, ckpt.arm, ckpt.phase, ckpt.completed_round) == ("r-1", "federated-none", Phase.FINETUNE, 2)
     assert torch.equal(ckpt.weights["w"], torch.full((2,), 2.0))
     assert ckpt.settings == {"width": 8}  # resume-from is never part of the settings
-    assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()) == ["global-finetune-2.safetensors", "state.json"]
+    assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()) == [
+        "global-finetune-2.safetensors", "state.json"]
 
 
 def test_missing_or_broken_checkpoints_are_clear_errors(tmp_path: Path) -> None:
@@ -50,7 +51,8 @@ def test_a_resumed_run_must_keep_its_settings(tmp_path: Path) -> None:
 
 
 def test_rows_after_the_checkpoint_are_dropped_and_the_rest_kept(tmp_path: Path) -> None:
-    rows = [("a", "pretrain", 2), ("a", "finetune", 1), ("a", "finetune", 2), ("a", "finetune", 3), ("b", "finetune", 3)]
+    rows = [("a", "pretrain", 2), ("a", "finetune", 1), ("a", "finetune", 2), ("a", "finetune", 3),
+            ("b", "finetune", 3)]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"arm": a, "phase": p, "round": r}) + "\n" for a, p, r in rows))
     assert drop_unfinished_rows(path, "a", Phase.FINETUNE, 1) == 2

@@ -85,3 +85,15 @@ def test_float_files_use_one_intensity_mapping_for_every_split_and_site(tmp_path
     value = arrays["val_images"][0]  # val values above the train range clip to 1, others map linearly
     expected = np.clip((value - low) / (high - low), 0, 1)
     torch.testing.assert_close(site.val_images[0, 0], torch.as_tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_a_flower_run_records_its_run_directory_for_medfed_run(tmp_path: Path) -> None:
+    from medfed.experiment.run_dir import FLOWER_RUNS, flower_run_dir, record_flower_run
+
+    assert flower_run_dir(tmp_path, 42) is None  # nothing recorded (or the run died before it made its directory)
+    record_flower_run(tmp_path, 42, tmp_path / ".r.partial")
+    assert flower_run_dir(tmp_path, 42) == tmp_path / ".r.partial"
+    record_flower_run(tmp_path, 42, tmp_path / "r")  # finished: the published directory replaces the partial one
+    assert flower_run_dir(tmp_path, 42) == tmp_path / "r" and flower_run_dir(tmp_path, 43) is None
+    (tmp_path / FLOWER_RUNS / "43.json").write_text("{not json")
+    assert flower_run_dir(tmp_path, 43) is None

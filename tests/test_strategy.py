@@ -45,11 +45,13 @@ def test_example_weighted_average_of_two_sites() -> None:
 
 BROKEN = {
     "extra projector array": (
-        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32), "projector.w": np.zeros((3, 3), np.float32)},
+        {"encoder.w": np.zeros((2, 3), np.float32), "encoder.b": np.zeros(3, np.float32),
+         "projector.w": np.zeros((3, 3), np.float32)},
         {"num-examples": 5, "site-id": 2},
         "unexpected ['projector.w']",
     ),
-    "missing array": ({"encoder.w": np.zeros((2, 3), np.float32)}, {"num-examples": 5, "site-id": 2}, "missing ['encoder.b']"),
+    "missing array": (
+        {"encoder.w": np.zeros((2, 3), np.float32)}, {"num-examples": 5, "site-id": 2}, "missing ['encoder.b']"),
     "wrong shape": (
         {"encoder.w": np.zeros((3, 2), np.float32), "encoder.b": np.zeros(3, np.float32)},
         {"num-examples": 5, "site-id": 2},
@@ -175,7 +177,8 @@ def test_aggregation_does_not_depend_on_reply_order() -> None:
 
 def refusal(site: int, epsilon: float) -> Message:
     content = RecordDict({
-        "metrics": MetricRecord({"site-id": site, "refused": 1.0, "epsilon": epsilon, "delta": 1e-5, "epsilon-budget": 3.0}),
+        "metrics": MetricRecord(
+            {"site-id": site, "refused": 1.0, "epsilon": epsilon, "delta": 1e-5, "epsilon-budget": 3.0}),
         "refusal": ConfigRecord({"reason": f"site {site} refuses the round: epsilon would reach 3.2 > budget 3"}),
     })
     return Message(content, metadata=make_metadata(dst_node_id=0, src_node_id=site + 10))
@@ -233,7 +236,8 @@ def test_min_sites_0_needs_every_site_to_answer_with_a_valid_update_or_a_refusal
     assert (every.min_available_nodes, every.min_train_nodes, every.min_updates) == (3, 3, 3)
     arrays, _ = every.aggregate_train(1, [good(1.0, 1, 0), good(3.0, 1, 1), good(5.0, 1, 2)])
     np.testing.assert_allclose(arrays["encoder.w"].numpy(), 3.0)
-    with pytest.raises(FederationError, match="2 valid site update\\(s\\), fewer than min-sites 3 \\(min-sites 0: every site"):
+    with pytest.raises(FederationError,
+                       match="2 valid site update\\(s\\), fewer than min-sites 3 \\(min-sites 0: every site"):
         every.aggregate_train(2, [good(1.0, 1, 0), good(3.0, 1, 1)])  # the third site died
     broken = good(5.0, 1, 2)
     broken.content["arrays"]["encoder.b"] = Array(np.full(3, np.nan, np.float32))
@@ -243,8 +247,10 @@ def test_min_sites_0_needs_every_site_to_answer_with_a_valid_update_or_a_refusal
     arrays, metrics = every.aggregate_train(4, [private(1.0, 1, 0, 0.5), private(3.0, 1, 1, 0.5), refusal(2, 2.9)])
     np.testing.assert_allclose(arrays["encoder.w"].numpy(), 2.0)
     assert metrics["refused-sites"] == 1
-    with pytest.raises(FederationError, match="1 valid site update\\(s\\) and 1 refusal\\(s\\), fewer than min-sites 3"):
+    with pytest.raises(FederationError,
+                       match="1 valid site update\\(s\\) and 1 refusal\\(s\\), fewer than min-sites 3"):
         every.aggregate_train(5, [good(1.0, 1, 0), refusal(2, 2.9)])
     sampled = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=list(SENT.keys()), num_sites=4,
                             fraction_train=0.5, evaluate=False)
-    assert (sampled.min_available_nodes, sampled.min_train_nodes, sampled.min_updates) == (4, 2, 2)  # every site sampled
+    # every site sampled
+    assert (sampled.min_available_nodes, sampled.min_train_nodes, sampled.min_updates) == (4, 2, 2)

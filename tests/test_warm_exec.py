@@ -21,8 +21,9 @@ import pytest
 
 from medfed.deploy import processes as proc
 from medfed.deploy import warm_exec
-from medfed.deploy.approval import sha256_hex, verify_run_log, write_initial_approvals
+from medfed.deploy.approval import sha256_hex, write_initial_approvals
 from medfed.deploy.clientapp_gate import GateSettings
+from medfed.deploy.run_log import verify_run_log
 from medfed.exceptions import ConfigError
 from medfed.server.grid import DeploymentGrid
 

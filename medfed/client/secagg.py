@@ -62,7 +62,8 @@ def train_secagg(msg: Message, context: Context, site_train: SiteTrain) -> Messa
         limit = read_message_config(own)[0].secagg.clipping_range
         peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
         if peak > limit:
-            raise DataError(f"SecAgg+ round: a shared weight of magnitude {peak:.4g} lies outside the quantisation range "
-                            f"[-{limit:g}, {limit:g}] (secagg-clipping-range); raise it rather than have the sum clipped")
+            raise DataError(f"SecAgg+ round: a shared weight of magnitude {peak:.4g} lies outside the quantisation "
+                            f"range [-{limit:g}, {limit:g}] (secagg-clipping-range); raise it rather than have the "
+                            "sum clipped")
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
     return Message(content=fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -26,7 +26,8 @@ from medfed.exceptions import ConfigError
 FlatValue = bool | int | float | str
 
 
-def setting(default: Any, help: str, *, key: str = "", site: bool = True) -> Any:  # noqa: A002 (help: the flag's)
+# `help` shadows the builtin: it is the flag's
+def setting(default: Any, help: str, *, key: str = "", site: bool = True) -> Any:
     """A settings field: its default, one line of help, its flat key ('' = the part's prefix + its name) and
     whether a site needs it."""
     return field(default=default, metadata={"help": help, "key": key, "site": site})

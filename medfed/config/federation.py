@@ -22,9 +22,10 @@ class FederationSettings(Part):
     proximal_mu: float = setting(0.0, "FedProx proximal weight mu (> 0 with --strategy fedprox).", key="proximal-mu")
     fraction_train: float = setting(1.0, "Fraction of sites sampled each round.", key="fraction-train", site=False)
     min_sites: int = setting(0, "Sites a round needs: it starts once this many are connected and fails (resumable) "
-                             "unless this many answer with a valid update (a site refusing at its privacy budget answers "
-                             "too: recorded, not waited for); 0 = every site, so a site that dies or sends an invalid "
-                             "update fails the round. Below num-sites, such a site is left out and may rejoin later.",
+                             "unless this many answer with a valid update (a site refusing at its privacy budget "
+                             "answers too: recorded, not waited for); 0 = every site, so a site that dies or sends "
+                             "an invalid update fails the round. Below num-sites, such a site is left out and may "
+                             "rejoin later.",
                              key="min-sites", site=False)
     round_timeout: float = setting(DEFAULT_ROUND_TIMEOUT, "Seconds a round waits for the sites' replies.",
                                    key="round-timeout", site=False)
@@ -53,10 +54,10 @@ class RobustSettings(Part):
     TITLE: ClassVar[str] = "robust"
 
     rule: AggregationRule = setting(AggregationRule.MEAN, "How accepted updates are combined: mean (the strategy's "
-                                    "example-weighted average), or a Byzantine-robust rule, unweighted: trimmed-mean or "
-                                    "median (coordinate-wise, Yin et al. 2018) or krum (Blanchard et al. 2017). Applies "
-                                    "to the shared weights only (the encoder in pretraining).", key="aggregation",
-                                    site=False)
+                                    "example-weighted average), or a Byzantine-robust rule, unweighted: trimmed-mean "
+                                    "or median (coordinate-wise, Yin et al. 2018) or krum (Blanchard et al. 2017). "
+                                    "Applies to the shared weights only (the encoder in pretraining).",
+                                    key="aggregation", site=False)
     trim_fraction: float = setting(0.2, "trimmed-mean: fraction of the sites' values dropped at EACH end of every "
                                    "coordinate, in [0, 0.5); at least one site per end must be dropped.",
                                    key="trim-fraction", site=False)

@@ -21,7 +21,9 @@ CONFIG_HELP = ("A run.toml (a run directory's config.toml reproduces that run); 
                "its values.")
 
 
-def setting_parameters(*, skip: Iterable[str] = (), defaults: Mapping[str, Any] | None = None) -> list[inspect.Parameter]:
+def setting_parameters(
+    *, skip: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+) -> list[inspect.Parameter]:
     """One keyword-only typer option per setting (named as its flat key in snake_case), grouped by part in
     ``--help``; ``skip`` leaves settings out, ``defaults`` changes the default the help shows."""
     skip, defaults = set(skip), dict(defaults or {})
@@ -35,7 +37,7 @@ def setting_parameters(*, skip: Iterable[str] = (), defaults: Mapping[str, Any] 
         shown = default.value if isinstance(default, StrEnum) else default
         help_text = f"{s.help} (default: {shown if shown != '' else 'none'})"
         names = [f"--{key}/--no-{key}"] if s.type is bool else [f"--{key}"]
-        annotation = Optional[s.type]  # noqa: UP045 (typer reads typing.Optional)
+        annotation: object = Optional[s.type]  # noqa: UP045 (typer reads typing.Optional)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(None, *names, help=help_text, rich_help_panel=part)))
     return params

@@ -38,8 +38,8 @@ class DPSettings(Part):
     max_grad_norm: float = setting(1.0, "Per-example gradient clipping bound C.", key="dp-max-grad-norm")
     noise_multiplier: float = setting(0.0, "Noise multiplier sigma; 0 plans it so the run's planned rounds spend this "
                                       "run's share of the budget (--dp-run-epsilon).", key="dp-noise-multiplier")
-    run_epsilon: float = setting(0.0, "This run's share of each site's lifetime budget: a site's cumulative epsilon may "
-                                 "rise by at most this much during the run, and the noise is planned for it. 0 "
+    run_epsilon: float = setting(0.0, "This run's share of each site's lifetime budget: a site's cumulative epsilon "
+                                 "may rise by at most this much during the run, and the noise is planned for it. 0 "
                                  "(default): all that is left, so one run spends the whole budget; set it (e.g. half "
                                  "of --dp-epsilon) to keep budget for later runs (docs/PRIVACY.md).",
                                  key="dp-run-epsilon")

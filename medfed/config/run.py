@@ -131,7 +131,8 @@ class RunConfig:
                 raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(sorted(_SETTINGS))}")
             attr, s = _SETTINGS[key]
             grouped.setdefault(attr, {})[s.name] = s.coerce(value)
-        return cls(**{attr: _PART_TYPES[attr](**values) for attr, values in grouped.items()})
+        parts: dict[str, Any] = {attr: _PART_TYPES[attr](**values) for attr, values in grouped.items()}
+        return cls(**parts)
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some settings changed, named as their flat keys in snake_case (``dp_epsilon=1.0``), or
@@ -140,7 +141,7 @@ class RunConfig:
         Raises:
             ConfigError: an unknown setting name, or values out of range.
         """
-        parts = {attr: part for attr, part in self.parts()}
+        parts: dict[str, Any] = {attr: part for attr, part in self.parts()}
         flat_changes: dict[str, dict[str, Any]] = {}
         for name, value in changes.items():
             if name in _PART_TYPES:
@@ -152,8 +153,8 @@ class RunConfig:
             attr, s = _SETTINGS[key]
             flat_changes.setdefault(attr, {})[s.name] = s.coerce(value)
         for attr, values in flat_changes.items():
-            parts[attr] = dataclasses.replace(parts[attr], **values)  # type: ignore[type-var]
-        return RunConfig(**parts)  # type: ignore[arg-type]
+            parts[attr] = dataclasses.replace(parts[attr], **values)
+        return RunConfig(**parts)
 
     def to_json(self) -> str:
         """The flat settings as ``config.json`` holds them."""

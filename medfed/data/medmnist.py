@@ -271,7 +271,8 @@ def _intensity_range(path: Path, splits: dict[str, Split]) -> tuple[float, float
 
 def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
     key = f"{split}_images"
-    if images.dtype == object or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+    numeric = np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+    if images.dtype == object or not numeric:
         raise DataError(f"{path}: {key} must hold numbers, got dtype {images.dtype}")
     if images.shape[0] == 0:
         raise DataError(f"{path}: {key} is empty; every official split needs at least one image")
@@ -299,7 +300,8 @@ def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) 
         raise DataError(f"{path}: {lkey} has shape {labels.shape}; expected (N,) or (N, K)")
     if labels.shape[0] != images.shape[0]:
         raise DataError(f"{path}: {lkey} has {labels.shape[0]} rows but {key} has {images.shape[0]} images")
-    if not (np.issubdtype(labels.dtype, np.integer) or (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
+    if not (np.issubdtype(labels.dtype, np.integer)
+            or (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
         raise DataError(f"{path}: {lkey} must hold whole numbers (class indices or 0/1), got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
     if labels.min() < 0:

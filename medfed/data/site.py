@@ -45,7 +45,9 @@ def site_from_split(data: MedMNISTData, site: SiteSplit) -> SiteData:
 
 def pooled_site(data: MedMNISTData, plan: SitePlan) -> SiteData:
     """All sites' data together: the centralized baseline sees exactly what the sites hold."""
-    cat = lambda attr: np.sort(np.concatenate([np.asarray(getattr(s, attr)) for s in plan.sites]))
+    def cat(attr: str) -> np.ndarray:
+        return np.sort(np.concatenate([np.asarray(getattr(s, attr)) for s in plan.sites]))
+
     return _site(data, POOLED_SITE_ID, cat("train"), cat("labelled"), cat("val"))
 
 

@@ -1,11 +1,12 @@
 """Intensity scaling and batched augmentations for 2D and 3D medical images.
 
-Intensity scaling uses MONAI's `ScaleIntensityRange` with one range per file. Augmentations run on whole batches ``(B, C, *spatial)`` with per-sample random
-parameters drawn from one seeded `torch.Generator`: MONAI's per-sample transforms cost more per
-28x28 view than a training step of the encoder itself on a 2-core machine (measured by
-benchmarks/augment_cost.py, see docs/RESULTS.md), so the SSL view pipeline is batched here. One affine warp (crop-and-resize, small rotation, flip)
-and then intensity changes (brightness, contrast, gamma, Gaussian noise, Gaussian blur)
-that suit grayscale X-ray, ultrasound and CT. 2D flips are left-right only; 3D volumes are
+Intensity scaling uses MONAI's `ScaleIntensityRange` with one range per file. Augmentations run on
+whole batches ``(B, C, *spatial)`` with per-sample random parameters drawn from one seeded
+`torch.Generator`: MONAI's per-sample transforms cost more per 28x28 view than a training step of
+the encoder itself on a 2-core machine (measured by benchmarks/augment_cost.py, see
+docs/RESULTS.md), so the SSL view pipeline is batched here. One affine warp (crop-and-resize, small
+rotation, flip) and then intensity changes (brightness, contrast, gamma, Gaussian noise, Gaussian
+blur) that suit grayscale X-ray, ultrasound and CT. 2D flips are left-right only; 3D volumes are
 flipped along each axis. Colour jitter is never applied to grayscale
 images; for RGB images only a mild per-channel gain is used.
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.deploy import approval
+from medfed.deploy import approval, run_log
 from medfed.exceptions import AppNotApproved, ConfigError, MedfedError
 from medfed.flower_patches import clientapp_seam
 
@@ -67,7 +67,7 @@ class GateSettings:
     @classmethod
     def for_kit(cls, kit_dir: Path, site: str) -> GateSettings:
         kit = Path(kit_dir).resolve()
-        return cls(approval.approvals_file(kit), approval.run_log_file(kit), site)
+        return cls(approval.approvals_file(kit), run_log.run_log_file(kit), site)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GateSettings:
@@ -98,7 +98,7 @@ _current = _Task()
 
 
 def _record(settings: GateSettings, task: _Task, app_hash: str, outcome: str, reason: str = "") -> None:
-    approval.append_run(settings.run_log, run_id=task.run_id, app_sha256=app_hash,
+    run_log.append_run(settings.run_log, run_id=task.run_id, app_sha256=app_hash,
                         run_config_sha256=task.run_config_sha256, outcome=outcome, reason=reason)
 
 
@@ -157,7 +157,7 @@ def _on_task(message: Any, context: Any, run: Any, fab: Any) -> None:
     _current.fab_id = getattr(run, "fab_id", None)
     _current.fab_version = getattr(run, "fab_version", None)
     _current.declared_hash = getattr(fab, "hash_str", None) or None
-    _current.run_config_sha256 = approval.run_config_digest(config)
+    _current.run_config_sha256 = run_log.run_config_digest(config)
 
 
 def install(settings: GateSettings) -> None:

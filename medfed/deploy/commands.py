@@ -27,7 +27,8 @@ def _fail(exc: MedfedError) -> None:
 
 def provision(
     sites: str = typer.Option(..., "--sites", help="Comma-separated site names, e.g. h1,h2,h3."),
-    out: str = typer.Option("kits", "--out", help="Folder that receives ca/, server/, one kit per site, manifest.json."),
+    out: str = typer.Option("kits", "--out",
+                            help="Folder that receives ca/, server/, one kit per site, manifest.json."),
     server_address: str = typer.Option("127.0.0.1", "--server-address", help="Host name or IP address the sites "
                                        "dial to reach the SuperLink (also put in the certificate)."),
     san: str = typer.Option("", "--san", help="Comma-separated extra DNS names / IP addresses of the SuperLink's "
@@ -80,8 +81,10 @@ def site(
     data: str = typer.Option("", "--data", help="This site's own MedMNIST-style .npz (default: data-path in the "
                              "kit's site.toml)."),
     superlink: str = typer.Option(f"127.0.0.1:{DEFAULT_PORT}", "--superlink", help="HOST:PORT of the SuperLink."),
-    workdir: str = typer.Option("", "--workdir", help="Folder for the SuperNode's logs and app cache (default: KIT/state)."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no authentication (test networks only; warns)."),
+    workdir: str = typer.Option("", "--workdir",
+                                help="Folder for the SuperNode's logs and app cache (default: KIT/state)."),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="No TLS and no authentication (test networks only; warns)."),
     clientapp_start: str = typer.Option("warm", "--clientapp-start", help="warm: fork each ClientApp from a process "
                                         "that imported torch, MONAI, opacus and peft once (medfed's own code still "
                                         "comes from the submitted app); fresh: a new process per message (seconds "
@@ -131,7 +134,8 @@ def run(
     With --resume RUN_DIR the run continues after that directory's last completed round, with its settings."""
     from medfed.config import RunConfig
     from medfed.config.flags import settings_from_flags
-    from medfed.deploy.launch import INSECURE_WARNING, ServerKit, run_settings, submit
+    from medfed.deploy.launch import INSECURE_WARNING, ServerKit
+    from medfed.deploy.submit import run_settings, submit
     from medfed.experiment.resume import load_round_checkpoint
 
     try:
@@ -171,7 +175,8 @@ def _run_signature() -> inspect.Signature:
         inspect.Parameter("superlink", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
             "", "--superlink", help=f"HOST:PORT of the SuperLink (default: the kit's address, port {DEFAULT_PORT}).")),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
-            "", "--resume", help="Continue this run directory after its last completed round (its settings are kept).")),
+            "", "--resume",
+            help="Continue this run directory after its last completed round (its settings are kept).")),
         inspect.Parameter("workdir", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
             "", "--workdir", help="Folder for the staged app, run settings and logs (default: KIT/state).")),
         inspect.Parameter("insecure", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(

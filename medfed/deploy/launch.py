@@ -30,10 +30,9 @@ from types import FrameType
 
 from cryptography import x509
 
-from medfed.config import RunConfig
-from medfed.constants import RUN_DIR_MARK, NodeConfigKey
+from medfed.constants import NodeConfigKey
 from medfed.deploy import processes as proc
-from medfed.deploy.approval import approvals_file, load_approvals, run_log_file
+from medfed.deploy.approval import approvals_file, load_approvals
 from medfed.deploy.provision import (
     AUTH_KEY,
     CA_CERT,
@@ -47,6 +46,7 @@ from medfed.deploy.provision import (
     SITE_TOML,
     SUPERNODE_KEYS_DIR,
 )
+from medfed.deploy.run_log import run_log_file
 from medfed.exceptions import ConfigError, DataError, FederationError
 from medfed.flower_patches.client_tls import client_certificate_env
 
@@ -65,7 +65,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def _on_signals() -> None:
+def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
 
@@ -90,14 +90,14 @@ def check_certificates(cert_files: list[Path], say: Callable[[str], None], *,
                 "issue new kits before then, or the federation stops")
 
 
-def _umask_private() -> None:
+def private_umask() -> None:
     """Files and folders this process and the processes it starts create: owner only (0600/0700)."""
     os.umask(0o077)
 
 
 def _hold(started: list[proc.Started], on_exit: Callable[[], None] | None = None) -> None:
     """Block until a signal arrives or a process exits; then stop every process tree."""
-    _on_signals()
+    stop_on_signals()
     try:
         while True:
             for s in started:
@@ -146,7 +146,7 @@ class ServerKit:
 
     def site_keys_setting(self) -> str:
         """The ``site-keys`` run setting: each site's SuperNode key fingerprint, in site-id order."""
-        from medfed.deploy.gateway import supernode_key_wire_bytes
+        from medfed.deploy.authorization import supernode_key_wire_bytes
         from medfed.server.grid import key_fingerprint
 
         return ",".join(f"{site}={key_fingerprint(supernode_key_wire_bytes(self.site_key(site).read_bytes()))}"
@@ -170,7 +170,7 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(kit_dir: Path, *, host: str, port: int, workdir: Path | None, insecure: bool,
           say: Callable[[str], None] = print) -> None:
     """Start the SuperLink (behind the mutual-TLS gateway), register the sites' keys, and hold until stopped."""
-    _umask_private()
+    private_umask()
     kit = ServerKit.read(kit_dir, insecure=insecure)
     work = (workdir or kit.folder / "state").resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,9 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
     if data:  # given on the command line: relative to where the command runs
         config[NodeConfigKey.DATA_PATH] = str(Path(data).expanduser().resolve())
     if NodeConfigKey.DATA_PATH not in config or str(config[NodeConfigKey.DATA_PATH]).startswith("/path/to/"):
-        raise ConfigError(f"site {config[NodeConfigKey.SITE_NAME]}: no data file: set data-path in {toml_file} or pass --data")
+        raise ConfigError(
+            f"site {config[NodeConfigKey.SITE_NAME]}: no data file: set data-path in {toml_file} or pass --data"
+        )
     for key in (NodeConfigKey.DATA_PATH, NodeConfigKey.LEDGER_PATH, NodeConfigKey.SIGNING_KEY):
         path = Path(str(config[key])).expanduser()
         config[key] = str(path if path.is_absolute() else (kit_dir / path).resolve())
@@ -309,7 +311,7 @@ def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path |
     if clientapp_start == "warm" and not hasattr(os, "fork"):
         raise ConfigError("--clientapp-start warm forks ClientApp processes, which this system cannot do; "
                           "use --clientapp-start fresh")
-    _umask_private()
+    private_umask()
     kit = kit_dir.resolve()
     host, port = proc.check_address(superlink)
     node_config = site_node_config(kit, data)
@@ -346,61 +348,3 @@ def run_site(kit_dir: Path, *, data: str | None, superlink: str, workdir: Path |
         f"run log {run_log_file(kit)}); "
         f"logs {', '.join(str(s.log) for s in started)}")
     _hold(started)
-
-
-# ---------------------------------------------------------------------------------------- run
-
-def run_settings(cfg: RunConfig, kit: ServerKit, *, insecure: bool = False) -> RunConfig:
-    """The settings a deployment run is submitted with: the sites' own data, one arm, absolute paths,
-    and the centre's registry of SuperNode keys (``site-keys``; not for an insecure SuperLink, whose
-    nodes prove no key), from which the ServerApp tells which node is which site."""
-    from medfed.data.medmnist import resolve_data_path
-
-    num_sites = len(kit.sites)
-    return cfg.replace(site_data="own", baselines="none", num_sites=num_sites,
-                       min_sites=min(cfg.federation.min_sites, num_sites),
-                       data=str(resolve_data_path(cfg.dataset.source, download=False)),
-                       out_dir=str(Path(cfg.output.out_dir).expanduser().resolve()),
-                       site_keys="" if insecure else kit.site_keys_setting())
-
-
-def write_run_config(cfg: RunConfig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {proc.toml_value(v)}\n" for k, v in cfg.to_flat().items()))
-    return path
-
-
-def submit(cfg: RunConfig, *, superlink: str, ca_file: Path | None, workdir: Path, poll: float = 3.0,
-           client_cert: tuple[Path, Path] | None = None, say: Callable[[str], None] = print) -> tuple[str, Path | None]:
-    """Submit the run (presenting the operator's ``client_cert``, or none to an insecure SuperLink) and
-    wait for it; returns its final status and run directory (if it finished)."""
-    _umask_private()
-    proc.check_address(superlink)
-    workdir = workdir.resolve()
-    cli_home = proc.ControlConnection(workdir / "flwr-cli", client_cert)
-    proc.write_cli_config(cli_home.flwr_home, superlink, ca_file)
-    app = proc.stage_app(workdir / "app")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-    run_id = proc.submit_run(app, write_run_config(cfg, workdir / f"run-config-{stamp}.toml"), cli_home)
-    say(f"submitted Flower run {run_id} to {superlink}; waiting (Ctrl-C stops the run)")
-    _on_signals()
-    status, last = "", ""
-    try:
-        while not status.startswith("finished"):
-            time.sleep(poll)
-            status = proc.run_status(run_id, cli_home)
-            if status != last:
-                say(f"run {run_id}: {status}")
-                last = status
-    except Stop:
-        proc.stop_run(run_id, cli_home)
-        say(f"run {run_id} stopped")
-        status = "finished:stopped"
-    text = proc.run_log(run_id, cli_home)
-    log_file = workdir / "logs" / f"run-{run_id}.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.write_text(text)
-    marks = [Path(line.split(RUN_DIR_MARK, 1)[1].strip()) for line in text.splitlines() if RUN_DIR_MARK in line]
-    run_dir = marks[-1] if marks else None  # the last one: the finished directory, or the unfinished one to resume
-    say(f"run {run_id}: {status}; ServerApp log {log_file}" + (f"; run directory {run_dir}" if run_dir else ""))
-    return status, run_dir

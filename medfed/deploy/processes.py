@@ -60,7 +60,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 def flower_bin(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.is_file():
-        raise FederationError(f"{name} not found next to {sys.executable}; install medfed with flwr in this environment")
+        raise FederationError(
+            f"{name} not found next to {sys.executable}; install medfed with flwr in this environment"
+        )
     return str(path)
 
 
@@ -242,7 +244,8 @@ def write_cli_config(flwr_home: Path, address: str, ca_file: Path | None) -> Non
     flwr_home.mkdir(parents=True, exist_ok=True)
     trust = "insecure = true" if ca_file is None else f"root-certificates = {toml_value(str(ca_file.resolve()))}"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {toml_value(address)}\n{trust}\n')
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = {toml_value(address)}\n{trust}\n')
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,9 @@ def stage_app(dest: Path) -> Path:
     package = Path(medfed.__file__).resolve().parent
     pyproject = package.parent / "pyproject.toml"
     if not pyproject.is_file():
-        raise FederationError(f"{pyproject} not found: medfed must be installed from its source tree (pip install -e .)")
+        raise FederationError(
+            f"{pyproject} not found: medfed must be installed from its source tree (pip install -e .)"
+        )
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)

@@ -108,7 +108,9 @@ def _san(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         pass
-    if not re.fullmatch(r"(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", name):
+    dns_name = (r"(?=.{1,253}$)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+    if not re.fullmatch(dns_name, name):
         raise ConfigError(f"subject alternative name {name!r} is neither an IP address nor a DNS name")
     return x509.DNSName(name)
 
@@ -119,7 +121,9 @@ def _write_public(path: Path, data: bytes | str) -> None:
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _fingerprint(cert: x509.Certificate) -> str:

@@ -100,7 +100,7 @@ def log(
 
     One entry per run the site executed or refused; exit code 1 if an entry was edited, deleted,
     inserted or moved."""
-    from medfed.deploy.approval import run_log_file, run_log_head, verify_run_log
+    from medfed.deploy.run_log import run_log_file, run_log_head, verify_run_log
 
     try:
         path = run_log_file(_kit(ctx, kit))

@@ -52,10 +52,15 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medfed.deploy import clientapp_gate
 from medfed.flower_patches import clientapp_seam
 from medfed.flower_patches.superexec import run_superexec_with
+
+if TYPE_CHECKING:  # flwr is imported lazily: the zygote must not load it before it forks
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
 MODULE = "medfed.deploy.warm_exec"
 GATE_MODULE = "medfed.deploy.clientapp_gate"
@@ -172,7 +177,7 @@ def serve(entry_ref: str, modules: Sequence[str], requests_fd: int = 0) -> None:
 
 # ------------------------------------------------------------------------------------- the executor
 
-def clientapp_argv(spec) -> list[str]:  # spec: flwr ExecutionSpec
+def clientapp_argv(spec: ExecutionSpec) -> list[str]:
     """The command line Flower's SubprocessExecutor would start for ``spec`` (flwr 1.41)."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
 
@@ -221,11 +226,11 @@ class GatedLauncher:
         self.entry, self.python = entry, python
         self.children: list[subprocess.Popen] = []
 
-    def command(self, spec) -> tuple[list[str], str]:  # spec: flwr ExecutionSpec
+    def command(self, spec: ExecutionSpec) -> tuple[list[str], str]:
         argv, token = without_token(clientapp_argv(spec))
         return [self.python, "-m", GATE_MODULE, "--entry", self.entry, *argv[1:]], token
 
-    def launch(self, spec):
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         from flwr.supercore.superexec.executor.types import LaunchResult
 
         command, token = self.command(spec)
@@ -261,15 +266,17 @@ class ZygoteExecutor:
         return self.zygote is not None and self.zygote.poll() is None
 
     # Executor protocol -----------------------------------------------------------------------
-    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
+                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
         from flwr.supercore.constant import TaskType
 
         return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
 
-    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
         return None
 
-    def launch(self, spec):
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 

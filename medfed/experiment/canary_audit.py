@@ -34,9 +34,11 @@ from medfed.data.partition import SPLIT_FILE, SitePlan
 from medfed.data.site import SiteData, site_from_split
 from medfed.data.transforms import scale_intensity
 from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
+from medfed.models.heads import Classifier
 from medfed.privacy.empirical import AuditResult, audit_from_scores, canary_inclusion
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
-from medfed.task.algo import SiteAlgo, derive_seed, initial_encoder_state, logits_of, new_classifier
+from medfed.task.algo import SiteAlgo, logits_of
+from medfed.task.model_setup import derive_seed, initial_encoder_state, new_classifier
 
 PRETRAINED = "pretrained_encoder.safetensors"
 
@@ -66,7 +68,8 @@ class EmpiricalResult:
         return (
             f"site {self.site}: {self.num_canaries} mislabelled canaries, {self.num_inserted} inserted, "
             f"{self.rounds} rounds; {self.correct}/{self.guesses} membership guesses correct -> empirical "
-            f"epsilon >= {self.epsilon_lower_bound:.3f} with probability {1 - self.beta:.0%} (delta {self.delta:g}); {acc}"
+            f"epsilon >= {self.epsilon_lower_bound:.3f} with probability {1 - self.beta:.0%} "
+            f"(delta {self.delta:g}); {acc}"
         )
 
 
@@ -87,12 +90,14 @@ def with_canaries(site: SiteData, images: torch.Tensor, labels: torch.Tensor, in
     )
 
 
-def canary_scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+def canary_scores(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """Minus each canary's loss under its canary label (higher = more likely a member)."""
-    logits = logits_of(model, images)  # type: ignore[arg-type]
+    logits = logits_of(model, images)
     with torch.no_grad():
-        if model.task == TaskType.MULTILABEL:  # type: ignore[attr-defined]
-            losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1)
+        if model.task == TaskType.MULTILABEL:
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels.float(), reduction="none"
+            ).mean(1)
         else:
             losses = torch.nn.functional.cross_entropy(logits, labels[:, 0], reduction="none")
     return (-losses).numpy().astype(np.float64)
@@ -118,7 +123,8 @@ def audit_site_training(
     with tempfile.TemporaryDirectory(prefix="medfed-canary-ledger-") as tmp:
         run = cfg.replace(dp=DPScope.FINETUNE.value if private else DPScope.NONE.value, finetune_rounds=rounds,
                           mode="local-only")
-        guard = PrivacyGuard(SitePrivacy.resolve(run, str(site.site_id), {}, Path(tmp)), "empirical-audit") if private else None
+        guard = (PrivacyGuard(SitePrivacy.resolve(run, str(site.site_id), {}, Path(tmp)), "empirical-audit")
+                 if private else None)
         algo = SiteAlgo(run, audited, guard)
         state = new_classifier(run, site.spec, site.task, site.num_classes, encoder_state).state_dict()
         trained = 0
@@ -131,7 +137,9 @@ def audit_site_training(
             trained = rnd
         accountant_epsilon = guard.spent() if guard is not None else math.inf
     model = algo.classifier(state)
-    result: AuditResult = audit_from_scores(canary_scores(model, images, labels), inserted, delta=cfg.privacy.delta, beta=beta)
+    result: AuditResult = audit_from_scores(
+        canary_scores(model, images, labels), inserted, delta=cfg.privacy.delta, beta=beta
+    )
     return EmpiricalResult(
         dp=private, site=site.site_id, num_canaries=num_canaries, num_inserted=int(inserted.sum()),
         epsilon_lower_bound=result.epsilon_lower_bound, accountant_epsilon=accountant_epsilon, delta=cfg.privacy.delta,

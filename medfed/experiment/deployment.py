@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
-from medfed.constants import RUN_DIR_MARK, Baselines, DPScope, Mode
+from medfed.constants import Baselines, DPScope, Mode
 from medfed.exceptions import ConfigError
 from medfed.experiment.arms import arm_config, arms_for
 from medfed.experiment.phases import ArmContext, run_federated
@@ -33,6 +33,7 @@ from medfed.experiment.run_dir import (
     final_name,
     partial_dir,
     publish,
+    record_flower_run,
     run_summary,
     unique_dir,
     write_summary_and_report,
@@ -50,7 +51,8 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     if cfg.privacy.scope != DPScope.NONE and cfg.privacy.run_epsilon == 0:
         log.warning("dp %s with dp-run-epsilon 0: this run plans its noise to spend all that is left of each site's "
                     "budget (dp-epsilon %g), and a later DP run at these sites will be refused as too noisy to train; "
-                    "give a run its share with --dp-run-epsilon (docs/PRIVACY.md)", cfg.privacy.scope, cfg.privacy.epsilon)
+                    "give a run its share with --dp-run-epsilon (docs/PRIVACY.md)",
+                    cfg.privacy.scope, cfg.privacy.epsilon)
     arm = arms_for(cfg)[0]
     acfg = arm_config(cfg, arm)
     resume = None
@@ -80,7 +82,8 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
         (run_dir / "config.toml").write_text(cfg.to_toml())  # `medfed run --config` reruns it
         data_info = {**prep.data.describe(), "sites": [], "site-data": "own (each site's node config data-path)"}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
-    print(f"{RUN_DIR_MARK}{run_dir}", flush=True)  # `medfed run` reads the last such line
+    flower_run_id = int(grid.run.run_id)
+    record_flower_run(run_dir.parent, flower_run_id, run_dir)  # `medfed run` finds it by the Flower run id
     recorder = Recorder(run_dir / "metrics.jsonl", listener)
     if resume is not None:  # the report covers the whole run, before and after the resume
         recorder.rows.extend(Recorder.load(run_dir / "metrics.jsonl"))
@@ -96,5 +99,5 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     summary["arms"][arm.name] = arm_summary(arm, metrics, {}, monitor)
     write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
     final = publish(run_dir, final)
-    print(f"{RUN_DIR_MARK}{final}", flush=True)
+    record_flower_run(final.parent, flower_run_id, final)
     return final

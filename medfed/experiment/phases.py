@@ -11,25 +11,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
-from medfed.constants import DPScope, MessageKey, Phase, SecureAggregation, TaskType
+from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggregation, TaskType
 from medfed.data.spec import DataSpec
 from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
-from medfed.privacy.central import CentralDPSettings, CentralLedger
+from medfed.privacy.central import CentralLedger
 from medfed.server.rounds import TrainRound, run_rounds
-from medfed.strategies.central_dp import wrap_central_dp
+from medfed.strategies.central_dp import CentralDPAggregation
+from medfed.strategies.replies import metric_scalar
 from medfed.strategies.secagg import SecAggSettings, secagg_train_round
-from medfed.strategies.shared_weights import SharedWeightsMixin, make_strategy
-from medfed.task.algo import finetune_shared_keys, initial_encoder_state, new_classifier
+from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
 from medfed.task.calibration import THRESHOLD
 from medfed.task.checkpoints import save_checkpoint
 from medfed.task.evaluation import TestSet, evaluate_with_sites
+from medfed.task.model_setup import finetune_shared_keys, initial_encoder_state, new_classifier
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
 ROUND_SPLIT = "round"  # metrics.jsonl split name: the server's wall time of a round
@@ -56,7 +56,8 @@ class ArmContext:
     def ledger_dir(self) -> Path:
         """Where the simulated sites of this arm keep their ledgers: ``ledger-dir`` (kept across
         runs) or the run directory's ``ledgers/``, one folder per arm (arms are separate worlds)."""
-        root = Path(self.cfg.privacy.ledger_dir).expanduser() if self.cfg.privacy.ledger_dir else self.run_dir / "ledgers"
+        root = (Path(self.cfg.privacy.ledger_dir).expanduser() if self.cfg.privacy.ledger_dir
+                else self.run_dir / "ledgers")
         return root / self.arm
 
     @property
@@ -74,33 +75,43 @@ class ArmContext:
     def message_config(self, phase: Phase) -> ConfigRecord:
         return ConfigRecord(
             {
-                **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value, MessageKey.RUN_DIR.value: str(self.run_dir),
+                **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value,
+                MessageKey.RUN_DIR.value: str(self.run_dir),
                 MessageKey.DATA_FILE.value: str(self.data_file), MessageKey.RUN_ID.value: f"{self.run_id}/{self.arm}",
                 MessageKey.LEDGER_DIR.value: str(self.ledger_dir), **self.input_spec.to_flat(),
             }
         )
 
 
-def federation(ctx: ArmContext, grid: Grid, strategy: SharedWeightsMixin, phase: Phase) -> tuple[Any, TrainRound | None]:
-    """The strategy as the round loop drives it, and its training exchange: wrapped in Flower's central-DP
-    wrapper when ``central-dp`` is on (one ledger row per release, in the arm's ledger folder), and exchanging
-    through SecAgg+ when ``secure-aggregation`` is ``secagg+``."""
-    cfg, outer = ctx.cfg, strategy
-    settings = CentralDPSettings.from_config(cfg)
-    if settings is not None:
+def phase_strategy(ctx: ArmContext, grid: Grid, phase: Phase, shared_keys: list[str], *, evaluate: bool
+                   ) -> tuple[SharedWeightsStrategy, TrainRound | None]:
+    """The strategy of one phase, assembled from the run's settings, and its training exchange.
+
+    Central DP (``central-dp``) is one of the strategy's parts, with one ledger row per release in the arm's
+    ledger folder; ``secure-aggregation secagg+`` exchanges each round through Flower's SecAgg+ workflow."""
+    cfg = ctx.cfg
+    central = None
+    if cfg.central.mode != CentralDP.NONE:
         def on_release(server_round: int, figures: dict[str, float]) -> None:
             ctx.recorder.record(ctx.arm, phase, server_round, GLOBAL, CENTRAL_DP_SPLIT, figures)
 
-        ledger = CentralLedger(ctx.ledger_dir, f"{ctx.run_id}/{ctx.arm}", settings)
-        outer = wrap_central_dp(strategy, settings, ledger, on_release)
+        ledger = CentralLedger(ctx.ledger_dir, f"{ctx.run_id}/{ctx.arm}", cfg.central)
+        central = CentralDPAggregation(cfg.central, ledger, phase, on_release)
+    strategy = make_strategy(
+        cfg.federation.strategy, phase=phase, shared_keys=shared_keys, evaluate=evaluate,
+        num_sites=cfg.dataset.num_sites, fraction_train=cfg.federation.fraction_train,
+        proximal_mu=cfg.federation.proximal_mu, observer=ctx.recorder.site_observer(ctx.arm),
+        private=DPScope(cfg.privacy.scope).covers(phase), aggregation=cfg.robust, central=central,
+        min_sites=cfg.federation.min_sites,
+    )
     if cfg.secagg.mode != SecureAggregation.SECAGG_PLUS:
-        return outer, None
+        return strategy, None
     secagg = SecAggSettings.from_config(cfg)
 
     def train_round(server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord | None:
-        return secagg_train_round(strategy, grid, server_round, arrays, config, secagg, configure=outer)
+        return secagg_train_round(strategy, grid, server_round, arrays, config, secagg)
 
-    return outer, train_round
+    return strategy, train_round
 
 
 def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
@@ -113,9 +124,6 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     meta = {"arm": ctx.arm, "config": cfg.to_json()}
     resume = ctx.resume
     encoder_state = initial_encoder_state(cfg, spec)
-    common = dict(num_sites=cfg.dataset.num_sites, fraction_train=cfg.federation.fraction_train, proximal_mu=cfg.federation.proximal_mu,
-                  observer=ctx.recorder.site_observer(ctx.arm), aggregation=cfg.robust,
-                  min_sites=cfg.federation.min_sites)
 
     def timing(phase: Phase) -> Callable[[int, dict[str, float]], None]:
         def record(server_round: int, seconds: dict[str, float]) -> None:
@@ -128,8 +136,9 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
             return None
 
         def save(server_round: int, arrays: ArrayRecord) -> None:
-            save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase, completed_round=server_round,
-                                  settings=cfg.to_flat(), weights=arrays.to_torch_state_dict())
+            save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase,
+                                  completed_round=server_round, settings=cfg.to_flat(),
+                                  weights=arrays.to_torch_state_dict())
 
         return save
 
@@ -137,10 +146,8 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         first = 1
         if resume is not None:
             encoder_state, first = resume.weights, resume.completed_round + 1
-        strategy = make_strategy(cfg.federation.strategy, phase=Phase.PRETRAIN, shared_keys=list(encoder_state), evaluate=False,
-                                 private=DPScope(cfg.privacy.scope).covers(Phase.PRETRAIN), **common)  # type: ignore[arg-type]
-        outer, exchange = federation(ctx, grid, strategy, Phase.PRETRAIN)
-        arrays, _ = run_rounds(outer, grid, ArrayRecord(encoder_state), first_round=first,
+        strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(encoder_state), evaluate=False)
+        arrays, _ = run_rounds(strategy, grid, ArrayRecord(encoder_state), first_round=first,
                                last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
                                after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.federation.round_timeout,
                                on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
@@ -153,21 +160,21 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         state, first = new_classifier(cfg, spec, test.task, test.num_classes, encoder_state).state_dict(), 1
         if (save := checkpoint(Phase.FINETUNE)) is not None:  # round 0: the starting model, so a resume repeats it
             save(0, ArrayRecord(state))
-    strategy = make_strategy(cfg.federation.strategy, phase=Phase.FINETUNE, shared_keys=finetune_shared_keys(cfg, list(state)),
-                             evaluate=True, private=DPScope(cfg.privacy.scope).covers(Phase.FINETUNE), **common)  # type: ignore[arg-type]
+    strategy, exchange = phase_strategy(ctx, grid, Phase.FINETUNE, finetune_shared_keys(cfg, list(state)),
+                                        evaluate=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         # the round's federated evaluation came first: its pooled validation histograms set the threshold
-        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict(), strategy.thresholds.get(server_round))
+        metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict(),
+                                                strategy.thresholds.get(server_round))
         ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, GLOBAL, "test", metrics)
         for site, site_metrics in per_site.items():  # the global model on each site's share of the test split
             ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)
-        return MetricRecord(metrics)
+        return MetricRecord(dict(metrics))
 
     config = ctx.message_config(Phase.FINETUNE)
     last = cfg.finetune_recipe.rounds
-    outer, exchange = federation(ctx, grid, strategy, Phase.FINETUNE)
-    arrays, server_metrics = run_rounds(outer, grid, ArrayRecord(state), first_round=first, last_round=last,
+    arrays, server_metrics = run_rounds(strategy, grid, ArrayRecord(state), first_round=first, last_round=last,
                                         train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
                                         after_round=checkpoint(Phase.FINETUNE), timeout=cfg.federation.round_timeout,
                                         evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
@@ -177,4 +184,4 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         meta = {**meta, THRESHOLD: f"{threshold.probability:.17g}"}
     save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
     final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
-    return {k: float(v) for k, v in final.items()}
+    return {k: float(metric_scalar(v)) for k, v in final.items()}

@@ -23,8 +23,8 @@ from medfed.models.encoders import InputSpec, vit_patch_size
 from medfed.privacy.accounting import check_budget
 from medfed.selfsup.compat import check_methods_fit
 from medfed.selfsup.registry import resolve_encoder_kind
-from medfed.task.algo import check_loss_fits_task, initial_encoder_state
 from medfed.task.evaluation import TestSet
+from medfed.task.model_setup import check_loss_fits_task, initial_encoder_state
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     initial_encoder_state(cfg, spec)  # raises ConfigError when encoder-init does not fit
     check_loss_fits_task(cfg, data.task)
     check_out_dir(Path(cfg.output.out_dir).expanduser())
-    if cfg.dataset.site_data == "own":  # deployment: every site reads its own file; the server holds only its test split
+    # deployment: every site reads its own file; the server holds only its test split
+    if cfg.dataset.site_data == "own":
         test = TestSet(scale_intensity(data.test.images, data.intensity_range), torch.as_tensor(data.test.labels),
                        data.task, data.num_classes)
         return Prepared(cfg, data, None, test)
     plan = make_site_plan(
         data.train.labels, data.val.labels, data.task, test_labels=data.test.labels, scheme=cfg.dataset.partition,
         num_sites=cfg.dataset.num_sites,
-        alpha=cfg.dataset.alpha, label_fraction=cfg.dataset.label_fraction, seed=cfg.experiment.seed, data_sha256=data.sha256,
+        alpha=cfg.dataset.alpha, label_fraction=cfg.dataset.label_fraction, seed=cfg.experiment.seed,
+        data_sha256=data.sha256,
         min_site_size=cfg.dataset.min_site_size,
     )
     check_delta_fits_sites(cfg, plan)

@@ -72,7 +72,9 @@ class Recorder:
 
         return observe
 
-    def record(self, arm: str, phase: Phase, server_round: int, site: int | str, split: str, metrics: dict[str, float]) -> None:
+    def record(
+        self, arm: str, phase: Phase, server_round: int, site: int | str, split: str, metrics: dict[str, float]
+    ) -> None:
         self.write({"arm": arm, "phase": phase.value, "round": server_round, "site": site, "split": split, **metrics})
 
     @staticmethod

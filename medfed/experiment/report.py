@@ -21,16 +21,18 @@ METRIC_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
 
 
 def calibrated_section(summary: dict) -> list[str]:
-    """The arms' test metrics at the threshold calibrated on validation data (binary tasks; `medfed.task.calibration`)."""
+    """The arms' test metrics at the threshold calibrated on validation data (binary tasks;
+    `medfed.task.calibration`)."""
     arms = {name: arm["test"] for name, arm in summary["arms"].items() if THRESHOLD in arm["test"]}
     if not arms:
         return []
     lines = ["", "## At the decision threshold calibrated on validation data", "",
-             "The threshold maximises sensitivity + specificity - 1 (Youden's J) on the validation split: for federated "
-             "arms the sites' pooled score histograms of the last round (federated evaluation), for baselines their own "
-             "validation data. The test split plays no part in choosing it. It is saved in the final model's metadata "
-             "(`threshold`).", "",
-             "| arm | threshold p(positive) | accuracy | sensitivity | specificity | FPR |", "|---|---|---|---|---|---|"]
+             "The threshold maximises sensitivity + specificity - 1 (Youden's J) on the validation split: for "
+             "federated arms the sites' pooled score histograms of the last round (federated evaluation), for "
+             "baselines their own validation data. The test split plays no part in choosing it. It is saved in the "
+             "final model's metadata (`threshold`).", "",
+             "| arm | threshold p(positive) | accuracy | sensitivity | specificity | FPR |",
+             "|---|---|---|---|---|---|"]
     for name, t in arms.items():
         lines.append(f"| {name} | {_fmt(t[THRESHOLD])} | " + " | ".join(_fmt(t.get(CALIBRATED[MetricKey(k)])) for k in
                                                                    METRIC_COLUMNS[1:]) + " |")
@@ -112,11 +114,11 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
         return ["", "## Privacy", "", "No DP-SGD at the sites in this run (`--dp none`): every weight update that "
                 "left a site is uncovered exposure at the example level. See `medfed audit`."]
     lines = ["", "## Privacy: epsilon per site per round (as reported to the server)", "",
-             f"DP-SGD at the sites for: {cfg['dp']}; budget per site epsilon {cfg['dp-epsilon']}, delta {cfg['dp-delta']} "
-             f"({cfg['dp-accountant']} accountant, clipping {cfg['dp-max-grad-norm']}). Unit of privacy: one training image "
-             "of a site. Cumulative across rounds and runs (each site's ledger). The federation's epsilon is the max over "
-             "sites. A round marked R was refused by the site (its reason is listed under 'Rejected or failed site "
-             "updates'); `-` means the site was not asked.", ""]
+             f"DP-SGD at the sites for: {cfg['dp']}; budget per site epsilon {cfg['dp-epsilon']}, "
+             f"delta {cfg['dp-delta']} ({cfg['dp-accountant']} accountant, clipping {cfg['dp-max-grad-norm']}). "
+             "Unit of privacy: one training image of a site. Cumulative across rounds and runs (each site's ledger). "
+             "The federation's epsilon is the max over sites. A round marked R was refused by the site (its reason "
+             "is listed under 'Rejected or failed site updates'); `-` means the site was not asked.", ""]
     by_panel: dict[tuple[str, str], dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     offset: dict[str, int] = {}
@@ -143,7 +145,8 @@ def privacy_section(rows: list[dict], cfg: dict, plots: Path) -> list[str]:
         for rnd in sorted(per_round):
             cells = per_round[rnd]
             values = [float(c) for c in cells.values() if c not in ("R", "n/a")]
-            lines.append(f"| {rnd} | " + " | ".join(cells.get(s, "-") for s in sites) + f" | {_fmt(max(values)) if values else 'n/a'} |")
+            lines.append(f"| {rnd} | " + " | ".join(cells.get(s, "-") for s in sites)
+                         + f" | {_fmt(max(values)) if values else 'n/a'} |")
         lines.append("")
     png = plot_epsilon(series, {k: float(cfg["dp-epsilon"]) for k in series}, plots / "epsilon_per_site.png",
                        xlabel="round (pretraining rounds, then fine-tuning rounds)", title="privacy spent per site")
@@ -160,31 +163,34 @@ def server_privacy_section(rows: list[dict], cfg: dict) -> list[str]:
         return []
     lines = ["", "## Server-side protection: secure aggregation and central DP", ""]
     if secagg:
-        lines.append("**SecAgg+** (Flower's SecAggPlusWorkflow): the server received each round only the sum of the sites' "
-                     f"shared weights (each site weight 1; shares {cfg['secagg-num-shares']:g}, threshold "
-                     f"{cfg['secagg-threshold']:g} of the sites sampled; values quantised over +-{cfg['secagg-clipping-range']:g}). "
+        lines.append("**SecAgg+** (Flower's SecAggPlusWorkflow): the server received each round only the sum of the "
+                     f"sites' shared weights (each site weight 1; shares {cfg['secagg-num-shares']:g}, threshold "
+                     f"{cfg['secagg-threshold']:g} of the sites sampled; values quantised over "
+                     f"+-{cfg['secagg-clipping-range']:g}). "
                      "Individual updates could not be checked or screened; each site's metrics arrived in the clear.")
         lines.append("")
     if not central:
         return lines
     releases = [r for r in rows if r.get("split") == "central-dp"]
-    lines += [f"**Central DP** ({cfg['central-dp']}): each site's update clipped to L2 norm {cfg['central-dp-clipping-norm']:g}, "
-              f"unweighted mean, Gaussian noise of std z x C / n with z = {cfg['central-dp-noise-multiplier']:g}. Unit of "
-              "privacy: one whole site (site-level DP); cumulative over every aggregate released (the server's signed "
-              f"ledger `ledgers/<arm>/central.ledger.sqlite`, RDP, delta {cfg['central-dp-delta']:g}).", "",
+    lines += [f"**Central DP** ({cfg['central-dp']}): each site's update clipped to L2 norm "
+              f"{cfg['central-dp-clipping-norm']:g}, unweighted mean, Gaussian noise of std z x C / n with "
+              f"z = {cfg['central-dp-noise-multiplier']:g}. Unit of privacy: one whole site (site-level DP); "
+              "cumulative over every aggregate released (the server's signed ledger "
+              f"`ledgers/<arm>/central.ledger.sqlite`, RDP, delta {cfg['central-dp-delta']:g}).", "",
               "| arm | phase | round | sites averaged | noise std | site-level epsilon |", "|---|---|---|---|---|---|"]
     for r in releases:
-        lines.append(f"| {r['arm']} | {r['phase']} | {r['round']} | {int(r.get('sites', 0))} | {_fmt(r.get('noise-std'))} | "
-                     f"{_fmt(r.get('central-epsilon'))} |")
+        lines.append(f"| {r['arm']} | {r['phase']} | {r['round']} | {int(r.get('sites', 0))} "
+                     f"| {_fmt(r.get('noise-std'))} | {_fmt(r.get('central-epsilon'))} |")
     final = {r["arm"]: r for r in releases}
-    site_eps = {}
+    site_eps: dict[str, float] = {}
     for r in rows:
         if r.get("split") == "train" and r.get("epsilon") is not None and not r.get("refused"):
             site_eps[r["arm"]] = max(site_eps.get(r["arm"], 0.0), float(r["epsilon"]))
     lines.append("")
     for arm, r in final.items():
-        example = (f"and, from the sites' ledgers, at most epsilon {_fmt(site_eps[arm])} (delta {cfg['dp-delta']:g}) for "
-                   "any one image of a site, as seen by the server" if arm in site_eps else
+        example = (f"and, from the sites' ledgers, at most epsilon {_fmt(site_eps[arm])} "
+                   f"(delta {cfg['dp-delta']:g}) for any one image of a site, as seen by the server"
+                   if arm in site_eps else
                    "and no example-level guarantee (no DP-SGD at the sites: the server "
                    + ("saw only the secure sum)" if secagg else "saw every update unprotected)"))
         lines.append(f"- **{arm}**: the released global model is ({_fmt(r.get('central-epsilon'))}, "
@@ -213,17 +219,19 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         + (f"(not run here: encoder loaded from `{cfg['encoder-init']}`)" if cfg.get("encoder-init") else
            f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs)")
         + "; fine-tuning: "
-        f"{cfg['finetune-mode']} ({recipe['rounds']} rounds x {cfg['finetune-epochs']} local epochs, lr {recipe['lr']:g}, "
-        f"batch {recipe['batch_size']}); "
+        f"{cfg['finetune-mode']} ({recipe['rounds']} rounds x {cfg['finetune-epochs']} local epochs, "
+        f"lr {recipe['lr']:g}, batch {recipe['batch_size']}); "
         f"strategy {cfg['strategy']}.",
         "",
         "## Comparison on the official test split",
         "",
         "Every arm uses the same partition, labelled subsets and seed. Local-only: mean over sites.",
         "Threshold 0.5 (argmax for multi-class). Sensitivity and specificity are those of the positive class "
-        "(label 1) for binary tasks and macro one-vs-rest averages for multi-class and multi-label tasks; FPR = 1 - specificity.",
+        "(label 1) for binary tasks and macro one-vs-rest averages for multi-class and multi-label tasks; "
+        "FPR = 1 - specificity.",
         "",
-        "| arm | mode | pretrain | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
+        "| arm | mode | pretrain | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) "
+        "| peak memory (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in summary["arms"].items():
@@ -234,14 +242,18 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
             + f" | {arm['wall_seconds']:.1f} | {arm['peak_memory_mb']:.0f} |"
         )
     lines += calibrated_section(summary)
-    per_class = "train images per class" if data_info["task"] != "multi-label" else "train images per first positive label (last: none)"
-    lines += ["", "## Sites", "", f"| site | train images | labelled | val images | test share | {per_class} |", "|---|---|---|---|---|---|"]
+    per_class = ("train images per class" if data_info["task"] != "multi-label"
+                 else "train images per first positive label (last: none)")
+    lines += ["", "## Sites", "", f"| site | train images | labelled | val images | test share | {per_class} |",
+              "|---|---|---|---|---|---|"]
     for s in data_info["sites"]:
-        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s.get('test', 0)} | {s['train_per_class']} |")
+        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s.get('test', 0)} "
+                     f"| {s['train_per_class']} |")
     sites_by_id = {s["site"]: s for s in data_info["sites"]}
     per_site = {name: arm["per_site_test"] for name, arm in summary["arms"].items() if arm.get("per_site_test")}
     if per_site:
-        lines += ["", "## Per-site test metrics of models trained at one site alone (whole official test split)", "", "| arm | site | " + " | ".join(METRIC_COLUMNS) + " |",
+        lines += ["", "## Per-site test metrics of models trained at one site alone (whole official test split)", "",
+                  "| arm | site | " + " | ".join(METRIC_COLUMNS) + " |",
                   "|---|---|" + "---|" * len(METRIC_COLUMNS)]
         for name, sites in per_site.items():
             for site, m in sites.items():
@@ -263,7 +275,8 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
     lines += server_privacy_section(rows, cfg)
     rejected = [r for r in rows if r.get("accepted") is False]
     lines += ["", "## Rejected or failed site updates", ""]
-    lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}" for r in rejected] or ["None."]
+    lines += [f"- {r['arm']} {r['phase']} round {r['round']} site {r['site']}: {r.get('reason', '')}"
+              for r in rejected] or ["None."]
     lines += ["", "## Plots", ""]
     if loss_png:
         lines.append(f"![training loss per site per round](plots/{loss_png.name})")

@@ -11,6 +11,7 @@ privacy is spent twice. Rows of unfinished rounds are dropped from ``metrics.jso
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class RoundCheckpoint:
 
 
 def save_round_checkpoint(run_dir: Path, *, run_id: str, arm: str, phase: Phase, completed_round: int,
-                          settings: dict[str, object], weights: dict[str, torch.Tensor]) -> None:
+                          settings: Mapping[str, object], weights: dict[str, torch.Tensor]) -> None:
     """Write the checkpoint of a completed round: weights first, then the state naming them, each
     by temporary file + fsync + rename, so a crash leaves the previous checkpoint or this one."""
     folder = run_dir / CHECKPOINT_DIR
@@ -68,10 +69,12 @@ def load_round_checkpoint(run_dir: Path) -> RoundCheckpoint:
                                completed_round=int(state["completed_round"]), settings=dict(state["settings"]),
                                weights=weights)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise ConfigError(f"resume-from {str(run_dir)!r}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(
+            f"resume-from {str(run_dir)!r}: unreadable checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
 
 
-def check_same_settings(checkpoint: RoundCheckpoint, settings: dict[str, object]) -> None:
+def check_same_settings(checkpoint: RoundCheckpoint, settings: Mapping[str, object]) -> None:
     """A resumed run must have the settings it started with (only ``resume-from`` may differ)."""
     now = without_resume(settings)
     changed = sorted(k for k in set(now) | set(checkpoint.settings) if now.get(k) != checkpoint.settings.get(k))

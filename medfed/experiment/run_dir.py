@@ -15,14 +15,34 @@ from typing import Any
 from medfed.config import RunConfig
 from medfed.experiment.arms import Arm
 from medfed.experiment.recorder import json_safe
+from medfed.files import replace_durably
 from medfed.resources import ResourceMonitor
 
 PARTIAL_SUFFIX = ".partial"
+FLOWER_RUNS = ".flower-runs"  # OUT/.flower-runs/<Flower run id>.json: that run's directory (deployment)
 
 
 def partial_dir(out: Path, name: str, pid: int | None = None) -> Path:
     """The hidden directory a run named ``name`` is built in: ``.NAME.partial``, or ``.NAME.partial-PID``."""
     return out / f".{name}{PARTIAL_SUFFIX}" if pid is None else out / f".{name}{PARTIAL_SUFFIX}-{pid}"
+
+
+def record_flower_run(out: Path, flower_run_id: int, run_dir: Path) -> None:
+    """Note in ``OUT/.flower-runs/ID.json`` which run directory Flower run ``ID`` writes (its partial directory
+    while it runs, the finished one at the end): how `medfed run`, which knows the Flower run id and ``out-dir``,
+    finds the results without reading the ServerApp's log."""
+    index = out / FLOWER_RUNS
+    index.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"flower-run-id": flower_run_id, "run-dir": str(run_dir)})
+    replace_durably(index / f"{int(flower_run_id)}.json", lambda tmp: tmp.write_text(text))
+
+
+def flower_run_dir(out: Path, flower_run_id: int) -> Path | None:
+    """The run directory Flower run ``flower_run_id`` recorded under ``out``, or None if it recorded none."""
+    try:
+        return Path(json.loads((out / FLOWER_RUNS / f"{int(flower_run_id)}.json").read_text())["run-dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def final_name(partial: Path) -> str:

@@ -78,6 +78,8 @@ def run_arm(
         if federate is None:
             raise ConfigError(f"arm {arm.name} is federated: run it with `medfed simulate` or inside a Flower runtime")
         return federate(ctx), {}
+    if prep.plan is None:  # a deployment (site-data own): the server holds no site's data
+        raise ConfigError(f"arm {arm.name} trains on the sites' data: it cannot run in a deployment")
     return run_standalone(ctx, prep.data, prep.plan)
 
 

@@ -20,10 +20,11 @@ from medfed.exceptions import PrivacyBudgetExceeded
 from medfed.experiment.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
 from medfed.experiment.recorder import GLOBAL
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
-from medfed.task.algo import SiteAlgo, initial_encoder_state, new_classifier
+from medfed.task.algo import SiteAlgo
 from medfed.task.calibration import THRESHOLD
 from medfed.task.checkpoints import save_checkpoint
 from medfed.task.evaluation import evaluate_state
+from medfed.task.model_setup import initial_encoder_state, new_classifier
 
 
 def _guard(ctx: ArmContext, site_label: int | str) -> PrivacyGuard | None:
@@ -53,9 +54,11 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
             _refused(ctx, Phase.PRETRAIN, rnd, site_label, exc)
             break
         rec.record(ctx.arm, Phase.PRETRAIN, rnd, site_label, "train",
-                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples, **stats.privacy})
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples,
+                    **stats.privacy})
     if pretrain:
-        save_checkpoint(ctx.arm_dir / f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors", encoder_state, meta)
+        name = f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors"
+        save_checkpoint(ctx.arm_dir / name, encoder_state, meta)
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
     threshold = algo.validation_threshold(state)  # calibrated on the arm's own validation split
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state, threshold)
@@ -68,7 +71,8 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
             break
         state.update(shared)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "train",
-                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples, **stats.privacy})
+                   {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples,
+                    **stats.privacy})
         threshold = algo.validation_threshold(state)
         metrics = evaluate_state(cfg, ctx.test, state, threshold)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
@@ -78,7 +82,9 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
     return metrics
 
 
-def run_standalone(ctx: ArmContext, data: MedMNISTData, plan: SitePlan) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+def run_standalone(
+    ctx: ArmContext, data: MedMNISTData, plan: SitePlan
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Returns the arm's test metrics and, for local-only, each site's."""
     if ctx.cfg.experiment.mode == Mode.CENTRALIZED:
         return _train_one(ctx, pooled_site(data, plan), GLOBAL, ""), {}

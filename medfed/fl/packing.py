@@ -22,7 +22,7 @@ message; the simulation runtime, which moves messages in memory, never packs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -50,7 +50,8 @@ def pack_content(content: RecordDict) -> RecordDict:
         if not isinstance(record, ArrayRecord) or len(record) == 0:
             out[name] = record
             continue
-        keys, dtypes, stypes, ndims, dims, sizes, blobs = [], [], [], [], [], [], []
+        keys, dtypes, stypes, ndims, sizes, blobs = [], [], [], [], [], []
+        dims: list[int] = []
         for key, array in record.items():
             keys.append(key)
             dtypes.append(array.dtype)
@@ -89,8 +90,9 @@ def _unpack_record(name: str, record: Any, manifest: ConfigRecord) -> ArrayRecor
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [PACKED_KEY]:
         raise ValueError(f"packed message: record {name!r} is not one packed Array")
     blob = record[PACKED_KEY].data
-    keys, dtypes, stypes = list(manifest["keys"]), list(manifest["dtypes"]), list(manifest["stypes"])
-    ndims, dims, sizes = list(manifest["ndims"]), list(manifest["dims"]), list(manifest["sizes"])
+    # the lists `pack_content` wrote (checked against each other and the blob below)
+    keys, dtypes, stypes = (list(cast("list[str]", manifest[k])) for k in ("keys", "dtypes", "stypes"))
+    ndims, dims, sizes = (list(cast("list[int]", manifest[k])) for k in ("ndims", "dims", "sizes"))
     if not (len(keys) == len(dtypes) == len(stypes) == len(ndims) == len(sizes)) or sum(ndims) != len(dims) \
             or sum(sizes) != len(blob) or min(sizes, default=0) < 0:
         raise ValueError(f"packed message: the manifest of {name!r} does not match its {len(blob)} bytes")

@@ -63,7 +63,9 @@ def object_pulls_tuned() -> Iterator[None]:
         yield
     finally:
         for fn, (initial_backoff, backoff_cap) in previous.items():
-            fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"] = initial_backoff, backoff_cap
+            defaults = fn.__kwdefaults__
+            assert defaults is not None  # tune_object_pulls found both keys there
+            defaults["initial_backoff"], defaults["backoff_cap"] = initial_backoff, backoff_cap
 
 
 class CappedSleep:
@@ -88,7 +90,7 @@ def tune_supernode_polling(cap: float = SUPERNODE_SLEEP_CAP) -> None:
     current = getattr(start_client_internal, "time", None)
     if not (current is time or isinstance(current, CappedSleep)):
         raise RuntimeError("flwr.supernode.start_client_internal does not use the time module: not flwr 1.41")
-    start_client_internal.time = CappedSleep(cap)
+    start_client_internal.time = CappedSleep(cap)  # type: ignore[assignment]  # a stand-in for the time module
 
 
 def run_supernode(argv: Sequence[str]) -> None:

@@ -28,5 +28,6 @@ def run_superexec_with(executor: Any, *, runtime_api_address: str, auth_secret_f
     superexec.get_executor = lambda *_, **__: executor
     superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates,
-                            superexec_auth_secret=load_superexec_auth_secret(auth_secret_file),
+                            superexec_auth_secret=load_superexec_auth_secret(
+                                None if auth_secret_file is None else str(auth_secret_file)),
                             parent_pid=parent_pid, runtime_dependency_install=False)

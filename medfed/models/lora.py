@@ -26,7 +26,13 @@ def add_lora(encoder: nn.Module, rank: int, alpha: float) -> nn.Module:
     """Inject adapters into ``encoder`` in place; everything but the adapters is frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_target_names(encoder), lora_dropout=0.0, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates an int; a float works (scaling = alpha / r)
+        target_modules=lora_target_names(encoder),
+        lora_dropout=0.0,
+        bias="none",
+    )
     inject_adapter_in_model(config, encoder)
     for name, param in encoder.named_parameters():
         param.requires_grad_(LORA_MARKER in name)

@@ -48,9 +48,9 @@ from medfed.privacy.plots import plot_epsilon
 UNIT_OF_PRIVACY = (
     "one training image of one site (example-level DP): adding or removing one image of a site's training data "
     "changes the distribution of the weights that leave that site by at most (epsilon, delta) (scalar metrics such "
-    "as example counts and validation scores are not covered; see docs/PRIVACY.md). MedMNIST files carry no patient identifiers, so a "
-    "patient with several images is protected per image, not as a person; deployments with patient ids should "
-    "group a patient's images into one example."
+    "as example counts and validation scores are not covered; see docs/PRIVACY.md). MedMNIST files carry no patient "
+    "identifiers, so a patient with several images is protected per image, not as a person; deployments with "
+    "patient ids should group a patient's images into one example."
 )
 CENTRAL_UNIT_OF_PRIVACY = (
     "for the ledger of site `central` (the server's central DP on the aggregate): one whole site (site-level DP, "
@@ -103,12 +103,14 @@ def _server_view_problems(run_dir: Path, sites: list[SiteAudit]) -> list[str]:
                                 "release (deleted or reset?)")
             continue
         if ledger is None:
-            problems.append(f"{where}: the server recorded epsilon {row['epsilon']:.6g} but no ledger of that site was found")
+            problems.append(
+                f"{where}: the server recorded epsilon {row['epsilon']:.6g} but no ledger of that site was found"
+            )
             continue
         value = ledger.get((f"{run_id}/{arm}", row["phase"], int(row["round"])))
         if value is None:
-            problems.append(f"{where}: the server recorded epsilon {row['epsilon']:.6g}; the site's ledger has no such row "
-                            "(deleted?)")
+            problems.append(f"{where}: the server recorded epsilon {row['epsilon']:.6g}; the site's ledger has no "
+                            "such row (deleted?)")
         elif not math.isclose(value, float(row["epsilon"]), rel_tol=1e-9, abs_tol=1e-12):
             problems.append(f"{where}: the server recorded epsilon {row['epsilon']:.6g}, the ledger says {value:.6g}")
     return problems
@@ -122,7 +124,8 @@ def _arms_without_ledgers(run_dir: Path, config: dict[str, Any], found: list[Sit
         return []
     arms = json.loads(summary.read_text()).get("arms", {})
     groups = {s.group for s in found}
-    return [f"{run_dir}: arm {arm} kept no privacy ledger: its updates were not DP" for arm in arms if arm not in groups]
+    return [f"{run_dir}: arm {arm} kept no privacy ledger: its updates were not DP"
+            for arm in arms if arm not in groups]
 
 
 def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budget: float | None = None,
@@ -139,7 +142,8 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
     found_anchors = _collect_anchors(targets, anchors)
     for target in targets:
         config = _run_config(target) if target.is_dir() else None
-        site_budget = budget if budget is not None else (float(config["dp-epsilon"]) if config and config.get("dp", "none") != "none" else None)
+        site_budget = budget if budget is not None else (
+            float(config["dp-epsilon"]) if config and config.get("dp", "none") != "none" else None)
         ledgers = find_ledgers(target)
         if config is not None and config.get("dp", "none") == "none":
             protection = []
@@ -147,9 +151,10 @@ def run_audit(targets: Sequence[Path], *, trusted_keys: Path | None = None, budg
                 protection.append("SecAgg+ showed the server only their sum")
             if config.get("central-dp", "none") != "none":
                 protection.append("the released global model is covered per whole site by the central ledger")
-            uncovered_runs.append(f"{target}: trained without DP-SGD at the sites (--dp none): every update that left a site "
-                                  f"({'pretraining and ' if config.get('pretrain') != 'none' else ''}fine-tuning) is "
-                                  "uncovered at the example level" + (f" ({'; '.join(protection)})" if protection else ""))
+            uncovered_runs.append(f"{target}: trained without DP-SGD at the sites (--dp none): every update that "
+                                  f"left a site ({'pretraining and ' if config.get('pretrain') != 'none' else ''}"
+                                  "fine-tuning) is uncovered at the example level"
+                                  + (f" ({'; '.join(protection)})" if protection else ""))
         if not ledgers and (config is None or config.get("dp", "none") != "none"):
             raise LedgerError(f"no privacy ledger ({LEDGER_GLOB}) found under {str(target)!r}")
         found = [_audit_one(p, trusted_keys, None if _is_central(p) else site_budget, tolerance, found_anchors)
@@ -199,37 +204,44 @@ def _fmt(x: float | None) -> str:
 def render_markdown(report: AuditReport, png: str | None, *, empirical: Any = None) -> str:
     verdict = "PASSED" if report.ok else "FAILED"
     lines = [
-        "# medfed privacy audit", "", f"**Verdict: {verdict}.** Targets: " + ", ".join(f"`{t}`" for t in report.targets), "",
+        "# medfed privacy audit", "",
+        f"**Verdict: {verdict}.** Targets: " + ", ".join(f"`{t}`" for t in report.targets), "",
         f"**Unit of privacy:** {report.unit_of_privacy}", "",
         *([f"**Unit of privacy, central DP:** {CENTRAL_UNIT_OF_PRIVACY}", ""]
           if any(_is_central(Path(s.ledger)) for s in report.sites) else []),
         ("Signatures were checked against the trusted keys given (`--trusted-keys`). " if report.trusted_keys else
          "**No trusted keys were given**: signatures were checked against the public key stored in each ledger, which "
-         "proves integrity since that key signed, not who signed; pass `--trusted-keys` with the keys from provisioning. ")
+         "proves integrity since that key signed, not who signed; pass `--trusted-keys` with the keys from "
+         "provisioning. ")
         + "Each ledger's chain, row hashes, Ed25519 signatures and signed head were verified"
         + f" ({sum(1 for s in report.sites if s.anchor)} of {len(report.sites)} also against the anchor kept beside "
         "the site's key: a ledger behind it was reset or rolled back)"
-        + "; each DP row was judged against the budget recorded in it (the one in force when it was written) and its epsilon was "
-        f"recomputed with Google's dp-accounting (RDP with Opacus' orders for RDP ledgers, PLD for PRV ledgers) and "
-        f"compared with the reported value (tolerance {report.tolerance:.0%}).", "",
-        "| ledger | site | rows | reported epsilon | delta | dp-accounting RDP | dp-accounting PLD | budget | uncovered releases | status |",
+        + "; each DP row was judged against the budget recorded in it (the one in force when it was written) and "
+        "its epsilon was recomputed with Google's dp-accounting (RDP with Opacus' orders for RDP ledgers, PLD for "
+        f"PRV ledgers) and compared with the reported value (tolerance {report.tolerance:.0%}).", "",
+        "| ledger | site | rows | reported epsilon | delta | dp-accounting RDP | dp-accounting PLD | budget "
+        "| uncovered releases | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.sites:
         lines.append(
-            f"| {s.group} | {s.site} | {s.rows} | {_fmt(s.reported_epsilon)} | {s.delta:g} | {_fmt(s.recomputed.get('rdp'))} | "
-            f"{_fmt(s.recomputed.get('pld'))} | {_fmt(s.budget)} | {len(s.uncovered)} | {'ok' if s.ok else 'PROBLEMS'} |"
+            f"| {s.group} | {s.site} | {s.rows} | {_fmt(s.reported_epsilon)} | {s.delta:g} "
+            f"| {_fmt(s.recomputed.get('rdp'))} | {_fmt(s.recomputed.get('pld'))} | {_fmt(s.budget)} "
+            f"| {len(s.uncovered)} | {'ok' if s.ok else 'PROBLEMS'} |"
         )
     problems = [f"- {s.label} (`{s.ledger}`): {p}" for s in report.sites for p in s.problems]
     problems += [f"- server view: {p}" for p in report.run_problems]
     lines += ["", "## Problems", ""] + (problems or ["None."])
     lines += ["", "## Uncovered exposure (weights that left a site without DP)", ""]
-    uncovered = [f"- {s.label}: {u['phase']} round {u['round']} of run `{u['run_id']}`" for s in report.sites for u in s.uncovered]
+    uncovered = [f"- {s.label}: {u['phase']} round {u['round']} of run `{u['run_id']}`"
+                 for s in report.sites for u in s.uncovered]
     uncovered += [f"- {u}" for u in report.uncovered_runs]
     lines += uncovered or ["None: every release in these ledgers was DP-SGD."]
     if empirical is not None:
-        lines += ["", "## Empirical audit (canaries, one run; Steinke, Nasr & Jagielski 2023)", "", empirical.describe() + ".",
-                  "", "The bound " + ("stays below" if empirical.consistent else "**exceeds**") + " the accountant's epsilon."]
+        lines += ["", "## Empirical audit (canaries, one run; Steinke, Nasr & Jagielski 2023)", "",
+                  empirical.describe() + ".", "",
+                  "The bound " + ("stays below" if empirical.consistent else "**exceeds**")
+                  + " the accountant's epsilon."]
     if png:
         lines += ["", f"![epsilon per site]({png})"]
     return "\n".join(lines) + "\n"
@@ -242,7 +254,7 @@ def write_audit(report: AuditReport, out_dir: Path, *, empirical: Any = None) ->
     try:
         series = {s.label: s.series for s in report.sites if s.series}
         budgets = {s.label: s.budget for s in report.sites if s.budget is not None}
-        png = plot_epsilon(series, budgets, tmp / "audit_epsilon.png", xlabel="release (ledger row)",  # type: ignore[arg-type]
+        png = plot_epsilon(series, budgets, tmp / "audit_epsilon.png", xlabel="release (ledger row)",
                            title="epsilon per site")
         data = {**asdict(report), "ok": report.ok}
         if empirical is not None:

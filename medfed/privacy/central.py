@@ -15,9 +15,9 @@ one Gaussian mechanism with noise multiplier ``z``; no amplification by sampling
 when ``fraction-train`` < 1), so ``T`` releases compose as ``T`` Gaussian mechanisms (RDP; the same
 accountant as the sites' DP-SGD with sample rate 1).
 
-Who clips: ``server-clip`` (Flower's ``DifferentialPrivacyServerSideFixedClipping``: the server sees
-and clips every update) or ``client-clip`` (``...ClientSideFixedClipping``: each site clips before
-sending; the server verifies the norm unless SecAgg+ hides the update).
+Who clips: ``server-clip`` (the server sees and clips every update) or ``client-clip`` (each site clips
+before sending; the server verifies the norm unless SecAgg+ hides the update); the strategy's part is
+`medfed.strategies.central_dp`.
 
 The noise comes from the operating system's CSPRNG (``os.urandom``, Box-Muller), never from the run
 seed: a receiver of the model who could regenerate the noise could subtract it. Floating-point
@@ -32,13 +32,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medfed.config import RunConfig
-from medfed.constants import CentralDP
+from medfed.config import CentralDPSettings
 from medfed.exceptions import FederationError
 from medfed.privacy.accounting import epsilon_spent
 from medfed.privacy.guard import KEY_SUFFIX, LEDGER_SUFFIX, open_signed_ledger, release_history
@@ -50,27 +48,16 @@ CENTRAL_ACCOUNTANT = "rdp"
 CLIP_TOLERANCE = 1e-5  # relative slack when the server checks a site-clipped update (float32 rounding)
 
 
-@dataclass(frozen=True)
-class CentralDPSettings:
-    """Who clips, the noise multiplier z, the clipping norm C and the delta of the site-level guarantee."""
+def noise_std(settings: CentralDPSettings, num_updates: int) -> float:
+    """Standard deviation of the noise on each coordinate of the mean of ``num_updates`` clipped updates:
+    ``z C / n``.
 
-    mode: CentralDP
-    noise_multiplier: float
-    clipping_norm: float
-    delta: float
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> CentralDPSettings | None:
-        if cfg.central.mode == CentralDP.NONE:
-            return None
-        return cls(CentralDP(cfg.central.mode), cfg.central.noise_multiplier, cfg.central.clipping_norm,
-                   cfg.central.delta)
-
-    def noise_std(self, num_updates: int) -> float:
-        """Standard deviation of the noise on each coordinate of the mean of ``num_updates`` clipped updates."""
-        if num_updates < 1:
-            raise FederationError("central DP: no update to average")
-        return self.noise_multiplier * self.clipping_norm / num_updates
+    Raises:
+        FederationError: no update to average.
+    """
+    if num_updates < 1:
+        raise FederationError("central DP: no update to average")
+    return settings.noise_multiplier * settings.clipping_norm / num_updates
 
 
 def update_norm(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
@@ -112,18 +99,11 @@ def add_noise(mean: Mapping[str, np.ndarray], std: float) -> dict[str, np.ndarra
     for key, value in mean.items():
         value = np.asarray(value)
         if not np.issubdtype(value.dtype, np.floating):
-            raise FederationError(f"central DP: shared array {key!r} is {value.dtype}, not floating point; it cannot be "
-                                  "noised")
+            raise FederationError(f"central DP: shared array {key!r} is {value.dtype}, not floating point; "
+                                  "it cannot be noised")
         noise = secure_standard_normal(value.size).reshape(value.shape) * std
         out[key] = (value.astype(np.float64) + noise).astype(value.dtype)
     return out
-
-
-def central_epsilon(releases: int, settings: CentralDPSettings) -> float:
-    """Site-level epsilon after ``releases`` aggregates (Gaussian mechanisms, no amplification; RDP)."""
-    if releases < 1:
-        return 0.0
-    return epsilon_spent([MechanismStep(settings.noise_multiplier, 1.0, releases)], settings.delta, CENTRAL_ACCOUNTANT)
 
 
 class CentralLedger:

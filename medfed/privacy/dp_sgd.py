@@ -119,7 +119,8 @@ def average_view_gradients(params: list[nn.Parameter], examples: int, views: int
         if sample.shape[0] != examples * views:
             raise TrainingDiverged(f"per-example gradients have {sample.shape[0]} rows; expected {examples} examples "
                                    f"x {views} views")
-        p.grad_sample = sample.reshape(examples, views, *sample.shape[1:]).mean(dim=1)
+        # opacus' per-example gradient attribute (set by its hooks; not declared on torch's Parameter)
+        p.grad_sample = sample.reshape(examples, views, *sample.shape[1:]).mean(dim=1)  # type: ignore[attr-defined]
 
 
 class _OwnForward(nn.Module):
@@ -148,7 +149,7 @@ def expanded_weights(module: nn.Module) -> Iterator[None]:
     def forward(x: torch.Tensor, *args: object, **kwargs: object) -> object:
         return call_for_per_sample_grads(plain, batch_size=x.shape[0], loss_reduction="mean")(x, *args, **kwargs)
 
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
     try:
         yield
     finally:
@@ -229,11 +230,15 @@ def dp_train_loop(
                 optimiser.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                        # opacus' per-example gradient attribute, as above
+                        p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                            (0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
                     loss = batch_loss(idx.repeat_interleave(views) if views > 1 else idx)
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"DP training loss became {float(loss)} at step {step}; lower the learning rate")
+                        raise TrainingDiverged(
+                            f"DP training loss became {float(loss)} at step {step}; lower the learning rate"
+                        )
                     loss.backward()
                     if views > 1:
                         average_view_gradients(params, len(idx), views)

@@ -88,7 +88,8 @@ class SitePrivacy:
             ledger = default_ledger_dir / f"site-{site}{LEDGER_SUFFIX}"
         else:
             raise ConfigError(f"site {site}: no ledger-path in its node config and no default ledger folder")
-        key = Path(str(node_config.get(NodeConfigKey.SIGNING_KEY, ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + KEY_SUFFIX))))
+        default_key = ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + KEY_SUFFIX)
+        key = Path(str(node_config.get(NodeConfigKey.SIGNING_KEY, default_key)))
         return cls(
             site=site, epsilon=epsilon, delta=delta, accountant=check_accountant(cfg.privacy.accountant),
             max_grad_norm=cfg.privacy.max_grad_norm, noise_multiplier=cfg.privacy.noise_multiplier,
@@ -223,7 +224,8 @@ class PrivacyGuard:
                     "planned (another run at this site?); the round's weights are not released"
                 )
             history = release_history(entries)
-            after = project_epsilon(history, MechanismStep(plan.noise_multiplier, plan.sample_rate, plan.steps), p.delta, p.accountant)
+            step = MechanismStep(plan.noise_multiplier, plan.sample_rate, plan.steps)
+            after = project_epsilon(history, step, p.delta, p.accountant)
             if after > p.epsilon:
                 raise PrivacyBudgetExceeded(
                     f"site {p.site}: epsilon after the round would be {after:.4g} > budget {p.epsilon:g}; not released"
@@ -241,7 +243,8 @@ class PrivacyGuard:
         p = self.privacy
         with self._open() as ledger:
             entries = ledger.entries()
-            spent = max(epsilon_spent(release_history(entries), p.delta, p.accountant), _floor(entries, p.delta, p.accountant))
+            spent = max(epsilon_spent(release_history(entries), p.delta, p.accountant),
+                        _floor(entries, p.delta, p.accountant))
             return ledger.append(Release(
                 run_id=self.run_id, server_round=server_round, phase=phase.value, mechanism=MECHANISM_NONE,
                 sample_rate=0.0, noise_multiplier=0.0, steps=0, delta=p.delta, epsilon_after=spent,

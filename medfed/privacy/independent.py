@@ -126,7 +126,7 @@ def _log_a_quadrature(q: float, sigma: float, alpha: float) -> float:
 
     lo, hi = -20.0 * sigma, alpha + 20.0 * sigma
     grid = np.linspace(lo, hi, 4001)
-    values = log_f(grid)
+    values = np.asarray(log_f(grid))
     peak = float(values.max())
     points = sorted({0.0, 0.5, float(alpha), float(grid[int(values.argmax())])})
     total, _ = integrate.quad(
@@ -149,8 +149,9 @@ def _fractional_rdp(sigma: float, q: float) -> np.ndarray:
 def _rdp_epsilon(rows: Sequence[tuple[float, float, int]], delta: float) -> float:
     accountant = RdpAccountant(orders=list(_INTEGER_ORDERS))
     accountant.compose(_event(rows))
-    integer = dict(zip(_INTEGER_ORDERS, accountant.rdp))
-    fractional = dict(zip(_FRACTIONAL_ORDERS, sum(_fractional_rdp(s, q) * n for s, q, n in rows)))
+    integer = dict(zip(_INTEGER_ORDERS, accountant.rdp, strict=True))
+    curve = sum((_fractional_rdp(s, q) * n for s, q, n in rows), np.zeros(len(_FRACTIONAL_ORDERS)))
+    fractional = dict(zip(_FRACTIONAL_ORDERS, curve, strict=True))
     rdp = [integer[a] if a in integer else fractional[a] for a in RDP_ORDERS]
     eps, _ = rdp_lib.compute_epsilon(list(RDP_ORDERS), rdp, delta)
     return float(eps)

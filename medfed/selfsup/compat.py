@@ -36,7 +36,8 @@ def check_methods_fit(c: RunConfig) -> None:
         coupled = [m for m in c.ssl.methods if not method_class(m).per_example_loss]
         if coupled:
             raise ConfigError(
-                f"pretrain {c.ssl.method!r} cannot run under DP-SGD: {', '.join(coupled)} couples the examples of a batch "
-                "(in-batch negatives), so one image changes every other image's gradient and per-example clipping "
-                "no longer bounds its influence. Use a per-example method under DP (mae, byol, restore) or --dp finetune."
+                f"pretrain {c.ssl.method!r} cannot run under DP-SGD: {', '.join(coupled)} couples the examples of a "
+                "batch (in-batch negatives), so one image changes every other image's gradient and per-example "
+                "clipping no longer bounds its influence. Use a per-example method under DP (mae, byol, restore) or "
+                "--dp finetune."
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -232,9 +232,13 @@ class Combined(SSLMethod):
         self.weights = list(weights)
         self.per_example_loss = all(p.per_example_loss for p in parts)  # type: ignore[misc]
 
+    def _parts(self) -> list[SSLMethod]:
+        return cast("list[SSLMethod]", list(self.parts))  # nn.ModuleList yields them as plain Modules
+
     def loss(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return sum(w * p.loss(x, gen) for p, w in zip(self.parts, self.weights, strict=True) if w > 0)
+        losses = (w * p.loss(x, gen) for p, w in zip(self._parts(), self.weights, strict=True) if w > 0)
+        return cast(torch.Tensor, sum(losses, 0.0))
 
     def on_step_end(self) -> None:
-        for p in self.parts:
+        for p in self._parts():
             p.on_step_end()

@@ -29,7 +29,7 @@ def method_class(name: str) -> type[SSLMethod]:
 
     if name not in _METHOD_PATHS:
         raise ConfigError(f"unknown self-supervised method {name!r}; known: {', '.join(available_methods())}")
-    return getattr(methods, _METHOD_PATHS[name])
+    return getattr(methods, _METHOD_PATHS[SSLMethodName(name)])
 
 
 def build_method(

@@ -23,8 +23,10 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from flwr.app import Error, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -40,6 +42,14 @@ WRONG_SITE_ID = 902
 def key_fingerprint(public_key: bytes) -> str:
     """SHA-256 (hex) of a SuperNode public key as Flower holds it (PEM SubjectPublicKeyInfo)."""
     return hashlib.sha256(public_key).hexdigest()
+
+
+def _site_id(value: MetricRecordValues) -> int:
+    """A reply's ``site-id`` metric as an int; a list (the reply contract forbids it) raises TypeError, as int() of it
+    would."""
+    if isinstance(value, list):
+        raise TypeError(f"site-id must be a scalar metric, got a list: {value!r}")
+    return int(value)
 
 
 class DeploymentGrid(Grid):
@@ -60,7 +70,7 @@ class DeploymentGrid(Grid):
     def _registered_nodes(self) -> dict[int, tuple[int, str]]:
         """Node id -> (site id, site) for the connected nodes whose key is in the registry; the
         others are logged and left out."""
-        for node in self.inner.get_nodes():  # type: ignore[attr-defined]
+        for node in self.inner.get_nodes():
             if node.node_id in self._sites:
                 continue
             entry = self.registry.get(key_fingerprint(bytes(node.public_key)))
@@ -96,10 +106,10 @@ class DeploymentGrid(Grid):
         else:
             claimed = [record[MetricKey.SITE_ID.value] for record in reply.content.values()
                        if isinstance(record, MetricRecord) and MetricKey.SITE_ID.value in record]
-            if all(int(c) == site[0] for c in claimed):
+            if all(_site_id(c) == site[0] for c in claimed):
                 return reply
             code, reason = WRONG_SITE_ID, (f"node {node} is registered as site {site[1]} (site-id {site[0]}) but its "
-                                           f"reply claims site-id {int(claimed[0])}")
+                                           f"reply claims site-id {_site_id(claimed[0])}")
         log.warning("reply refused: %s", reason)
         if sent is None:
             raise RuntimeError(f"{reason}; and it answers no message this run sent")
@@ -112,7 +122,7 @@ class DeploymentGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[override]
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
         return self.inner.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:

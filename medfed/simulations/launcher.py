@@ -15,6 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # before Flower is imported
 
+from flwr.app.typing import ConfigRecordValues
 from flwr.simulation import run_simulation
 
 from medfed.client_app import app as client_app
@@ -42,9 +43,13 @@ def run_federated_simulation(ctx: ArmContext, *, verbose: bool = False) -> dict[
     """The federated arm on Flower's simulation runtime (Ray backend), one virtual SuperNode per site."""
     holder: list[dict[str, float]] = []
     cpus = ctx.cfg.federation.client_cpus or os.cpu_count() or 1
-    backend = {
+    backend: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"logging_level": "WARNING" if verbose else "ERROR", "log_to_driver": verbose, "num_cpus": max(cpus, os.cpu_count() or 1)},
+        "init_args": {
+            "logging_level": "WARNING" if verbose else "ERROR",
+            "log_to_driver": verbose,
+            "num_cpus": max(cpus, os.cpu_count() or 1),
+        },
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
@@ -53,8 +58,11 @@ def run_federated_simulation(ctx: ArmContext, *, verbose: bool = False) -> dict[
         flwr_logger.setLevel(logging.ERROR)
     try:
         run_simulation(
-            server_app=make_server_app(ctx, holder.append), client_app=client_app, num_supernodes=ctx.cfg.dataset.num_sites,
-            backend_config=backend, verbose_logging=False,
+            server_app=make_server_app(ctx, holder.append),
+            client_app=client_app,
+            num_supernodes=ctx.cfg.dataset.num_sites,
+            backend_config=backend,
+            verbose_logging=False,
         )
     finally:
         flwr_logger.setLevel(level)

@@ -30,10 +30,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app.typing import MetricRecordValues
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -50,7 +51,8 @@ from flwr.serverapp import Grid
 from medfed.config import RunConfig
 from medfed.constants import SECAGG_REFUSAL_METRIC, SECAGG_SENT_KEYS, SECAGG_SHARED_KEYS, MetricKey, RecordKey
 from medfed.exceptions import FederationError
-from medfed.strategies.shared_weights import SharedWeightsMixin, SiteReport, max_privacy_metrics
+from medfed.strategies.replies import SiteReport, max_privacy_metrics
+from medfed.strategies.shared_weights import SharedWeightsMixin
 
 QUANTIZATION_RANGE = 2**22  # Flower's default: levels over [-clipping range, +clipping range]
 MODULUS_RANGE = 2**32  # Flower's default; the sum of up to 2**10 sites cannot wrap around
@@ -67,6 +69,7 @@ class SecAggSettings:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SecAggSettings:
+        """The run's SecAgg+ part, with the round timeout the workflow waits for each stage."""
         return cls(cfg.secagg.num_shares, cfg.secagg.threshold, cfg.secagg.clipping_range, cfg.federation.round_timeout)
 
     def workflow(self) -> SecAggPlusWorkflow:
@@ -91,7 +94,7 @@ class _Bridge(LegacyStrategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        proxies = {int(p.node_id): p for p in client_manager.all().values()}  # type: ignore[attr-defined]
+        proxies = {int(p.node_id): p for p in client_manager.all().values()}
         return [(proxies[n], self.fitins) for n in self.node_ids if n in proxies]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -103,7 +106,8 @@ class _Bridge(LegacyStrategy):
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[Any]:
         return []
 
-    def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[None, dict[str, Any]]:
+    def aggregate_evaluate(self, server_round: int, results: list[Any],
+                           failures: list[Any]) -> tuple[None, dict[str, Any]]:
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> None:
@@ -111,18 +115,23 @@ class _Bridge(LegacyStrategy):
 
 
 def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: int, arrays: ArrayRecord,
-                       config: ConfigRecord, settings: SecAggSettings, *, configure: Any = None) -> ArrayRecord | None:
+                       config: ConfigRecord, settings: SecAggSettings) -> ArrayRecord | None:
     """Run round ``server_round`` under SecAgg+; returns the new global arrays (None: every site refused, keep
-    the old ones). Raises `FederationError` when the protocol halts (too few sites left to unmask) or the sum
-    is unusable, naming why. ``configure``: the (wrapping) strategy whose ``configure_train`` samples the
-    sites and writes the round's settings (default ``strategy``; a Flower DP wrapper adds its clipping norm)."""
+    the old ones). The strategy's ``configure_train`` samples the sites and writes the round's settings (with
+    central DP client-clip, the clipping norm).
+
+    Raises:
+        FederationError: the protocol halted (too few sites left to unmask) or the sum is unusable, naming why.
+    """
     phase = strategy.phase
-    messages = list((configure or strategy).configure_train(server_round, arrays, config, grid))  # sets _sent
+    messages = list(strategy.configure_train(server_round, arrays, config, grid))  # sets _sent
     node_ids = [m.metadata.dst_node_id for m in messages]
     shared = [key for key in arrays.keys() if key in set(strategy.shared_keys)]  # the order sites return them in
-    config = next(iter(messages)).content[RecordKey.CONFIG.value] if messages else config  # as configured
+    if messages:  # as configured (RecordDict indexing is typed as any record; the strategy put a ConfigRecord there)
+        config = cast(ConfigRecord, next(iter(messages)).content[RecordKey.CONFIG.value])
     fit_config = {**dict(config), SECAGG_SENT_KEYS: "\n".join(arrays.keys()), SECAGG_SHARED_KEYS: "\n".join(shared)}
     parameters = ndarrays_to_parameters([a.numpy() for a in arrays.values()])
+    # FitIns wants Scalar values; a ConfigRecord's type also allows lists (the run's settings are scalars)
     bridge = _Bridge(node_ids, FitIns(parameters, fit_config))  # type: ignore[arg-type]
 
     manager = SimpleClientManager()
@@ -151,11 +160,11 @@ def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: i
         if res.num_examples == 0:
             reason = str(metrics.get(SECAGG_REFUSAL_METRIC, "refused"))
             log(WARNING, "Site %s refused %s round %s: %s", site_id, phase.value, server_round, reason)
-            strategy._report(SiteReport(phase, server_round, "train", site_id, int(proxy.node_id), numeric, False,  # type: ignore[arg-type]
+            strategy._report(SiteReport(phase, server_round, "train", site_id, int(proxy.node_id), numeric, False,
                                         f"refused: {reason}"))
             refused.append(numeric)
             continue
-        strategy._report(SiteReport(phase, server_round, "train", site_id, int(proxy.node_id), numeric, True))  # type: ignore[arg-type]
+        strategy._report(SiteReport(phase, server_round, "train", site_id, int(proxy.node_id), numeric, True))
         contributing.append(numeric)
     for failure in bridge.failures:
         strategy._report(SiteReport(phase, server_round, "train", -1, -1, {}, False, f"site error: {failure}"))
@@ -167,6 +176,7 @@ def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: i
         log(WARNING, "%s round %s: every replying site refused (privacy budget or data; reasons above); the global "
             "model is kept", phase.value, server_round)
         return None
+    # not None: aggregate_fit kept the sum that every (non-empty) result carries, and some site contributed
     total = parameters_to_ndarrays(bridge.aggregate)  # type: ignore[arg-type]
     if len(total) != len(shared):
         raise FederationError(f"{phase.value} round {server_round}: the secure sum holds {len(total)} arrays, expected "
@@ -176,15 +186,17 @@ def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: i
         want = arrays[key].numpy()
         if value.shape != want.shape or not np.isfinite(value).all():
             raise FederationError(f"{phase.value} round {server_round}: the secure sum's {key!r} is "
-                                  f"{value.shape}{'' if np.isfinite(value).all() else ' with NaN/inf'}, expected {want.shape}")
+                                  f"{value.shape}{'' if np.isfinite(value).all() else ' with NaN/inf'}, "
+                                  f"expected {want.shape}")
         mean[key] = value.astype(want.dtype)
     if strategy.central is not None:  # client-clip: the sites clipped; the server adds the noise to the mean
-        mean = strategy.release_central(server_round, mean, len(contributing))
+        mean = strategy.central.release(server_round, mean, len(contributing))
     merged = ArrayRecord()
     for key in arrays.keys():
         merged[key] = Array(mean[key]) if key in mean else arrays[key]
     rows = [*contributing, *refused]
-    summary = {"sites": float(len(contributing)), "refused-sites": float(len(refused)), **max_privacy_metrics(rows)}
+    summary: dict[str, MetricRecordValues] = {"sites": float(len(contributing)), "refused-sites": float(len(refused)),
+                                              **max_privacy_metrics(rows)}
     log(INFO, "%s round %s: SecAgg+ sum of %s site(s) unmasked %s", phase.value, server_round, len(contributing),
         MetricRecord(summary))
     return merged

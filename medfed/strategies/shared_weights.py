@@ -1,386 +1,283 @@
-"""FedAvg / FedProx that aggregate only the weights sites are allowed to share.
+"""FedAvg / FedProx that aggregate only the weights sites are allowed to share, built from small parts.
 
-Every train reply is checked against the contract before aggregation: exactly the
-expected array keys (the encoder in pretraining; encoder + head, or only the head for a
-linear probe, in fine-tuning), each with the shape and dtype the server sent, finite
-values, and a MetricRecord of scalars with ``num-examples`` and ``site-id``. A reply that
-breaks it is rejected with a logged reason and recorded, never averaged. Weights that
-sites do not send (a frozen encoder under a linear probe) are carried over unchanged.
+A round's aggregation is a pipeline; each step is a part with one job:
 
-Optionally (``norm-outlier-factor``), an update that passes those checks but lies far beyond the
-others (L2 distance from the global weights more than factor x the median of the others') is
-rejected the same way.
+1. **triage** (`triage_replies`): error replies and refusals are recorded; every other reply must hold
+   the contract (`medfed.strategies.replies.check_reply`), then each of the strategy's checks (a DP round's
+   update reports its cost; central DP's client-clip norm), and one update per site;
+2. **screen** (`NormScreen`, ``norm-outlier-factor``): an update far beyond the others is rejected;
+3. **enough?** fewer valid updates or refusals than ``min-sites`` fail the round (resumable);
+4. **combine**: Flower's FedAvg example-weighted mean (McMahan et al., AISTATS 2017) by default, or a part:
+   a Byzantine-robust rule (`RobustRule`, unweighted) or central DP (`CentralDPAggregation`);
+5. **carry over** the weights sites do not send (a frozen encoder under a linear probe, the LoRA base).
 
-Aggregation ``mean`` is Flower's: example-weighted FedAvg (McMahan et al., AISTATS 2017);
-FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term.
-The robust rules (``trimmed-mean``, ``median``, ``krum``; `medfed.strategies.robust`) replace
-that average with an UNWEIGHTED robust one over the same shared arrays; train metrics are
-still aggregated by ``train_metrics_aggr_fn`` over the accepted replies.
+FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term. Federated
+evaluation pools the sites' validation score histograms into a decision threshold per round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from medfed.config import RobustSettings
-from medfed.constants import AggregationRule, CentralDP, MetricKey, Phase, RecordKey, StrategyName
+from medfed.constants import AggregationRule, MetricKey, Phase, StrategyName
 from medfed.exceptions import FederationError
-from medfed.privacy.central import CLIP_TOLERANCE, CentralDPSettings, CentralLedger, add_noise, clip_update, update_norm
 from medfed.strategies import robust
-from medfed.task.calibration import HISTOGRAM_KEYS, Threshold, histogram_problem, pooled_threshold
+from medfed.strategies.central_dp import CentralDPAggregation
+from medfed.strategies.replies import (
+    DP_REPLY_KEYS,
+    Observer,
+    SiteReport,
+    check_evaluate_reply,
+    check_reply,
+    metric_scalar,
+    refusal_reason,
+    scalar_metrics,
+    sum_examples,
+    update_arrays,
+    weighted_eval_metrics,
+)
+from medfed.task.calibration import Threshold, pooled_threshold
+
+Update = dict[str, np.ndarray]
+ReplyCheck = Callable[[Update, dict[str, float], ArrayRecord], str]  # (update, metrics, sent) -> reason or ''
+
+
+def dp_costs_reported(update: Update, metrics: dict[str, float], sent: ArrayRecord) -> str:
+    """A DP round's update must say what it cost (its epsilon, delta, noise, sample rate and steps)."""
+    missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
+    return f"a DP round's update must report {', '.join(missing)}" if missing else ""
 
 
 @dataclass(frozen=True)
-class SiteReport:
-    """What the strategy tells its observer about one site in one round."""
+class NormScreen:
+    """Rejects an update whose L2 distance from the weights sent exceeds ``factor`` x the median distance of the
+    others (`medfed.strategies.robust.norm_outliers`); off below `robust.MIN_UPDATES_TO_SCREEN` updates."""
 
+    factor: float
+
+    def __call__(self, updates: list[Update], sent: ArrayRecord) -> dict[int, str]:
+        if not self.factor or len(updates) < robust.MIN_UPDATES_TO_SCREEN:
+            return {}
+        reference = {key: sent[key].numpy() for key in updates[0]}
+        return robust.norm_outliers(updates, reference, self.factor)
+
+
+@dataclass(frozen=True)
+class RobustRule:
+    """Trimmed mean, median or (Multi-)Krum over the accepted updates: UNWEIGHTED (a faulty site could claim any
+    example count), dtypes kept. Krum with too few updates left for its guarantee falls back to the median (3 or
+    more) or the mean, and says so."""
+
+    settings: RobustSettings
     phase: Phase
-    server_round: int
-    kind: str  # "train" or "evaluate"
-    site_id: int
-    node_id: int
-    metrics: dict[str, float]
-    accepted: bool
-    reason: str = ""
-    bytes_sent: int = 0
+
+    def __call__(self, server_round: int, updates: list[Update], sites: list[int]) -> Update:
+        s, rule, n = self.settings, AggregationRule(self.settings.rule), len(updates)
+        problem = robust.krum_problem(n, s.krum_byzantine, s.krum_select) if rule == AggregationRule.KRUM else ""
+        if problem:  # sites failed, refused or were rejected this round: too few left for Krum's guarantee
+            fallback = AggregationRule.MEDIAN if n >= 3 else AggregationRule.MEAN
+            log(WARNING, "%s round %s: %s accepted update(s) left, too few for Krum (%s); this round uses the "
+                "coordinate-wise %s", self.phase.value, server_round, n, problem, fallback.value)
+            return robust.aggregate(fallback, updates)
+        if rule == AggregationRule.KRUM:
+            chosen = robust.krum_selection(updates, s.krum_byzantine, s.krum_select)
+            log(INFO, "%s round %s: Krum (f=%s) kept site(s) %s of %s updates", self.phase.value, server_round,
+                s.krum_byzantine, [sites[i] for i in chosen], n)
+            return robust.mean([updates[i] for i in chosen])
+        if (rule == AggregationRule.MEDIAN and n < 3) or (
+                rule == AggregationRule.TRIMMED_MEAN and robust.trim_count(n, s.trim_fraction) == 0):
+            log(WARNING, "%s round %s: %s over only %s update(s) is the plain (unweighted) mean", self.phase.value,
+                server_round, rule.value, n)
+        return robust.aggregate(rule, updates, trim_fraction=s.trim_fraction)
 
 
-Observer = Callable[[SiteReport], None]
-ReleaseObserver = Callable[[int, dict[str, float]], None]  # (round, central-DP figures of the release)
+@dataclass
+class Triage:
+    """One round's replies sorted out: the valid updates (in site order), refusals, errors and the reports."""
+
+    valid: list[Message] = field(default_factory=list)
+    reports: list[SiteReport] = field(default_factory=list)  # in reply order
+    report_of: dict[int, int] = field(default_factory=dict)  # id of a valid reply -> its report's index
+    errors: list[str] = field(default_factory=list)
+    refusals: list[int] = field(default_factory=list)
+    refusal_epsilons: list[float] = field(default_factory=list)
+
+    def reject(self, msg: Message, reason: str) -> None:
+        """Turn a valid reply's report into a rejection (the screen's verdict)."""
+        at = self.report_of[id(msg)]
+        report = self.reports[at]
+        self.errors.append(f"node {report.node_id}: {reason}")
+        self.reports[at] = SiteReport(report.phase, report.server_round, "train", report.site_id, report.node_id,
+                                      report.metrics, False, reason)
+        self.valid.remove(msg)
 
 
-def check_reply(content: RecordDict, sent: ArrayRecord, expected_keys: list[str]) -> str:
-    """Return why a train reply breaks the contract, or '' if it holds."""
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, found {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, found {len(content.metric_records)}"
-    if content.config_records:
-        return f"unexpected ConfigRecord(s) {sorted(content.config_records)} in a train reply"
-    arrays = next(iter(content.array_records.values()))
-    keys = list(arrays.keys())
-    if set(keys) != set(expected_keys):
-        extra = sorted(set(keys) - set(expected_keys))
-        missing = sorted(set(expected_keys) - set(keys))
-        return f"array keys differ from the shared weights: unexpected {extra[:5]}, missing {missing[:5]}"
-    for key in keys:
-        got, want = arrays[key], sent[key]
-        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            return f"array {key!r} is {got.dtype}{tuple(got.shape)}, expected {want.dtype}{tuple(want.shape)}"
-        values = got.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return f"array {key!r} holds NaN or infinite values"
-    metrics = next(iter(content.metric_records.values()))
-    for key in (MetricKey.NUM_EXAMPLES, MetricKey.SITE_ID):
-        if key not in metrics:
-            return f"metric {key.value!r} missing"
-    for key, value in metrics.items():
-        if isinstance(value, list):
-            return f"metric {key!r} is a list; sites may only send scalar metrics"
-    n = metrics[MetricKey.NUM_EXAMPLES]
-    if not (np.isfinite(n) and float(n).is_integer() and n > 0):
-        return f"num-examples must be a whole number > 0; got {n}"
-    return ""
-
-
-def check_evaluate_reply(content: RecordDict) -> str:
-    """Return why an evaluate reply breaks the contract (it may hold scalar metrics only), or ''."""
-    if content.array_records:
-        return "an evaluate reply must not carry arrays"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, found {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    lists = sorted(k for k, v in metrics.items() if isinstance(v, list) and k not in HISTOGRAM_KEYS)
-    if lists:
-        return f"evaluate metrics must be scalars (apart from the score histograms); {lists[0]!r} is a list"
-    if MetricKey.NUM_EXAMPLES not in metrics or MetricKey.SITE_ID not in metrics:
-        return "evaluate metrics need num-examples and site-id"
-    return histogram_problem(dict(metrics), float(metrics[MetricKey.NUM_EXAMPLES]))
-
-
-def _scalar_metrics(content: RecordDict) -> dict[str, float]:
-    """The scalar metrics of a reply (lists, which the contract forbids, are left out)."""
-    if not content.metric_records:
-        return {}
-    record = next(iter(content.metric_records.values()))
-    return {k: float(v) for k, v in record.items() if not isinstance(v, list)}
-
-
-def _update_arrays(msg: Message) -> dict[str, np.ndarray]:
-    """The arrays of a (checked) train reply as numpy, by key."""
-    record = next(iter(msg.content.array_records.values()))
-    return {key: array.numpy() for key, array in record.items()}
-
-
-PRIVACY_MAX_KEYS = (MetricKey.EPSILON, MetricKey.DELTA)
-DP_REPLY_KEYS = (MetricKey.EPSILON, MetricKey.DELTA, MetricKey.NOISE_MULTIPLIER, MetricKey.SAMPLE_RATE, MetricKey.DP_STEPS)
-"""Privacy metrics aggregate as the MAX over sites: the federation is as private as its most
-exposed site. (Flower's default, an example-weighted mean, would understate it.)"""
-
-
-def sum_examples(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Train metrics across sites: example-weighted mean loss, total examples, and the max
-    epsilon and delta over the sites that report them (site ids dropped)."""
-    rows = [next(iter(r.metric_records.values())) for r in records]
-    total = sum(float(m[weighting_key]) for m in rows)
-    loss = sum(float(m[MetricKey.LOSS]) * float(m[weighting_key]) for m in rows if MetricKey.LOSS in m)
-    out = {MetricKey.LOSS.value: loss / total, "total-examples": total, "sites": len(records)}
-    out.update(max_privacy_metrics(rows))
-    return MetricRecord(out)
-
-
-def max_privacy_metrics(rows: Iterable[dict[str, float] | MetricRecord]) -> dict[str, float]:
-    """``epsilon`` and ``delta``: the max over the sites that report them (absent if none does)."""
-    out: dict[str, float] = {}
-    for key in PRIVACY_MAX_KEYS:
-        values = [float(m[key]) for m in rows if key in m]  # type: ignore[operator]
-        if values:
-            out[key.value] = max(values)
-    return out
-
-
-def refusal_reason(content: RecordDict) -> str | None:
-    """The reason a site refused the round (its privacy budget, or its data do not fit the run's input), or None
-    for an ordinary reply."""
-    record = content.config_records.get(RecordKey.REFUSAL.value)
-    if record is None or content.array_records:
-        return None
-    return str(record.get("reason", "refused"))
-
-
-def weighted_eval_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
-    """Evaluation metrics across sites, example-weighted, ignoring ids and NaNs (undefined AUC)."""
-    rows = [next(iter(r.metric_records.values())) for r in records]
-    out: dict[str, float] = {}
-    keys = {k for m in rows for k, v in m.items() if k not in (weighting_key, MetricKey.SITE_ID) and not isinstance(v, list)}
-    for key in sorted(keys):
-        pairs = [(float(m[key]), float(m[weighting_key])) for m in rows if key in m and np.isfinite(float(m[key]))]
-        if pairs:
-            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-    return MetricRecord(out)
-
-
-class SharedWeightsMixin:
-    """Adds the contract check, the norm-outlier screen, robust aggregation, per-site reporting and
-    carried-over frozen weights to a FedAvg."""
+@dataclass(frozen=True)
+class Pipeline:
+    """The parts of a shared-weights strategy (see the module docstring)."""
 
     phase: Phase
     shared_keys: list[str]
-    observer: Observer | None
-    aggregation: RobustSettings
-    _sent: ArrayRecord | None
+    observer: Observer | None = None
+    checks: tuple[ReplyCheck, ...] = ()
+    screen: NormScreen | None = None
+    rule: RobustRule | None = None
+    central: CentralDPAggregation | None = None
+    min_updates: int = 1  # sites a round needs a valid update (or a refusal) from; fewer fail the round
+    min_updates_note: str = ""  # how min_updates follows from min-sites, for the error message
 
-    def _setup(self, phase: Phase, shared_keys: list[str], observer: Observer | None, private: bool = False,
-               aggregation: RobustSettings | None = None) -> None:
-        self.phase, self.shared_keys, self.observer = phase, list(shared_keys), observer
-        self.private = private  # a DP phase: every update must say what it cost
-        self.aggregation = aggregation or RobustSettings()
-        self._sent = None
+
+class SharedWeightsMixin:
+    """The shared-weights pipeline on top of a Flower FedAvg (or FedProx); see the module docstring."""
+
+    def __init__(self, *, pipeline: Pipeline, **flower_kwargs: object) -> None:
+        super().__init__(**flower_kwargs)  # FedAvg's (or FedProx's) own settings
+        p = pipeline
+        self.phase, self.shared_keys, self.observer = p.phase, list(p.shared_keys), p.observer
+        self.checks, self.screen, self.rule, self.central = p.checks, p.screen, p.rule, p.central
+        self.min_updates, self.min_updates_note = p.min_updates, p.min_updates_note
+        self._sent: ArrayRecord | None = None
         self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
-        self.min_updates = 1  # sites a round needs a valid update (or a refusal) from (min-sites); fewer fail the round
-        self.min_updates_note = ""  # how min_updates follows from min-sites, for the error message
-        self.central: CentralDPSettings | None = None
-        self.central_ledger: CentralLedger | None = None
-        self.on_central_release: ReleaseObserver | None = None
         self.site_of_node: Callable[[int], int | None] = lambda node: None  # the deployment grid's registry
 
-    def enable_central_dp(self, settings: CentralDPSettings, ledger: CentralLedger,
-                          on_release: ReleaseObserver | None = None) -> None:
-        """Aggregate as DP-FedAvg (`medfed.privacy.central`): clipped updates (clipped here for server-clip,
-        checked here for client-clip), unweighted mean, Gaussian noise, one ledger row per release."""
-        self.central, self.central_ledger, self.on_central_release = settings, ledger, on_release
-
-    def release_central(self, server_round: int, mean: dict[str, np.ndarray], num_updates: int) -> dict[str, np.ndarray]:
-        """Noise the mean of ``num_updates`` clipped updates, record the release, report its figures."""
-        assert self.central is not None and self.central_ledger is not None
-        std = self.central.noise_std(num_updates)
-        noisy = add_noise(mean, std)
-        epsilon = self.central_ledger.record(self.phase.value, server_round)
-        log(INFO, "%s round %s: central DP noise (std %.3g = z %.3g x C %.3g / %s sites); site-level epsilon %.4g at "
-            "delta %.3g", self.phase.value, server_round, std, self.central.noise_multiplier, self.central.clipping_norm,
-            num_updates, epsilon, self.central.delta)
-        if self.on_central_release is not None:
-            self.on_central_release(server_round, {
-                MetricKey.CENTRAL_EPSILON.value: epsilon, MetricKey.DELTA.value: self.central.delta,
-                MetricKey.NOISE_MULTIPLIER.value: self.central.noise_multiplier,
-                MetricKey.CLIPPING_NORM.value: self.central.clipping_norm, MetricKey.NOISE_STD.value: std,
-                "sites": float(num_updates),
-            })
-        return noisy
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    # ---- configure -------------------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         self._sent = arrays
         site_of = getattr(grid, "site_of", None)  # a deployment's registry names the site of a node that failed
         if callable(site_of):
             self.site_of_node = site_of
+        if self.central is not None and self.central.train_config():
+            config = ConfigRecord({**config, **self.central.train_config()})
+        # the mixin's Flower base (FedAvg or FedProx) comes after it in the concrete class's MRO
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def _report(self, report: SiteReport) -> None:
-        if self.observer is not None:
-            self.observer(report)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    # ---- aggregate -------------------------------------------------------------------------------------------
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._sent is None:
             raise FederationError("aggregate_train called before configure_train")
-        replies = list(replies)
-        valid: list[Message] = []
-        reports: list[SiteReport] = []  # in reply order; sent once the norm screen has had its say
-        report_of: dict[int, int] = {}  # id of an accepted reply -> its report in `reports`
-        errors: list[str] = []
-        refusals: list[int] = []
-        refusal_epsilons: list[float | None] = []
-        seen_sites: set[int] = set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                reason = f"site error: {msg.error.reason}"
-                site = self.site_of_node(node)
-                errors.append(f"node {node}{'' if site is None else f' (site {site})'}: {reason}")
-                reports.append(SiteReport(self.phase, server_round, "train", -1 if site is None else site, node, {},
-                                          False, reason))
-                continue
-            metrics = _scalar_metrics(msg.content)
-            site_id = int(metrics.get(MetricKey.SITE_ID, -1))
-            refused = refusal_reason(msg.content)
-            if refused is not None:  # a site at its privacy budget: recorded, not averaged, not an error
-                log(WARNING, "Site %s refused %s round %s: %s", site_id, self.phase.value, server_round, refused)
-                reports.append(
-                    SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, f"refused: {refused}")
-                )
-                refusals.append(site_id)
-                refusal_epsilons.append(metrics.get(MetricKey.EPSILON))
-                continue
-            reason = check_reply(msg.content, self._sent, self.shared_keys)
-            if not reason and self.private:
-                missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
-                if missing:
-                    reason = f"a DP round's update must report {', '.join(missing)}"
-            if not reason and self.central is not None and self.central.mode == CentralDP.CLIENT_CLIP:
-                norm = update_norm(_update_arrays(msg), {k: self._sent[k].numpy() for k in self.shared_keys})
-                if norm > self.central.clipping_norm * (1 + CLIP_TOLERANCE):
-                    reason = (f"update norm {norm:.4g} is above the central-dp clipping norm "
-                              f"{self.central.clipping_norm:g}: the site did not clip (client-clip)")
-            if not reason and site_id in seen_sites:
-                reason = f"a second update from site {site_id} in the same round"
-            seen_sites.add(site_id)
-            if reason:
-                log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
-                errors.append(f"node {node}: {reason}")
-                reports.append(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, reason))
-                continue
-            sent_bytes = sum(a.numpy().nbytes for a in next(iter(msg.content.array_records.values())).values())
-            report_of[id(msg)] = len(reports)
-            reports.append(
-                SiteReport(self.phase, server_round, "train", site_id, node, metrics, True, bytes_sent=sent_bytes)
-            )
-            valid.append(msg)
-        # Replies arrive in any order; working on them in site order makes the float result reproducible.
-        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
-        for i, reason in self._screen_norms(valid).items():
-            msg, at = valid[i], report_of[id(valid[i])]
-            node, site_id = msg.metadata.src_node_id, reports[at].site_id
-            log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round, reason)
-            errors.append(f"node {node}: {reason}")
-            reports[at] = SiteReport(self.phase, server_round, "train", site_id, node, reports[at].metrics, False,
-                                     reason)
-        valid = [m for m in valid if reports[report_of[id(m)]].accepted]
-        for report in reports:
+        triage = self.triage_replies(server_round, list(replies))
+        if self.screen is not None:
+            verdicts = self.screen([update_arrays(m) for m in triage.valid], self._sent)
+            for msg, reason in [(triage.valid[i], reason) for i, reason in verdicts.items()]:
+                log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", msg.metadata.src_node_id,
+                    triage.reports[triage.report_of[id(msg)]].site_id, server_round, reason)
+                triage.reject(msg, reason)
+        for report in triage.reports:
             self._report(report)
-        if not valid and not refusals:
-            raise FederationError(
-                f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
-            )
-        if len(valid) + len(refusals) < self.min_updates:  # a refusal answers the round: it has nothing to wait for
-            refused = f" and {len(refusals)} refusal(s)" if refusals else ""
-            raise FederationError(
-                f"{self.phase.value} round {server_round}: {len(valid)} valid site update(s){refused}, fewer than "
-                f"min-sites {self.min_updates}{self.min_updates_note} ({'; '.join(errors) or 'sites did not reply'}); "
-                "resume the run when sites are back"
-            )
-        if not valid and not errors:
+        self._require_enough(server_round, triage)
+        if not triage.valid:  # every replying site refused (errors would have failed the round above)
             log(WARNING, "%s round %s: every replying site refused (privacy budget or data; reasons above); the "
                 "global model is kept", self.phase.value, server_round)
-            return None, MetricRecord({"refused-sites": len(refusals)})
-        if not valid:
-            raise FederationError(
-                f"{self.phase.value} round {server_round}: no valid site update to aggregate ({'; '.join(errors) or 'no replies'})"
-            )
-        if self.central is not None:
-            arrays, metrics = self._central_aggregate(server_round, valid)
-        elif AggregationRule(self.aggregation.rule) == AggregationRule.MEAN:
-            arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
-        else:
-            arrays, metrics = self._robust_aggregate(server_round, valid)
-        if arrays is None:
-            raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
-        if refusals and metrics is not None:
-            metrics["refused-sites"] = len(refusals)
-            refused_eps = [float(v) for v in refusal_epsilons if v is not None]
-            if refused_eps:  # a site that refused has still spent what it spent
-                metrics[MetricKey.EPSILON.value] = max([float(metrics.get(MetricKey.EPSILON.value, 0.0)), *refused_eps])
+            return None, MetricRecord({"refused-sites": len(triage.refusals)})
+        arrays, metrics = self._combine(server_round, triage.valid)
+        if triage.refusals and metrics is not None:
+            metrics["refused-sites"] = len(triage.refusals)
+            if triage.refusal_epsilons:  # a site that refused has still spent what it spent
+                metrics[MetricKey.EPSILON.value] = max([float(metric_scalar(metrics.get(MetricKey.EPSILON.value, 0.0))),
+                                                        *triage.refusal_epsilons])
         merged = ArrayRecord()
         for key in self._sent.keys():  # keep the sent order; frozen weights carried over
             merged[key] = arrays[key] if key in arrays else self._sent[key]
         return merged, metrics
 
-    def _screen_norms(self, valid: list[Message]) -> dict[int, str]:
-        """``{index in valid: reason}`` for the checked replies whose update lies far beyond the others'
-        (``norm-outlier-factor``; distance from the global weights sent, over the shared weights)."""
-        factor = self.aggregation.norm_outlier_factor
-        if not factor or len(valid) < robust.MIN_UPDATES_TO_SCREEN:
-            return {}
+    def triage_replies(self, server_round: int, replies: list[Message]) -> Triage:
+        """Record error replies and refusals; check every other reply (contract, the strategy's checks, one update
+        per site). Valid replies come out in site order: replies arrive in any order, and working on them in
+        site order makes the float result reproducible."""
         assert self._sent is not None
-        updates = [_update_arrays(m) for m in valid]
-        reference = {key: self._sent[key].numpy() for key in updates[0]}
-        return robust.norm_outliers(updates, reference, factor)
+        t, seen_sites = Triage(), set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason, site = f"site error: {msg.error.reason}", self.site_of_node(node)
+                t.errors.append(f"node {node}{'' if site is None else f' (site {site})'}: {reason}")
+                t.reports.append(SiteReport(self.phase, server_round, "train", -1 if site is None else site, node, {},
+                                            False, reason))
+                continue
+            metrics = scalar_metrics(msg.content)
+            site_id = int(metrics.get(MetricKey.SITE_ID, -1))
+            refused = refusal_reason(msg.content)
+            if refused is not None:  # a site at its privacy budget: recorded, not averaged, not an error
+                log(WARNING, "Site %s refused %s round %s: %s", site_id, self.phase.value, server_round, refused)
+                t.reports.append(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False,
+                                            f"refused: {refused}"))
+                t.refusals.append(site_id)
+                if MetricKey.EPSILON in metrics:
+                    t.refusal_epsilons.append(float(metrics[MetricKey.EPSILON]))
+                continue
+            reason = check_reply(msg.content, self._sent, self.shared_keys)
+            for check in self.checks:
+                reason = reason or check(update_arrays(msg), metrics, self._sent)
+            if not reason and site_id in seen_sites:
+                reason = f"a second update from site {site_id} in the same round"
+            seen_sites.add(site_id)
+            if reason:
+                log(WARNING, "Rejected update from node %s (site %s) in round %s: %s", node, site_id, server_round,
+                    reason)
+                t.errors.append(f"node {node}: {reason}")
+                t.reports.append(SiteReport(self.phase, server_round, "train", site_id, node, metrics, False, reason))
+                continue
+            sent_bytes = sum(a.numpy().nbytes for a in next(iter(msg.content.array_records.values())).values())
+            t.report_of[id(msg)] = len(t.reports)
+            t.reports.append(SiteReport(self.phase, server_round, "train", site_id, node, metrics, True,
+                                        bytes_sent=sent_bytes))
+            t.valid.append(msg)
+        t.valid.sort(key=lambda m: scalar_metrics(m.content)[MetricKey.SITE_ID])
+        return t
 
-    def _central_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
-        """DP-FedAvg: clip each update (server-clip; client-clip updates were checked), unweighted mean, noise."""
-        assert self._sent is not None and self.central is not None
-        updates = [_update_arrays(m) for m in valid]
-        if self.central.mode == CentralDP.SERVER_CLIP:
-            reference = {key: self._sent[key].numpy() for key in updates[0]}
-            updates = [clip_update(u, reference, self.central.clipping_norm)[0] for u in updates]
-        noisy = self.release_central(server_round, robust.mean(updates), len(updates))
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
-        return ArrayRecord({key: Array(value) for key, value in noisy.items()}), metrics
+    def _require_enough(self, server_round: int, t: Triage) -> None:
+        """Fail the round (resumable) with every reason when too few sites answered validly or refused."""
+        reasons = "; ".join(t.errors)
+        if not t.valid and not t.refusals:
+            raise FederationError(f"{self.phase.value} round {server_round}: no valid site update to aggregate "
+                                  f"({reasons or 'no replies'})")
+        if len(t.valid) + len(t.refusals) < self.min_updates:  # a refusal answers the round: nothing to wait for
+            refused = f" and {len(t.refusals)} refusal(s)" if t.refusals else ""
+            raise FederationError(
+                f"{self.phase.value} round {server_round}: {len(t.valid)} valid site update(s){refused}, fewer than "
+                f"min-sites {self.min_updates}{self.min_updates_note} ({reasons or 'sites did not reply'}); "
+                "resume the run when sites are back"
+            )
+        if not t.valid and t.errors:
+            raise FederationError(f"{self.phase.value} round {server_round}: no valid site update to aggregate "
+                                  f"({reasons})")
 
-    def _robust_aggregate(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
-        """Trimmed mean, median or (Multi-)Krum over the valid replies' shared arrays: UNWEIGHTED (a faulty site
-        could claim any example count); dtypes kept. Metrics as in the mean path (``train_metrics_aggr_fn``)."""
-        settings, rule = self.aggregation, AggregationRule(self.aggregation.rule)
-        updates = [_update_arrays(m) for m in valid]
-        n = len(updates)
-        problem = robust.krum_problem(n, settings.krum_byzantine, settings.krum_select) if rule == AggregationRule.KRUM else ""
-        if problem:  # sites failed, refused or were rejected this round: too few left for Krum's guarantee
-            fallback = AggregationRule.MEDIAN if n >= 3 else AggregationRule.MEAN
-            log(WARNING, "%s round %s: %s accepted update(s) left, too few for Krum (%s); this round uses the "
-                "coordinate-wise %s", self.phase.value, server_round, n, problem, fallback.value)
-            aggregated = robust.aggregate(fallback, updates)
-        elif rule == AggregationRule.KRUM:
-            chosen = robust.krum_selection(updates, settings.krum_byzantine, settings.krum_select)
-            sites = [int(_scalar_metrics(valid[i].content)[MetricKey.SITE_ID]) for i in chosen]
-            log(INFO, "%s round %s: Krum (f=%s) kept site(s) %s of %s updates", self.phase.value, server_round,
-                settings.krum_byzantine, sites, n)
-            aggregated = robust.mean([updates[i] for i in chosen])
+    def _combine(self, server_round: int, valid: list[Message]) -> tuple[ArrayRecord, MetricRecord | None]:
+        """The aggregate of the valid replies' shared arrays: central DP, a robust rule, or FedAvg's mean."""
+        if self.central is None and self.rule is None:
+            # FedAvg's (the Flower base after the mixin in the MRO)
+            arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+            if arrays is None:
+                raise FederationError(f"{self.phase.value} round {server_round}: aggregation produced no weights")
+            return arrays, metrics
+        assert self._sent is not None
+        updates = [update_arrays(m) for m in valid]
+        if self.central is not None:
+            combined = self.central.combine(server_round, updates, self._sent)
         else:
-            if (rule == AggregationRule.MEDIAN and n < 3) or (
-                    rule == AggregationRule.TRIMMED_MEAN and robust.trim_count(n, settings.trim_fraction) == 0):
-                log(WARNING, "%s round %s: %s over only %s update(s) is the plain (unweighted) mean", self.phase.value,
-                    server_round, rule.value, n)
-            aggregated = robust.aggregate(rule, updates, trim_fraction=settings.trim_fraction)
-        contents = [m.content for m in valid]
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)  # type: ignore[attr-defined]
-        return ArrayRecord({key: Array(value) for key, value in aggregated.items()}), metrics
+            assert self.rule is not None
+            sites = [int(scalar_metrics(m.content)[MetricKey.SITE_ID]) for m in valid]
+            combined = self.rule(server_round, updates, sites)
+        # train_metrics_aggr_fn, weighted_by_key: FedAvg's settings, set by the Flower base the mixin is combined with
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
+        return ArrayRecord({key: Array(value) for key, value in combined.items()}), metrics
 
+    def _report(self, report: SiteReport) -> None:
+        if self.observer is not None:
+            self.observer(report)
+
+    # ---- evaluate --------------------------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid: list[Message] = []
         for msg in replies:
@@ -388,9 +285,9 @@ class SharedWeightsMixin:
             if msg.has_error():
                 site = self.site_of_node(node)
                 self._report(SiteReport(self.phase, server_round, "evaluate", -1 if site is None else site, node, {},
-                                        False, msg.error.reason))
+                                        False, msg.error.reason or ""))
                 continue
-            metrics = _scalar_metrics(msg.content)
+            metrics = scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
             reason = check_evaluate_reply(msg.content)
             if reason:
@@ -398,32 +295,27 @@ class SharedWeightsMixin:
             else:
                 valid.append(msg)
             self._report(SiteReport(self.phase, server_round, "evaluate", site_id, node, metrics, not reason, reason))
-        valid.sort(key=lambda m: _scalar_metrics(m.content)[MetricKey.SITE_ID])
+        valid.sort(key=lambda m: scalar_metrics(m.content)[MetricKey.SITE_ID])
         threshold = pooled_threshold([dict(next(iter(m.content.metric_records.values()))) for m in valid])
         if threshold is not None:
             self.thresholds[server_round] = threshold
             log(INFO, "%s round %s: decision threshold %.4g (Youden's J %.3f on %s + %s pooled validation cases)",
                 self.phase.value, server_round, threshold.probability, threshold.youden_j, threshold.positives,
                 threshold.negatives)
+        # FedAvg's (the Flower base after the mixin in the MRO)
         return super().aggregate_evaluate(server_round, valid) if valid else None  # type: ignore[misc]
 
 
 class SharedWeightsFedAvg(SharedWeightsMixin, FedAvg):
-    """FedAvg over the shared weights only, with the reply contract enforced."""
-
-    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 aggregation: RobustSettings | None = None, **fedavg_kwargs: object) -> None:
-        FedAvg.__init__(self, **fedavg_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer, private, aggregation)
+    """FedAvg over the shared weights only, through the shared-weights pipeline."""
 
 
 class SharedWeightsFedProx(SharedWeightsMixin, FedProx):
     """FedProx over the shared weights only (sites add the proximal term)."""
 
-    def __init__(self, *, phase: Phase, shared_keys: list[str], observer: Observer | None = None, private: bool = False,
-                 aggregation: RobustSettings | None = None, **fedprox_kwargs: object) -> None:
-        FedProx.__init__(self, **fedprox_kwargs)  # type: ignore[arg-type]
-        self._setup(phase, shared_keys, observer, private, aggregation)
+
+SharedWeightsStrategy = SharedWeightsFedAvg | SharedWeightsFedProx
+"""What `make_strategy` returns: the shared-weights pipeline and a Flower strategy (for `medfed.server.rounds`)."""
 
 
 def make_strategy(
@@ -438,18 +330,32 @@ def make_strategy(
     observer: Observer | None = None,
     private: bool = False,
     aggregation: RobustSettings | None = None,
+    central: CentralDPAggregation | None = None,
     min_sites: int = 0,
-) -> SharedWeightsMixin:
-    """The strategy for one phase; ``evaluate`` turns federated evaluation on each site's val data on or off;
-    ``aggregation`` picks the rule (default: the strategy's example-weighted mean) and the norm-outlier screen.
+) -> SharedWeightsStrategy:
+    """The strategy for one phase, assembled from its parts.
 
-    ``min_sites``: a round starts once this many sites are connected and fails (resumable) unless this many send
-    a valid update (a site refusing at its privacy budget, or for its data or ledger, answers too: it is recorded,
-    not waited for). 0 means every site: all ``num_sites`` connected, and every site sampled for the round (all of
-    them unless ``fraction_train`` < 1) must answer."""
+    Args:
+        name: fedavg or fedprox (with ``proximal_mu``).
+        phase: pretrain or finetune (names rounds in logs, reports and the central ledger).
+        shared_keys: the arrays sites send and the strategy aggregates; the others are carried over.
+        num_sites, fraction_train: the federation and the fraction sampled per round.
+        evaluate: federated evaluation on each site's validation data after each round.
+        observer: told of every site's reply (accepted or not, and why).
+        private: a DP phase: every update must report its privacy cost.
+        aggregation: the rule (default: FedAvg's example-weighted mean) and the norm-outlier screen.
+        central: central DP (clip, unweighted mean, noise, ledger); replaces the rule.
+        min_sites: a round starts once this many sites are connected and fails (resumable) unless this many
+            send a valid update or refuse (a refusal is recorded, not waited for). 0 means every site: all
+            ``num_sites`` connected, and every site sampled for the round must answer.
+
+    Returns:
+        A Flower strategy whose ``aggregate_train`` runs the shared-weights pipeline.
+    """
+    settings = aggregation or RobustSettings()
     required = min_sites or num_sites  # sites that must be connected before a round starts
     min_nodes = max(1, min(required, int(num_sites * fraction_train)))
-    common = dict(
+    flower = dict(
         fraction_train=fraction_train,
         fraction_evaluate=1.0 if evaluate else 0.0,
         min_train_nodes=min_nodes,
@@ -459,19 +365,26 @@ def make_strategy(
         train_metrics_aggr_fn=sum_examples,
         evaluate_metrics_aggr_fn=weighted_eval_metrics,
     )
-    strategy: SharedWeightsMixin
+    checks: list[ReplyCheck] = [dp_costs_reported] if private else []
+    if central is not None:
+        checks.append(central.check)
+    pipeline = Pipeline(
+        phase=phase, shared_keys=list(shared_keys), observer=observer, checks=tuple(checks),
+        screen=NormScreen(settings.norm_outlier_factor) if settings.norm_outlier_factor else None,
+        rule=None if AggregationRule(settings.rule) == AggregationRule.MEAN else RobustRule(settings, phase),
+        central=central, min_updates=min_sites if min_sites > 0 else min_nodes,
+        min_updates_note="" if min_sites > 0 else " (min-sites 0: every site sampled)",
+    )
+    strategy: SharedWeightsStrategy
     if StrategyName(name) == StrategyName.FEDPROX:
-        strategy = SharedWeightsFedProx(phase=phase, shared_keys=shared_keys, observer=observer, proximal_mu=proximal_mu,
-                                    private=private, aggregation=aggregation, **common)
+        strategy = SharedWeightsFedProx(pipeline=pipeline, proximal_mu=proximal_mu, **flower)
     else:
-        strategy = SharedWeightsFedAvg(phase=phase, shared_keys=shared_keys, observer=observer, private=private,
-                                       aggregation=aggregation, **common)
-    strategy.min_updates = min_sites if min_sites > 0 else min_nodes
-    strategy.min_updates_note = "" if min_sites > 0 else " (min-sites 0: every site sampled)"
+        strategy = SharedWeightsFedAvg(pipeline=pipeline, **flower)
     return strategy
 
 
 __all__ = [
-    "SharedWeightsFedAvg", "SharedWeightsFedProx", "SiteReport", "check_evaluate_reply",
-    "check_reply", "make_strategy",
+    "NormScreen", "Pipeline", "RobustRule", "SharedWeightsFedAvg", "SharedWeightsFedProx", "SharedWeightsMixin",
+    "SharedWeightsStrategy", "SiteReport", "Triage", "check_evaluate_reply", "check_reply", "dp_costs_reported",
+    "make_strategy",
 ]

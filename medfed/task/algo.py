@@ -9,11 +9,10 @@ adds ``mu/2 * ||w - w_global||^2`` over the shared weights when ``proximal_mu > 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,106 +23,28 @@ from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, M
 from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.exceptions import ConfigError, TrainingDiverged
-from medfed.models.encoders import Encoder, InputSpec, build_encoder
 from medfed.models.heads import Classifier
-from medfed.models.lora import add_lora, is_lora_key
 from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
 from medfed.privacy.guard import PrivacyGuard, RoundPlan
 from medfed.selfsup.compat import check_methods_fit
-from medfed.selfsup.methods import SSLMethod, SSLSettings
+from medfed.selfsup.methods import SSLMethod
 from medfed.selfsup.registry import build_method, resolve_encoder_kind
 from medfed.task.calibration import Threshold, metrics_at_threshold, pooled_threshold, score_histograms
 from medfed.task.metrics import classification_metrics
+from medfed.task.model_setup import (
+    check_loss_fits_task,
+    derive_seed,
+    finetune_shared_keys,
+    generator,
+    new_classifier,
+    new_encoder,
+    seeded_init,
+    ssl_settings,
+)
 
 StateDict = dict[str, torch.Tensor]
 EVAL_BATCH = 512
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (run seed, site, phase, round), same on every machine."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def _seeded_init(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module with weights drawn from ``seed`` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-# ---- models -------------------------------------------------------------------------
-
-
-def new_encoder(cfg: RunConfig, spec: InputSpec) -> Encoder:
-    kind = resolve_encoder_kind(cfg.model.encoder, cfg.ssl.methods)
-    return _seeded_init(derive_seed(cfg.experiment.seed, "encoder-init"), lambda: build_encoder(kind, spec, cfg.model.width))  # type: ignore[return-value]
-
-
-def new_classifier(cfg: RunConfig, spec: InputSpec, task: TaskType, num_classes: int, encoder_state: StateDict | None) -> Classifier:
-    """Classifier with the given (pretrained) encoder weights and a seeded fresh head; under
-    ``finetune-mode lora`` the encoder then gets seeded LoRA adapters (its own weights frozen)."""
-    model: Classifier = _seeded_init(
-        derive_seed(cfg.experiment.seed, "classifier-init"), lambda: Classifier(new_encoder(cfg, spec), task, num_classes)
-    )  # type: ignore[assignment]
-    if encoder_state is not None:
-        model.encoder.load_state_dict(encoder_state)
-    if cfg.finetune.mode == FinetuneMode.LORA:
-        _seeded_init(derive_seed(cfg.experiment.seed, "lora-init"), lambda: add_lora(model.encoder, cfg.lora.rank, cfg.lora.alpha))
-    return model
-
-
-def initial_encoder_state(cfg: RunConfig, spec: InputSpec) -> StateDict:
-    """The encoder a run starts from: ``encoder-init`` when given (checked against the data), else a seeded fresh one."""
-    fresh = new_encoder(cfg, spec).state_dict()
-    if not cfg.model.encoder_init:
-        return fresh
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(cfg.model.encoder_init).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"encoder-init {str(path)!r} does not exist")
-    try:
-        loaded = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"encoder-init {str(path)!r} is not a readable safetensors file ({exc})") from exc
-    for key, value in fresh.items():
-        if key not in loaded or tuple(loaded[key].shape) != tuple(value.shape):
-            raise ConfigError(
-                f"encoder-init {str(path)!r} does not fit this encoder ({cfg.model.encoder}, width {cfg.model.width}, input "
-                f"{spec.channels}x{'x'.join(map(str, spec.spatial_shape))}): {key!r} missing or of another shape"
-            )
-    extra = sorted(set(loaded) - set(fresh))
-    if extra:
-        raise ConfigError(f"encoder-init {str(path)!r} holds arrays this encoder lacks: {extra[:3]}")
-    return {k: loaded[k] for k in fresh}
-
-
-def check_loss_fits_task(cfg: RunConfig, task: TaskType) -> None:
-    if cfg.finetune.loss == "logit-adjusted" and task == TaskType.MULTILABEL:
-        raise ConfigError("finetune-loss logit-adjusted needs a single-label task; this data is multi-label")
-
-
-def ssl_settings(cfg: RunConfig) -> SSLSettings:
-    return SSLSettings(temperature=cfg.ssl.temperature, byol_momentum=cfg.ssl.byol_momentum, mask_ratio=cfg.ssl.mask_ratio)
-
-
-def finetune_shared_keys(cfg: RunConfig, classifier_keys: list[str]) -> list[str]:
-    """Keys a site sends after fine-tuning: the head for a linear probe, the adapters and the
-    head under LoRA, else everything."""
-    if cfg.finetune.mode == FinetuneMode.LINEAR:
-        return [k for k in classifier_keys if k.startswith("head.")]
-    if cfg.finetune.mode == FinetuneMode.LORA:
-        return [k for k in classifier_keys if k.startswith("head.") or is_lora_key(k)]
-    return list(classifier_keys)
-
-
-# ---- the loop -----------------------------------------------------------------------
+_Built = TypeVar("_Built")
 
 
 @dataclass(frozen=True)
@@ -168,13 +89,14 @@ def train_loop(
     start = time.perf_counter()
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     anchors = [p.detach().clone() for p in prox_params] if prox_params and settings.proximal_mu > 0 else None
-    steps, last_losses = 0, []
+    steps = 0
+    last_losses: list[float] = []
     for _ in range(settings.epochs):
         last_losses = []
         for idx in minibatches(n, settings.batch_size, gen, settings.drop_last):
             loss = batch_loss(idx)
-            if anchors is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(prox_params, anchors, strict=True))  # type: ignore[arg-type]
+            if anchors is not None and prox_params is not None:
+                prox = sum(((p - a).pow(2).sum() for p, a in zip(prox_params, anchors, strict=True)), 0.0)
                 loss = loss + 0.5 * settings.proximal_mu * prox
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"training loss became {float(loss)} at step {steps}; lower the learning rate")
@@ -185,7 +107,8 @@ def train_loop(
                 on_step_end()
             steps += 1
             last_losses.append(float(loss.detach()))
-    return TrainStats(n, float(np.mean(last_losses)) if last_losses else float("nan"), steps, time.perf_counter() - start)
+    mean_loss = float(np.mean(last_losses)) if last_losses else float("nan")
+    return TrainStats(n, mean_loss, steps, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -214,7 +137,9 @@ def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> d
     return metrics_from_logits(model, logits_of(model, images), labels)
 
 
-def evaluate_with_histograms(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float | list[int]]:
+def evaluate_with_histograms(
+    model: Classifier, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float | list[int]]:
     """`evaluate`'s metrics plus, for a binary task, the score histograms a threshold is calibrated from."""
     logits = logits_of(model, images)
     metrics: dict[str, float | list[int]] = dict(metrics_from_logits(model, logits, labels))
@@ -249,16 +174,17 @@ class SiteAlgo:
         site's secret signing key and the run id: the server knows the run seed, and must not be
         able to re-derive a site's noise or Poisson batches (nor may two runs reuse them)."""
         if self.privacy is not None and self._is_private(phase):
-            return torch.Generator().manual_seed(self.privacy.secret_seed(self.cfg.experiment.seed, phase.value, server_round))
+            secret = self.privacy.secret_seed(self.cfg.experiment.seed, phase.value, server_round)
+            return torch.Generator().manual_seed(secret)
         return generator(self.cfg.experiment.seed, self.data.site_id, phase.value, server_round)
 
     def build_method(self, encoder_state: StateDict, local_state: StateDict | None) -> SSLMethod:
         encoder = new_encoder(self.cfg, self.data.spec)
         encoder.load_state_dict(encoder_state)
-        method: SSLMethod = _seeded_init(  # heads, predictors and decoders: seeded per site
+        method: SSLMethod = seeded_init(  # heads, predictors and decoders: seeded per site
             derive_seed(self.cfg.experiment.seed, self.data.site_id, "ssl-heads"),
             lambda: build_method(self.cfg.ssl.methods, self.cfg.ssl.method_weights, encoder, ssl_settings(self.cfg)),
-        )  # type: ignore[assignment]
+        )
         if local_state is not None:
             method.load_local_state_dict(local_state)
         return method
@@ -270,7 +196,9 @@ class SiteAlgo:
     def _schedule(self, phase: Phase) -> PoissonSchedule:
         if phase == Phase.PRETRAIN:
             return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.ssl.batch_size, self.cfg.ssl.epochs)
-        return PoissonSchedule.for_round(len(self.data.labelled_images), self.cfg.finetune_recipe.batch_size, self.cfg.finetune.epochs)
+        return PoissonSchedule.for_round(
+            len(self.data.labelled_images), self.cfg.finetune_recipe.batch_size, self.cfg.finetune.epochs
+        )
 
     def _later_dp_rounds(self, phase: Phase, server_round: int) -> list[tuple[float, int]]:
         """The DP rounds this run still plans after this one (for planning the noise)."""
@@ -295,7 +223,8 @@ class SiteAlgo:
         self.privacy.check_site_size(n)
         plan = self.privacy.plan(schedule.sample_rate, schedule.steps, self._later_dp_rounds(phase, server_round))
         p = self.privacy.privacy
-        views = self.cfg.finetune_recipe.augment_multiplicity if phase == Phase.FINETUNE else self.cfg.privacy.augment_multiplicity or 1
+        views = (self.cfg.finetune_recipe.augment_multiplicity if phase == Phase.FINETUNE
+                 else self.cfg.privacy.augment_multiplicity or 1)
         kind = resolve_encoder_kind(self.cfg.model.encoder, self.cfg.ssl.methods)
         mode = GradSampleMode(p.grad_sample_mode).for_phase(finetuning=phase == Phase.FINETUNE, encoder=kind.value)
         return plan, DPStepSettings(plan.noise_multiplier, p.max_grad_norm, schedule, mode.value, p.secure_rng, views)
@@ -307,7 +236,8 @@ class SiteAlgo:
         p = self.privacy.privacy
         if plan is None:
             entry = self.privacy.record_uncovered(phase, server_round)
-            if self.cfg.privacy.scope == DPScope.NONE:  # no DP anywhere in the run: the row is the record, no epsilon to report
+            # no DP anywhere in the run: the row is the record, no epsilon to report
+            if self.cfg.privacy.scope == DPScope.NONE:
                 return {}
             return {MetricKey.EPSILON.value: entry.epsilon_after, MetricKey.DELTA.value: p.delta,
                     MetricKey.EPSILON_BUDGET.value: p.epsilon, MetricKey.NOISE_MULTIPLIER.value: 0.0}
@@ -325,7 +255,9 @@ class SiteAlgo:
     ) -> TrainStats:
         """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way."""
         if not self._is_private(phase):
-            stats = train_loop(trainable, batch_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end)
+            stats = train_loop(
+                trainable, batch_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end
+            )
             return dataclasses.replace(stats, privacy=self._record(phase, server_round, None))
         plan, dp = self._plan(phase, server_round)
         dp_stats = dp_train_loop(
@@ -388,7 +320,8 @@ class SiteAlgo:
         shift = self.logit_shift()
         stats = self._train(
             Phase.FINETUNE, server_round, model, trainable,
-            lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]), len(images), settings, gen,
+            lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]),
+            len(images), settings, gen,
             prox_params=trainable,
         )
         state = model.state_dict()

@@ -14,8 +14,9 @@ import torch
 from medfed.config import RunConfig
 from medfed.constants import TaskType
 from medfed.models.encoders import InputSpec
-from medfed.task.algo import logits_of, metrics_from_logits, new_classifier
+from medfed.task.algo import logits_of, metrics_from_logits
 from medfed.task.calibration import Threshold
+from medfed.task.model_setup import new_classifier
 
 
 @dataclass(frozen=True)

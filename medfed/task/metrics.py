@@ -3,8 +3,9 @@
 AUC is the Mann-Whitney statistic with tied scores counted as one half (the area under
 the ROC curve, Hanley & McNeil 1982); macro one-vs-rest for multi-class, macro over labels
 for multi-label (MedMNIST v2's convention). Sensitivity, specificity and false-positive
-rate use a 0.5 threshold for binary and multi-label tasks and the argmax for multi-class. The false-positive rate (1 - specificity) is
-reported on its own because clinical readers ask for it and papers rarely give it.
+rate use a 0.5 threshold for binary and multi-label tasks and the argmax for multi-class. The
+false-positive rate (1 - specificity) is reported on its own because clinical readers ask for it
+and papers rarely give it.
 For binary tasks sensitivity and specificity are those of the positive class (label 1);
 for multi-class and multi-label tasks they are macro averages over classes (one-vs-rest).
 """

@@ -47,7 +47,7 @@ MESSAGE_EXTRAS = (*(k.value for k in MessageKey), *INPUT_KEYS)
 input spec (`medfed.data.spec`), which a site's own data must match."""
 
 
-def read_message_config(config: Mapping[str, Any]) -> tuple[RunConfig, dict[str, object]]:
+def read_message_config(config: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
     """Split a message's settings (its ConfigRecord) into the RunConfig and the per-message extras."""
     flat = {k: v for k, v in config.items() if k not in MESSAGE_EXTRAS}
     extras = {k: config[k] for k in MESSAGE_EXTRAS if k in config}
@@ -126,7 +126,8 @@ def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dic
                           "release that leaves the site is recorded there, with or without DP")
     default_dir = None if NodeConfigKey.LEDGER_PATH in node_config else Path(
         str(extras.get(MessageKey.LEDGER_DIR) or Path(str(extras[MessageKey.RUN_DIR])) / "ledgers"))
-    privacy = SitePrivacy.resolve(cfg, str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id)), node_config, default_dir)
+    site_name = str(node_config.get(NodeConfigKey.SITE_NAME, site.site_id))
+    privacy = SitePrivacy.resolve(cfg, site_name, node_config, default_dir)
     return PrivacyGuard(privacy, str(extras.get(MessageKey.RUN_ID, "")))
 
 
@@ -172,13 +173,13 @@ def _data_refusal(node_config: dict, exc: DataMismatch) -> TrainOutcome:
     return TrainOutcome(None, metrics, str(exc))
 
 
-def clip_for_central_dp(cfg: RunConfig, extras: dict[str, object], shared: dict[str, torch.Tensor],
+def clip_for_central_dp(cfg: RunConfig, extras: dict[str, Any], shared: dict[str, torch.Tensor],
                         incoming: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """central-dp client-clip: the site's update (shared weights minus those it was sent) clipped to the norm
     Flower's client-side DP wrapper sent (``clipping_norm``), which must be the run's central-dp-clipping-norm."""
     if cfg.central.mode != CentralDP.CLIENT_CLIP:
         return shared
-    norm = float(extras.get(MessageKey.CLIPPING_NORM, cfg.central.clipping_norm))  # type: ignore[arg-type]
+    norm = float(extras.get(MessageKey.CLIPPING_NORM, cfg.central.clipping_norm))
     if norm != cfg.central.clipping_norm:
         raise ConfigError(f"the server asks for clipping norm {norm:g} but the run's central-dp-clipping-norm is "
                           f"{cfg.central.clipping_norm:g}")
@@ -205,7 +206,8 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         raise ConfigError(f"node config dp-require must be one of {', '.join(s.value for s in DPScope)}") from None
     if required.covers(phase) and not DPScope(cfg.privacy.scope).covers(phase):
         return _refusal(site, None, PrivacyBudgetExceeded(
-            f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); the run has dp {cfg.privacy.scope}"))
+            f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); "
+            f"the run has dp {cfg.privacy.scope}"))
     guard = privacy_guard(cfg, site, node_config, extras)
     algo = SiteAlgo(cfg, site, guard)
     cache = release_cache(node_config)
@@ -235,7 +237,8 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         MetricKey.SECONDS.value: stats.seconds,
         **stats.privacy,
     }
-    if DPScope(cfg.privacy.scope).covers(phase):  # the training loss is a non-private statistic of the batches: kept at the site
+    # the training loss is a non-private statistic of the batches: kept at the site
+    if DPScope(cfg.privacy.scope).covers(phase):
         metrics.pop(MetricKey.LOSS.value)
     if NodeConfigKey.DATA_PATH in node_config:  # deployment: one ClientApp process per message, so its age is
         metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
@@ -244,7 +247,9 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
     return TrainOutcome(shared, metrics, local_state=new_local)
 
 
-def evaluate_site(config: Mapping[str, Any], state: StateDict, node_config: Mapping[str, Any]) -> dict[str, float]:
+def evaluate_site(
+    config: Mapping[str, Any], state: StateDict, node_config: Mapping[str, Any]
+) -> dict[str, float | list[int]]:
     """The global model ``state`` on this site's validation data, with the site's number and example count.
 
     A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only

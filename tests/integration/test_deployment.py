@@ -91,7 +91,9 @@ class Federation:
         return self.kits / site / "ledger" / f"{site}.ledger.sqlite"
 
 
-def wait_for(condition, timeout: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    condition, timeout: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -274,8 +276,8 @@ def test_a_site_killed_mid_round_leaves_the_round_to_the_others_and_can_rejoin(f
     p = fed.run("--data", "breastmnist", "--pretrain", "none", "--finetune-rounds", "2", "--width", "4",
                 "--finetune-batch-size", "8", "--min-sites", "2", "--round-timeout", "300", "--run-name", "site-fault",
                 log="run-site-fault.out")
-    wait_for(lambda: fed.supernode_log("h3").count("Receiving: train message") > before, 300, "h3 to receive its first message",
-             fed.kits / "h3" / "state" / "supernode.log", p)
+    wait_for(lambda: fed.supernode_log("h3").count("Receiving: train message") > before, 300,
+             "h3 to receive its first message", fed.kits / "h3" / "state" / "supernode.log", p)
     kill_tree(fed.sites["h3"].pid)  # the hospital's node dies mid-round (SIGKILL, no goodbye)
     assert p.wait(timeout=900) == 0, (fed.root / "run-site-fault.out").read_text()[-3000:]
     rows = Recorder.load(fed.root / "runs" / "site-fault" / "metrics.jsonl")
@@ -300,8 +302,8 @@ def test_server_killed_mid_round_resumes_with_the_same_ledger_totals(fed: Federa
             return False
         if json.loads(state.read_text())["completed_round"] != 1:
             return False
-        return any(("finetune", 2) == r[:2] for rows in ledger_rows(fed, json.loads(state.read_text())["run_id"]).values()
-                   for r in rows)
+        return any(("finetune", 2) == r[:2]
+                   for rows in ledger_rows(fed, json.loads(state.read_text())["run_id"]).values() for r in rows)
 
     wait_for(mid_finetune_round_2, 900, "fine-tuning round 2 to be under way", fed.root / "run-resumed.out", p)
     assert json.loads(state.read_text())["completed_round"] == 1, "the run got past round 2 before the kill"
@@ -435,9 +437,11 @@ def test_attack_an_app_no_site_approved_never_touches_a_sites_data(fed: Federati
     app's hash; each site's run log records the refusal; the legitimate app still runs afterwards (the full
     run above, and the fault tests below)."""
     from medfed.config import run_config
-    from medfed.deploy.approval import build_app_fab, run_log_file, sha256_hex, verify_run_log
-    from medfed.deploy.launch import ServerKit, run_settings, write_run_config
+    from medfed.deploy.approval import build_app_fab, sha256_hex
+    from medfed.deploy.launch import ServerKit
     from medfed.deploy.processes import ControlConnection, stage_app, submit_run, write_cli_config
+    from medfed.deploy.run_log import run_log_file, verify_run_log
+    from medfed.deploy.submit import run_settings, write_run_config
 
     marker = fed.root / "attacker" / "client-ran"
     app = stage_app(fed.root / "attacker" / "medfed-modified")
@@ -447,9 +451,10 @@ def test_attack_an_app_no_site_approved_never_touches_a_sites_data(fed: Federati
     conn = ControlConnection(fed.root / "attacker" / "operator-cli",
                              (fed.kits / "server" / "operator.crt", fed.kits / "server" / "operator.key"))
     write_cli_config(conn.flwr_home, fed.address, fed.kits / "server" / "ca.crt")
-    cfg = run_settings(run_config(data=str(Path(fed.env["MEDFED_DATA_PATH"]) / "breastmnist.npz"), pretrain="none", finetune_rounds=1, width=4,
-                                 finetune_batch_size=8, round_timeout=120, out_dir=str(fed.root / "runs"),
-                                 run_name="unapproved"), ServerKit.read(fed.kits / "server"))
+    cfg = run_settings(run_config(data=str(Path(fed.env["MEDFED_DATA_PATH"]) / "breastmnist.npz"), pretrain="none",
+                                 finetune_rounds=1, width=4, finetune_batch_size=8, round_timeout=120,
+                                 out_dir=str(fed.root / "runs"), run_name="unapproved"),
+                       ServerKit.read(fed.kits / "server"))
     run_id = submit_run(app, write_run_config(cfg, fed.root / "attacker" / "run.toml"), conn)
 
     def refused_everywhere() -> bool:

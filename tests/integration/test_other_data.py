@@ -34,7 +34,9 @@ def synthetic(path: Path, *, channels: int, labels_fn) -> Path:
         ("threeclass.npz", 1, lambda rng, n: (np.arange(n) % 3).reshape(-1, 1), "multi-class", 3),
     ],
 )
-def test_unseen_layouts_run_end_to_end(tmp_path: Path, name: str, channels: int, labels_fn, task: str, classes: int) -> None:
+def test_unseen_layouts_run_end_to_end(
+    tmp_path: Path, name: str, channels: int, labels_fn, task: str, classes: int
+) -> None:
     data = synthetic(tmp_path / name, channels=channels, labels_fn=labels_fn)
     cfg = run_config(
         data=str(data), num_sites=3, partition="dirichlet", alpha=1.0, label_fraction=0.5, mode="local-only",

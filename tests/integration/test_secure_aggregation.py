@@ -16,7 +16,7 @@ from medfed.experiment import prepare
 from medfed.experiment.recorder import Recorder
 from medfed.privacy.accounting import MechanismStep, epsilon_spent
 from medfed.privacy.audit import run_audit
-from medfed.privacy.central import CentralDPSettings, central_epsilon
+from medfed.privacy.central import CENTRAL_ACCOUNTANT
 from medfed.privacy.ledger import verify_ledger
 from medfed.simulations import launcher
 
@@ -76,7 +76,8 @@ def test_secagg_with_dp_sgd_and_central_dp_a_refusing_site_drops_out(tmp_path: P
     assert all(r.get("refused") and "refuses the round" in r["reason"] for r in refusals)
     releases = [r for r in rows if r["split"] == "central-dp"]
     assert [(r["round"], int(r["sites"])) for r in releases] == [(1, 3), (2, len(affords_two))]  # refusers weighed 0
-    expected = central_epsilon(2, CentralDPSettings.from_config(cfg0))  # type: ignore[arg-type]
+    c = cfg0.central
+    expected = epsilon_spent([MechanismStep(c.noise_multiplier, 1.0, 2)], c.delta, CENTRAL_ACCOUNTANT)
     assert releases[-1]["central-epsilon"] == pytest.approx(expected)
     assert releases[-1]["noise-std"] == pytest.approx(5.0 * 0.5 / len(affords_two))
 

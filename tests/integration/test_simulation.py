@@ -15,7 +15,7 @@ from medfed.config import RunConfig, run_config
 from medfed.experiment import arms, prepare, runner
 from medfed.experiment.recorder import Recorder
 from medfed.simulations import launcher
-from medfed.task.algo import new_classifier, new_encoder
+from medfed.task.model_setup import new_classifier, new_encoder
 
 
 def small(tmp_path: Path, **changes: object) -> RunConfig:
@@ -41,8 +41,10 @@ def test_two_site_two_round_federated_simulation_on_breastmnist(tmp_path: Path, 
 
     rows = Recorder.load(run_dir / "metrics.jsonl")
     arm = "federated-simclr"
-    pre = {(r["round"], r["site"]) for r in rows if r["phase"] == "pretrain" and r["split"] == "train" and r["accepted"]}
-    fine = {(r["round"], r["site"]) for r in rows if r["phase"] == "finetune" and r["split"] == "train" and r["accepted"]}
+    pre = {(r["round"], r["site"]) for r in rows
+           if r["phase"] == "pretrain" and r["split"] == "train" and r["accepted"]}
+    fine = {(r["round"], r["site"]) for r in rows
+            if r["phase"] == "finetune" and r["split"] == "train" and r["accepted"]}
     val = {(r["round"], r["site"]) for r in rows if r["split"] == "val"}
     test = sorted(r["round"] for r in rows if r["split"] == "test" and r["site"] == "global")
     test_site = {(r["round"], r["site"]) for r in rows if r["split"] == "test-site"}
@@ -108,7 +110,9 @@ def test_centralized_and_local_only_arms_share_the_partition(tmp_path: Path, dat
     assert {r["num-examples"] for r in rows if r["split"] == "train"} == {labelled}  # the union of the sites' labels
 
 
-def test_a_failing_run_leaves_no_run_directory(tmp_path: Path, data_path_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_run_leaves_no_run_directory(
+    tmp_path: Path, data_path_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def explode(*args: object, **kwargs: object) -> None:
         assert any(p.name.startswith(".") for p in (tmp_path / "runs").iterdir())  # the partial dir existed
         raise RuntimeError("site crashed")
@@ -152,7 +156,9 @@ def test_encoder_init_reuses_a_pretrained_encoder_and_skips_pretraining(tmp_path
     assert "encoder loaded from" in (second / "report.md").read_text()
     # the second run starts from the first run's pretrained encoder and the same seeded head, so their
     # models before fine-tuning (round 0) are identical
-    r0 = lambda d: [r for r in Recorder.load(d / "metrics.jsonl") if r["split"] == "test" and r["round"] == 0][0]
+    def r0(d: Path) -> dict:
+        return [r for r in Recorder.load(d / "metrics.jsonl") if r["split"] == "test" and r["round"] == 0][0]
+
     assert r0(first)["auc"] == r0(second)["auc"]
 
     wrong = cfg.replace(width=16, encoder_init=str(encoder_file), run_name="third")

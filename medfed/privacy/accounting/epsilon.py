@@ -45,7 +45,7 @@ def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def _rdp_total(history: Sequence[MechanismStep]) -> np.ndarray:
     # The same arithmetic as RDPAccountant.get_privacy_spent: sum([compute_rdp(...) * steps ...]).
-    return sum([_rdp_curve(s.noise_multiplier, s.sample_rate) * s.steps for s in history])
+    return np.asarray(sum([_rdp_curve(s.noise_multiplier, s.sample_rate) * s.steps for s in history]))
 
 
 def _rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
