@@ -312,7 +312,7 @@ def test_the_gate_imports_nothing_of_medfed_once_installed(gated, monkeypatch) -
 
 
 def test_run_clientapp_answers_a_refused_app_with_an_error_naming_its_hash(kit, monkeypatch) -> None:
-    """Flower 1.41's own run_clientapp: the refusal reaches the server as an Error reply."""
+    """Flower's own run_clientapp: the refusal reaches the server as an Error reply."""
     import flwr.supernode.runtime.run_clientapp as rc
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.fab import Fab

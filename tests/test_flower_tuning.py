@@ -1,4 +1,4 @@
-"""medfed's latency tuning of Flower 1.41's deployment runtime (`medfed.flower_patches.flower_tuning`)."""
+"""medfed's latency tuning of Flower's deployment runtime (`medfed.flower_patches.flower_tuning`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_flowers_default_backoff_is_what_the_tuning_is_for() -> None:
     from flwr.supercore import constant
     from flwr.supercore.inflatable import inflatable_utils
 
-    assert constant.PULL_INITIAL_BACKOFF == 1 and constant.PULL_BACKOFF_CAP == 10  # flwr 1.41
+    assert constant.PULL_INITIAL_BACKOFF == 1 and constant.PULL_BACKOFF_CAP == 10  # flwr 1.41-1.42
     assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == constant.PULL_INITIAL_BACKOFF
 
 
@@ -96,7 +96,7 @@ def test_capped_sleep_caps_only_sleep(monkeypatch) -> None:
 def test_the_supernode_loop_sleeps_at_most_the_cap(restore_flower) -> None:
     from flwr.supernode import start_client_internal
 
-    assert start_client_internal.time is time  # flwr 1.41: `import time`, `time.sleep(3)` when idle
+    assert start_client_internal.time is time  # flwr 1.41-1.42: `import time`, `time.sleep(3)` when idle
     flower_tuning.tune_supernode_polling(0.25)
     assert isinstance(start_client_internal.time, flower_tuning.CappedSleep)
     assert start_client_internal.time.cap == 0.25

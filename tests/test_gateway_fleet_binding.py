@@ -1,5 +1,5 @@
 """A hospital's own certificate and node key must not let it act for another hospital's node through
-Flower's Fleet push (found in review: Flower 1.41 stores a pushed message as given). Flower's real
+Flower's Fleet push (found in review: Flower 1.41-1.42 stores a pushed message as given). Flower's real
 SuperLink app behind medfed's gateway middleware, in process (the ASGI TLS extension filled as the
 gateway's protocol fills it), a real SQLite link state, real node keys and signatures."""
 

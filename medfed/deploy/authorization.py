@@ -68,7 +68,7 @@ def caller_from_pem(pem: str) -> Caller | None:
 
 
 def supernode_key_wire_bytes(openssh_public_key: bytes) -> bytes:
-    """A SuperNode public key as Flower 1.41 sends it in the ``flwr-public-key`` header (PEM
+    """A SuperNode public key as Flower (1.41-1.42) sends it in the ``flwr-public-key`` header (PEM
     SubjectPublicKeyInfo, `flwr.supercore.primitives.asymmetric.public_key_to_bytes`), from the
     OpenSSH line `medfed provision` writes."""
     key = serialization.load_ssh_public_key(openssh_public_key)

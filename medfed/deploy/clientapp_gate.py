@@ -1,10 +1,10 @@
 """The site's gate: a ClientApp process refuses an app the site has not approved, before the app is
 installed or loaded.
 
-Where. Flower 1.41's ClientApp process (``flwr.supernode.runtime.run_clientapp.run_clientapp``)
+Where. Flower's ClientApp process (``flwr.supernode.runtime.run_clientapp.run_clientapp``)
 pulls the task (message, context, run, FAB) from its SuperNode, then calls ``install_from_fab``
 with the FAB's bytes, then imports the app and runs it. `install` replaces two names in that
-module's namespace (a patch of Flower internals, checked against flwr 1.41 and refused otherwise):
+module's namespace (a patch of Flower internals, checked against the pinned flwr and refused otherwise):
 
 * ``pull_task_input``: unchanged, but remembers what the task declared (run id, app id and version,
   FAB hash, run config);

@@ -1,7 +1,7 @@
 """The coordinating centre's front door: Flower's SuperLink served with mutual TLS and
 authorization by identity and route.
 
-Why. Flower 1.41's ``flower-superlink`` serves the Fleet, Control and Runtime APIs on one HTTPS
+Why. Flower's ``flower-superlink`` serves the Fleet, Control and Runtime APIs on one HTTPS
 port and authenticates nobody on two of them: its open-source Control API takes any caller
 (``NoOpControlAuthnPlugin``), and in its default subprocess isolation the Runtime API hands the
 ServerApp's task to whoever asks first (the SuperExec secret is ignored there). TLS proves the
@@ -161,7 +161,7 @@ def _peer_certificate_protocol() -> type:
 # ---------------------------------------------------------------------------------------- Flower's gaps
 
 def refuse_flower_backdoors(env: Mapping[str, str]) -> None:
-    """Flower 1.41 also starts unauthenticated legacy gRPC Control/Fleet servers when asked through
+    """Flower (1.41-1.42) also starts unauthenticated legacy gRPC Control/Fleet servers when asked through
     the environment; a gateway never runs beside them."""
     from medfed.deploy.processes import FLOWER_BACKDOORS
 

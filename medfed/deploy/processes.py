@@ -1,6 +1,6 @@
-"""Flower's deployment processes, started and stopped by medfed (Flower 1.41).
+"""Flower's deployment processes, started and stopped by medfed (Flower 1.41-1.42).
 
-In 1.41 the SuperLink serves the Fleet, Control and runtime APIs on ONE HTTPS port and
+Since 1.41 the SuperLink serves the Fleet, Control and runtime APIs on ONE HTTPS port and
 authenticates nobody on the Control API. medfed therefore never starts ``flower-superlink`` on a
 network: the centre runs `medfed.deploy.gateway` (Flower's SuperLink app behind mutual TLS and
 route authorization, the Runtime API on a loopback listener) and a SuperExec for ServerApps that
@@ -40,7 +40,7 @@ from medfed.exceptions import ConfigError, FederationError
 from medfed.files import write_private
 
 DEFAULT_PORT = 9092
-# Flower 1.41 starts its legacy gRPC Control/Fleet servers when these are "1": unauthenticated, and (Fleet)
+# Flower (1.41-1.42) starts its legacy gRPC Control/Fleet servers when these are "1": unauthenticated, and (Fleet)
 # on 0.0.0.0, beside the gateway. medfed never passes them on, and the gateway refuses to start with them.
 FLOWER_BACKDOORS = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 CONNECTION = "medfed"  # the flwr CLI's name for this deployment's SuperLink connection

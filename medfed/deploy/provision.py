@@ -199,7 +199,7 @@ def make_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
 
 
 def make_supernode_auth_key() -> tuple[bytes, bytes]:
-    """A SuperNode authentication key pair as Flower 1.41 reads it: EC P-384 (a NIST curve), the
+    """A SuperNode authentication key pair as Flower (1.41-1.42) reads it: EC P-384 (a NIST curve), the
     private key in OpenSSH format, the public key as one OpenSSH line."""
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,

@@ -1,7 +1,7 @@
 """The centre's SuperExec for ServerApps: Flower's own SuperExec loop, with each ServerApp task's
 token handed to its process on standard input instead of its command line.
 
-Why. Flower 1.41's ``SubprocessExecutor`` starts ``flwr-serverapp --token TOKEN``. A process's
+Why. Flower's ``SubprocessExecutor`` starts ``flwr-serverapp --token TOKEN``. A process's
 command line is readable by every local user (``/proc/PID/cmdline``, ``ps``), and the token is all
 the Runtime API asks of a ServerApp: whoever reads it can pull the run's messages (the sites'
 updates) and push its own. The gateway (`medfed.deploy.gateway`) keeps the Runtime API on loopback
@@ -37,7 +37,7 @@ SERVERAPP_ENTRY = "flwr.superlink.cli:flwr_serverapp"
 
 
 class StdinTokenExecutor:
-    """Flower's Executor protocol (flwr 1.41) for the centre: ServerApp tasks only, each a fresh
+    """Flower's Executor protocol (flwr 1.41-1.42) for the centre: ServerApp tasks only, each a fresh
     process given its token on stdin; other task types are refused."""
 
     def __init__(self, python: str = sys.executable) -> None:

@@ -1,7 +1,7 @@
 """A site's SuperExec: every ClientApp through the site's app gate, warm ClientApp processes forked
 from a process that has already imported the heavy libraries.
 
-Why. Flower 1.41's SuperNode (``--isolation subprocess``, its default) starts ``flower-superexec``,
+Why. Flower's SuperNode (``--isolation subprocess``, its default) starts ``flower-superexec``,
 which starts a fresh ``flwr-clientapp`` process for every message. Each one imports torch,
 MONAI, opacus, peft and Flower before it can train: about 14 s of CPU on this project's 2-core
 machine, paid by every site in every round (docs/RESULTS.md, deployment_overhead).
@@ -178,7 +178,7 @@ def serve(entry_ref: str, modules: Sequence[str], requests_fd: int = 0) -> None:
 # ------------------------------------------------------------------------------------- the executor
 
 def clientapp_argv(spec: ExecutionSpec) -> list[str]:
-    """The command line Flower's SubprocessExecutor would start for ``spec`` (flwr 1.41)."""
+    """The command line Flower's SubprocessExecutor would start for ``spec`` (flwr 1.41-1.42)."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
 
     argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
@@ -243,7 +243,7 @@ class GatedLauncher:
 
 
 class ZygoteExecutor:
-    """Flower's Executor protocol (flwr 1.41) for a site: ClientApp tasks only, each through the app
+    """Flower's Executor protocol (flwr 1.41-1.42) for a site: ClientApp tasks only, each through the app
     gate. ``warm``: forked from the zygote, or, while the zygote is down, started fresh by the
     `GatedLauncher` (the zygote is restarted); not ``warm``: always started fresh. Other task types
     are refused."""

@@ -1,6 +1,6 @@
 """Pack every ArrayRecord of a message into one Array for the wire, and back, bit for bit.
 
-Why. Flower 1.41 moves a message as a tree of objects, each pushed or pulled with one HTTP request
+Why. Flower (1.41-1.42) moves a message as a tree of objects, each pushed or pulled with one HTTP request
 per hop: every tensor is an ``Array`` object plus at least one ``ArrayChunk`` object. medfed's
 default CNN encoder alone has 34 tensors (58 objects in a RecordDict); the ClientApp profiles
 of `benchmarks/deployment_overhead.py` counted 80-150 objects per message, each crossing

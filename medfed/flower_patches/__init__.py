@@ -24,7 +24,7 @@ import hashlib
 import importlib
 import inspect
 
-FLOWER_VERSION = "1.41.0"
+FLOWER_VERSION = "1.42.0"
 """The flwr the patches were written and checked against (pyproject.toml pins the same)."""
 
 SEAMS: dict[str, str] = {
@@ -35,7 +35,8 @@ SEAMS: dict[str, str] = {
     "flwr.supernode.runtime.run_clientapp:pull_task_input": "5607a23e1673ee87",
     "flwr.supernode.runtime.run_clientapp:install_from_fab": "481bd04cde582322",
     "flwr.supernode.start_client_internal:start_client_internal": "9e89a6eb68fbec68",
-    "flwr.supercore.superexec.run_superexec:run_superexec": "d11f4e7fbc8f0b12",
+    # 1.42.0: only a tracing argument left `task.dispatch`; it still builds its executor with get_executor
+    "flwr.supercore.superexec.run_superexec:run_superexec": "91e7a33c5b898f33",
     "flwr.supercore.inflatable.inflatable_utils:pull_objects": "31bb2de46b450e6a",
     "flwr.supercore.inflatable.inflatable_utils:pull_and_inflate_object_from_tree": "139811483a15e4a6",
 }

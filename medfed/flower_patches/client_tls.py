@@ -1,4 +1,4 @@
-"""Client certificates for Flower 1.41's HTTP clients (mutual TLS with medfed's gateway).
+"""Client certificates for Flower's HTTP clients (mutual TLS with medfed's gateway).
 
 Flower's SuperNode and ``flwr`` CLI verify the SuperLink by a root certificate but have no option
 to present a certificate of their own: every protobuf-over-HTTP client Flower makes goes through
@@ -13,7 +13,7 @@ loopback) are left alone. It is applied only in the processes medfed starts for 
 * the operator's ``flwr`` CLI calls (``python -m medfed.flower_patches.client_tls flwr ARGS``), with the
   server kit's ``operator.crt``/``operator.key``.
 
-flwr is pinned to 1.41.0; the patch refuses to run if the constructor it wraps has changed shape.
+flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`); the patch refuses to run if the constructor it wraps has changed shape.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def present_client_certificate(cert: Path, key: Path) -> None:
     if getattr(original, _PATCHED, False):
         return
     if "verify" not in inspect.signature(original).parameters:
-        raise RuntimeError("flwr's ProtobufClient.__init__ takes no 'verify': this flwr is not 1.41")
+        raise RuntimeError("flwr's ProtobufClient.__init__ takes no 'verify': not the flwr medfed pins")
 
     @functools.wraps(original)
     def init(self: Any, base_url: str, *args: Any, verify: ssl.SSLContext | str | bool = True, **kwargs: Any) -> None:

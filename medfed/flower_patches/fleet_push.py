@@ -1,6 +1,6 @@
 """Patch: a site may push to Flower's Fleet API only its own node's reply to the SuperLink.
 
-Flower 1.41's ``fleet_handlers.push_messages`` stores a site's push as given; `bind_pushed_replies`
+Flower's ``fleet_handlers.push_messages`` stores a site's push as given; `bind_pushed_replies`
 runs `check_pushed_reply` before it (the Fleet router looks the handler up at call time).
 """
 
@@ -21,7 +21,7 @@ class ReplyNotBoundToNode(Exception):
 def check_pushed_reply(request: Any) -> None:
     """A site may push only its own node's reply to a message the SuperLink sent it.
 
-    Flower 1.41's ``fleet_handlers.push_messages`` stores ``messages_list[0]`` as given: without a
+    Flower's ``fleet_handlers.push_messages`` stores ``messages_list[0]`` as given: without a
     ``reply_to_message_id`` it becomes a *new instruction* to any node of the run, and as a reply it
     is credited to whatever ``src_node_id`` it names. Its NodeAuth checks only that
     ``request.node`` is the caller's key. So: exactly one message, a reply, from ``request.node``,
@@ -40,7 +40,7 @@ def check_pushed_reply(request: Any) -> None:
 
 
 def bind_pushed_replies() -> None:
-    """Run `check_pushed_reply` before Flower's Fleet push handler (patch of flwr 1.41's
+    """Run `check_pushed_reply` before Flower's Fleet push handler (patch of flwr's
     ``fleet_handlers.push_messages``, which its Fleet router looks up at call time)."""
     from fastapi import HTTPException
     from flwr.superlink.servicer.fleet import fleet_handlers
@@ -49,7 +49,7 @@ def bind_pushed_replies() -> None:
     if getattr(original, "__medfed_bound__", False):
         return
     if list(inspect.signature(original).parameters) != ["request", "state"]:
-        raise RuntimeError("flwr's fleet_handlers.push_messages changed its signature: this flwr is not 1.41")
+        raise RuntimeError("flwr's fleet_handlers.push_messages changed its signature: not the flwr medfed pins")
 
     @functools.wraps(original)
     def push_messages(request: Any, state: Any) -> Any:

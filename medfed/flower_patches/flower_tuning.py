@@ -1,4 +1,4 @@
-"""Latency settings of Flower 1.41's deployment runtime that it does not expose as options.
+"""Latency settings of Flower's deployment runtime that it does not expose as options.
 
 Measured with cProfile in forked ClientApp processes during `benchmarks/deployment_overhead.py`
 (3 sites, 2 cores): 16-17 s of a 24 s ClientApp run went to *pulling the round's message* from
@@ -18,7 +18,7 @@ even sees it.
 checked: only how soon a waiting process asks again (a small local request each time). They are
 applied in medfed's own processes: the warm SuperExec's ClientApps (`medfed.deploy.warm_exec`),
 the SuperNode that ``medfed site`` starts (``python -m medfed.flower_patches.flower_tuning supernode``,
-which then runs ``flower-supernode`` unchanged), and the ServerApp. flwr is pinned to 1.41.0;
+which then runs ``flower-supernode`` unchanged), and the ServerApp. flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`);
 each function refuses to run if the attribute it tunes is not there.
 """
 
@@ -29,16 +29,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-PULL_INITIAL_BACKOFF = 0.05  # s; Flower 1.41: 1 s
-PULL_BACKOFF_CAP = 0.5  # s; Flower 1.41: 10 s
-SUPERNODE_SLEEP_CAP = 0.5  # s; Flower 1.41 idles 3 s between asking the SuperLink for messages
+PULL_INITIAL_BACKOFF = 0.05  # s; Flower 1.41-1.42: 1 s
+PULL_BACKOFF_CAP = 0.5  # s; Flower 1.41-1.42: 10 s
+SUPERNODE_SLEEP_CAP = 0.5  # s; Flower 1.41-1.42 idles 3 s between asking the SuperLink for messages
 
 
 def tune_object_pulls(initial_backoff: float = PULL_INITIAL_BACKOFF,
                       backoff_cap: float = PULL_BACKOFF_CAP) -> dict[Callable[..., object], tuple[float, float]]:
     """Retry an object that is not available yet after ``initial_backoff`` seconds, doubling up
     to ``backoff_cap``, in every Flower pull of this process (the defaults of the two pull
-    functions every caller in flwr 1.41 goes through). Returns the previous values, for
+    functions every caller in flwr 1.41-1.42 goes through). Returns the previous values, for
     `object_pulls_tuned` to put back."""
     if not 0 < initial_backoff <= backoff_cap:
         raise ValueError(f"need 0 < initial_backoff <= backoff_cap, got {initial_backoff}, {backoff_cap}")
@@ -48,7 +48,7 @@ def tune_object_pulls(initial_backoff: float = PULL_INITIAL_BACKOFF,
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         defaults = fn.__kwdefaults__ or {}
         if "initial_backoff" not in defaults or "backoff_cap" not in defaults:
-            raise RuntimeError(f"flwr's {fn.__qualname__} has no initial_backoff/backoff_cap: not flwr 1.41")
+            raise RuntimeError(f"flwr's {fn.__qualname__} has no initial_backoff/backoff_cap: not the flwr medfed pins")
         previous[fn] = (defaults["initial_backoff"], defaults["backoff_cap"])
         defaults["initial_backoff"], defaults["backoff_cap"] = initial_backoff, backoff_cap
     return previous
@@ -89,7 +89,7 @@ def tune_supernode_polling(cap: float = SUPERNODE_SLEEP_CAP) -> None:
 
     current = getattr(start_client_internal, "time", None)
     if not (current is time or isinstance(current, CappedSleep)):
-        raise RuntimeError("flwr.supernode.start_client_internal does not use the time module: not flwr 1.41")
+        raise RuntimeError("flwr.supernode.start_client_internal does not use the time module: not the flwr medfed pins")
     start_client_internal.time = CappedSleep(cap)  # type: ignore[assignment]  # a stand-in for the time module
 
 

@@ -1,6 +1,6 @@
 """The ServerApp's Grid in a deployment: replies collected as soon as they arrive, arrays packed.
 
-Flower 1.41's deployment Grid (``HttpGrid.send_and_receive``) pushes the messages, then checks
+Flower's deployment Grid (``HttpGrid.send_and_receive``) pushes the messages, then checks
 for replies every 3 seconds: a round waits on average 1.5 s, and up to 3 s, after its last reply
 has arrived, and SecAgg+ pays that once per stage (four per round). `QuickPollGrid` wraps any
 Grid and checks every `REPLY_POLL_SECONDS` instead (the simulation runtime's own Grid polls every

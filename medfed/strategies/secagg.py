@@ -1,7 +1,7 @@
 """One training round through Flower's SecAgg+ (Bell et al., CCS 2020, "Secure Single-Server Aggregation
 with (Poly)Logarithmic Overhead"): the server learns the sum of the sites' shared weights, not any one.
 
-In Flower 1.41 SecAgg+ exists only in the legacy workflow API (``flwr.server.workflow.SecAggPlusWorkflow``,
+In Flower 1.41-1.42 SecAgg+ exists only in the legacy workflow API (``flwr.server.workflow.SecAggPlusWorkflow``,
 driven by a ``LegacyContext`` holding a legacy ``flwr.server.strategy.Strategy``); the Message-API
 strategies (``flwr.serverapp.strategy``) have no SecAgg+. `secagg_train_round` therefore runs one round
 of that workflow inside medfed's own round loop (`medfed.server.rounds`), with a small legacy strategy
