@@ -85,8 +85,10 @@ def replace_durably(path: Path, write: Callable[[Path], object]) -> None:
 def save_safetensors_durably(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """`replace_durably` for a safetensors file of ``tensors`` (moved to contiguous CPU memory)."""
+    """`replace_durably` for a safetensors file of ``tensors`` (moved to contiguous CPU memory), its folder made
+    if need be: checkpoints, models, a site's kept releases."""
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     replace_durably(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))

@@ -20,6 +20,7 @@ from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggreg
 from medfed.data.spec import DataSpec
 from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
+from medfed.files import save_safetensors_durably
 from medfed.privacy.central import CentralLedger
 from medfed.server.rounds import TrainRound, run_rounds
 from medfed.strategies.central_dp import CentralDPAggregation
@@ -27,7 +28,6 @@ from medfed.strategies.replies import metric_scalar
 from medfed.strategies.secagg import SecAggSettings, secagg_train_round
 from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
 from medfed.task.calibration import THRESHOLD
-from medfed.task.checkpoints import save_checkpoint
 from medfed.task.evaluation import TestSet, evaluate_with_sites
 from medfed.task.model_setup import finetune_shared_keys, initial_encoder_state, new_classifier
 
@@ -152,7 +152,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                                after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.federation.round_timeout,
                                on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
         encoder_state = arrays.to_torch_state_dict()
-        save_checkpoint(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
+        save_safetensors_durably(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
     if resume is not None and resume.phase == Phase.FINETUNE:
         state, first = resume.weights, resume.completed_round + 1
@@ -182,6 +182,6 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     threshold = strategy.thresholds.get(last)
     if threshold is not None:  # the operating point travels with the model it was calibrated for
         meta = {**meta, THRESHOLD: f"{threshold.probability:.17g}"}
-    save_checkpoint(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
+    save_safetensors_durably(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
     final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
     return {k: float(metric_scalar(v)) for k, v in final.items()}

@@ -19,10 +19,10 @@ from medfed.data.site import SiteData, pooled_site, site_from_split
 from medfed.exceptions import PrivacyBudgetExceeded
 from medfed.experiment.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
 from medfed.experiment.recorder import GLOBAL
+from medfed.files import save_safetensors_durably
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.task.algo import SiteAlgo
 from medfed.task.calibration import THRESHOLD
-from medfed.task.checkpoints import save_checkpoint
 from medfed.task.evaluation import evaluate_state
 from medfed.task.model_setup import initial_encoder_state, new_classifier
 
@@ -58,7 +58,7 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
                     **stats.privacy})
     if pretrain:
         name = f"{PRETRAINED_ENCODER.removesuffix('.safetensors')}{suffix}.safetensors"
-        save_checkpoint(ctx.arm_dir / name, encoder_state, meta)
+        save_safetensors_durably(ctx.arm_dir / name, encoder_state, meta)
     state = new_classifier(cfg, site.spec, site.task, site.num_classes, encoder_state).state_dict()
     threshold = algo.validation_threshold(state)  # calibrated on the arm's own validation split
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state, threshold)
@@ -78,7 +78,8 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
     if threshold is not None:
         meta[THRESHOLD] = f"{threshold.probability:.17g}"
-    save_checkpoint(ctx.arm_dir / f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors", state, meta)
+    name = f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors"
+    save_safetensors_durably(ctx.arm_dir / name, state, meta)
     return metrics
 
 

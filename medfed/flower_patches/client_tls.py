@@ -13,7 +13,8 @@ loopback) are left alone. It is applied only in the processes medfed starts for 
 * the operator's ``flwr`` CLI calls (``python -m medfed.flower_patches.client_tls flwr ARGS``), with the
   server kit's ``operator.crt``/``operator.key``.
 
-flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`); the patch refuses to run if the constructor it wraps has changed shape.
+flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`); the patch refuses to run if the constructor it wraps
+has changed shape.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ even sees it.
 checked: only how soon a waiting process asks again (a small local request each time). They are
 applied in medfed's own processes: the warm SuperExec's ClientApps (`medfed.deploy.warm_exec`),
 the SuperNode that ``medfed site`` starts (``python -m medfed.flower_patches.flower_tuning supernode``,
-which then runs ``flower-supernode`` unchanged), and the ServerApp. flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`);
-each function refuses to run if the attribute it tunes is not there.
+which then runs ``flower-supernode`` unchanged), and the ServerApp. flwr is pinned
+(`medfed.flower_patches.FLOWER_VERSION`); each function refuses to run if the attribute it tunes is not there.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def tune_supernode_polling(cap: float = SUPERNODE_SLEEP_CAP) -> None:
 
     current = getattr(start_client_internal, "time", None)
     if not (current is time or isinstance(current, CappedSleep)):
-        raise RuntimeError("flwr.supernode.start_client_internal does not use the time module: not the flwr medfed pins")
+        raise RuntimeError("flwr.supernode.start_client_internal does not use the time module: "
+                           "not the flwr medfed pins")
     start_client_internal.time = CappedSleep(cap)  # type: ignore[assignment]  # a stand-in for the time module
 
 
