@@ -204,6 +204,13 @@ def test_a_run_toml_round_trips_and_names_every_part(tmp_path: Path) -> None:
     assert read_toml(path)["dp-secure-rng"] is True and read_toml(path)["aggregation"] == "median"
 
 
+def test_a_run_toml_keeps_any_string_a_setting_may_hold(tmp_path: Path) -> None:
+    cfg = run_config(run_name="hôpital-\U0001f600", out_dir='runs/"quoted"\\back\x7fdel\ttab')
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml(), encoding="utf-8")
+    assert RunConfig.from_toml(path) == cfg
+
+
 def test_a_run_toml_may_be_flat_and_flags_override_it(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text('data = "breastmnist"\nnum-sites = 4\n\n[privacy]\ndp = "finetune"\ndp-epsilon = 2.0\n')

@@ -3,6 +3,7 @@ file differs (image size, colour, 2D/3D, task, class count) refuses before train
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def test_the_server_sends_the_runs_input_spec(tmp_path: Path, data_path_env: Pat
     for phase in Phase:
         config = ctx.message_config(phase)
         assert DataSpec.from_flat(dict(config)) == DataSpec(1, (28, 28), TaskType.BINARY, 2, "breastmnist")
+        # a deployed site is not told the centre's paths or output settings
+        assert not {"run-dir", "data-file", "sim-ledger-dir", "out-dir", "data", "site-keys"} & set(config.keys())
+        assert str(tmp_path) not in json.dumps(dict(config), default=str)
 
 
 # ---- a deployed site refuses data that do not fit ----------------------------------------------

@@ -75,6 +75,28 @@ def test_run_rejects_bad_settings_before_submitting(kits: Path, tmp_path: Path) 
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dp", "all"], "couples the examples of a batch"),  # SimCLR (the default) under DP pretraining
+    (["--pretrain", "mae", "--encoder", "cnn"], "needs a vit encoder"),
+])
+def test_run_refuses_what_the_methods_cannot_serve_before_submitting(kits: Path, tmp_path: Path, args: list[str],
+                                                                     message: str, data_path_env: Path) -> None:
+    result = runner.invoke(app, ["run", "--kit", str(kits / "server"), *args, "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and message in said(result)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("line", ['[experiment]\nmode = "centralized"\n', 'resume-from = "/runs/.r.partial"\n',
+                                  '[privacy]\nledger-dir = "/elsewhere"\n'])
+def test_a_run_toml_cannot_set_what_the_deployment_sets(kits: Path, tmp_path: Path, line: str) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(line)
+    result = runner.invoke(app, ["run", "--kit", str(kits / "server"), "--config", str(path),
+                                 "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "cannot be set for a deployment run" in said(result)
+    assert not (tmp_path / "w").exists()
+
+
 def test_start_txt_commands_work_from_the_kit_folder(kits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kit's START.txt command, run where it says (in the kit folder), finds the kit: it gets as far
     as asking for the site's data, not "site.toml not found"."""

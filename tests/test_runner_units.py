@@ -97,3 +97,15 @@ def test_a_flower_run_records_its_run_directory_for_medfed_run(tmp_path: Path) -
     assert flower_run_dir(tmp_path, 42) == tmp_path / "r" and flower_run_dir(tmp_path, 43) is None
     (tmp_path / FLOWER_RUNS / "43.json").write_text("{not json")
     assert flower_run_dir(tmp_path, 43) is None
+
+
+def test_the_flower_run_record_is_not_written_through_a_symlink(tmp_path: Path) -> None:
+    from medfed.exceptions import ConfigError
+    from medfed.experiment.run_dir import FLOWER_RUNS, record_flower_run
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / FLOWER_RUNS).symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="not a folder of this user's"):
+        record_flower_run(tmp_path, 7, tmp_path / "r")
+    assert list(elsewhere.iterdir()) == []

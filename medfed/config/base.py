@@ -5,8 +5,10 @@ Each part (`medfed.config.parts`) owns its defaults, help text and checks. Its f
 * the **flat key** they have in Flower's run config, in ``config.json`` and as a CLI flag (``--KEY``):
   the part's `Part.PREFIX` plus the field's name in kebab-case, unless the field names its own;
 * a line of **help**;
-* whether **sites** need it: the ServerApp sends a site only the settings it trains by
-  (`medfed.config.RunConfig.site_settings`), never the centre's (output folder, registry, aggregation).
+* whether **sites** need it: the ServerApp's messages carry only the settings a site trains by
+  (`medfed.config.RunConfig.site_settings`), not the centre's (output folder, registry, aggregation). In a
+  deployment Flower itself also hands every SuperNode the run's whole run config (``context.run_config``,
+  which a site's app gate hashes into its run log); medfed's site code does not read it.
 
 A value's type is its field's annotation (``int``, ``float``, ``str``, ``bool`` or a `StrEnum` of
 choices); flat values are coerced to it with a clear `ConfigError` naming the key and the rule.

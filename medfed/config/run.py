@@ -268,7 +268,8 @@ def _toml_value(value: FlatValue) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
-    return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    # a TOML basic string: JSON's escapes are TOML's; DEL, which JSON leaves as it is, TOML wants escaped
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _check_across_parts(c: RunConfig) -> None:

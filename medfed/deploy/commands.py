@@ -117,6 +117,28 @@ def _say(text: str) -> None:
 
 
 RUN_DEFAULTS = {"baselines": "none"}  # a deployment run trains one arm: baselines are separate runs
+# Settings `medfed run` takes from the deployment, not from flags (the server kit names the sites; one federated
+# arm; the sites' own data), or that only a simulation has
+SET_BY_THE_DEPLOYMENT = {"site_data", "resume_from", "client_cpus", "ledger_dir", "num_sites", "mode", "baselines",
+                         "site_keys"}
+NOT_FROM_A_FILE = ("resume-from", "mode", "ledger-dir", "client-cpus")  # the others `run_settings` overrides
+
+
+def refuse_settings_a_deployment_sets(config: str) -> None:
+    """A run.toml may not move a deployment run off its own arm, continue another run, or carry simulation-only
+    settings (a run directory's own config.toml, which holds their defaults, passes).
+
+    Raises:
+        ConfigError: naming the file and the settings.
+    """
+    from medfed.config import RunConfig
+    from medfed.config.run import read_toml
+
+    defaults = RunConfig().to_flat()
+    bad = sorted(k for k, v in read_toml(config).items() if k in NOT_FROM_A_FILE and v != defaults[k])
+    if bad:
+        raise ConfigError(f"config file {config!r}: {', '.join(bad)} cannot be set for a deployment run "
+                          "(`medfed run` runs one federated arm on the sites of its kit; continue a run with --resume)")
 
 
 def run(
@@ -137,6 +159,7 @@ def run(
     from medfed.deploy.launch import INSECURE_WARNING, ServerKit
     from medfed.deploy.submit import run_settings, submit
     from medfed.experiment.resume import load_round_checkpoint
+    from medfed.selfsup.compat import check_methods_fit
 
     try:
         if not kit:
@@ -154,8 +177,11 @@ def run(
             cfg = RunConfig.from_flat({**checkpoint.settings, "resume-from": str(Path(resume).expanduser().resolve())})
             _say(f"resuming {resume} after {checkpoint.phase.value} round {checkpoint.completed_round}")
         else:
+            if config:
+                refuse_settings_a_deployment_sets(config)
             cfg = run_settings(settings_from_flags(config, settings, defaults=RUN_DEFAULTS), server_kit,
                                insecure=insecure)
+            check_methods_fit(cfg)  # refused here, not after the run was submitted
         work = Path(workdir) if workdir else server_kit.folder / "state"
         ca = None if insecure else server_kit.folder / "ca.crt"
         operator = None if insecure else (server_kit.operator_cert, server_kit.operator_key)
@@ -183,8 +209,7 @@ def _run_signature() -> inspect.Signature:
             False, "--insecure", help="Talk to an insecure SuperLink (no TLS; warns).")),
     ]
     # set by the deployment (sites from the kit, one federated arm, each site's own data), or simulation only
-    skip = {"site_data", "resume_from", "client_cpus", "ledger_dir", "num_sites", "mode", "baselines", "site_keys"}
-    params += setting_parameters(skip=skip, defaults=RUN_DEFAULTS)
+    params += setting_parameters(skip=SET_BY_THE_DEPLOYMENT, defaults=RUN_DEFAULTS)
     return inspect.Signature(params)
 
 

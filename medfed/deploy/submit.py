@@ -71,6 +71,11 @@ def submit(cfg: RunConfig, *, superlink: str, ca_file: Path | None, workdir: Pat
     log_file = workdir / "logs" / f"run-{run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(text)
-    run_dir = flower_run_dir(Path(cfg.output.out_dir), int(run_id))  # finished, or the unfinished one to resume
+    # the ServerApp's record, when this machine shares the centre's out-dir (else its log names the directory)
+    folders = [Path(cfg.output.out_dir)]
+    if cfg.deployment.resume_from:  # a resumed run records beside the directory it continues
+        folders.append(Path(cfg.deployment.resume_from).parent)
+    found = [d for d in (flower_run_dir(folder, int(run_id)) for folder in folders) if d is not None]
+    run_dir = found[0] if found else None  # finished, or the unfinished one to resume
     say(f"run {run_id}: {status}; ServerApp log {log_file}" + (f"; run directory {run_dir}" if run_dir else ""))
     return status, run_dir

@@ -84,6 +84,7 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
     flower_run_id = int(grid.run.run_id)
     record_flower_run(run_dir.parent, flower_run_id, run_dir)  # `medfed run` finds it by the Flower run id
+    print(f"run directory: {run_dir}", flush=True)  # for people reading the ServerApp's log
     recorder = Recorder(run_dir / "metrics.jsonl", listener)
     if resume is not None:  # the report covers the whole run, before and after the resume
         recorder.rows.extend(Recorder.load(run_dir / "metrics.jsonl"))
@@ -100,4 +101,5 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
     final = publish(run_dir, final)
     record_flower_run(final.parent, flower_run_id, final)
+    print(f"run directory: {final}", flush=True)
     return final

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
-from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggregation, TaskType
+from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggregation, SiteData, TaskType
 from medfed.data.spec import DataSpec
 from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
@@ -73,14 +74,17 @@ class ArmContext:
                         Path(self.data_file).stem.lower())
 
     def message_config(self, phase: Phase) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value,
-                MessageKey.RUN_DIR.value: str(self.run_dir),
-                MessageKey.DATA_FILE.value: str(self.data_file), MessageKey.RUN_ID.value: f"{self.run_id}/{self.arm}",
-                MessageKey.LEDGER_DIR.value: str(self.ledger_dir), **self.input_spec.to_flat(),
-            }
-        )
+        """What a train or evaluate message carries: the settings a site trains by, the phase, the run id and
+        the run's input spec; in simulation also where the partition, the data file and the virtual sites'
+        ledgers are (a deployed site has its own, and is not told the centre's paths)."""
+        record: dict[str, Any] = {
+            **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value,
+            MessageKey.RUN_ID.value: f"{self.run_id}/{self.arm}", **self.input_spec.to_flat(),
+        }
+        if self.cfg.dataset.site_data != SiteData.OWN:
+            record |= {MessageKey.RUN_DIR.value: str(self.run_dir), MessageKey.DATA_FILE.value: str(self.data_file),
+                       MessageKey.LEDGER_DIR.value: str(self.ledger_dir)}
+        return ConfigRecord(record)
 
 
 def phase_strategy(ctx: ArmContext, grid: Grid, phase: Phase, shared_keys: list[str], *, evaluate: bool

@@ -38,10 +38,11 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Load and check the data, make the partition, check the model fits the data: no writes."""
+    """Check the settings fit the methods, load and check the data, make the partition, check the model fits the
+    data: no writes."""
+    check_methods_fit(cfg)  # before any download
     data = load_medmnist(cfg.dataset.source)
     spec = InputSpec(data.channels, data.spatial_shape)
-    check_methods_fit(cfg)
     kind = resolve_encoder_kind(cfg.model.encoder, cfg.ssl.methods)
     if kind == EncoderKind.VIT:
         vit_patch_size(spec)  # raises ConfigError when no patch size divides the image

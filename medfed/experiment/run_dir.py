@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
+from medfed.exceptions import ConfigError
 from medfed.experiment.arms import Arm
 from medfed.experiment.recorder import json_safe
 from medfed.files import replace_durably
@@ -32,7 +34,10 @@ def record_flower_run(out: Path, flower_run_id: int, run_dir: Path) -> None:
     while it runs, the finished one at the end): how `medfed run`, which knows the Flower run id and ``out-dir``,
     finds the results without reading the ServerApp's log."""
     index = out / FLOWER_RUNS
-    index.mkdir(parents=True, exist_ok=True)
+    index.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if index.is_symlink() or not index.is_dir() or index.stat().st_uid != os.getuid():
+        raise ConfigError(f"{index} is not a folder of this user's: the record of Flower run {flower_run_id} is "
+                          "not written there")
     text = json.dumps({"flower-run-id": flower_run_id, "run-dir": str(run_dir)})
     replace_durably(index / f"{int(flower_run_id)}.json", lambda tmp: tmp.write_text(text))
 
