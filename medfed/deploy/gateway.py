@@ -14,16 +14,8 @@ with Flower's ``SuperLinkLifespan``), unchanged, behind two uvicorn listeners in
 * the **federation listener** (``--host``/``--port``, what the hospitals dial) requires a client
   certificate issued by the federation's CA (``ssl.CERT_REQUIRED``; the handshake fails without
   one) and then authorizes every request by who the certificate names and which route it asks for
-  (`authorize_federation`):
-
-  ======================  ============================================================
-  caller (certificate)    may call
-  ======================  ============================================================
-  site ``S`` (OU=site)    ``/v1/fleet/*`` only, and only with the SuperNode key the
-                          centre registered for ``S`` (so only as ``S``'s node); ``/health``
-  operator (OU=operator)  ``/v1/control/*`` (submit, list, stop, log, register); ``/health``
-  anyone                  nothing else: ``/v1/runtime/*``, ``/docs``, ``/openapi.json``, ...
-  ======================  ============================================================
+  (`medfed.deploy.authorization.authorize_federation`, whose module docstring has the table: a site
+  calls Fleet routes as its own registered node only, the operator Control routes, anyone nothing else);
 
 * the **runtime listener** binds 127.0.0.1 only and serves ``/v1/runtime/*`` and ``/health``
   (`authorize_runtime`): the centre's own SuperExec and ServerApp processes. The SuperLink runs
