@@ -40,12 +40,26 @@ def run_rounds(
     on_round_timing: Callable[[int, dict[str, float]], None] | None = None,
     train_round: TrainRound | None = None,
 ) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
-    """Run rounds ``first_round..last_round``; returns the final arrays and the server-side
-    evaluation of every round (round 0 = the starting weights, evaluated when starting at 1
-    unless ``evaluate_initial`` is off: a resumed run evaluated them already). ``on_round_timing``
-    gets each round's wall seconds: ``train-round-seconds`` (send, wait for every reply, aggregate)
-    and ``evaluate-round-seconds`` (federated evaluation). ``train_round`` replaces the default
-    send-and-aggregate exchange (SecAgg+)."""
+    """Run rounds ``first_round..last_round``: Flower's ``Strategy.start`` loop, able to start at any round.
+
+    Args:
+        strategy: configures and aggregates each round (`medfed.strategies.shared_weights.make_strategy`).
+        grid: the Flower Grid the messages go through.
+        arrays: the global weights before ``first_round``.
+        first_round, last_round: the rounds to run (a resumed run starts after its checkpoint's round).
+        train_config, evaluate_config: the settings every train and evaluate message carries.
+        evaluate_fn: the server-side evaluation of a round's global weights.
+        after_round: called with each round's new weights (the deployment's checkpoint).
+        timeout: seconds a round waits for the sites' replies.
+        evaluate_initial: evaluate the starting weights as round 0 when starting at 1 (off for a resumed
+            run, which evaluated them already).
+        on_round_timing: gets each round's wall seconds, ``train-round-seconds`` (send, wait for every
+            reply, aggregate) and ``evaluate-round-seconds`` (federated evaluation).
+        train_round: replaces the default send-and-aggregate exchange (SecAgg+).
+
+    Returns:
+        The final global weights and the server-side evaluation of every round.
+    """
     server_metrics: dict[int, MetricRecord] = {}
     if evaluate_fn is not None and first_round == 1 and evaluate_initial:
         res = evaluate_fn(0, arrays)

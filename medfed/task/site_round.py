@@ -191,8 +191,24 @@ def clip_for_central_dp(cfg: RunConfig, extras: dict[str, Any], shared: dict[str
 
 def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapping[str, Any],
                local_state: StateDict | None = None) -> TrainOutcome:
-    """One training round at this site (Flower-free apart from ``context``'s node config and state): replay a
-    release already made, or train, record the DP cost, clip for central DP, and return what leaves."""
+    """One training round at this site: replay a release already made, or train, record the DP cost, clip for
+    central DP, and return what leaves.
+
+    Args:
+        config: the message's settings (`read_message_config`: the run's site settings and the extras).
+        incoming: the global weights the server sent (the shared ones, and any frozen ones).
+        node_config: this SuperNode's node config (``data-path``, ``ledger-path``, ``dp-require`` in a
+            deployment; ``partition-id`` in simulation).
+        local_state: the site-local SSL state kept from the previous pretraining round (None at first).
+
+    Returns:
+        The shared weights and scalar metrics, or a refusal (no weights) with its reason, and the new
+        site-local state after a pretraining round.
+
+    Raises:
+        ConfigError, DataError: settings or data this site cannot work with (the ClientApp's redaction mod
+            sends the server only the kind of error and an incident number).
+    """
     cfg, extras = read_message_config(config)
     phase, server_round = Phase(str(extras[MessageKey.PHASE])), int(extras[MessageKey.ROUND])
     node_config = dict(node_config)
