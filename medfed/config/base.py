@@ -16,12 +16,11 @@ choices); flat values are coerced to it with a clear `ConfigError` naming the ke
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from dataclasses import Field, dataclass, field, fields
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 from medfed.exceptions import ConfigError
 
@@ -93,9 +92,6 @@ class Part:
         """This part's values by flat key (enums as their string values)."""
         return {s.key: _plain(getattr(self, s.name)) for s in self.settings()}
 
-    def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed (checked again)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 def _describe(cls: type[Part], f: Field[Any], annotation: Any) -> Setting:

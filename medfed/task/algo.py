@@ -12,7 +12,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ from medfed.task.model_setup import (
 
 StateDict = dict[str, torch.Tensor]
 EVAL_BATCH = 512
-_Built = TypeVar("_Built")
 
 
 @dataclass(frozen=True)
