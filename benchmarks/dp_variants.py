@@ -33,7 +33,6 @@ from results_md import write_section
 
 from medfed.config import RunConfig, run_config
 from medfed.data.medmnist import load_medmnist, resolve_data_path
-from medfed.data.transforms import scale_intensity
 from medfed.models.encoders import InputSpec
 from medfed.simulations.launcher import simulate as run_experiment
 from medfed.task.algo import evaluate
@@ -69,8 +68,7 @@ def main() -> None:
                      encoder_init=str(Path(args.encoder).resolve()), dp="finetune", dp_epsilon=args.epsilon,
                      dp_delta=1e-5)
     data = load_medmnist(resolve_data_path(base.dataset.source, download=False), download=False)
-    splits = {name: (scale_intensity(data.split(name).images, data.intensity_range),
-                     torch.as_tensor(data.split(name).labels))
+    splits = {name: (data.split(name).images[:], torch.as_tensor(data.split(name).labels))
               for name in ("val", "test")}
     spec = InputSpec(data.channels, data.spatial_shape)
     variants = [parse_variant(v) for v in args.variant]

@@ -126,7 +126,7 @@ def main() -> None:
         f"torch {torch.__version__}, total {(time.time() - started) / 60:.1f} min. Settings: "
         f"{base.dataset.num_sites} sites, {base.dataset.partition} alpha {base.dataset.alpha}, "
         f"pretrain {base.ssl.method} {base.ssl.rounds} rounds x {base.ssl.epochs} epochs "
-        f"(batch {base.ssl.batch_size}), "
+        f"(batch {base.ssl.batch}), "
         f"fine-tune {base.finetune.mode} {base.finetune.rounds} rounds x {base.finetune.epochs} epochs, "
         f"width {base.model.width}, seeds {args.seeds}.",
         "Test metrics on the official test split (624 images), mean ± standard deviation over seeds.",

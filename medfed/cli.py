@@ -33,8 +33,13 @@ console = Console(stderr=True)
 
 
 def _simulate(verbose: bool = False, config: str | None = None, **settings: Any) -> None:
+    from medfed.config.run import read_toml
+    from medfed.experiment.prepare import with_natural_sites
+
     try:
         cfg = settings_from_flags(config, settings)
+        given = settings.get("num_sites") is not None or bool(config and "num-sites" in read_toml(config))
+        cfg = with_natural_sites(cfg, num_sites_given=given)
         _run_with_progress(cfg, verbose)
     except MedfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -167,15 +172,44 @@ _register_deployment(app)
 
 
 @app.command("inspect-data")
-def inspect_data(data: str = typer.Argument(..., help="MedMNIST flag or .npz path.")) -> None:
-    """Validate a MedMNIST-style file and print what medfed reads from it."""
-    from medfed.data.medmnist import load_medmnist
+def inspect_data(
+    data: str = typer.Argument(..., help="A labels table (.csv), a MONAI datalist (.json), a folder of class "
+                               "folders, a MedMNIST flag or a .npz."),
+    num_classes: int = typer.Option(0, "--num-classes", help="Classes of a table (0: from its labels)."),
+    on_bad_case: str = typer.Option("fail", "--on-bad-case", help="fail: exit 2 when any case is unreadable; skip: "
+                                    "report them and exit 0."),
+    workers: int = typer.Option(2, "--loader-workers", help="Worker processes that decode cases."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Read and fully decode every case of a data source, and print what it holds: cases per split, class and
+    site, unlabelled cases, shapes, spacings and modalities, and every unreadable case with its reason. Writes
+    nothing. Exit 2 on bad input (and, unless --on-bad-case skip, on any unreadable case)."""
+    from medfed.constants import OnBadCase
+    from medfed.data.inspection import inspect_source, problems, render
 
     try:
-        print(json.dumps(load_medmnist(data).describe(), indent=1))
+        policy = OnBadCase(on_bad_case) if on_bad_case in {p.value for p in OnBadCase} else None
+        if policy is None:
+            raise ConfigError(f"--on-bad-case must be one of {', '.join(p.value for p in OnBadCase)}; "
+                              f"got {on_bad_case!r}")
+        if num_classes < 0 or num_classes == 1:
+            raise ConfigError(f"--num-classes must be 0 (from the labels) or >= 2; got {num_classes}")
+        inspection = inspect_source(data, num_classes=num_classes, workers=max(0, workers),
+                                    progress=console.is_terminal)
     except MedfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=2) from None
+    if inspection.summary.get("source") == "medmnist":
+        print(json.dumps(inspection.summary, indent=1))  # a MedMNIST file: as medfed reads it
+    elif as_json:
+        print(json.dumps({**inspection.summary, "unreadable_cases": [
+            {"row": r, "image": i, "reason": why} for r, i, why in inspection.bad]}, indent=1))
+    else:
+        print(render(inspection))
+    fatal = problems(inspection, skip_bad_cases=policy == OnBadCase.SKIP)
+    if fatal:
+        console.print(f"[bold red]error:[/] {len(fatal)} problem(s): {'; '.join(fatal[:20])}", highlight=False)
+        raise typer.Exit(code=2)
 
 
 def _version(value: bool) -> None:

@@ -25,6 +25,30 @@ class PartitionScheme(StrEnum):
     IID = "iid"
     DIRICHLET = "dirichlet"
     QUANTITY = "quantity"
+    NATURAL = "natural"  # a labels table's own hospitals (its site column), as FLamby's natural centres
+
+
+class Modality(StrEnum):
+    """How an image's intensities are mapped to [0, 1] (`medfed.data.images`)."""
+
+    AUTO = "auto"  # DICOM's Modality tag (CT, MR); photographs for PNG/JPEG/TIFF; percentiles otherwise
+    CT = "ct"  # a window in Hounsfield units
+    MR = "mr"  # percentile scaling (also X-ray and ultrasound DICOM, NIfTI of unknown modality)
+    PHOTO = "photo"  # 8-bit (or 16-bit) pixel values divided by their type's maximum
+
+
+class ImageFit(StrEnum):
+    """How an image is brought to the run's input size."""
+
+    RESIZE = "resize"  # interpolate the whole field of view to the size
+    CROP_PAD = "crop-pad"  # keep the pixel scale: centre crop or pad
+
+
+class OnBadCase(StrEnum):
+    """What an unreadable case does to a run."""
+
+    FAIL = "fail"  # the run (or inspection) stops, naming every bad case
+    SKIP = "skip"  # bad cases are left out and reported
 
 
 class FinetuneMode(StrEnum):
@@ -172,6 +196,7 @@ class MessageKey(StrEnum):
     ROUND = "server-round"  # set by Flower's strategies
     RUN_ID = "run-id"  # names the run in the sites' ledgers
     LEDGER_DIR = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
+    CACHE_DIR = "sim-cache-dir"  # simulation only: the centre's cache of a table's prepared cases
     CLIPPING_NORM = "clipping_norm"  # Flower's client-side DP wrapper (`flwr.supercore.differential_privacy`)
 
 
@@ -210,7 +235,8 @@ class NodeConfigKey(StrEnum):
 
     PARTITION_ID = "partition-id"
     NUM_PARTITIONS = "num-partitions"
-    DATA_PATH = "data-path"  # deployment: the site's own MedMNIST-style file
+    DATA_PATH = "data-path"  # deployment: the site's own data (a MedMNIST-style file or a labels table)
+    CACHE_DIR = "cache-dir"  # deployment: where the site caches its prepared cases (its own disk)
     SITE_ID = "site-id"  # deployment: the site's number in the federation (from its kit)
     SITE_NAME = "site-name"  # deployment: the site's name (kit folder; names its ledger rows)
     LEDGER_PATH = "ledger-path"  # the site's privacy ledger (SQLite) on its own disk

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ SHARED_DATA = Path(
 )
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# prepared cases go to a throwaway cache, never the user's ~/.cache/medfed
+os.environ.setdefault("MEDFED_CACHE_DIR", tempfile.mkdtemp(prefix="medfed-test-cache-"))
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 

@@ -142,7 +142,8 @@ def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:
     from medfed.client.redaction import SiteFailure
 
     # the runtime turns this into an error reply; the server reads the reason without the site's file path
-    with pytest.raises(SiteFailure, match=r"DataError: <path> contents differ .*sha256 mismatch.*incident") as caught:
+    with pytest.raises(SiteFailure, match=r"DataError: breastmnist: contents differ .*sha256 mismatch.*incident"
+                       ) as caught:
         send(ctx2, Phase.FINETUNE, state, site_context(0))
     assert str(tmp_path) not in str(caught.value) and "breastmnist.npz" not in str(caught.value)
 

@@ -11,7 +11,6 @@ import torch
 from medfed.config import RunConfig, run_config
 from medfed.data.medmnist import load_medmnist
 from medfed.data.site import site_from_own_file
-from medfed.data.transforms import scale_intensity
 from medfed.experiment.canary_audit import audit_site_training
 from medfed.task.model_setup import initial_encoder_state
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 def breast(shared_data: Path):
     data = load_medmnist(str(shared_data / "breastmnist.npz"))
     site = site_from_own_file(data, 0, 0.1, 0)
-    pool = scale_intensity(data.test.images, data.intensity_range)
+    pool = data.test.images
     return site, pool, torch.as_tensor(data.test.labels)
 
 

@@ -76,7 +76,7 @@ BAD = [
     ("path,label\nimages/case0.png,0\n", "unknown column(s) path"),
     ("label\n0\n", "must name an 'image' column"),
     ("image,image\nimages/case0.png,images/case1.png\n", "column(s) image appear more than once"),
-    ("image,label\nimages/none.png,0\n", "row 2: image 'images/none.png' does not exist"),
+    ("image,label\nimages/case0.png,0\nimages/./case0.png,1\n", "row 3: the same image as row 2"),
     ("image,label\n,0\n", "row 2: the image column is empty"),
     ("image,label\nimages/case0.png,0\nimages/case1.png,1\nimages/case0.png,0\n", "row 4: the same row as row 2"),
     ("image,label\nimages/case0.png,0,extra\n", "row 2: 3 fields, the header has 2"),

@@ -80,7 +80,7 @@ def test_shared_files_read(flag, sizes, spatial):
     for split in ("train", "val", "test"):
         s = data.split(split)
         assert s.images.shape == (len(s), 1, *spatial)
-        assert s.images.dtype == np.uint8
+        assert s.images.pixels.dtype == np.uint8
         assert s.labels.shape == (len(s), 1)
         assert s.labels.dtype == np.int64
         assert set(np.unique(s.labels)) == {0, 1}
@@ -105,7 +105,7 @@ def test_shared_pneumonia_labels_match_raw_file():
     data = load_medmnist(SHARED / "pneumoniamnist.npz")
     with np.load(SHARED / "pneumoniamnist.npz") as raw:
         np.testing.assert_array_equal(data.train.labels[:, 0], raw["train_labels"][:, 0])
-        np.testing.assert_array_equal(data.test.images[:, 0], raw["test_images"])
+        np.testing.assert_array_equal(data.test.images.pixels[:, 0], raw["test_images"])
     # PneumoniaMNIST's official train split: 1214 normal, 3494 pneumonia
     assert np.bincount(data.train.labels[:, 0]).tolist() == [1214, 3494]
 
@@ -142,8 +142,8 @@ def test_2d_rgb_multiclass(tmp_path):
     assert data.train.images.shape == (12, 3, 28, 28)
     # channel-last -> channel-first without mixing pixels up
     raw = images["train"]
-    assert data.train.images[5, 2, 7, 11] == raw[5, 7, 11, 2]
-    np.testing.assert_array_equal(data.train.images, np.moveaxis(raw, -1, 1))
+    assert data.train.images.pixels[5, 2, 7, 11] == raw[5, 7, 11, 2]
+    np.testing.assert_array_equal(data.train.images.pixels, np.moveaxis(raw, -1, 1))
 
 
 def test_known_flag_uses_official_class_count(tmp_path):
@@ -183,7 +183,7 @@ def test_3d_volumes(tmp_path, channel_axis):
     assert data.spatial_shape == (16, 16, 16)
     assert data.channels == 1
     assert data.train.images.shape == (20, 1, 16, 16, 16)
-    np.testing.assert_array_equal(data.val.images.reshape(6, -1), arrays["val_images"].reshape(6, -1))
+    np.testing.assert_array_equal(data.val.images.pixels.reshape(6, -1), arrays["val_images"].reshape(6, -1))
 
 
 def test_3d_known_flag_name(tmp_path):
@@ -197,8 +197,8 @@ def test_float_images(tmp_path):
     imgs = {f"{s}_images": rng.normal(size=(n, 28, 28)).astype(np.float32) * 100
             for s, n in (("train", 20), ("val", 6), ("test", 6))}
     data = load_medmnist(write_npz(tmp_path / "ct.npz", **imgs))
-    assert np.issubdtype(data.train.images.dtype, np.floating)
-    np.testing.assert_array_equal(data.test.images[:, 0], imgs["test_images"])
+    assert np.issubdtype(data.train.images.pixels.dtype, np.floating)
+    np.testing.assert_array_equal(data.test.images.pixels[:, 0], imgs["test_images"])
     assert data.channels == 1 and data.spatial_shape == (28, 28)
 
 

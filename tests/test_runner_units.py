@@ -80,11 +80,11 @@ def test_float_files_use_one_intensity_mapping_for_every_split_and_site(tmp_path
     np.savez_compressed(path, **arrays)
     data = load_medmnist(path)
     low, high = float(arrays["train_images"].min()), float(arrays["train_images"].max())
-    assert data.intensity_range == pytest.approx((low, high))
+    assert data.train.images.value_range == pytest.approx((low, high))
     site = site_from_own_file(data, 0, 1.0, 0)
     value = arrays["val_images"][0]  # val values above the train range clip to 1, others map linearly
     expected = np.clip((value - low) / (high - low), 0, 1)
-    torch.testing.assert_close(site.val_images[0, 0], torch.as_tensor(expected), atol=1e-5, rtol=0)
+    torch.testing.assert_close(site.val_images[0][0, 0], torch.as_tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_a_flower_run_records_its_run_directory_for_medfed_run(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from medfed.config.experiment import (
     parse_site_keys,
 )
 from medfed.config.federation import FederationSettings, RobustSettings
+from medfed.config.images import ImageSettings
 from medfed.config.privacy import MAX_AUGMENT_MULTIPLICITY, CentralDPSettings, DPSettings, SecAggSettings
 from medfed.config.run import RunConfig, run_config, without_resume
 from medfed.config.training import (
@@ -31,7 +32,8 @@ from medfed.config.training import (
 __all__ = [
     "DP_FINETUNE_RECIPE", "FINETUNE_RECIPE", "LR_SCHEDULES", "MAX_AUGMENT_MULTIPLICITY", "CentralDPSettings",
     "DPSettings", "DatasetSettings", "DeploymentSettings", "ExperimentSettings", "FederationSettings",
-    "FinetuneRecipe", "FinetuneSettings", "FlatValue", "LoRASettings", "ModelSettings", "OutputSettings", "Part",
+    "FinetuneRecipe", "FinetuneSettings", "FlatValue", "ImageSettings", "LoRASettings", "ModelSettings",
+    "OutputSettings", "Part",
     "PretrainSettings", "RobustSettings", "RunConfig", "SecAggSettings", "Setting", "parse_site_keys", "run_config",
     "without_resume",
 ]

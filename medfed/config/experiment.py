@@ -19,11 +19,19 @@ class DatasetSettings(Part):
 
     TITLE: ClassVar[str] = "dataset"
 
-    source: str = setting("pneumoniamnist", "MedMNIST flag (looked up in $MEDFED_DATA_PATH, then ~/.medmnist/FLAG.npz)"
-                          " or a path to a MedMNIST-style .npz.", key="data", site=False)
+    source: str = setting("pneumoniamnist", "MedMNIST flag (looked up in $MEDFED_DATA_PATH, then "
+                          "~/.medmnist/FLAG.npz), a MedMNIST-style .npz, a labels table (.csv), a MONAI datalist "
+                          "(.json) or a folder of class folders.", key="data", site=False)
+    num_classes: int = setting(0, "Classes (labels, for multi-label) of a labels table; 0: from its labels, which must "
+                               "then be 0..K-1 with every class present.", key="num-classes", site=False)
+    val_fraction: float = setting(0.15, "A labels table's rows without a split: the share of patients (rows) put in "
+                                  "val, at each site.", key="val-fraction")
+    test_fraction: float = setting(0.15, "A labels table's rows without a split: the share of patients (rows) put in "
+                                   "test, at each site.", key="test-fraction")
     num_sites: int = setting(5, "Number of simulated hospital sites.", key="num-sites")
     partition: PartitionScheme = setting(PartitionScheme.DIRICHLET, "How the train split is divided: iid, dirichlet "
-                                         "(label skew) or quantity (size skew).", key="partition", site=False)
+                                         "(label skew), quantity (size skew) or natural (a labels table's own site "
+                                         "column: one simulated site per hospital).", key="partition", site=False)
     alpha: float = setting(0.5, "Dirichlet concentration for dirichlet/quantity skew (smaller = more skewed).",
                            key="alpha", site=False)
     label_fraction: float = setting(0.1, "Fraction of each site's train images whose labels it may use, in (0, 1].",
@@ -37,6 +45,12 @@ class DatasetSettings(Part):
     def check(self) -> None:
         if not self.source:
             raise ConfigError("data must name a MedMNIST flag (e.g. pneumoniamnist) or a .npz path")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise ConfigError(f"num-classes must be 0 (from the labels) or >= 2; got {self.num_classes}")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("val-fraction and test-fraction must each be in [0, 1) and leave rows for train; got "
+                              f"{self.val_fraction} and {self.test_fraction}")
         if self.num_sites < 1:
             raise ConfigError(f"num-sites must be >= 1; got {self.num_sites}")
         if not self.alpha > 0:
@@ -48,8 +62,8 @@ class DatasetSettings(Part):
 
     @property
     def stem(self) -> str:
-        """The data file's short name (the flag, or the .npz file's stem)."""
-        return Path(self.source).stem if self.source.endswith(".npz") else self.source
+        """The data's short name: the flag, a file's stem, or a folder's name."""
+        return Path(self.source.rstrip("/\\")).stem if ("/" in self.source or "." in self.source) else self.source
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Parts (each owning its defaults, help and checks; `medfed.config.base`):
 
 ===============  ==================================================================================
 ``dataset``      the data file and how it is cut into sites (`DatasetSettings`)
+``images``       how cases are read and prepared: size, intensity policy, cache (`ImageSettings`)
 ``experiment``   seed, the main arm's mode, the baselines (`ExperimentSettings`)
 ``model``        the encoder (`ModelSettings`)
 ``ssl``          self-supervised pretraining (`PretrainSettings`)
@@ -38,6 +39,7 @@ from medfed.config.experiment import (
     OutputSettings,
 )
 from medfed.config.federation import FederationSettings, RobustSettings
+from medfed.config.images import ImageSettings
 from medfed.config.privacy import CentralDPSettings, DPSettings, SecAggSettings
 from medfed.config.rules import MIN_UPDATES_TO_SCREEN, krum_problem, trim_count
 from medfed.config.training import (
@@ -77,6 +79,7 @@ class RunConfig:
     """
 
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     ssl: PretrainSettings = field(default_factory=PretrainSettings)

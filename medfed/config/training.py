@@ -48,6 +48,10 @@ split) by `benchmarks/dp_recipe.py` at epsilon 8 (PneumoniaMNIST, 5 sites, delta
 docs/RESULTS.md (dp_recipe)."""
 
 
+AUTO_PRETRAIN_BATCH = 128
+"""The pretraining batch of ``pretrain-batch-size 0`` when it fits the memory."""
+
+
 @dataclass(frozen=True)
 class PretrainSettings(Part):
     """Self-supervised pretraining of the encoder: the method(s), rounds, optimisation and the methods' knobs."""
@@ -61,8 +65,12 @@ class PretrainSettings(Part):
     rounds: int = setting(10, "Federated rounds of self-supervised pretraining.", key="pretrain-rounds")
     epochs: int = setting(1, "Local epochs per pretraining round.", key="pretrain-epochs")
     lr: float = setting(1e-3, "AdamW learning rate for pretraining.", key="pretrain-lr")
-    batch_size: int = setting(128, "Batch size for pretraining (SimCLR's negatives come from the batch).",
-                              key="pretrain-batch-size")
+    batch_size: int = setting(0, f"Batch size for pretraining (SimCLR's negatives come from the batch); 0: auto, "
+                              f"{AUTO_PRETRAIN_BATCH} or the largest that fits pretrain-memory-gb (decided at the "
+                              "centre, sent to the sites).", key="pretrain-batch-size")
+    memory_gb: float = setting(0.0, "Memory (GB) one site's pretraining may use; 0: a quarter of this machine's "
+                               "memory, shared by the sites that train at once. An explicit pretrain-batch-size that "
+                               "does not fit is refused.", key="pretrain-memory-gb")
     temperature: float = setting(0.2, "NT-Xent temperature (SimCLR).", key="temperature")
     byol_momentum: float = setting(0.99, "Momentum of BYOL's target network (kept at each site).", key="byol-momentum")
     mask_ratio: float = setting(0.75, "Fraction of patches MAE hides.", key="mask-ratio")
@@ -93,10 +101,13 @@ class PretrainSettings(Part):
             raise ConfigError(f"pretrain-rounds must be >= 0; got {self.rounds}")
         if self.method != NO_PRETRAIN and self.rounds < 1:
             raise ConfigError("pretrain-rounds must be >= 1 when a pretrain method is set (or use --pretrain none)")
-        for key, value in (("pretrain-epochs", self.epochs), ("pretrain-batch-size", self.batch_size)):
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1; got {value}")
-        if "simclr" in methods and self.batch_size < 2:
+        if self.epochs < 1:
+            raise ConfigError(f"pretrain-epochs must be >= 1; got {self.epochs}")
+        if self.batch_size < 0:
+            raise ConfigError(f"pretrain-batch-size must be >= 1 (0: auto); got {self.batch_size}")
+        if self.memory_gb < 0:
+            raise ConfigError(f"pretrain-memory-gb must be >= 0 (0: from this machine's memory); got {self.memory_gb}")
+        if "simclr" in methods and self.batch == 1:
             raise ConfigError("pretrain-batch-size must be >= 2 for simclr (it needs in-batch negatives)")
         for key, fvalue in (("pretrain-lr", self.lr), ("temperature", self.temperature)):
             if not fvalue > 0:
@@ -105,6 +116,12 @@ class PretrainSettings(Part):
             raise ConfigError(f"byol-momentum must be in [0, 1); got {self.byol_momentum}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"mask-ratio must be in (0, 1); got {self.mask_ratio}")
+
+    @property
+    def batch(self) -> int:
+        """The pretraining batch size: the setting, or `AUTO_PRETRAIN_BATCH` when it is 0 and the centre has not
+        sized it yet (`medfed.experiment.memory.fit_pretrain_batch`)."""
+        return self.batch_size or AUTO_PRETRAIN_BATCH
 
     @property
     def methods(self) -> list[str]:

@@ -17,13 +17,17 @@ import os
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medfed.constants import TaskType
+from medfed.data.dataset import Dataset, Split
+from medfed.data.stores import ArrayImages
 from medfed.exceptions import DataError
+
+Arrays = tuple[np.ndarray, np.ndarray]
+"""A split as read: channel-first pixels ``(N, C, *S)`` and int64 labels ``(N, K)``."""
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
@@ -76,61 +80,6 @@ OFFICIAL_MD5: dict[str, str] = {
     "vesselmnist3d": "2ba5b80617d705141f3f85627108fce8",
     "synapsemnist3d": "1235b78a3cd6280881dd7850a78eadb6",
 }
-
-
-@dataclass(frozen=True)
-class Split:
-    """One official split. ``images``: uint8 or float, channel-first ``(N, C, *spatial)``;
-    ``labels``: int64 ``(N, K)`` (K = 1 unless multi-label)."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-@dataclass(frozen=True)
-class MedMNISTData:
-    """A validated MedMNIST-style dataset with its official splits."""
-
-    name: str
-    path: Path
-    sha256: str
-    train: Split
-    val: Split
-    test: Split
-    task: TaskType
-    num_classes: int  # classes (binary/multi-class) or labels (multi-label)
-    intensity_range: tuple[float, float]  # one mapping to [0, 1] for every split and site
-
-    @property
-    def channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    @property
-    def spatial_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.train.images.shape[2:])
-
-    @property
-    def spatial_dims(self) -> int:
-        return len(self.spatial_shape)
-
-    def split(self, name: str) -> Split:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "sha256": self.sha256,
-            "task": self.task.value,
-            "num_classes": self.num_classes,
-            "channels": self.channels,
-            "spatial_shape": list(self.spatial_shape),
-            "intensity_range": list(self.intensity_range),
-            "sizes": {s: len(self.split(s)) for s in SPLITS},
-        }
 
 
 def is_path_like(data: str) -> bool:
@@ -220,8 +169,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
-    """Resolve, read and validate a MedMNIST-style file (see module docstring for layouts)."""
+def load_medmnist(data: str | Path, *, download: bool = True) -> Dataset:
+    """Resolve, read and validate a MedMNIST-style file (see module docstring for layouts).
+
+    The pixels stay in their own dtype (uint8 for the official files) and are scaled to [0, 1] a batch at a
+    time with the file's one intensity range (`medfed.data.stores.ArrayImages`).
+    """
     path = resolve_data_path(str(data), download=download)
     name = path.stem.lower()
     try:
@@ -241,35 +194,38 @@ def load_medmnist(data: str | Path, *, download: bool = True) -> MedMNISTData:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
 
     splits = {s: _read_split(path, s, raw[f"{s}_images"], raw[f"{s}_labels"]) for s in SPLITS}
-    shapes = {s: splits[s].images.shape[1:] for s in SPLITS}
+    shapes = {s: splits[s][0].shape[1:] for s in SPLITS}
     if len(set(shapes.values())) != 1:
         raise DataError(f"{path}: image shapes differ between splits ({shapes}); all splits must match")
-    widths = {s: splits[s].labels.shape[1] for s in SPLITS}
+    widths = {s: splits[s][1].shape[1] for s in SPLITS}
     if len(set(widths.values())) != 1:
         raise DataError(f"{path}: label widths differ between splits ({widths}); all splits must match")
     task, num_classes = _task_of(path, flag_base(name), splits)
-    return MedMNISTData(
-        intensity_range=_intensity_range(path, splits),
+    value_range = _intensity_range(path, splits)
+    return Dataset(
         name=name,
         path=path.resolve(),
         sha256=sha256_of(path),
         task=task,
         num_classes=num_classes,
-        **splits,
+        preprocessing={"intensity_range": list(value_range)},
+        train=Split(ArrayImages(*splits["train"][:1], value_range), splits["train"][1]),
+        val=Split(ArrayImages(*splits["val"][:1], value_range), splits["val"][1]),
+        test=Split(ArrayImages(*splits["test"][:1], value_range), splits["test"][1]),
     )
 
 
-def _intensity_range(path: Path, splits: dict[str, Split]) -> tuple[float, float]:
-    """0..255 for 8-bit files; otherwise the train split's min and max, used for every split."""
-    if all(splits[s].images.dtype == np.uint8 for s in SPLITS):
+def _intensity_range(path: Path, splits: dict[str, Arrays]) -> tuple[float, float]:
+    """0..255 for 8-bit files; otherwise the train split's min and max, used for every split (and site)."""
+    if all(splits[s][0].dtype == np.uint8 for s in SPLITS):
         return 0.0, 255.0
-    low, high = float(splits["train"].images.min()), float(splits["train"].images.max())
+    low, high = float(splits["train"][0].min()), float(splits["train"][0].max())
     if not high > low:
         raise DataError(f"{path}: train_images are constant ({low}); there is nothing to learn from")
     return low, high
 
 
-def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
+def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Arrays:
     key = f"{split}_images"
     numeric = np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
     if images.dtype == object or not numeric:
@@ -306,12 +262,12 @@ def _read_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray) 
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise DataError(f"{path}: {lkey} has negative label {int(labels.min())}; labels must be >= 0")
-    return Split(images=np.ascontiguousarray(images), labels=labels)
+    return np.ascontiguousarray(images), labels
 
 
-def _task_of(path: Path, base: str, splits: dict[str, Split]) -> tuple[TaskType, int]:
-    width = splits["train"].labels.shape[1]
-    all_labels = np.concatenate([splits[s].labels for s in SPLITS])
+def _task_of(path: Path, base: str, splits: dict[str, Arrays]) -> tuple[TaskType, int]:
+    width = splits["train"][1].shape[1]
+    all_labels = np.concatenate([splits[s][1] for s in SPLITS])
     if base in KNOWN_FLAGS:
         task, n = KNOWN_FLAGS[base]
         expected_width = n if task == TaskType.MULTILABEL else 1
@@ -327,11 +283,11 @@ def _task_of(path: Path, base: str, splits: dict[str, Split]) -> tuple[TaskType,
             raise DataError(f"{path}: multi-label labels must be 0 or 1; found values {np.unique(all_labels)[:10]}")
     else:
         for s in SPLITS:
-            top = int(splits[s].labels.max())
+            top = int(splits[s][1].max())
             if top >= n:
                 raise DataError(
                     f"{path}: {s}_labels has label {top}, out of range for {n} classes (labels must be 0..{n - 1})"
                 )
-        if n < 2 or len(np.unique(splits["train"].labels)) < 2:
+        if n < 2 or len(np.unique(splits["train"][1])) < 2:
             raise DataError(f"{path}: train_labels hold a single class; a classification task needs at least two")
     return task, n

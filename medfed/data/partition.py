@@ -7,6 +7,12 @@ Schemes (all seeded with `numpy.random.default_rng`):
   distribution"): for each class, site shares are drawn from Dir(alpha); small alpha gives
   sites dominated by few classes.
 * ``quantity`` - quantity skew: site sizes follow Dir(alpha) shares, labels IID.
+* ``natural`` - a labels table's own hospitals (its ``site`` column), as FLamby's natural centres
+  (Ogier du Terrail et al., NeurIPS 2022): every hospital is a site and keeps its own rows
+  (`make_natural_plan`).
+
+A labels table's train split may hold unlabelled cases (label -1): they form a stratum of their own,
+are pretrained on, and are never drawn as labelled.
 
 The same site proportions cut the official train, val and test splits, so each site's
 validation data (and its share of the test split, used only to report per-site test
@@ -20,6 +26,7 @@ and is tested directly instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +61,7 @@ class SitePlan:
     seed: int
     data_sha256: str
     sites: list[SiteSplit]
+    site_names: list[str] = field(default_factory=list)  # natural sites: the hospitals, as the table spells them
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -66,11 +74,24 @@ class SitePlan:
 
 
 def stratify_key(labels: np.ndarray, task: TaskType) -> np.ndarray:
-    """One class per image for label-skew: the class, or the first positive label (K if none)."""
+    """One class per image for label-skew: the class, or the first positive label (K if none); -1 for an
+    unlabelled case (a row of -1)."""
+    unlabelled = labels[:, 0] < 0 if len(labels) else np.zeros(0, dtype=bool)
     if task != TaskType.MULTILABEL:
-        return labels[:, 0]
-    positive = labels.astype(bool)
-    return np.where(positive.any(axis=1), positive.argmax(axis=1), labels.shape[1])
+        return np.where(unlabelled, -1, labels[:, 0])
+    positive = labels > 0
+    return np.where(unlabelled, -1, np.where(positive.any(axis=1), positive.argmax(axis=1), labels.shape[1]))
+
+
+def draw_labelled(train: np.ndarray, train_labels: np.ndarray, label_fraction: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The labelled subset of a site's train indices: ``label_fraction`` of those that have a label (at least one,
+    when any has), sorted."""
+    pool = train[train_labels[train, 0] >= 0] if len(train) else train
+    if not len(pool):
+        return pool
+    n_lab = max(1, int(round(label_fraction * len(pool))))
+    return np.sort(rng.choice(pool, size=n_lab, replace=False))
 
 
 def site_proportions(
@@ -118,6 +139,9 @@ def make_site_plan(
     until that holds; the error names the setting to change if they never do.
     """
     scheme_enum = PartitionScheme(scheme)
+    if scheme_enum == PartitionScheme.NATURAL:
+        raise SplitError("partition natural takes each hospital's rows from a labels table's site column "
+                         "(make_natural_plan); it cannot cut a file without one")
     n_train, n_val = len(train_labels), len(val_labels)
     if num_sites < 1:
         raise SplitError(f"num-sites must be >= 1; got {num_sites}")
@@ -133,6 +157,9 @@ def make_site_plan(
     rng = np.random.default_rng(seed)
     train_keys, val_keys = stratify_key(train_labels, task), stratify_key(val_labels, task)
     classes = int(max(train_keys.max(), val_keys.max())) + 1
+    if (train_keys < 0).any():  # unlabelled cases: one more stratum, cut like a class
+        train_keys = np.where(train_keys < 0, classes, train_keys)
+        classes += 1
     for _ in range(MAX_DRAWS):
         props = site_proportions(scheme_enum, np.arange(classes), num_sites, alpha, rng)
         train_parts = assign(train_keys, props, rng)
@@ -153,8 +180,7 @@ def make_site_plan(
     )
     sites = []
     for site_id, (tr, va, te) in enumerate(zip(train_parts, val_parts, test_parts, strict=True)):
-        n_lab = max(1, int(round(label_fraction * len(tr))))
-        labelled = np.sort(rng.choice(tr, size=n_lab, replace=False))
+        labelled = draw_labelled(tr, train_labels, label_fraction, rng)
         sites.append(SiteSplit(site_id, tr.tolist(), labelled.tolist(), va.tolist(), te.tolist()))
     return SitePlan(
         scheme=scheme_enum.value,
@@ -167,6 +193,50 @@ def make_site_plan(
     )
 
 
+def make_natural_plan(
+    train_sites: Sequence[str],
+    val_sites: Sequence[str],
+    test_sites: Sequence[str],
+    site_names: Sequence[str],
+    train_labels: np.ndarray,
+    *,
+    label_fraction: float,
+    seed: int,
+    data_sha256: str = "",
+    min_site_size: int = 10,
+) -> SitePlan:
+    """One site per hospital, holding its own rows of each split (``*_sites``: each case's hospital).
+
+    Raises:
+        SplitError: naming the hospital: a row without a site, a hospital with fewer than ``min_site_size``
+            train cases, no val case or no labelled train case.
+    """
+    if not site_names:
+        raise SplitError("partition natural needs a labels table with a site column naming each row's hospital")
+    for split, names in (("train", train_sites), ("val", val_sites), ("test", test_sites)):
+        if any(not n for n in names):
+            raise SplitError(f"partition natural: a {split} row names no site; every row must name its hospital")
+    if not 0 < label_fraction <= 1:
+        raise SplitError(f"label-fraction must be in (0, 1]; got {label_fraction}")
+    rng = np.random.default_rng(seed)
+    train_of, val_of, test_of = (np.asarray(list(x), dtype=object) for x in (train_sites, val_sites, test_sites))
+    sites = []
+    for site_id, name in enumerate(site_names):
+        tr, va, te = (np.flatnonzero(of == name) for of in (train_of, val_of, test_of))
+        problem = ("fewer than min-site-size "
+                   f"({min_site_size}) train cases ({len(tr)})" if len(tr) < min_site_size
+                   else "no val case" if not len(va)
+                   else "no labelled train case" if not (train_labels[tr, 0] >= 0).any() else "")
+        if problem:
+            raise SplitError(f"partition natural: hospital {name!r} has {problem}; give it more rows or lower "
+                             "min-site-size / val-fraction settings")
+        labelled = draw_labelled(tr, train_labels, label_fraction, rng)
+        sites.append(SiteSplit(site_id, tr.tolist(), labelled.tolist(), va.tolist(), te.tolist()))
+    return SitePlan(scheme=PartitionScheme.NATURAL.value, num_sites=len(site_names), alpha=0.0,
+                    label_fraction=label_fraction, seed=seed, data_sha256=data_sha256, sites=sites,
+                    site_names=list(site_names))
+
+
 def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, task: TaskType) -> list[dict]:
     """Per-site counts for reports: train, labelled, val, test share, and train images per class
     (for multi-label data: per first positive label, last bucket = no label)."""
@@ -174,10 +244,13 @@ def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, 
     classes = int(max(tk.max(), vk.max())) + 1
     rows = []
     for s in plan.sites:
-        per_class = np.bincount(tk[s.train], minlength=classes).tolist()
+        keys = tk[s.train]
+        per_class = np.bincount(keys[keys >= 0], minlength=classes).tolist()
+        named = {"hospital": plan.site_names[s.site_id]} if plan.site_names else {}
+        unlabelled = {"unlabelled": int((keys < 0).sum())} if (tk < 0).any() else {}
         rows.append(
             {
-                "site": s.site_id,
+                "site": s.site_id, **named, **unlabelled,
                 "train": len(s.train),
                 "labelled": len(s.labelled),
                 "val": len(s.val),

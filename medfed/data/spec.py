@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from medfed.constants import TaskType
-from medfed.data.medmnist import MedMNISTData
+from medfed.data.dataset import Dataset
 from medfed.exceptions import ConfigError, DataMismatch
 
 INPUT_NAME, INPUT_CHANNELS, INPUT_SHAPE, INPUT_TASK, INPUT_CLASSES = (
@@ -56,7 +56,7 @@ class DataSpec:
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
-    def of(cls, data: MedMNISTData, name: str = "") -> DataSpec:
+    def of(cls, data: Dataset, name: str = "") -> DataSpec:
         """The spec of a loaded file; ``name`` only for the run's (centre's) data, never a site's."""
         return cls(data.channels, data.spatial_shape, data.task, data.num_classes, name)
 

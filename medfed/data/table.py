@@ -23,7 +23,8 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfed.constants import TaskType
@@ -58,6 +59,12 @@ class LabelsTable:
     cases: tuple[Case, ...]
     task: TaskType | None  # None: no row is labelled (pretraining only)
     num_classes: int  # 0 when no row is labelled
+    class_names: tuple[str, ...] = ()  # the classes' names in label order, where the source names them
+    row_names: RowNames | None = field(default=None, compare=False)  # how errors name rows (CSV: "row N")
+
+    def rows(self, rows: Sequence[int]) -> str:
+        """``row 2`` for a CSV; ``training entry 3`` for a datalist; ``file '0/a.png'`` for class folders."""
+        return (self.row_names or csv_rows)(rows)
 
     @property
     def labelled(self) -> tuple[Case, ...]:
@@ -81,9 +88,10 @@ def read_labels_table(path: str | Path, *, num_classes: int = 0) -> LabelsTable:
 
     Raises:
         DataError: naming the table, the row and the rule: a missing or unreadable file, no header or no
-            ``image`` column, an unknown or repeated column, an empty table, a duplicate row, an image that
-            does not exist, a bad label or split, a gap in the classes, multi-label rows of different
-            lengths mixed with single labels, a patient in two splits or two sites.
+            ``image`` column, an unknown or repeated column, an empty table, a duplicate row or image, a bad
+            label or split, a gap in the classes, multi-label rows of different lengths mixed with single labels,
+            a patient in two splits or two sites. (Whether each image exists and reads is checked when the
+            images are read, every bad row reported.)
     """
     path = Path(path)
     where = f"labels table {path.name!r}"
@@ -111,6 +119,7 @@ def read_labels_table(path: str | Path, *, num_classes: int = 0) -> LabelsTable:
         raise DataError(f"{where}: the header row must name an {IMAGE!r} column (paths relative to the table)")
     cases: list[Case] = []
     seen: dict[tuple[tuple[str, str], ...], int] = {}
+    images: dict[Path, int] = {}
     try:
         for row_number, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
@@ -122,13 +131,18 @@ def read_labels_table(path: str | Path, *, num_classes: int = 0) -> LabelsTable:
             if key in seen:
                 raise DataError(f"{where} row {row_number}: the same row as row {seen[key]} (duplicate rows)")
             seen[key] = row_number
-            cases.append(_case(fields, row_number, path.parent, where))
+            case = _case(fields, row_number, path.parent, where)
+            if case.image in images:
+                raise DataError(f"{where} row {row_number}: the same image as row {images[case.image]} (one row per "
+                                "case: a case in two rows would be trained and evaluated on twice)")
+            images[case.image] = row_number
+            cases.append(case)
     except csv.Error as exc:
         raise DataError(f"{where}: not CSV ({exc})") from None
     if not cases:
         raise DataError(f"{where} holds no rows (only a header)")
-    _check_patients(cases, where)
-    task, classes = _task_and_classes(cases, num_classes, where)
+    check_patients(cases, where)
+    task, classes = task_and_classes(cases, num_classes, where)
     return LabelsTable(path, tuple(cases), task, classes)
 
 
@@ -136,9 +150,9 @@ def _case(fields: dict[str, str], row: int, folder: Path, where: str) -> Case:
     image = fields.get(IMAGE, "")
     if not image:
         raise DataError(f"{where} row {row}: the image column is empty")
+    # whether the image exists and reads is checked when it is read (every row's problem reported, by row:
+    # a path is not repeated in an error, folders are often named after the patient)
     resolved = (folder / image).resolve() if not Path(image).is_absolute() else Path(image)
-    if not resolved.exists():
-        raise DataError(f"{where} row {row}: image {image!r} does not exist (paths are relative to the table)")
     split = fields.get(SPLIT, "").lower()
     if split and split not in SPLITS:
         raise DataError(f"{where} row {row}: split must be one of {', '.join(SPLITS)} or empty; got {split!r}")
@@ -164,7 +178,16 @@ def _label(text: str, row: int, where: str) -> int | tuple[int, ...] | None:
     return value
 
 
-def _check_patients(cases: list[Case], where: str) -> None:
+RowNames = Callable[[Sequence[int]], str]
+"""Names rows in an error from their ``Case.row`` numbers: ``csv_rows`` for a CSV, another for other sources."""
+
+
+def csv_rows(rows: Sequence[int]) -> str:
+    """``row 2``, or ``rows 2, 3``: a CSV's rows (1-based, the header being row 1)."""
+    return f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}"
+
+
+def check_patients(cases: Sequence[Case], where: str, names: RowNames = csv_rows) -> None:
     """All rows of one patient in one split and one site (rows named; the patient never printed)."""
     rows: dict[str, list[Case]] = defaultdict(list)
     for case in cases:
@@ -174,12 +197,18 @@ def _check_patients(cases: list[Case], where: str) -> None:
         for attribute, what in (("split", "split"), ("site", "site")):
             values = {getattr(c, attribute) for c in same}
             if len(values) > 1:
-                numbers = ", ".join(str(c.row) for c in same)
-                raise DataError(f"{where} rows {numbers}: one patient in more than one {what}; every row of a "
-                                f"patient must share its {what}")
+                raise DataError(f"{where} {names([c.row for c in same])}: one patient in more than one {what}; "
+                                f"every row of a patient must share its {what}")
 
 
-def _task_and_classes(cases: list[Case], num_classes: int, where: str) -> tuple[TaskType | None, int]:
+def task_and_classes(cases: Sequence[Case], num_classes: int, where: str,
+                     names: RowNames = csv_rows) -> tuple[TaskType | None, int]:
+    """The task and number of classes the labelled rows hold (``None, 0`` when none is labelled).
+
+    Raises:
+        DataError: naming the row and the rule: a single label among multi-label rows, multi-label rows of
+            different lengths, a label outside ``num_classes``, a gap in the classes, one class only.
+    """
     labelled = [c for c in cases if c.label is not None]
     if not labelled:
         return None, 0
@@ -187,12 +216,12 @@ def _task_and_classes(cases: list[Case], num_classes: int, where: str) -> tuple[
     if flags:
         if len(flags) != len(labelled):
             single = next(c for c in labelled if not isinstance(c.label, tuple))
-            raise DataError(f"{where} row {single.row}: a single label among multi-label rows")
+            raise DataError(f"{where} {names([single.row])}: a single label among multi-label rows")
         width = len(flags[0][1])
         odd = next(((c, f) for c, f in flags if len(f) != width), None)
         if odd is not None:
-            raise DataError(f"{where} row {odd[0].row}: {len(odd[1])} flags where row {flags[0][0].row} "
-                            f"holds {width} (multi-label rows must hold one flag per class)")
+            raise DataError(f"{where} {names([odd[0].row])}: {len(odd[1])} flags where "
+                            f"{names([flags[0][0].row])} holds {width} (multi-label rows must hold one flag per class)")
         if num_classes and num_classes != width:
             raise DataError(f"{where}: num-classes is {num_classes} but the rows hold {width} flags")
         return TaskType.MULTILABEL, width
@@ -200,13 +229,13 @@ def _task_and_classes(cases: list[Case], num_classes: int, where: str) -> tuple[
     largest, top = max(ints, key=lambda pair: pair[1])
     if num_classes:
         if top >= num_classes:
-            raise DataError(f"{where} row {largest.row}: label {top} is outside the {num_classes} classes "
+            raise DataError(f"{where} {names([largest.row])}: label {top} is outside the {num_classes} classes "
                             f"(0..{num_classes - 1})")
         classes = num_classes
     else:
         missing = sorted(set(range(top + 1)) - {label for _, label in ints})
         if missing:
-            raise DataError(f"{where} row {largest.row}: label {top} means {top + 1} classes, but class(es) "
+            raise DataError(f"{where} {names([largest.row])}: label {top} means {top + 1} classes, but class(es) "
                             f"{', '.join(map(str, missing))} have no labelled row; give --num-classes or relabel")
         classes = top + 1
     if classes < 2:

@@ -33,7 +33,7 @@ def scale_intensity(images: np.ndarray, value_range: tuple[float, float] = (0.0,
     """Channel-first images ``(N, C, *spatial)`` -> float32 tensor in [0, 1] (MONAI scaling).
 
     ``value_range`` maps to 0..1 linearly and values outside it are clipped. Use the file's
-    one range (`MedMNISTData.intensity_range`) for every split and site, so all of them see
+    one range (a MedMNIST file's `ArrayImages.value_range`) for every split and site, so all of them see
     the same mapping.
     """
     low, high = value_range

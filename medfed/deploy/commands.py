@@ -78,7 +78,8 @@ def server(
 def site(
     ctx: typer.Context,
     kit: str = typer.Option("", "--kit", help="This site's kit folder (kits/<site> from `medfed provision`)."),
-    data: str = typer.Option("", "--data", help="This site's own MedMNIST-style .npz (default: data-path in the "
+    data: str = typer.Option("", "--data", help="This site's own data: a labels table (.csv), a MONAI "
+                             "datalist (.json), class folders or a MedMNIST-style .npz (default: data-path in the "
                              "kit's site.toml)."),
     superlink: str = typer.Option(f"127.0.0.1:{DEFAULT_PORT}", "--superlink", help="HOST:PORT of the SuperLink."),
     workdir: str = typer.Option("", "--workdir",
@@ -214,20 +215,27 @@ def _run_signature() -> inspect.Signature:
 
 
 def split_sites(
-    data: str = typer.Option(..., "--data", help="A MedMNIST flag or .npz to cut into site files."),
-    sites: str = typer.Option(..., "--sites", help="Comma-separated site names, e.g. h1,h2,h3."),
-    out: str = typer.Option("sitedata", "--out", help="Folder that receives <site>/<flag>.npz and sites.json."),
-    partition: str = typer.Option("iid", "--partition", help="iid, dirichlet (label skew) or quantity (size skew)."),
+    data: str = typer.Option(..., "--data", help="A MedMNIST flag or .npz to cut into site files, or a labels table "
+                             "(.csv), datalist (.json) or class folders to cut into site tables."),
+    sites: str = typer.Option("", "--sites", help="Comma-separated site names, e.g. h1,h2,h3 (natural: the table's "
+                              "hospitals)."),
+    out: str = typer.Option("sitedata", "--out", help="Folder that receives <site>/<flag>.npz (or "
+                            "<site>/labels.csv) and sites.json."),
+    partition: str = typer.Option("iid", "--partition", help="iid, dirichlet (label skew), quantity (size skew) or "
+                                  "natural (a table's own site column)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration for dirichlet/quantity."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cut."),
+    min_site_size: int = typer.Option(10, "--min-site-size", help="Fewest train images (table rows) a site may get."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
-    """Cut a MedMNIST file into one file per site, to rehearse a deployment on public data."""
+    """Cut a MedMNIST file (or a labels table) into one file (table) per site, to rehearse a deployment on public
+    data; a table's site tables point at its image files, nothing is copied."""
     from medfed.data.site_files import write_site_files
 
     try:
         files = write_site_files(data, [s.strip() for s in sites.split(",") if s.strip()], Path(out),
-                                 partition=partition, alpha=alpha, seed=seed, overwrite=force)
+                                 partition=partition, alpha=alpha, seed=seed, min_site_size=min_site_size,
+                                 overwrite=force)
     except MedfedError as exc:
         _fail(exc)
     for site, path in files.items():

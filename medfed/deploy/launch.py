@@ -221,7 +221,11 @@ def serve(kit_dir: Path, *, host: str, port: int, workdir: Path | None, insecure
 
 def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
     """The node config of a site from its kit's site.toml: relative paths resolved against the kit,
-    the data file validated (a clear error before anything starts)."""
+    the data validated (a clear error before anything starts): a MedMNIST-style file is read whole; a labels
+    table, datalist or class folders is read and checked row by row here, and its images are decoded and
+    prepared into the site's cache (``cache-dir``, default ~/.cache/medfed/cases) at the first round, with the
+    run's image settings."""
+    from medfed.data.datalists import is_table_source, read_source
     from medfed.data.medmnist import load_medmnist
 
     toml_file = _need(kit_dir / SITE_TOML, "site kit file")
@@ -239,14 +243,20 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
         raise ConfigError(
             f"site {config[NodeConfigKey.SITE_NAME]}: no data file: set data-path in {toml_file} or pass --data"
         )
-    for key in (NodeConfigKey.DATA_PATH, NodeConfigKey.LEDGER_PATH, NodeConfigKey.SIGNING_KEY):
+    for key in (NodeConfigKey.DATA_PATH, NodeConfigKey.LEDGER_PATH, NodeConfigKey.SIGNING_KEY,
+                NodeConfigKey.CACHE_DIR):
+        if key not in config:
+            continue
         path = Path(str(config[key])).expanduser()
         config[key] = str(path if path.is_absolute() else (kit_dir / path).resolve())
     try:
-        data_file = load_medmnist(str(config[NodeConfigKey.DATA_PATH]), download=False)
+        if is_table_source(str(config[NodeConfigKey.DATA_PATH])):
+            read_source(str(config[NodeConfigKey.DATA_PATH]))
+        else:
+            config[NodeConfigKey.DATA_PATH] = str(load_medmnist(str(config[NodeConfigKey.DATA_PATH]),
+                                                                download=False).path)
     except DataError as exc:
         raise DataError(f"site {config[NodeConfigKey.SITE_NAME]}: {exc}") from None
-    config[NodeConfigKey.DATA_PATH] = str(data_file.path)
     Path(str(config[NodeConfigKey.LEDGER_PATH])).parent.mkdir(parents=True, exist_ok=True)
     return config
 

@@ -215,7 +215,9 @@ def site_toml(site: str, index: int, plan: ProvisionPlan) -> str:
         "# The budget below is this site's lifetime privacy budget: a run can lower it, never raise it.\n"
         f'site-name = "{site}"\n'
         f"site-id = {index}\n"
-        'data-path = "/path/to/this/site/data.npz"  # a MedMNIST-style .npz of this site\'s own images\n'
+        'data-path = "/path/to/this/site/data.npz"  # this site\'s labels table (.csv), datalist (.json), class '
+        "folders or MedMNIST-style .npz\n"
+        '# cache-dir = "cache"  # where prepared cases are cached (default ~/.cache/medfed/cases)\n'
         f'ledger-path = "ledger/{site}.ledger.sqlite"\n'
         f'signing-key = "{LEDGER_KEY}"\n'
         f"dp-epsilon = {plan.dp_epsilon!r}\n"

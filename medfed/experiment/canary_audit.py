@@ -29,10 +29,10 @@ import torch
 
 from medfed.config import RunConfig
 from medfed.constants import DPScope, TaskType
-from medfed.data.medmnist import load_medmnist
 from medfed.data.partition import SPLIT_FILE, SitePlan
 from medfed.data.site import SiteData, site_from_split
-from medfed.data.transforms import scale_intensity
+from medfed.data.sources import load_dataset
+from medfed.data.stores import ConcatImages, ImageStore, TensorImages
 from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
 from medfed.models.heads import Classifier
 from medfed.privacy.empirical import AuditResult, audit_from_scores, canary_inclusion
@@ -85,7 +85,7 @@ def with_canaries(site: SiteData, images: torch.Tensor, labels: torch.Tensor, in
     keep = torch.as_tensor(np.flatnonzero(inserted), dtype=torch.long)
     return dataclasses.replace(
         site,
-        labelled_images=torch.cat([site.labelled_images, images[keep]]),
+        labelled_images=ConcatImages(site.labelled_images, TensorImages(images[keep])),
         labelled_labels=torch.cat([site.labelled_labels, labels[keep]]),
     )
 
@@ -104,7 +104,7 @@ def canary_scores(model: Classifier, images: torch.Tensor, labels: torch.Tensor)
 
 
 def audit_site_training(
-    cfg: RunConfig, site: SiteData, pool_images: torch.Tensor, pool_labels: torch.Tensor, *,
+    cfg: RunConfig, site: SiteData, pool_images: ImageStore | torch.Tensor, pool_labels: torch.Tensor, *,
     encoder_state: dict[str, torch.Tensor], num_canaries: int, rounds: int, beta: float = 0.05,
 ) -> EmpiricalResult:
     """Insert canaries into ``site``, fine-tune ``rounds`` rounds as the run would, score, bound."""
@@ -158,7 +158,7 @@ def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 
     cfg = RunConfig.from_flat(flat)
     if dp is not None:
         cfg = cfg.replace(dp=dp)
-    data = load_medmnist(cfg.dataset.source)
+    data = load_dataset(cfg)
     plan = SitePlan.load(run_dir / SPLIT_FILE)
     if not 0 <= site_id < len(plan.sites):
         raise ConfigError(f"site {site_id} is not one of the run's {len(plan.sites)} sites")
@@ -172,8 +172,8 @@ def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 
         encoder_state = load_file(str(chosen[0]))
     else:
         encoder_state = initial_encoder_state(cfg, site.spec)
-    pool = scale_intensity(data.test.images, data.intensity_range)
     return audit_site_training(
-        cfg, site, pool, torch.as_tensor(data.test.labels), encoder_state=encoder_state, num_canaries=num_canaries,
+        cfg, site, data.test.images, torch.as_tensor(data.test.labels), encoder_state=encoder_state,
+        num_canaries=num_canaries,
         rounds=rounds or cfg.finetune_recipe.rounds,
     )

@@ -48,6 +48,7 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
     if cfg.experiment.baselines != Baselines.NONE:
         raise ConfigError("a deployment run trains one arm; run baselines as separate runs (baselines none)")
     prep = prepare(cfg)
+    cfg = prep.cfg  # its automatic settings decided
     if cfg.privacy.scope != DPScope.NONE and cfg.privacy.run_epsilon == 0:
         log.warning("dp %s with dp-run-epsilon 0: this run plans its noise to spend all that is left of each site's "
                     "budget (dp-epsilon %g), and a later DP run at these sites will be refused as too noisy to train; "

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from medfed.config import RunConfig
 from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggregation, SiteData, TaskType
 from medfed.data.spec import DataSpec
+from medfed.data.table_data import cache_root
 from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
 from medfed.files import save_safetensors_durably
@@ -83,7 +84,8 @@ class ArmContext:
         }
         if self.cfg.dataset.site_data != SiteData.OWN:
             record |= {MessageKey.RUN_DIR.value: str(self.run_dir), MessageKey.DATA_FILE.value: str(self.data_file),
-                       MessageKey.LEDGER_DIR.value: str(self.ledger_dir)}
+                       MessageKey.LEDGER_DIR.value: str(self.ledger_dir),
+                       MessageKey.CACHE_DIR.value: str(cache_root(self.cfg.images))}
         return ConfigRecord(record)
 
 

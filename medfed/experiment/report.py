@@ -212,9 +212,15 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         "",
         f"Data: `{data_info['name']}` ({data_info['task']}, {data_info['num_classes']} classes, "
         f"{data_info['channels']} channel(s), {'x'.join(map(str, data_info['spatial_shape']))}), "
-        f"sha256 `{data_info['sha256'][:16]}...`. Official splits: "
-        + ", ".join(f"{k} {v}" for k, v in data_info["sizes"].items()) + ".",
-        f"Sites: {cfg['num-sites']} ({cfg['partition']}, alpha {cfg['alpha']}), labelled fraction "
+        f"sha256 `{data_info['sha256'][:16]}...`. "
+        + ("Official splits: " if data_info.get("source", "medmnist") == "medmnist" else "Splits: ")
+        + ", ".join(f"{k} {v}" for k, v in data_info["sizes"].items())
+        + (f" ({data_info['unlabelled']} train cases unlabelled: pretraining only)" if data_info.get("unlabelled")
+           else "") + ".",
+        f"Sites: {cfg['num-sites']} ("
+        + (f"natural: the table's hospitals {', '.join(data_info.get('sites_in_table', []))}"
+           if cfg["partition"] == "natural" else f"{cfg['partition']}, alpha {cfg['alpha']}")
+        + "), labelled fraction "
         f"{cfg['label-fraction']}, seed {cfg['seed']}. Pretraining: {cfg['pretrain']} "
         + (f"(not run here: encoder loaded from `{cfg['encoder-init']}`)" if cfg.get("encoder-init") else
            f"({cfg['pretrain-rounds']} rounds x {cfg['pretrain-epochs']} local epochs)")
@@ -244,10 +250,13 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
     lines += calibrated_section(summary)
     per_class = ("train images per class" if data_info["task"] != "multi-label"
                  else "train images per first positive label (last: none)")
+    named = any("hospital" in s for s in data_info["sites"])
     lines += ["", "## Sites", "", f"| site | train images | labelled | val images | test share | {per_class} |",
               "|---|---|---|---|---|---|"]
     for s in data_info["sites"]:
-        lines.append(f"| {s['site']} | {s['train']} | {s['labelled']} | {s['val']} | {s.get('test', 0)} "
+        site = f"{s['site']} ({str(s['hospital']).replace('|', '/')})" if named else s["site"]
+        unlabelled = f" ({s['unlabelled']} unlabelled)" if s.get("unlabelled") else ""
+        lines.append(f"| {site} | {s['train']}{unlabelled} | {s['labelled']} | {s['val']} | {s.get('test', 0)} "
                      f"| {s['train_per_class']} |")
     sites_by_id = {s["site"]: s for s in data_info["sites"]}
     per_site = {name: arm["per_site_test"] for name, arm in summary["arms"].items() if arm.get("per_site_test")}

@@ -122,6 +122,7 @@ def run_experiment(
     if cfg.privacy.ledger_dir:  # the audit may run from another folder: record where the ledgers really are
         cfg = cfg.replace(ledger_dir=str(Path(cfg.privacy.ledger_dir).expanduser().resolve()))
     prep = prepare(cfg)
+    cfg = prep.cfg  # its automatic settings decided
     assert prep.plan is not None  # site-data partition
     arms = arms or arms_for(cfg)
     if grid is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from medfed.constants import DPScope, MetricKey, Mode, Phase
-from medfed.data.medmnist import MedMNISTData
+from medfed.data.dataset import Dataset
 from medfed.data.partition import SitePlan
 from medfed.data.site import SiteData, pooled_site, site_from_split
 from medfed.exceptions import PrivacyBudgetExceeded
@@ -84,7 +84,7 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
 
 
 def run_standalone(
-    ctx: ArmContext, data: MedMNISTData, plan: SitePlan
+    ctx: ArmContext, data: Dataset, plan: SitePlan
 ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Returns the arm's test metrics and, for local-only, each site's."""
     if ctx.cfg.experiment.mode == Mode.CENTRALIZED:

@@ -20,6 +20,7 @@ from torch import nn
 from medfed.config import RunConfig
 from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, Mode, Phase, TaskType
 from medfed.data.site import SiteData
+from medfed.data.stores import ImageStore
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.models.heads import Classifier
@@ -43,6 +44,15 @@ from medfed.task.model_setup import (
 
 StateDict = dict[str, torch.Tensor]
 EVAL_BATCH = 512
+EVAL_VOXELS = 1 << 24
+"""Evaluation batches hold at most `EVAL_BATCH` images and at most this many pixels (voxels) in all: 512 images of
+28x28 or 28^3, 64 volumes of 64^3 (their activations, not the images, are what costs memory)."""
+
+
+def eval_batch(images: ImageStore | torch.Tensor) -> int:
+    """Images per evaluation batch for ``images`` (N, C, *S)."""
+    voxels = int(np.prod(tuple(images.shape[2:])))
+    return max(1, min(EVAL_BATCH, EVAL_VOXELS // max(1, voxels)))
 
 
 @dataclass(frozen=True)
@@ -110,10 +120,11 @@ def train_loop(
 
 
 @torch.no_grad()
-def logits_of(model: Classifier, images: torch.Tensor) -> torch.Tensor:
-    """Logits ``(N, K)`` in evaluation mode, in batches."""
+def logits_of(model: Classifier, images: ImageStore | torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, K)`` in evaluation mode, in batches (`eval_batch`), read a batch at a time."""
     model.eval()
-    return torch.cat([model(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+    size = eval_batch(images)
+    return torch.cat([model(images[i : i + size]) for i in range(0, len(images), size)])
 
 
 def metrics_from_logits(
@@ -130,13 +141,13 @@ def metrics_from_logits(
     return {str(k): float(v) for k, v in metrics.items()}
 
 
-def evaluate(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def evaluate(model: Classifier, images: ImageStore | torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Metrics of ``model`` on a labelled set (one forward pass)."""
     return metrics_from_logits(model, logits_of(model, images), labels)
 
 
 def evaluate_with_histograms(
-    model: Classifier, images: torch.Tensor, labels: torch.Tensor
+    model: Classifier, images: ImageStore | torch.Tensor, labels: torch.Tensor
 ) -> dict[str, float | list[int]]:
     """`evaluate`'s metrics plus, for a binary task, the score histograms a threshold is calibrated from."""
     logits = logits_of(model, images)
@@ -193,7 +204,7 @@ class SiteAlgo:
 
     def _schedule(self, phase: Phase) -> PoissonSchedule:
         if phase == Phase.PRETRAIN:
-            return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.ssl.batch_size, self.cfg.ssl.epochs)
+            return PoissonSchedule.for_round(len(self.data.train_images), self.cfg.ssl.batch, self.cfg.ssl.epochs)
         return PoissonSchedule.for_round(
             len(self.data.labelled_images), self.cfg.finetune_recipe.batch_size, self.cfg.finetune.epochs
         )
@@ -280,7 +291,7 @@ class SiteAlgo:
         gen = self._gen(Phase.PRETRAIN, server_round)
         images = self.data.train_images
         settings = TrainSettings(
-            epochs=self.cfg.ssl.epochs, batch_size=self.cfg.ssl.batch_size, lr=self.cfg.ssl.lr,
+            epochs=self.cfg.ssl.epochs, batch_size=self.cfg.ssl.batch, lr=self.cfg.ssl.lr,
             proximal_mu=self.proximal_mu, drop_last=True,
         )
         trainable = [p for p in method.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ import torch
 
 from medfed.config import RunConfig
 from medfed.constants import TaskType
+from medfed.data.stores import ImageStore
 from medfed.models.encoders import InputSpec
 from medfed.task.algo import logits_of, metrics_from_logits
 from medfed.task.calibration import Threshold
@@ -21,7 +22,7 @@ from medfed.task.model_setup import new_classifier
 
 @dataclass(frozen=True)
 class TestSet:
-    images: torch.Tensor  # (N, C, *S) in [0, 1]
+    images: ImageStore  # (N, C, *S) in [0, 1], read a batch at a time
     labels: torch.Tensor  # (N, K)
     task: TaskType
     num_classes: int
@@ -29,7 +30,7 @@ class TestSet:
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec(int(self.images.shape[1]), tuple(int(s) for s in self.images.shape[2:]))
+        return InputSpec(self.images.channels, self.images.spatial_shape)
 
 
 def evaluate_state(cfg: RunConfig, test: TestSet, classifier_state: dict[str, torch.Tensor],

@@ -17,6 +17,7 @@ them directly. What a round decides here:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -27,11 +28,12 @@ from typing import Any
 
 import torch
 
-from medfed.config import RunConfig
+from medfed.config import DatasetSettings, ExperimentSettings, RunConfig
 from medfed.constants import CentralDP, DPScope, MessageKey, MetricKey, NodeConfigKey, Phase
-from medfed.data.medmnist import MedMNISTData, load_medmnist
+from medfed.data.dataset import Dataset
 from medfed.data.partition import SPLIT_FILE, SitePlan
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
+from medfed.data.sources import load_dataset
 from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
 from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
 from medfed.privacy.central import clip_update
@@ -55,17 +57,35 @@ def read_message_config(config: Mapping[str, Any]) -> tuple[RunConfig, dict[str,
 
 
 @functools.lru_cache(maxsize=4)
-def _read(path: str, size: int, mtime_ns: int) -> MedMNISTData:
-    """Validated file contents, cached by file identity (a site reads its file every round)."""
-    return load_medmnist(path, download=False)
+def _read(path: str, file_size: int, mtime_ns: int, cfg: RunConfig, num_classes: int | None, cache_dir: str,
+          shape: tuple[int, ...] | None) -> Dataset:
+    """Validated data, cached by the file's identity and the settings that read it (a site reads its data every
+    round; a table's cases come from the cache after the first read)."""
+    return load_dataset(cfg, path, download=False, num_classes=num_classes,
+                        cache_dir=Path(cache_dir) if cache_dir else None, size=shape, progress=False)
 
 
-def read_data(path: str) -> MedMNISTData:
+def read_data(path: str, cfg: RunConfig, *, num_classes: int | None = None, cache_dir: str = "",
+              shape: tuple[int, ...] | None = None) -> Dataset:
+    """A site's data: a MedMNIST-style file or a labels table, read with the run's image settings.
+
+    Raises:
+        DataError: the data cannot be read at this site (the message names no site-local path).
+    """
     try:
         stat = Path(path).stat()
     except OSError as exc:
-        raise DataError(f"data file {path!r} cannot be read at this site ({exc})") from exc
-    return _read(path, stat.st_size, stat.st_mtime_ns)
+        raise DataError(f"this site's data cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return _read(path, stat.st_size, stat.st_mtime_ns, reading_settings(cfg), num_classes, cache_dir, shape)
+
+
+def reading_settings(cfg: RunConfig) -> RunConfig:
+    """Only the settings that decide how data are read (image settings, split fractions, seed): the key under
+    which a site's data stay cached in its process from round to round and phase to phase."""
+    d = cfg.dataset
+    return RunConfig(dataset=dataclasses.replace(DatasetSettings(), val_fraction=d.val_fraction,
+                                                 test_fraction=d.test_fraction),
+                     images=cfg.images, experiment=dataclasses.replace(ExperimentSettings(), seed=cfg.experiment.seed))
 
 
 def own_site_id(node_config: dict) -> int:
@@ -84,16 +104,19 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     if NodeConfigKey.DATA_PATH in node_config:
         site_id = own_site_id(node_config)
         run_spec = DataSpec.from_flat(extras)  # ConfigError when the server sent none
-        data = read_data(str(node_config[NodeConfigKey.DATA_PATH]))
+        data = read_data(str(node_config[NodeConfigKey.DATA_PATH]), cfg, num_classes=run_spec.num_classes,
+                         cache_dir=str(node_config.get(NodeConfigKey.CACHE_DIR, "")), shape=run_spec.spatial_shape)
         check_matches(DataSpec.of(data), run_spec, site_label(node_config))
         return site_from_own_file(data, site_id, cfg.dataset.label_fraction, cfg.experiment.seed)
     if NodeConfigKey.PARTITION_ID not in node_config:
         raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
     site_id = int(node_config[NodeConfigKey.PARTITION_ID])
     plan = SitePlan.load(Path(str(extras[MessageKey.RUN_DIR])) / SPLIT_FILE)
-    data = read_data(str(extras[MessageKey.DATA_FILE]))
+    num_classes = DataSpec.from_flat(extras).num_classes if INPUT_KEYS[0] in extras else None
+    data = read_data(str(extras[MessageKey.DATA_FILE]), cfg, num_classes=num_classes,
+                     cache_dir=str(extras.get(MessageKey.CACHE_DIR, "")))
     if data.sha256 != plan.data_sha256:
-        raise DataError(f"{data.path}: contents differ from the file the split was made from (sha256 mismatch)")
+        raise DataError(f"{data.name}: contents differ from the data the split was made from (sha256 mismatch)")
     if not 0 <= site_id < len(plan.sites):
         raise DataError(f"partition-id {site_id} is outside the split's {len(plan.sites)} sites")
     partitions = node_config.get(NodeConfigKey.NUM_PARTITIONS)
