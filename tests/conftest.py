@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,8 +16,10 @@ SHARED_DATA = Path(
 )
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-# prepared cases go to a throwaway cache, never the user's ~/.cache/medfed
-os.environ.setdefault("MEDFED_CACHE_DIR", tempfile.mkdtemp(prefix="medfed-test-cache-"))
+# prepared cases go to a throwaway cache, never the user's ~/.cache/medfed, removed when the tests end
+if "MEDFED_CACHE_DIR" not in os.environ:
+    os.environ["MEDFED_CACHE_DIR"] = tempfile.mkdtemp(prefix="medfed-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MEDFED_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 

@@ -118,7 +118,7 @@ BAD_DATALISTS: list[tuple[object, str]] = [
     ({"training": [*_entries(0, 1), {"image": ["images/case2.png", "images/case3.png"], "label": 0}]},
      "training entry 3: one image per case; 'image' holds a list of 2 paths"),
     ({"training": [{"label": 0}]}, "training entry 1: 'image' must be a path string"),
-    ({"training": [{"image": "images/case0.png", "lable": 1}]}, "training entry 1: unknown key(s) lable"),
+    ({"training": [{"image": "images/case0.png", "lable": 1}]}, "training entry 1: unknown key(s) 'lable'"),
     ({"training": _entries(0, "labelsTr/case1.nii.gz")}, "training entry 2: label must be a whole number"),
     ({"training": _entries(0, -1)}, "training entry 2: label must be >= 0"),
     ({"training": _entries(0, True)}, "training entry 2: label must be a whole number"),

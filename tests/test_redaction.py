@@ -17,10 +17,20 @@ from medfed.exceptions import DataError
     ("cannot open C:\\Scans\\Doe_John\\ct.dcm: denied", "denied", ["Doe_John", "Scans"]),
     ("ledger ~/kits/h1/ledger/h1.ledger.sqlite fails verification", "fails verification", ["kits", "h1.ledger"]),
     ("label 7 out of range in labels.csv row 12", "row 12", ["labels.csv"]),
+    # quoted values go whole: a cell or a folder named after a patient, with spaces no path pattern would catch
+    ("label must be a whole number; got 'SMITH JOHN 1960-01-01'", "must be a whole number", ["SMITH", "1960"]),
+    ("class folder 'St Mary Doe Jane' holds no image", "holds no image", ["Doe", "Jane", "Mary"]),
+    ('unknown key(s) "Jane Doe MRN 4711"', "unknown key(s)", ["Jane", "4711"]),
+    ("case 'Smith_John/ct' of this site's table", "of this site's table", ["Smith_John"]),
 ])
 def test_paths_and_file_names_are_replaced(text: str, kept: str, gone: list[str]) -> None:
     out = redact(text)
-    assert kept in out and "<path>" in out and not [g for g in gone if g in out], out
+    assert kept in out and ("<path>" in out or "'…'" in out) and not [g for g in gone if g in out], out
+
+
+def test_apostrophes_are_not_quotes() -> None:
+    text = "site h2's data is 1x28x28 grayscale; the run's input is 3x28x28 RGB"
+    assert redact(text) == text
 
 
 def test_long_messages_are_cut() -> None:
@@ -37,7 +47,7 @@ def test_the_mod_logs_everything_at_the_site_and_sends_a_redacted_line(caplog: p
         with pytest.raises(SiteFailure) as caught:
             redacted_errors_mod(msg, None, handler)
     said = str(caught.value)
-    assert "MRN-0042" not in said and said.startswith("DataError: data file '<path>' cannot be read: no train_images")
+    assert "MRN-0042" not in said and said.startswith("DataError: data file '…' cannot be read: no train_images")
     incident = said.split("incident ")[1].split(":")[0]
     assert "MRN-0042" in caplog.text and f"incident {incident}" in caplog.text  # the site's log keeps the story
 

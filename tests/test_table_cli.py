@@ -167,3 +167,14 @@ def test_the_same_image_under_two_names_in_two_splits_is_refused(folder: Path, t
         assert len(load_dataset(run_config(data=str(same_split), loader_workers=0), progress=False).train) == 9
     finally:
         copy.unlink()
+
+
+def test_identical_images_in_two_splits_are_left_out_with_skip(folder: Path) -> None:
+    copy = folder / "again_c0.png"
+    copy.write_bytes((folder / "c0.png").read_bytes())
+    try:
+        path = table(folder, "leak-skip.csv", [*good_rows(), "again_c0.png,0,test"])
+        data = load_dataset(run_config(data=str(path), loader_workers=0, on_bad_case="skip"), progress=False)
+        assert data.notes["skipped_rows"] == [26] and len(data.test) == 8
+    finally:
+        copy.unlink()

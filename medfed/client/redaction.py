@@ -7,8 +7,9 @@ path, a ledger's, a DICOM folder named after a patient), and patient identifiers
 a site, not even in an error. `redacted_errors_mod` is the ClientApp's outermost mod: it logs the
 full traceback at the site under a random incident id and re-raises the error as a `SiteFailure`
 the server may read: for medfed's own errors (whose messages medfed writes: settings, shapes,
-rules) the message with every path and file name replaced by ``<path>``; for any other exception
-(a library's message may quote anything, a file name, a DICOM tag, a table cell) only its type.
+rules) the message with every quoted value blanked and every path and file name replaced by
+``<path>``; for any other exception (a library's message may quote anything, a file name, a DICOM
+tag, a table cell) only its type.
 Either way the incident id lets the site find the full story in its own log.
 """
 
@@ -27,6 +28,8 @@ log = logging.getLogger("medfed.site")
 _PATH = re.compile(r"(?:~|[A-Za-z]:)?(?:[/\\][^\s'\"<>|,;()\[\]{}]+)+")
 _FILE = re.compile(r"\b[\w.-]+\.(?:npz|npy|nii(?:\.gz)?|dcm|dicom|png|jpe?g|tiff?|bmp|csv|tsv|json|toml|sqlite|db|"
                    r"pem|key|crt|safetensors|pt|fab|log|txt)\b", re.IGNORECASE)
+_QUOTED = re.compile(r"(?<![\w'])'[^'\n]*'(?![\w])|(?<![\w\"])\"[^\"\n]*\"(?![\w])")
+"""A quoted value ('x' or "x", not the apostrophe of "site's"): a table cell, a file or folder name, a key."""
 MAX_REASON = 400
 
 
@@ -35,8 +38,10 @@ class SiteFailure(Exception):
 
 
 def redact(text: str) -> str:
-    """``text`` with paths and file names replaced by ``<path>``, at most `MAX_REASON` characters."""
-    text = _FILE.sub("<path>", _PATH.sub("<path>", text))
+    """``text`` with quoted values replaced by ``'…'`` and paths and file names by ``<path>``, at most
+    `MAX_REASON` characters. Quoted values go first: medfed quotes what it did not write itself (a table's cell, a
+    file or folder name, a datalist's key), which may hold a patient's name with spaces no path pattern catches."""
+    text = _FILE.sub("<path>", _PATH.sub("<path>", _QUOTED.sub("'…'", text)))
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 

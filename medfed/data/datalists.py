@@ -278,7 +278,9 @@ def _entry(item: object, key: str, number: int, where: str) -> _Entry:
         raise DataError(f"{at}: an entry is an object with an 'image' key{bare}; got a JSON {_kind(item)}")
     unknown = sorted(set(item) - set(ENTRY_KEYS))
     if unknown:
-        raise DataError(f"{at}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(ENTRY_KEYS[:-1])} "
+        # quoted: a site's errors reach the server with quoted values blanked (a key may be anything)
+        raise DataError(f"{at}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
+                        f"{', '.join(ENTRY_KEYS[:-1])} "
                         f"({FOLD!r} is allowed and ignored)")
     image = item.get(IMAGE)
     if isinstance(image, list):
@@ -320,7 +322,7 @@ def _label(value: object, at: str) -> int | tuple[int, ...] | None:
     if isinstance(value, list):
         if len(value) < 2 or any(not isinstance(f, int) or isinstance(f, bool) or f not in (0, 1) for f in value):
             raise DataError(f"{at}: a multi-label label is a list of 0/1 flags, one per class (at least 2); "
-                            f"got {json.dumps(value)[:60]}")
+                            f"got a list of {len(value)} values")
         return tuple(value)
     if isinstance(value, bool) or not isinstance(value, int):
         hint = " (a segmentation mask? this reads classification datalists)" if isinstance(value, str) else ""

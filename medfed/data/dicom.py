@@ -21,9 +21,11 @@ from __future__ import annotations
 import medfed._monai  # noqa: F401  (first: MONAI without transformers, see medfed/_monai.py)
 
 # isort: split
+import contextlib
+import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,37 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
+MODALITIES = frozenset((
+    "AR", "AS", "ASMT", "AU", "BDUS", "BI", "BMD", "CD", "CF", "CP", "CR", "CS", "CT", "DD", "DF", "DG", "DM", "DOC",
+    "DS", "DX", "EC", "ECG", "EPS", "ES", "FA", "FID", "FS", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER",
+    "KO", "LEN", "LP", "LS", "MA", "MG", "MR", "MS", "NM", "OAM", "OCT", "OP", "OPM", "OPR", "OPT", "OPTBSV", "OPTENF",
+    "OPV", "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT",
+    "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "ST", "STAIN",
+    "TEXTUREMAP", "TG", "US", "VA", "VF", "XA", "XAPROTOCOL", "XC",
+))
+"""DICOM's defined terms for Modality (PS3.3 C.7.3.1.1.1): the only values of the tag that leave this module."""
+DEFINED_PHOTOMETRIC = frozenset((
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+    "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
+))
+"""DICOM's defined terms for PhotometricInterpretation (PS3.3 C.7.6.3.1.2)."""
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """pydicom warns about invalid values through its logger as well as Python warnings, quoting the value (a
+    malformed PatientBirthDate, say): while medfed reads headers, values are not validated and its logger is silent."""
+    logger = logging.getLogger("pydicom")
+    level, mode = logger.level, pydicom.config.settings.reading_validation_mode
+    logger.setLevel(logging.CRITICAL + 1)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        pydicom.config.settings.reading_validation_mode = mode
+
+
 _UID = re.compile(r"\d+(?:\.\d+){3,}")  # 1.2.840.10008... (also catches dotted versions: harmless)
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _DIGITS = re.compile(r"\d{6,}")  # dates (19010101), times, IDs
@@ -63,13 +96,14 @@ class Redactor:
 
     def add_path(self, path: Path) -> None:
         for p in (path, path.expanduser(), path.absolute()):
-            self.paths.update({str(p), p.as_posix()})
+            # as written, and as a library quotes it (repr escapes quotes and backslashes, ascii() non-ASCII)
+            self.paths.update({str(p), p.as_posix(), repr(str(p))[1:-1], ascii(str(p))[1:-1]})
         try:
             self.paths.add(str(path.resolve()))
         except OSError:  # pragma: no cover - a broken link
             pass
         if path.name:
-            self.names.add(path.name)
+            self.names.update({path.name, repr(path.name)[1:-1], ascii(path.name)[1:-1]})
 
     def add_values(self, values: Iterable[str]) -> None:
         for v in values:
@@ -79,11 +113,17 @@ class Redactor:
                 self.values.update(part for part in re.split(r"[\^=\\]", v) if len(part.strip()) >= 3)
 
     def __call__(self, error: BaseException) -> str:
-        text = str(error)
+        text = self.text(str(error))
+        name = type(error).__name__
+        return f"{name}: {text}" if text else name
+
+    def text(self, text: str, *, names: bool = True) -> str:
+        """``text`` with this file's paths, names (unless ``names`` is False: medfed's own messages name no file, and a
+        file called ``empty`` must not blank the word) and (DICOM) identifying values struck out; <= 200 characters."""
         for p in sorted(self.paths, key=len, reverse=True):
             if p:
                 text = text.replace(p, "<file>")
-        for n in sorted(self.names, key=len, reverse=True):
+        for n in sorted(self.names, key=len, reverse=True) if names else ():
             text = re.sub(rf"(?<![\w.]){re.escape(n)}(?![\w])", "<file>", text)
         if self.dicom:
             for v in sorted(self.values, key=len, reverse=True):
@@ -95,8 +135,7 @@ class Redactor:
         text = " ".join(text.split())
         if len(text) > 200:
             text = text[:197] + "..."
-        name = type(error).__name__
-        return f"{name}: {text}" if text else name
+        return text
 
 
 _SENSITIVE_TAGS = (
@@ -194,8 +233,8 @@ def _read_header(path: Path, redact: Redactor) -> _Header:
     redact.add_values(str(v) for k in _SENSITIVE_TAGS if (v := _get(ds, k)) not in (None, ""))
     redact.add_values(str(v) for k in ("SeriesInstanceUID",) if (v := _get(ds, k)) not in (None, ""))
     modality = str(_get(ds, "Modality") or "").strip().upper()
-    if not re.fullmatch(r"[A-Z0-9_]{1,16}", modality):
-        modality = "OT"  # DICOM's "other"
+    if modality not in MODALITIES:
+        modality = "OT"  # DICOM's "other": only a defined term leaves this module
     bits, signed = _int(_get(ds, "BitsAllocated")), _int(_get(ds, "PixelRepresentation"))
     slope, inter = _get(ds, "RescaleSlope"), _get(ds, "RescaleIntercept")
     unscaled = (slope is None or _float(slope) == 1.0) and (inter is None or _float(inter) == 0.0)
@@ -245,8 +284,10 @@ def _check_pixels(h: _Header) -> None:
     if h.samples not in (1, 3):
         raise UnreadableImage(f"a DICOM image of {h.samples} samples per pixel; only grayscale and RGB")
     if h.photometric not in _PHOTOMETRIC:
+        # the tag's value is named only when it is one of DICOM's defined terms: a free-text value may hold anything
+        named = h.photometric if h.photometric in DEFINED_PHOTOMETRIC else "missing or not a defined term"
         raise UnreadableImage(
-            f"a DICOM image with PhotometricInterpretation {h.photometric or 'missing'}; only MONOCHROME1, "
+            f"a DICOM image with PhotometricInterpretation {named}; only MONOCHROME1, "
             "MONOCHROME2, RGB and YBR colour are read"
         )
     if h.modality_lut:

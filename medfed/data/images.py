@@ -74,7 +74,7 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_numpy
 
 from medfed.constants import ImageFit, Modality
-from medfed.data.dicom import Redactor, is_dicom_file, load_dicom_file, load_dicom_series
+from medfed.data.dicom import Redactor, is_dicom_file, load_dicom_file, load_dicom_series, quiet_pydicom
 from medfed.data.image_loaders import Loaded, load_nifti, load_photo
 from medfed.data.image_settings import (
     MAX_RESAMPLED_VOXELS,
@@ -142,7 +142,7 @@ def _load(path: Path) -> Loaded:
     redact = Redactor(path)
     redact.dicom = kind.startswith("dicom")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_pydicom():
             warnings.simplefilter("ignore")  # reader warnings name files and tag values: checked beforehand
             if kind == "nifti":
                 loaded = load_nifti(path)
@@ -152,8 +152,8 @@ def _load(path: Path) -> Loaded:
                 loaded = load_dicom_series(path, redact)
             else:
                 loaded = load_photo(path, kind)
-    except UnreadableImage:
-        raise
+    except UnreadableImage as e:  # medfed's own words, struck of this file's paths and values all the same
+        raise UnreadableImage(redact.text(str(e), names=False)) from None
     except Exception as e:  # any reader failure: corrupt, truncated, unsupported encoding, ...
         raise UnreadableImage(redact(e)) from None
     if not torch.isfinite(loaded.image.float()).all():

@@ -155,7 +155,7 @@ def _case(fields: dict[str, str], row: int, folder: Path, where: str) -> Case:
     resolved = (folder / image).resolve() if not Path(image).is_absolute() else Path(image)
     split = fields.get(SPLIT, "").lower()
     if split and split not in SPLITS:
-        raise DataError(f"{where} row {row}: split must be one of {', '.join(SPLITS)} or empty; got {split!r}")
+        raise DataError(f"{where} row {row}: split must be one of {', '.join(SPLITS)} or empty")
     return Case(row, resolved, _label(fields.get(LABEL, ""), row, where), split, fields.get(SITE, ""),
                 fields.get(PATIENT, ""))
 
@@ -166,13 +166,13 @@ def _label(text: str, row: int, where: str) -> int | tuple[int, ...] | None:
     if MULTI_LABEL_SEPARATOR in text:
         flags = [f.strip() for f in text.split(MULTI_LABEL_SEPARATOR)]
         if any(f not in ("0", "1") for f in flags):
-            raise DataError(f"{where} row {row}: a multi-label label is ';'-separated 0/1 flags; got {text!r}")
+            raise DataError(f"{where} row {row}: a multi-label label is ';'-separated 0/1 flags")  # cell not echoed
         return tuple(int(f) for f in flags)
     try:
         value = int(text)
     except ValueError:
         raise DataError(f"{where} row {row}: label must be a whole number >= 0, ';'-separated 0/1 flags, or empty "
-                        f"(unlabelled); got {text!r}") from None
+                        "(unlabelled)") from None  # the cell is not echoed: it may hold anything
     if value < 0:
         raise DataError(f"{where} row {row}: label must be >= 0; got {value}")
     return value

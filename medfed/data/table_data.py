@@ -90,7 +90,11 @@ def load_table_dataset(cfg: RunConfig, source: str | Path | None = None, *, num_
     channels = check_channels(table, cases, build, keys, where)
     splits = assign_splits(table, cases, cfg.dataset.val_fraction, cfg.dataset.test_fraction, cfg.experiment.seed,
                            where)
-    check_no_leak(table, cases, keys, splits, where)
+    leaks = check_no_leak(table, cases, keys, splits, where, cfg.images.on_bad_case)
+    if leaks:  # skipped: the later case of each pair
+        skipped = sorted([*skipped, *(cases[i].row for i in leaks)])
+        keep = sorted(set(range(len(cases))) - set(leaks))
+        cases, keys, splits = [cases[i] for i in keep], [keys[i] for i in keep], [splits[i] for i in keep]
     width = table.num_classes if table.task == "multi-label" else 1
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
     unused = 0
@@ -161,8 +165,11 @@ def case_dims(path: Path) -> int:
     if kind == "dicom":
         import pydicom
 
+        from medfed.data.dicom import quiet_pydicom
+
         try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+            with quiet_pydicom():
+                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["NumberOfFrames"])
             return 3 if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else 2
         except Exception:  # the reader reports it
             return 2
@@ -247,19 +254,26 @@ def assign_splits(table: LabelsTable, cases: Sequence[Case], val_fraction: float
 
 
 def check_no_leak(table: LabelsTable, cases: Sequence[Case], keys: Sequence[str], splits: Sequence[str],
-                  where: str) -> None:
+                  where: str, on_bad: OnBadCase) -> list[int]:
     """Identical images (the same bytes under two names) must not sit in two splits: a test case seen in training.
+    Public datasets have such pairs (PneumoniaMNIST's official splits do). Returns the positions to leave out with
+    ``on-bad-case skip``: the later case of each pair.
 
     Raises:
-        DataError: naming two rows that hold the same image in different splits.
+        DataError: with ``on-bad-case fail``, naming two rows that hold the same image in different splits.
     """
     first: dict[str, int] = {}
+    dropped = []
     for i, key in enumerate(keys):
         j = first.setdefault(key, i)
-        if splits[j] != splits[i]:
+        if splits[j] == splits[i]:
+            continue
+        if on_bad == OnBadCase.FAIL:
             raise DataError(f"{where} {table.rows([cases[j].row])} and {table.rows([cases[i].row])}: the same image "
                             f"(identical bytes) in {splits[j]} and {splits[i]}; an image must not be trained on and "
-                            "evaluated on")
+                            "evaluated on (remove one, or pass --on-bad-case skip to leave the later one out)")
+        dropped.append(i)
+    return dropped
 
 
 def _share(fraction: float, n: int) -> int:

@@ -30,6 +30,7 @@ import torch
 
 from medfed.config import DatasetSettings, ExperimentSettings, RunConfig
 from medfed.constants import CentralDP, DPScope, MessageKey, MetricKey, NodeConfigKey, Phase
+from medfed.data.cache import default_cache_dir
 from medfed.data.dataset import Dataset
 from medfed.data.partition import SPLIT_FILE, SitePlan
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
@@ -50,8 +51,15 @@ input spec (`medfed.data.spec`), which a site's own data must match."""
 
 
 def read_message_config(config: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """Split a message's settings (its ConfigRecord) into the RunConfig and the per-message extras."""
-    flat = {k: v for k, v in config.items() if k not in MESSAGE_EXTRAS}
+    """Split a message's settings (its ConfigRecord) into the RunConfig and the per-message extras.
+
+    Only the settings a site trains by are taken from a message (`RunConfig.site_settings`); the centre's own
+    (its output and cache folders, its aggregation...) keep their defaults here, whatever a message says: a
+    server must not choose, say, where a hospital writes its prepared scans.
+    """
+    settings = RunConfig.settings()
+    flat = {k: v for k, v in config.items()
+            if k not in MESSAGE_EXTRAS and (k not in settings or settings[k][1].site)}
     extras = {k: config[k] for k in MESSAGE_EXTRAS if k in config}
     return RunConfig.from_flat(flat), extras
 
@@ -104,8 +112,9 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     if NodeConfigKey.DATA_PATH in node_config:
         site_id = own_site_id(node_config)
         run_spec = DataSpec.from_flat(extras)  # ConfigError when the server sent none
+        cache = node_config.get(NodeConfigKey.CACHE_DIR) or default_cache_dir()  # the site's own, never the server's
         data = read_data(str(node_config[NodeConfigKey.DATA_PATH]), cfg, num_classes=run_spec.num_classes,
-                         cache_dir=str(node_config.get(NodeConfigKey.CACHE_DIR, "")), shape=run_spec.spatial_shape)
+                         cache_dir=str(cache), shape=run_spec.spatial_shape)
         check_matches(DataSpec.of(data), run_spec, site_label(node_config))
         return site_from_own_file(data, site_id, cfg.dataset.label_fraction, cfg.experiment.seed)
     if NodeConfigKey.PARTITION_ID not in node_config:
