@@ -178,3 +178,16 @@ def test_identical_images_in_two_splits_are_left_out_with_skip(folder: Path) -> 
         assert data.notes["skipped_rows"] == [26] and len(data.test) == 8
     finally:
         copy.unlink()
+
+
+@pytest.mark.parametrize(("column", "values", "rule"), [
+    ("split", ("train", "test"), "one patient in more than one split"),
+    ("site", ("north", "south"), "one patient in more than one site"),
+])
+def test_a_patient_in_two_splits_or_sites_is_refused_by_the_cli(folder: Path, tmp_path: Path, column: str,
+                                                                values: tuple[str, str], rule: str) -> None:
+    rows = [f"c{i}.png,{i % 2},{values[i % 2]},{PATIENT if i < 2 else f'p{i}'}" for i in range(24)]
+    path = table(folder, f"patient-{column}.csv", rows, header=f"image,label,{column},patient")
+    code, said = run_cli("simulate", "--data", str(path), "--out-dir", str(tmp_path / "runs"), "--loader-workers", "0")
+    assert code == 2 and f"rows 2, 3: {rule}" in said and PATIENT not in said
+    assert not (tmp_path / "runs").exists()
