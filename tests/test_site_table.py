@@ -118,3 +118,14 @@ def test_medfed_site_checks_its_table_before_it_starts(tmp_path: Path) -> None:
     (table.parent / "bad.csv").write_text("image,label\nimg/0.png,0\nimg/0.png,0\n")
     with pytest.raises(DataError, match="site h2: labels table 'bad.csv' row 3: the same row as row 2"):
         site_node_config(kit, str(table.parent / "bad.csv"))
+
+
+def test_medfed_site_accepts_a_table_lacking_a_class_or_holding_one_only(tmp_path: Path) -> None:
+    """A hospital may hold positives only: the run's classes, not the site's table, say how many there are."""
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / "site.toml").write_text('site-name = "h2"\nsite-id = 1\nledger-path = "l.sqlite"\nsigning-key = "k.pem"\n')
+    table = png_table(tmp_path, classes=1)
+    assert site_node_config(kit, str(table))["data-path"] == str(table)
+    (table.parent / "gap.csv").write_text("image,label\nimg/0.png,0\nimg/1.png,2\n")
+    assert site_node_config(kit, str(table.parent / "gap.csv"))["data-path"].endswith("gap.csv")

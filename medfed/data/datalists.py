@@ -198,7 +198,7 @@ def read_class_folders(root: str | Path, *, num_classes: int = 0) -> LabelsTable
     if len(classes) < 2:
         raise DataError(f"{where} holds {len(classes)} class folder(s); a classifier needs at least 2 "
                         f"(one folder per class)")
-    if num_classes and num_classes != len(classes):
+    if num_classes > 0 and num_classes != len(classes):
         raise DataError(f"{where}: num-classes is {num_classes} but there are {len(classes)} class folders "
                         f"(a label is its folder's place in the sorted folders, so every class needs its folder)")
     cases: list[Case] = []

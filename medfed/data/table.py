@@ -34,6 +34,8 @@ IMAGE, LABEL, SPLIT, SITE, PATIENT = "image", "label", "split", "site", "patient
 COLUMNS = (IMAGE, LABEL, SPLIT, SITE, PATIENT)
 SPLITS = ("train", "val", "test")
 MULTI_LABEL_SEPARATOR = ";"
+ANY_CLASSES = -1
+"""``num_classes`` for a check that takes the labels as they are (`task_and_classes`)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,9 @@ def task_and_classes(cases: Sequence[Case], num_classes: int, where: str,
                      names: RowNames = csv_rows) -> tuple[TaskType | None, int]:
     """The task and number of classes the labelled rows hold (``None, 0`` when none is labelled).
 
+    ``num_classes`` 0: from the labels (0..K-1, every class present); `ANY_CLASSES`: whatever they hold (a deployed
+    site checking its table before it knows the run's classes: a hospital may lack a class, or hold one only).
+
     Raises:
         DataError: naming the row and the rule: a single label among multi-label rows, multi-label rows of
             different lengths, a label outside ``num_classes``, a gap in the classes, one class only.
@@ -222,11 +227,14 @@ def task_and_classes(cases: Sequence[Case], num_classes: int, where: str,
         if odd is not None:
             raise DataError(f"{where} {names([odd[0].row])}: {len(odd[1])} flags where "
                             f"{names([flags[0][0].row])} holds {width} (multi-label rows must hold one flag per class)")
-        if num_classes and num_classes != width:
+        if num_classes > 0 and num_classes != width:
             raise DataError(f"{where}: num-classes is {num_classes} but the rows hold {width} flags")
         return TaskType.MULTILABEL, width
     ints = [(c, c.label) for c in labelled if isinstance(c.label, int)]
     largest, top = max(ints, key=lambda pair: pair[1])
+    if num_classes == ANY_CLASSES:
+        classes = max(2, top + 1)
+        return (TaskType.BINARY if classes == 2 else TaskType.MULTICLASS), classes
     if num_classes:
         if top >= num_classes:
             raise DataError(f"{where} {names([largest.row])}: label {top} is outside the {num_classes} classes "

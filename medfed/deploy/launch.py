@@ -227,6 +227,7 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
     run's image settings."""
     from medfed.data.datalists import is_table_source, read_source
     from medfed.data.medmnist import load_medmnist
+    from medfed.data.table import ANY_CLASSES
 
     toml_file = _need(kit_dir / SITE_TOML, "site kit file")
     try:
@@ -251,7 +252,8 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
         config[key] = str(path if path.is_absolute() else (kit_dir / path).resolve())
     try:
         if is_table_source(str(config[NodeConfigKey.DATA_PATH])):
-            read_source(str(config[NodeConfigKey.DATA_PATH]))
+            # the run's classes come with its messages: a hospital may lack a class, or hold one only
+            read_source(str(config[NodeConfigKey.DATA_PATH]), num_classes=ANY_CLASSES)
         else:
             config[NodeConfigKey.DATA_PATH] = str(load_medmnist(str(config[NodeConfigKey.DATA_PATH]),
                                                                 download=False).path)
