@@ -68,7 +68,7 @@ class PretrainSettings(Part):
     batch_size: int = setting(0, f"Batch size for pretraining (SimCLR's negatives come from the batch); 0: auto, "
                               f"{AUTO_PRETRAIN_BATCH} or the largest that fits pretrain-memory-gb (decided at the "
                               "centre, sent to the sites).", key="pretrain-batch-size")
-    memory_gb: float = setting(0.0, "Memory (GB) one site's pretraining may use; 0: a quarter of this machine's "
+    memory_gb: float = setting(0.0, "Memory (GB) one site's pretraining may use; 0: a fifth of this machine's "
                                "memory, shared by the sites that train at once. An explicit pretrain-batch-size that "
                                "does not fit is refused.", key="pretrain-memory-gb")
     temperature: float = setting(0.2, "NT-Xent temperature (SimCLR).", key="temperature")

@@ -44,9 +44,10 @@ from medfed.task.model_setup import (
 
 StateDict = dict[str, torch.Tensor]
 EVAL_BATCH = 512
-EVAL_VOXELS = 1 << 24
+EVAL_VOXELS = 1 << 22
 """Evaluation batches hold at most `EVAL_BATCH` images and at most this many pixels (voxels) in all: 512 images of
-28x28 or 28^3, 64 volumes of 64^3 (their activations, not the images, are what costs memory)."""
+28x28, 191 of 28^3, 16 volumes of 64^3 (their activations, not the images, are what costs memory: the CNN's first
+stage holds width x voxels floats per image, twice while a layer runs)."""
 
 
 def eval_batch(images: ImageStore | torch.Tensor) -> int:
