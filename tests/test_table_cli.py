@@ -191,3 +191,12 @@ def test_a_patient_in_two_splits_or_sites_is_refused_by_the_cli(folder: Path, tm
     code, said = run_cli("simulate", "--data", str(path), "--out-dir", str(tmp_path / "runs"), "--loader-workers", "0")
     assert code == 2 and f"rows 2, 3: {rule}" in said and PATIENT not in said
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_report_names_the_rows_left_out() -> None:
+    from medfed.experiment.report import _skipped
+
+    assert _skipped({"notes": {}}) == ""
+    said = _skipped({"notes": {"skipped_rows": [26, 27]}})
+    assert said == " Left out (on-bad-case skip): 2 row(s) of the table: 26, 27."
+    assert _skipped({"notes": {"skipped_rows": list(range(2, 30))}}).endswith("21 and 8 more.")

@@ -38,6 +38,15 @@ def calibrated_section(summary: dict) -> list[str]:
                                                                    METRIC_COLUMNS[1:]) + " |")
     return lines
 
+def _skipped(data_info: dict) -> str:
+    """The rows `--on-bad-case skip` left out (unreadable, or the later of an image in two splits), if any."""
+    rows = data_info.get("notes", {}).get("skipped_rows", [])
+    if not rows:
+        return ""
+    shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+    return f" Left out (on-bad-case skip): {len(rows)} row(s) of the table: {shown}."
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -216,7 +225,8 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         + ("Official splits: " if data_info.get("source", "medmnist") == "medmnist" else "Splits: ")
         + ", ".join(f"{k} {v}" for k, v in data_info["sizes"].items())
         + (f" ({data_info['unlabelled']} train cases unlabelled: pretraining only)" if data_info.get("unlabelled")
-           else "") + ".",
+           else "") + "."
+        + _skipped(data_info),
         f"Sites: {cfg['num-sites']} ("
         + (f"natural: the table's hospitals {', '.join(data_info.get('sites_in_table', []))}"
            if cfg["partition"] == "natural" else f"{cfg['partition']}, alpha {cfg['alpha']}")
