@@ -91,7 +91,7 @@ class CacheBuild:
     seconds: float
 
 
-def _as_is(item: Any) -> Any:
+def no_collate(item: Any) -> Any:
     """DataLoader collate function that leaves a case as the Dataset returned it (numpy, not tensors)."""
     return item
 
@@ -213,7 +213,7 @@ class CaseCache:
             batch_size=None,
             shuffle=False,
             num_workers=workers,
-            collate_fn=_as_is,
+            collate_fn=no_collate,
         )
         bar = tqdm(
             total=len(dataset), desc=desc, unit="case", disable=not progress or not sys.stderr.isatty(), leave=False

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from medfed.data.cache import no_collate
 from medfed.data.datalists import is_table_source, read_source
 from medfed.data.images import ImageInfo, UnreadableImage, probe_image
 from medfed.data.table import Case, LabelsTable
-from medfed.exceptions import DataError
 
 Probe = tuple[int, "ImageInfo | str"]
 
@@ -51,10 +50,6 @@ class _Probes(Dataset[Probe]):
             return i, f"cannot be read ({type(exc).__name__})"
 
 
-def _first(item: Any) -> Any:
-    return item
-
-
 def inspect_source(source: str, *, num_classes: int = 0, workers: int = 2, progress: bool = True) -> Inspection:
     """Read and fully decode every case of ``source`` (a table, datalist, class folders or a MedMNIST file).
 
@@ -67,7 +62,7 @@ def inspect_source(source: str, *, num_classes: int = 0, workers: int = 2, progr
         return Inspection(load_medmnist(source).describe())
     table = read_source(source, num_classes=num_classes)
     loader = DataLoader(_Probes(table.cases), batch_size=None, num_workers=min(workers, len(table.cases)),
-                        collate_fn=_first)
+                        collate_fn=no_collate)
     infos: dict[int, ImageInfo] = {}
     bad: list[tuple[int, str, str]] = []
     for i, result in tqdm(loader, total=len(table.cases), desc="reading cases", unit="case",
@@ -162,12 +157,3 @@ def _as_written(table: LabelsTable, case: Case) -> str:
         return str(case.image.relative_to(table.path.parent if table.path.is_file() else table.path))
     except ValueError:
         return str(case.image)
-
-
-def check_source(source: str, **kwargs: Any) -> Inspection:
-    """`inspect_source`, raising `DataError` when any case is unreadable or the cases do not fit together."""
-    inspection = inspect_source(source, **kwargs)
-    found = problems(inspection)
-    if found:
-        raise DataError(f"data source {Path(source).name!r}: {len(found)} problem(s): {'; '.join(found[:20])}")
-    return inspection
