@@ -94,6 +94,14 @@ class GradSampleMode(StrEnum):
         return self
 
 
+class Precision(StrEnum):
+    """Floating-point precision of the training and evaluation forward passes (`medfed.devices`)."""
+
+    AUTO = "auto"  # bf16 autocast on a GPU for phases without DP-SGD, fp32 otherwise
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast (the weights, optimizer and DP-SGD stay fp32) for phases without DP-SGD
+
+
 class StrategyName(StrEnum):
     """Server aggregation rule."""
 
@@ -197,6 +205,7 @@ class MessageKey(StrEnum):
     RUN_ID = "run-id"  # names the run in the sites' ledgers
     LEDGER_DIR = "sim-ledger-dir"  # simulation only: where the virtual sites keep ledgers and keys
     CACHE_DIR = "sim-cache-dir"  # simulation only: the centre's cache of a table's prepared cases
+    DEVICE = "sim-device"  # simulation only: the run's device setting for the virtual sites
     CLIPPING_NORM = "clipping_norm"  # Flower's client-side DP wrapper (`flwr.supercore.differential_privacy`)
 
 
@@ -244,6 +253,7 @@ class NodeConfigKey(StrEnum):
     DP_EPSILON = "dp-epsilon"  # the site's own lifetime budget: the server can lower it, never raise it
     DP_DELTA = "dp-delta"
     DP_REQUIRE = "dp-require"  # none | finetune | pretrain | all: phases this site only trains under DP
+    DEVICE = "device"  # deployment: where this site trains (auto | cpu | cuda | cuda:N); the server cannot set it
 
 
 NO_PRETRAIN = "none"

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medfed"
 
 # Bottom first. A module may import its own layer's modules and any layer below, never one above.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"medfed", "medfed.exceptions", "medfed.constants", "medfed.files", "medfed.resources",
+    ("base", {"medfed", "medfed.exceptions", "medfed.constants", "medfed.files", "medfed.resources", "medfed.devices",
               "medfed._monai"}),
     ("config", {"medfed.config"}),
     ("models", {"medfed.models"}),

@@ -7,6 +7,7 @@ know the self-supervised methods live with them (`medfed.selfsup.compat`).
 """
 
 from medfed.config.base import FlatValue, Part, Setting
+from medfed.config.compute import ComputeSettings, check_device_setting
 from medfed.config.experiment import (
     DatasetSettings,
     DeploymentSettings,
@@ -31,9 +32,9 @@ from medfed.config.training import (
 
 __all__ = [
     "DP_FINETUNE_RECIPE", "FINETUNE_RECIPE", "LR_SCHEDULES", "MAX_AUGMENT_MULTIPLICITY", "CentralDPSettings",
-    "DPSettings", "DatasetSettings", "DeploymentSettings", "ExperimentSettings", "FederationSettings",
+    "ComputeSettings", "DPSettings", "DatasetSettings", "DeploymentSettings", "ExperimentSettings", "FederationSettings",
     "FinetuneRecipe", "FinetuneSettings", "FlatValue", "ImageSettings", "LoRASettings", "ModelSettings",
     "OutputSettings", "Part",
-    "PretrainSettings", "RobustSettings", "RunConfig", "SecAggSettings", "Setting", "parse_site_keys", "run_config",
-    "without_resume",
+    "PretrainSettings", "RobustSettings", "RunConfig", "SecAggSettings", "Setting", "check_device_setting", "parse_site_keys",
+    "run_config", "without_resume",
 ]

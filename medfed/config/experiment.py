@@ -36,8 +36,9 @@ class DatasetSettings(Part):
                            key="alpha", site=False)
     label_fraction: float = setting(0.1, "Fraction of each site's train images whose labels it may use, in (0, 1].",
                                     key="label-fraction")
-    min_site_size: int = setting(10, "Smallest number of train images a site may get.", key="min-site-size",
-                                 site=False)
+    min_site_size: int = setting(0, "Smallest number of train images a site may get; 0: 10, or as many as the train "
+                                 "split allows when it is too small for that (train images // num-sites; the "
+                                 "partition says how many each site got).", key="min-site-size", site=False)
     site_data: SiteData = setting(SiteData.PARTITION, "partition: the server splits --data among simulated sites; own: "
                                   "every site reads its own file (node config data-path), --data is only the server's "
                                   "evaluation file (deployment).", key="site-data")
@@ -57,8 +58,8 @@ class DatasetSettings(Part):
             raise ConfigError(f"alpha (Dirichlet concentration) must be > 0; got {self.alpha}")
         if not 0 < self.label_fraction <= 1:
             raise ConfigError(f"label-fraction must be in (0, 1]; got {self.label_fraction}")
-        if self.min_site_size < 1:
-            raise ConfigError(f"min-site-size must be >= 1; got {self.min_site_size}")
+        if self.min_site_size < 0:
+            raise ConfigError(f"min-site-size must be >= 1, or 0 for automatic; got {self.min_site_size}")
 
     @property
     def stem(self) -> str:

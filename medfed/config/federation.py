@@ -21,6 +21,9 @@ class FederationSettings(Part):
                                      key="strategy")
     proximal_mu: float = setting(0.0, "FedProx proximal weight mu (> 0 with --strategy fedprox).", key="proximal-mu")
     fraction_train: float = setting(1.0, "Fraction of sites sampled each round.", key="fraction-train", site=False)
+    fraction_evaluate: float = setting(0.0, "Fraction of sites sampled for federated evaluation each round, in "
+                                       "(0, 1]; 0: the same as fraction-train.", key="fraction-evaluate",
+                                       site=False)
     min_sites: int = setting(0, "Sites a round needs: it starts once this many are connected and fails (resumable) "
                              "unless this many answer with a valid update (a site refusing at its privacy budget "
                              "answers too: recorded, not waited for); 0 = every site, so a site that dies or sends "
@@ -31,6 +34,13 @@ class FederationSettings(Part):
                                    key="round-timeout", site=False)
     client_cpus: int = setting(0, "CPU cores per simulated site (0 = all cores, so sites train one after another).",
                                key="client-cpus", site=False)
+    client_gpus: float = setting(0.0, "GPUs per simulated site (Ray's client resources): 0.25 runs four sites on "
+                                 "each GPU at once; 0: the sites share whatever device --device names, without "
+                                 "Ray counting GPUs.", key="client-gpus", site=False)
+    ray_address: str = setting("", "Run the simulated sites on an existing Ray cluster at this address (passed to "
+                               "ray.init; e.g. 127.0.0.1:6379): its nodes must see the data, run and cache folders at "
+                               "the same paths. Empty: a Ray instance of this machine. See docs/DEPLOYMENT.md on "
+                               "who can reach a Ray cluster.", key="ray-address", site=False)
 
     def check(self) -> None:
         if self.proximal_mu < 0:
@@ -41,6 +51,16 @@ class FederationSettings(Part):
             raise ConfigError(f"proximal-mu > 0 needs --strategy fedprox; got strategy {self.strategy}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in (0, 1], or 0 for fraction-train; got "
+                              f"{self.fraction_evaluate}")
+        if self.client_gpus < 0:
+            raise ConfigError(f"client-gpus must be >= 0; got {self.client_gpus}")
+        if self.client_gpus > 1 and not float(self.client_gpus).is_integer():
+            raise ConfigError(f"client-gpus above 1 must be a whole number of GPUs (Ray's rule); got {self.client_gpus}")
+        if self.ray_address != self.ray_address.strip() or any(c.isspace() for c in self.ray_address):
+            raise ConfigError(f"ray-address must be an address without spaces (host:port, ray://host:port or auto); "
+                              f"got {self.ray_address!r}")
         if not self.round_timeout > 0:
             raise ConfigError(f"round-timeout must be > 0 seconds; got {self.round_timeout}")
         if self.client_cpus < 0:

@@ -13,6 +13,7 @@ Parts (each owning its defaults, help and checks; `medfed.config.base`):
 ``federation``   the strategy and its rounds (`FederationSettings`); ``robust`` the aggregation rule
 ``secagg``       Flower's SecAgg+ (`SecAggSettings`); ``central`` central DP (`CentralDPSettings`)
 ``deployment``   a deployment's registry and resume (`DeploymentSettings`); ``output`` the run directory
+``compute``      the device and the precision (`ComputeSettings`)
 ===============  ==================================================================================
 
 Every setting also has a flat kebab-case key (``dp-epsilon``): Flower's run config, ``config.json``, the CLI
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config.base import FlatValue, Part, Setting
+from medfed.config.compute import ComputeSettings
 from medfed.config.experiment import (
     DatasetSettings,
     DeploymentSettings,
@@ -92,6 +94,7 @@ class RunConfig:
     central: CentralDPSettings = field(default_factory=CentralDPSettings)
     deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -290,6 +293,7 @@ def _check_across_parts(c: RunConfig) -> None:
         raise ConfigError(f"site-keys lists {len(registry)} sites: it is the deployment's registry (site-data own) "
                           f"and must name num-sites = {d.num_sites} sites")
     _check_aggregation(c)
+    _check_compute(c)
     _check_privacy(c)
     _check_secure_aggregation(c)
 
@@ -314,6 +318,17 @@ def _check_aggregation(c: RunConfig) -> None:
     if r.norm_outlier_factor > 0 and n < MIN_UPDATES_TO_SCREEN:
         raise ConfigError(f"norm-outlier-factor needs at least {MIN_UPDATES_TO_SCREEN} sites per round to compare an "
                           f"update with the others; got {n}")
+
+
+def _check_compute(c: RunConfig) -> None:
+    """The device and Ray's GPU share per simulated site."""
+    gpus, device = c.federation.client_gpus, c.compute.device
+    if gpus > 0 and device == "cpu":
+        raise ConfigError(f"client-gpus {gpus:g} gives each simulated site a GPU share, but device is cpu; use "
+                          "--device auto or cuda, or client-gpus 0")
+    if gpus > 0 and device.startswith("cuda:"):
+        raise ConfigError(f"device {device} names one GPU, but with client-gpus {gpus:g} Ray chooses each simulated "
+                          "site's GPU (it sees only that one, as cuda); use --device cuda or auto")
 
 
 def _check_privacy(c: RunConfig) -> None:

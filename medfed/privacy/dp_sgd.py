@@ -156,8 +156,8 @@ def expanded_weights(module: nn.Module) -> Iterator[None]:
         del module.forward
 
 
-def _entropy_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+def _entropy_generator(device: torch.device | None = None) -> torch.Generator:
+    return torch.Generator(device=device or "cpu").manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,9 @@ def dp_train_loop(
                 force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
             )
     per_example = expanded_weights(module) if gsm is None else contextlib.nullcontext()
-    sample_gen = gen
-    noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    sample_gen = gen  # on the CPU: it draws the Poisson batch, whose indices read the site's images
+    device = params[0].device if params else torch.device("cpu")  # the noise is drawn where the gradients are
+    noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
     optimiser = DPOptimizer(
         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
@@ -224,7 +225,7 @@ def dp_train_loop(
             for step in range(steps):
                 if dp.secure_rng:
                     sample_gen = _entropy_generator()
-                    optimiser.generator = _entropy_generator()
+                    optimiser.generator = _entropy_generator(device)
                 idx = torch.nonzero(torch.rand(n, generator=sample_gen) < q).flatten()
                 sizes.append(len(idx))
                 optimiser.zero_grad(set_to_none=True)
