@@ -32,9 +32,8 @@ from medfed.config.training import (
 
 __all__ = [
     "DP_FINETUNE_RECIPE", "FINETUNE_RECIPE", "LR_SCHEDULES", "MAX_AUGMENT_MULTIPLICITY", "CentralDPSettings",
-    "ComputeSettings", "DPSettings", "DatasetSettings", "DeploymentSettings", "ExperimentSettings", "FederationSettings",
-    "FinetuneRecipe", "FinetuneSettings", "FlatValue", "ImageSettings", "LoRASettings", "ModelSettings",
-    "OutputSettings", "Part",
-    "PretrainSettings", "RobustSettings", "RunConfig", "SecAggSettings", "Setting", "check_device_setting", "parse_site_keys",
-    "run_config", "without_resume",
+    "ComputeSettings", "DPSettings", "DatasetSettings", "DeploymentSettings", "ExperimentSettings",
+    "FederationSettings", "FinetuneRecipe", "FinetuneSettings", "FlatValue", "ImageSettings", "LoRASettings",
+    "ModelSettings", "OutputSettings", "Part", "PretrainSettings", "RobustSettings", "RunConfig", "SecAggSettings",
+    "Setting", "check_device_setting", "parse_site_keys", "run_config", "without_resume",
 ]

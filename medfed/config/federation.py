@@ -57,7 +57,8 @@ class FederationSettings(Part):
         if self.client_gpus < 0:
             raise ConfigError(f"client-gpus must be >= 0; got {self.client_gpus}")
         if self.client_gpus > 1 and not float(self.client_gpus).is_integer():
-            raise ConfigError(f"client-gpus above 1 must be a whole number of GPUs (Ray's rule); got {self.client_gpus}")
+            raise ConfigError(f"client-gpus above 1 must be a whole number of GPUs (Ray's rule); got "
+                              f"{self.client_gpus}")
         if self.ray_address != self.ray_address.strip() or any(c.isspace() for c in self.ray_address):
             raise ConfigError(f"ray-address must be an address without spaces (host:port, ray://host:port or auto); "
                               f"got {self.ray_address!r}")

@@ -157,7 +157,8 @@ def expanded_weights(module: nn.Module) -> Iterator[None]:
 
 
 def _entropy_generator(device: torch.device | None = None) -> torch.Generator:
-    return torch.Generator(device=device or "cpu").manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    return torch.Generator(device=device or "cpu").manual_seed(seed)
 
 
 @dataclass(frozen=True)
