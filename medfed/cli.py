@@ -47,6 +47,7 @@ def _simulate(verbose: bool = False, config: str | None = None, **settings: Any)
 
 
 def _run_with_progress(cfg: RunConfig, verbose: bool) -> None:
+    from medfed.data.partition import describe_sizes
     from medfed.experiment.arms import progress_units
     from medfed.simulations.launcher import simulate as run_simulation
 
@@ -77,6 +78,7 @@ def _run_with_progress(cfg: RunConfig, verbose: bool) -> None:
         table.add_row(name, *cells, f"{arm['wall_seconds']:.0f}")
     Console().print(table)
     Console().print(f"report: {run_dir / 'report.md'}")
+    Console().print("partition: " + describe_sizes(json.loads((run_dir / "data.json").read_text())["site_sizes"]))
 
 
 def _build_simulate_signature() -> inspect.Signature:
@@ -127,6 +129,8 @@ def audit(
                                    "with canaries under the run's settings; minutes)."),
     canaries: int = typer.Option(0, "--canaries", help="Number of canaries for --empirical (0: up to 500, as many "
                                  "as the official test split holds)."),
+    device: str = typer.Option("", "--device", help="Where --empirical trains: auto, cpu, cuda or cuda:N (default: "
+                               "the run's own device setting)."),
 ) -> None:
     """Verify every site's privacy ledger and recompute its epsilon with an independent accountant.
 
@@ -153,7 +157,7 @@ def audit(
 
             if len(paths) != 1 or not (paths[0] / "config.json").is_file():
                 raise ConfigError("--empirical needs exactly one run directory (its settings are replayed)")
-            empirical_result = run_empirical_audit(paths[0], num_canaries=canaries)
+            empirical_result = run_empirical_audit(paths[0], num_canaries=canaries, device=device or None)
         if out:
             out_dir = Path(out).expanduser()
         else:

@@ -232,11 +232,13 @@ class MetricKey(StrEnum):
     NOISE_MULTIPLIER = "noise-multiplier"
     SAMPLE_RATE = "sample-rate"
     DP_STEPS = "dp-steps"
+    DP_GRAD_MODE = "dp-grad-sample-mode"  # the per-example gradient mode a DP round ran with (privacy.grad_modes)
     REFUSED = "refused"
     CENTRAL_EPSILON = "central-epsilon"  # the server's site-level epsilon after a central-DP release
     CLIPPING_NORM = "clipping-norm"
     NOISE_STD = "noise-std"
     REPLAYED = "replayed"  # 1: the site re-sent its earlier release of this round (server resumed); no new spending
+    EVALUATED_ON_TEST = "evaluated-on-test"  # 1: a site without val data evaluated on its share of the test split
 
 
 class NodeConfigKey(StrEnum):

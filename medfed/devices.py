@@ -102,10 +102,12 @@ def device_generator(gen: torch.Generator, device: torch.device) -> torch.Genera
 
 
 def release_memory(device: torch.device) -> None:
-    """Free what a finished site's work left on ``device``: collect its tensors and return the GPU's cached blocks
-    to the driver, so the next simulated site on this worker (or another process sharing the GPU) has the memory."""
-    gc.collect()
+    """Return the GPU's cached blocks to the driver once a site's work is done (its tensors were freed when its
+    round returned), so the next simulated site on this worker, or another process sharing the GPU, has the memory.
+    Nothing on the CPU: a ``gc.collect`` there cost 0.22 s per message (a 0.34 s evaluation) for nothing to free.
+    On a GPU, tensors held only by reference cycles are collected first (a GPU's memory is the scarce one)."""
     if device.type == "cuda" and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -151,7 +151,7 @@ def test_a_site_whose_data_changed_refuses(arm, tmp_path: Path) -> None:
 # ---- under DP --------------------------------------------------------------------------
 
 DP_METRICS = {"num-examples", "site-id", "steps", "train-seconds", "epsilon", "delta", "epsilon-budget",
-              "noise-multiplier", "sample-rate", "dp-steps"}
+              "noise-multiplier", "sample-rate", "dp-steps", "dp-grad-sample-mode"}
 
 
 def test_a_dp_reply_reports_its_cost_and_keeps_the_loss_at_the_site(arm) -> None:

@@ -134,8 +134,10 @@ def test_full_label_fraction_labels_everything():
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(num_sites=500), "the train split has only 4708 images"),  # 500 sites x 10 images > 4708
-        (dict(num_sites=4709, min_site_size=1), "at least 1 training images"),  # more sites than images
+        (dict(num_sites=500, min_site_size=10), "the train split has only 4708 images (at most 9 each); lower "
+                                                "min-site-size"),  # 500 sites x 10 images > 4708, given explicitly
+        (dict(num_sites=4709, min_site_size=1), "at least 1 training image(s)"),  # more sites than images
+        (dict(num_sites=4709), "lower num-sites"),  # automatic: more sites than images
         (dict(num_sites=0), "num-sites must be >= 1"),
         (dict(label_fraction=0.0), "label-fraction must be in (0, 1]"),
         (dict(label_fraction=1.5), "label-fraction must be in (0, 1]"),
@@ -149,11 +151,23 @@ def test_impossible_splits_raise(kwargs, fragment):
     assert fragment in str(err.value)
 
 
-def test_more_sites_than_val_images_raise():
+def test_more_sites_than_val_images_leave_sites_without_val():
     train, val = pneumonia_labels()
-    with pytest.raises(SplitError, match="validation image each"):
-        make_site_plan(train, val[:3], TaskType.BINARY, scheme="iid", num_sites=4, alpha=1.0,
-                       label_fraction=0.5, seed=0, min_site_size=1)
+    plan = make_site_plan(train, val[:3], TaskType.BINARY, scheme="iid", num_sites=4, alpha=1.0,
+                          label_fraction=0.5, seed=0, min_site_size=1)
+    assert sorted(len(s.val) for s in plan.sites) == [0, 1, 1, 1]  # a site without val is still a site
+    _check_cover([s.val for s in plan.sites], 3)
+    assert min(len(s.train) for s in plan.sites) >= 1
+
+
+def test_min_site_size_automatic_and_recorded():
+    assert plan_for("iid", num_sites=5).min_site_size == 10  # the default sizes: 10, as before
+    # 4708 // 500 = 9, but the IID cut (each class cut apart) gives its smallest site 8: automatic takes 8 ...
+    assert plan_for("iid", num_sites=500).min_site_size == 8
+    with pytest.raises(SplitError, match="iid cut of 4708 train images into 500 sites gives its smallest site 8, "
+                                         "fewer than min-site-size 9; lower min-site-size"):
+        plan_for("iid", num_sites=500, min_site_size=9)  # ... and a value given is honoured strictly
+    assert plan_for("dirichlet", num_sites=5, alpha=0.5, min_site_size=25).min_site_size == 25  # given: kept
 
 
 def test_save_load_round_trip(tmp_path):

@@ -165,6 +165,27 @@ def test_evaluate_histograms_set_the_rounds_threshold_and_malformed_ones_are_rej
     assert strategy().thresholds == {}
 
 
+def test_a_site_evaluated_on_its_test_share_is_recorded_apart_and_not_averaged() -> None:
+    reports: list[SiteReport] = []
+    s = strategy(reports=reports)
+    on_val = reply(None, {"num-examples": 4, "site-id": 0, "auc": 0.8})
+    on_test = reply(None, {"num-examples": 2, "site-id": 1, "auc": 0.2, "evaluated-on-test": 1.0}, node=11)
+    metrics = s.aggregate_evaluate(2, [on_test, on_val])
+    assert metrics is not None and dict(metrics) == {"auc": pytest.approx(0.8)}  # the val site's alone
+    assert [(r.kind, r.site_id, r.accepted) for r in reports] == [("evaluate-on-test", 1, True), ("evaluate", 0, True)]
+    assert s.evaluated_sites[2] == [0, 1]
+    assert s.aggregate_evaluate(3, [on_test]) is None and 3 not in s.thresholds  # no val reply: no average
+
+
+def test_default_fractions_keep_evaluating_every_site() -> None:
+    s = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=["a"], num_sites=5, fraction_train=1.0,
+                      evaluate=True)
+    assert (s.fraction_evaluate, s.min_evaluate_nodes) == (1.0, 5)
+    sampled = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=["a"], num_sites=100, fraction_train=0.1,
+                            evaluate=True, fraction_evaluate=0.25)
+    assert (sampled.fraction_evaluate, sampled.min_evaluate_nodes, sampled.min_train_nodes) == (0.25, 25, 10)
+
+
 def test_aggregation_does_not_depend_on_reply_order() -> None:
     values = [(0.1, 3, 0), (0.7, 5, 1), (0.3, 7, 2), (0.9, 11, 3)]
     forward, _ = strategy().aggregate_train(1, [good(v, n, s) for v, n, s in values])

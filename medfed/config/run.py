@@ -217,6 +217,13 @@ class RunConfig:
         return max(1, min(n, int(n * self.federation.fraction_train)))
 
     @property
+    def sites_per_evaluation(self) -> int:
+        """How many sites the server samples for a round's federated evaluation (fraction-evaluate, 0: as many as
+        fraction-train), as the strategy does."""
+        n, f = self.dataset.num_sites, self.federation
+        return max(1, min(n, int(n * (f.fraction_evaluate or f.fraction_train))))
+
+    @property
     def run_dir_name(self) -> str:
         """The run directory's name: ``run-name``, else DATA-MODE-PRETRAIN-sSEED."""
         e = self.experiment

@@ -2,7 +2,9 @@
 
 Schemes (all seeded with `numpy.random.default_rng`):
 
-* ``iid`` - a random permutation cut into N near-equal parts.
+* ``iid`` - each class's random permutation cut into N near-equal parts: every site gets the global class mix,
+  and each class's count differs by at most one between sites (so totals by at most the number of classes:
+  4708 PneumoniaMNIST images into 1000 sites give 4 to 6 each).
 * ``dirichlet`` - label skew (Hsu et al. 2019, "Measuring the effects of non-identical data
   distribution"): for each class, site shares are drawn from Dir(alpha); small alpha gives
   sites dominated by few classes.
@@ -16,7 +18,9 @@ are pretrained on, and are never drawn as labelled.
 
 The same site proportions cut the official train, val and test splits, so each site's
 validation data (and its share of the test split, used only to report per-site test
-metrics of the global model) follow its own distribution. Inside a site's train part a
+metrics of the global model) follow its own distribution. A site too small for a share of the val split
+(more sites than val images) gets none: it is still a site (it trains), and federated evaluation evaluates
+it on its share of the test split instead (`medfed.task.site_round.evaluate_site`). Inside a site's train part a
 ``label_fraction`` is labelled (at least one image); every train image, labelled or not,
 is used for self-supervised pretraining. Flower Datasets' partitioners work on Hugging Face
 datasets, not on in-memory index arrays shared by two splits, so this module stays small
@@ -25,10 +29,12 @@ and is tested directly instead.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +43,7 @@ from medfed.exceptions import SplitError
 
 MAX_DRAWS = 200
 SPLIT_FILE = "split.json"  # the plan's file name inside a run directory
+AUTO_SITE_SIZE = 10  # min-site-size 0 (automatic): at least this many train images a site, where the split allows
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class SitePlan:
     data_sha256: str
     sites: list[SiteSplit]
     site_names: list[str] = field(default_factory=list)  # natural sites: the hospitals, as the table spells them
+    min_site_size: int = 0  # the fewest train images a site could get, as resolved (0: a plan written before)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -71,6 +79,26 @@ class SitePlan:
         raw = json.loads(path.read_text())
         raw["sites"] = [SiteSplit(**s) for s in raw["sites"]]
         return cls(**raw)
+
+
+def load_plan(path: Path) -> SitePlan:
+    """`SitePlan.load`, cached by the file's identity (path, size, modification time): a simulated site reads the
+    run's plan with every message, and a thousand sites' plan takes milliseconds to parse."""
+    stat = path.stat()
+    return _load_plan(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_plan(path: str, size: int, mtime_ns: int) -> SitePlan:
+    return SitePlan.load(Path(path))
+
+
+def resolve_min_site_size(min_site_size: int, n_train: int, num_sites: int) -> int:
+    """min-site-size as a partition applies it: a value given is kept; 0 (automatic) is `AUTO_SITE_SIZE`, or
+    ``n_train // num_sites`` when the train split is too small for that (0 when it has fewer images than sites)."""
+    if min_site_size > 0:
+        return min_site_size
+    return min(AUTO_SITE_SIZE, n_train // max(1, num_sites))
 
 
 def stratify_key(labels: np.ndarray, task: TaskType) -> np.ndarray:
@@ -130,28 +158,31 @@ def make_site_plan(
     label_fraction: float,
     seed: int,
     data_sha256: str = "",
-    min_site_size: int = 10,
+    min_site_size: int = 0,
 ) -> SitePlan:
-    """Divide train and val into ``num_sites`` sites; raise `SplitError` if impossible.
+    """Divide train, val (and test) into ``num_sites`` sites; raise `SplitError` if impossible.
 
-    Every train image lands in exactly one site; a site gets at least ``min_site_size``
-    train images and one val image. Non-IID draws are repeated (up to 200 times, seeded)
-    until that holds; the error names the setting to change if they never do.
+    Every train image lands in exactly one site; a site gets at least ``min_site_size`` train images (0:
+    automatic, `resolve_min_site_size`; the plan records the value applied). Val and test are cut with the same
+    proportions: a site may get no val image (more sites than val images), and is still a site. Non-IID draws
+    are repeated (up to 200 times, seeded) until the sizes hold; the error names the setting to change if they
+    never do. The IID cut is the same for every draw (only its membership is random): with min-site-size
+    automatic, a smaller smallest site than the automatic value is accepted (many classes, few images each).
     """
     scheme_enum = PartitionScheme(scheme)
     if scheme_enum == PartitionScheme.NATURAL:
         raise SplitError("partition natural takes each hospital's rows from a labels table's site column "
                          "(make_natural_plan); it cannot cut a file without one")
-    n_train, n_val = len(train_labels), len(val_labels)
+    n_train = len(train_labels)
     if num_sites < 1:
         raise SplitError(f"num-sites must be >= 1; got {num_sites}")
-    if n_train < num_sites * min_site_size:
+    auto, size = min_site_size == 0, resolve_min_site_size(min_site_size, n_train, num_sites)
+    if n_train < num_sites * max(1, size):
         raise SplitError(
-            f"cannot give {num_sites} sites at least {min_site_size} training images each: "
-            f"the train split has only {n_train} images"
+            f"cannot give {num_sites} sites at least {max(1, size)} training image(s) each: the train split has only "
+            f"{n_train} images (at most {n_train // num_sites} each); "
+            + ("lower num-sites" if auto or n_train < num_sites else "lower min-site-size (0: automatic) or num-sites")
         )
-    if n_val < num_sites:
-        raise SplitError(f"cannot give {num_sites} sites a validation image each: the val split has {n_val}")
     if not 0 < label_fraction <= 1:
         raise SplitError(f"label-fraction must be in (0, 1]; got {label_fraction}")
     rng = np.random.default_rng(seed)
@@ -164,12 +195,19 @@ def make_site_plan(
         props = site_proportions(scheme_enum, np.arange(classes), num_sites, alpha, rng)
         train_parts = assign(train_keys, props, rng)
         val_parts = assign(val_keys, props, rng)
-        if min(len(p) for p in train_parts) >= min_site_size and min(len(p) for p in val_parts) >= 1:
+        smallest = min(len(p) for p in train_parts)
+        if auto and scheme_enum == PartitionScheme.IID and smallest >= 1:
+            size = min(size, smallest)  # the IID cut is what the train split allows
+        if smallest >= size:
             break
+        if scheme_enum == PartitionScheme.IID:  # every IID draw has the same sizes
+            raise SplitError(f"the iid cut of {n_train} train images into {num_sites} sites gives its smallest site "
+                             f"{smallest}, fewer than min-site-size {size}; lower min-site-size (0: automatic) "
+                             "or num-sites")
     else:
         raise SplitError(
-            f"{scheme} split with alpha={alpha} left a site with fewer than {min_site_size} train images "
-            f"or no val image in {MAX_DRAWS} seeded draws; raise alpha, lower num-sites ({num_sites}) "
+            f"{scheme} split with alpha={alpha} left a site with fewer than {size} train images "
+            f"in {MAX_DRAWS} seeded draws; raise alpha, lower num-sites ({num_sites}) "
             "or lower min-site-size"
         )
     # The test split is cut with the same proportions but its own generator, so adding it
@@ -190,6 +228,7 @@ def make_site_plan(
         seed=seed,
         data_sha256=data_sha256,
         sites=sites,
+        min_site_size=size,
     )
 
 
@@ -205,7 +244,8 @@ def make_natural_plan(
     data_sha256: str = "",
     min_site_size: int = 10,
 ) -> SitePlan:
-    """One site per hospital, holding its own rows of each split (``*_sites``: each case's hospital).
+    """One site per hospital, holding its own rows of each split (``*_sites``: each case's hospital); min-site-size
+    0 is automatic (`resolve_min_site_size`).
 
     Raises:
         SplitError: naming the hospital: a row without a site, a hospital with fewer than ``min_site_size``
@@ -218,6 +258,7 @@ def make_natural_plan(
             raise SplitError(f"partition natural: a {split} row names no site; every row must name its hospital")
     if not 0 < label_fraction <= 1:
         raise SplitError(f"label-fraction must be in (0, 1]; got {label_fraction}")
+    min_site_size = resolve_min_site_size(min_site_size, len(train_sites), len(site_names))
     rng = np.random.default_rng(seed)
     train_of, val_of, test_of = (np.asarray(list(x), dtype=object) for x in (train_sites, val_sites, test_sites))
     sites = []
@@ -234,7 +275,7 @@ def make_natural_plan(
         sites.append(SiteSplit(site_id, tr.tolist(), labelled.tolist(), va.tolist(), te.tolist()))
     return SitePlan(scheme=PartitionScheme.NATURAL.value, num_sites=len(site_names), alpha=0.0,
                     label_fraction=label_fraction, seed=seed, data_sha256=data_sha256, sites=sites,
-                    site_names=list(site_names))
+                    site_names=list(site_names), min_site_size=min_site_size)
 
 
 def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, task: TaskType) -> list[dict]:
@@ -259,3 +300,27 @@ def summarize(plan: SitePlan, train_labels: np.ndarray, val_labels: np.ndarray, 
             }
         )
     return rows
+
+
+SIZE_COLUMNS = ("train", "labelled", "val", "test")
+
+
+def size_distribution(rows: list[dict]) -> dict[str, Any]:
+    """How many images the sites got (`summarize`'s rows): min, quartiles and max of each of train, labelled, val
+    and test, and how many sites have no val image (federated evaluation evaluates those on their test share)."""
+    out: dict[str, Any] = {"sites": len(rows), "sites_without_val": sum(1 for r in rows if not r["val"])}
+    for key in SIZE_COLUMNS:
+        values = np.asarray([r.get(key, 0) for r in rows], dtype=np.float64)
+        quartiles = np.percentile(values, [0, 25, 50, 75, 100]) if len(values) else np.zeros(5)
+        out[key] = {name: round(float(q), 2) for name, q in zip(("min", "q1", "median", "q3", "max"), quartiles,
+                                                                   strict=True)}
+    return out
+
+
+def describe_sizes(dist: dict[str, Any]) -> str:
+    """One line for a console or a report: each count's range and median, and the sites without val."""
+    parts = [f"{key} {dist[key]['min']:g}-{dist[key]['max']:g} (median {dist[key]['median']:g})"
+             for key in SIZE_COLUMNS if key in dist]
+    return f"{dist['sites']} sites, images per site: " + ", ".join(parts) + (
+        f"; {dist['sites_without_val']} site(s) without val (evaluated on their test share)"
+        if dist["sites_without_val"] else "")

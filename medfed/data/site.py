@@ -1,4 +1,5 @@
-"""What one site holds: its train images (for pretraining), its labelled subset, its validation data.
+"""What one site holds: its train images (for pretraining), its labelled subset, its validation data, and its
+share of the test split (federated evaluation of a site that got no validation data evaluates on it).
 
 A site is built from a `SitePlan` partition (simulation), from all sites pooled
 (centralized baseline), or from the site's own data (deployment: the whole train split of its
@@ -34,22 +35,29 @@ class SiteData:
     val_labels: torch.Tensor
     task: TaskType
     num_classes: int
+    test_images: ImageStore | None = None  # the site's share of the test split (None: not known here)
+    test_labels: torch.Tensor | None = None
 
     @property
     def spec(self) -> InputSpec:
         return InputSpec(self.train_images.channels, self.train_images.spatial_shape)
 
 
+def _indices(values: list[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)  # an empty list stays an index array
+
+
 def site_from_split(data: Dataset, site: SiteSplit) -> SiteData:
-    return _site(data, site.site_id, np.asarray(site.train), np.asarray(site.labelled), np.asarray(site.val))
+    return _site(data, site.site_id, _indices(site.train), _indices(site.labelled), _indices(site.val),
+                 _indices(site.test))
 
 
 def pooled_site(data: Dataset, plan: SitePlan) -> SiteData:
     """All sites' data together: the centralized baseline sees exactly what the sites hold."""
     def cat(attr: str) -> np.ndarray:
-        return np.sort(np.concatenate([np.asarray(getattr(s, attr)) for s in plan.sites]))
+        return np.sort(np.concatenate([_indices(getattr(s, attr)) for s in plan.sites]))
 
-    return _site(data, POOLED_SITE_ID, cat("train"), cat("labelled"), cat("val"))
+    return _site(data, POOLED_SITE_ID, cat("train"), cat("labelled"), cat("val"), cat("test"))
 
 
 def site_from_own_file(data: Dataset, site_id: int, label_fraction: float, seed: int) -> SiteData:
@@ -59,10 +67,12 @@ def site_from_own_file(data: Dataset, site_id: int, label_fraction: float, seed:
         label_fraction=label_fraction, seed=seed, min_site_size=1,
     )
     only = plan.sites[0]
-    return _site(data, site_id, np.asarray(only.train), np.asarray(only.labelled), np.asarray(only.val))
+    return _site(data, site_id, _indices(only.train), _indices(only.labelled), _indices(only.val),
+                 np.arange(len(data.test.labels)))
 
 
-def _site(data: Dataset, site_id: int, train: np.ndarray, labelled: np.ndarray, val: np.ndarray) -> SiteData:
+def _site(data: Dataset, site_id: int, train: np.ndarray, labelled: np.ndarray, val: np.ndarray,
+          test: np.ndarray) -> SiteData:
     return SiteData(
         site_id=site_id,
         train_images=data.train.images.subset(train),
@@ -72,4 +82,6 @@ def _site(data: Dataset, site_id: int, train: np.ndarray, labelled: np.ndarray, 
         val_labels=torch.as_tensor(data.val.labels[val]),
         task=data.task,
         num_classes=data.num_classes,
+        test_images=data.test.images.subset(test),
+        test_labels=torch.as_tensor(data.test.labels[test]),
     )

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import ScaleIntensityRange
 
+from medfed.devices import device_generator
+
 
 def scale_intensity(images: np.ndarray, value_range: tuple[float, float] = (0.0, 255.0)) -> torch.Tensor:
     """Channel-first images ``(N, C, *spatial)`` -> float32 tensor in [0, 1] (MONAI scaling).
@@ -67,6 +69,7 @@ class AugmentSpec:
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """``n`` uniform draws from ``gen`` (a CPU generator: every device draws the same parameters for a seed)."""
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
@@ -92,7 +95,7 @@ def random_affine(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> t
     shift = (torch.rand(b, nd, generator=gen) * 2 - 1) * max_shift
     theta[:, :, :nd] = linear
     theta[:, :, nd] = shift
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -106,7 +109,7 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur over every spatial axis of ``(B, C, *spatial)``, reflect-padded
     (zero padding would darken the borders)."""
-    k = _gaussian_kernel(sigma).to(x.dtype)
+    k = _gaussian_kernel(sigma).to(x.device, x.dtype)
     c, nd = x.shape[1], x.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     radius = k.numel() // 2
@@ -130,22 +133,24 @@ def random_intensity(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -
     b, c, nd = x.shape[0], x.shape[1], x.ndim - 2
     view = (b,) + (1,) * (nd + 1)
     mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-    contrast = 1.0 + _uniform(b, -spec.contrast, spec.contrast, gen).reshape(view)
-    bright = _uniform(b, -spec.brightness, spec.brightness, gen).reshape(view)
+    dev = x.device  # the per-image parameters are drawn on the CPU and moved (a few numbers per image)
+    contrast = 1.0 + _uniform(b, -spec.contrast, spec.contrast, gen).reshape(view).to(dev)
+    bright = _uniform(b, -spec.brightness, spec.brightness, gen).reshape(view).to(dev)
     x = (x - mean) * contrast + mean + bright
     if c == 3 and spec.channel_gain > 0:
-        x = x * (1.0 + _uniform(b * c, -spec.channel_gain, spec.channel_gain, gen).reshape(b, c, *(1,) * nd))
+        x = x * (1.0 + _uniform(b * c, -spec.channel_gain, spec.channel_gain, gen).reshape(b, c, *(1,) * nd).to(dev))
     x = x.clamp(0.0, 1.0)
     if spec.gamma > 0:
-        gamma = torch.exp(_uniform(b, -spec.gamma, spec.gamma, gen)).reshape(view)
+        gamma = torch.exp(_uniform(b, -spec.gamma, spec.gamma, gen)).reshape(view).to(dev)
         x = x.clamp_min(1e-6).pow(gamma)
     if spec.blur_prob > 0:
         sigma = float(_uniform(1, *spec.blur_sigma, gen))
-        chosen = (torch.rand(b, generator=gen) < spec.blur_prob).reshape(view)
+        chosen = (torch.rand(b, generator=gen) < spec.blur_prob).reshape(view).to(dev)
         x = torch.where(chosen, gaussian_blur(x, sigma), x)
     if spec.noise_prob > 0:
-        chosen = (torch.rand(b, generator=gen) < spec.noise_prob).reshape(view).to(x.dtype)
-        noise = torch.randn(x.shape, generator=gen) * spec.noise_std
+        chosen = (torch.rand(b, generator=gen) < spec.noise_prob).reshape(view).to(dev, x.dtype)
+        # the noise is as large as the batch: drawn where the batch is (a GPU generator seeded from ``gen``)
+        noise = torch.randn(x.shape, generator=device_generator(gen, dev), device=dev) * spec.noise_std
         x = x + chosen * noise
     return x.clamp(0.0, 1.0)
 
@@ -165,7 +170,7 @@ def mask_patches(
     """
     b, nd = x.shape[0], x.ndim - 2
     cells = [math.ceil(s / patch) for s in x.shape[2:]]
-    hidden = (torch.rand(b, 1, *cells, generator=gen) < ratio).to(x.dtype)
+    hidden = (torch.rand(b, 1, *cells, generator=gen) < ratio).to(x.device, x.dtype)
     mask = hidden
     for axis in range(nd):
         mask = mask.repeat_interleave(patch, dim=2 + axis)

@@ -225,9 +225,11 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
     table, datalist or class folders is read and checked row by row here, and its images are decoded and
     prepared into the site's cache (``cache-dir``, default ~/.cache/medfed/cases) at the first round, with the
     run's image settings."""
+    from medfed.config import check_device_setting
     from medfed.data.datalists import is_table_source, read_source
     from medfed.data.medmnist import load_medmnist
     from medfed.data.table import ANY_CLASSES
+    from medfed.devices import resolve_device
 
     toml_file = _need(kit_dir / SITE_TOML, "site kit file")
     try:
@@ -259,6 +261,9 @@ def site_node_config(kit_dir: Path, data: str | None) -> dict[str, object]:
                                                                 download=False).path)
     except DataError as exc:
         raise DataError(f"site {config[NodeConfigKey.SITE_NAME]}: {exc}") from None
+    device = str(config.get(NodeConfigKey.DEVICE, "auto"))
+    check_device_setting(device, where=f"{toml_file}: device")
+    resolve_device(device, where=f"site {config[NodeConfigKey.SITE_NAME]}: node config device")  # GPU missing: now
     Path(str(config[NodeConfigKey.LEDGER_PATH])).parent.mkdir(parents=True, exist_ok=True)
     return config
 

@@ -223,6 +223,7 @@ def site_toml(site: str, index: int, plan: ProvisionPlan) -> str:
         f"dp-epsilon = {plan.dp_epsilon!r}\n"
         f"dp-delta = {plan.dp_delta!r}\n"
         'dp-require = "none"  # none | finetune | pretrain | all: phases this site trains only under DP\n'
+        'device = "auto"  # auto (a GPU when there is one) | cpu | cuda | cuda:N: where this site trains\n'
     )
 
 

@@ -71,7 +71,8 @@ def progress_units(cfg: RunConfig) -> int:
     """Site-rounds the whole experiment will train (for a progress bar)."""
     total = 0
     for arm in arms_for(cfg):
-        sites = 1 if arm.mode == Mode.CENTRALIZED else cfg.dataset.num_sites
+        sites = (1 if arm.mode == Mode.CENTRALIZED else cfg.sites_per_round if arm.mode == Mode.FEDERATED
+                 else cfg.dataset.num_sites)  # a federated round trains the sites it samples
         pre = cfg.ssl.rounds if arm.pretrain != NO_PRETRAIN and not cfg.model.encoder_init else 0
         total += sites * (pre + cfg.finetune_recipe.rounds)
     return total

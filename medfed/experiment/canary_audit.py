@@ -33,6 +33,7 @@ from medfed.data.partition import SPLIT_FILE, SitePlan
 from medfed.data.site import SiteData, site_from_split
 from medfed.data.sources import load_dataset
 from medfed.data.stores import ConcatImages, ImageStore, TensorImages
+from medfed.devices import resolve_device
 from medfed.exceptions import ConfigError, PrivacyBudgetExceeded
 from medfed.models.heads import Classifier
 from medfed.privacy.empirical import AuditResult, audit_from_scores, canary_inclusion
@@ -106,6 +107,7 @@ def canary_scores(model: Classifier, images: torch.Tensor, labels: torch.Tensor)
 def audit_site_training(
     cfg: RunConfig, site: SiteData, pool_images: ImageStore | torch.Tensor, pool_labels: torch.Tensor, *,
     encoder_state: dict[str, torch.Tensor], num_canaries: int, rounds: int, beta: float = 0.05,
+    device: torch.device | None = None,
 ) -> EmpiricalResult:
     """Insert canaries into ``site``, fine-tune ``rounds`` rounds as the run would, score, bound."""
     if num_canaries <= 0:  # default: up to 500, as many as the test split holds
@@ -125,7 +127,7 @@ def audit_site_training(
                           mode="local-only")
         guard = (PrivacyGuard(SitePrivacy.resolve(run, str(site.site_id), {}, Path(tmp)), "empirical-audit")
                  if private else None)
-        algo = SiteAlgo(run, audited, guard)
+        algo = SiteAlgo(run, audited, guard, device)
         state = new_classifier(run, site.spec, site.task, site.num_classes, encoder_state).state_dict()
         trained = 0
         for rnd in range(1, rounds + 1):
@@ -149,15 +151,20 @@ def audit_site_training(
 
 
 def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 0, rounds: int | None = None,
-                        dp: str | None = None) -> EmpiricalResult:
+                        dp: str | None = None, device: str | None = None) -> EmpiricalResult:
     """Replay a run's fine-tuning at one site with canaries (its settings, split and pretrained encoder).
 
-    ``dp`` overrides the run's DP scope (e.g. ``"none"`` to show the audit's power).
+    ``dp`` overrides the run's DP scope (e.g. ``"none"`` to show the audit's power); ``device`` the run's device
+    setting (the audit may run on another machine than the run).
+
+    Raises:
+        ConfigError: a site the run does not have, or a device this machine does not have.
     """
     flat = json.loads((run_dir / "config.json").read_text())
     cfg = RunConfig.from_flat(flat)
     if dp is not None:
         cfg = cfg.replace(dp=dp)
+    torch_device = resolve_device(device or cfg.compute.device)
     data = load_dataset(cfg)
     plan = SitePlan.load(run_dir / SPLIT_FILE)
     if not 0 <= site_id < len(plan.sites):
@@ -175,5 +182,5 @@ def run_empirical_audit(run_dir: Path, *, num_canaries: int = 0, site_id: int = 
     return audit_site_training(
         cfg, site, data.test.images, torch.as_tensor(data.test.labels), encoder_state=encoder_state,
         num_canaries=num_canaries,
-        rounds=rounds or cfg.finetune_recipe.rounds,
+        rounds=rounds or cfg.finetune_recipe.rounds, device=torch_device,
     )

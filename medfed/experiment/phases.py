@@ -77,7 +77,8 @@ class ArmContext:
     def message_config(self, phase: Phase) -> ConfigRecord:
         """What a train or evaluate message carries: the settings a site trains by, the phase, the run id and
         the run's input spec; in simulation also where the partition, the data file and the virtual sites'
-        ledgers are (a deployed site has its own, and is not told the centre's paths)."""
+        ledgers are, and the run's device setting (a deployed site has its own, and is not told the centre's paths
+        nor its device)."""
         record: dict[str, Any] = {
             **self.cfg.site_settings(), MessageKey.PHASE.value: phase.value,
             MessageKey.RUN_ID.value: f"{self.run_id}/{self.arm}", **self.input_spec.to_flat(),
@@ -85,7 +86,8 @@ class ArmContext:
         if self.cfg.dataset.site_data != SiteData.OWN:
             record |= {MessageKey.RUN_DIR.value: str(self.run_dir), MessageKey.DATA_FILE.value: str(self.data_file),
                        MessageKey.LEDGER_DIR.value: str(self.ledger_dir),
-                       MessageKey.CACHE_DIR.value: str(cache_root(self.cfg.images))}
+                       MessageKey.CACHE_DIR.value: str(cache_root(self.cfg.images)),
+                       MessageKey.DEVICE.value: self.cfg.compute.device}
         return ConfigRecord(record)
 
 
@@ -106,6 +108,7 @@ def phase_strategy(ctx: ArmContext, grid: Grid, phase: Phase, shared_keys: list[
     strategy = make_strategy(
         cfg.federation.strategy, phase=phase, shared_keys=shared_keys, evaluate=evaluate,
         num_sites=cfg.dataset.num_sites, fraction_train=cfg.federation.fraction_train,
+        fraction_evaluate=cfg.federation.fraction_evaluate,
         proximal_mu=cfg.federation.proximal_mu, observer=ctx.recorder.site_observer(ctx.arm),
         private=DPScope(cfg.privacy.scope).covers(phase), aggregation=cfg.robust, central=central,
         min_sites=cfg.federation.min_sites,
@@ -170,9 +173,15 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
                                         evaluate=True)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """The global model on the test split, and on the test share of each site whose federated evaluation
+        answered this round: every site when all are sampled (fraction-evaluate 1), else only those sampled (so a
+        round costs what its sampled sites cost, whatever the federation's size); round 0 (the starting model,
+        before any federated evaluation) has per-site rows only when every site is sampled."""
         # the round's federated evaluation came first: its pooled validation histograms set the threshold
+        every = cfg.sites_per_evaluation >= cfg.dataset.num_sites
+        sites = None if every else strategy.evaluated_sites.get(server_round, [])
         metrics, per_site = evaluate_with_sites(cfg, test, arrays.to_torch_state_dict(),
-                                                strategy.thresholds.get(server_round))
+                                                strategy.thresholds.get(server_round), sites=sites)
         ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, GLOBAL, "test", metrics)
         for site, site_metrics in per_site.items():  # the global model on each site's share of the test split
             ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)

@@ -18,6 +18,7 @@ from medfed.constants import DPScope, EncoderKind, PartitionScheme, Phase
 from medfed.data.dataset import Dataset
 from medfed.data.partition import SitePlan, make_natural_plan, make_site_plan
 from medfed.data.sources import load_dataset
+from medfed.devices import prepare_device, resolve_device
 from medfed.exceptions import ConfigError
 from medfed.experiment.memory import fit_pretrain_batch
 from medfed.models.encoders import InputSpec, vit_patch_size
@@ -43,6 +44,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     data and the pretraining batch fits the sites' memory: no writes (but a table's cases enter the cache).
     ``Prepared.cfg`` is ``cfg`` with its automatic settings decided (the pretraining batch)."""
     check_methods_fit(cfg)  # before any download
+    prepare_device(resolve_device(cfg.compute.device))  # a GPU asked for and not there: refused before anything
     data = load_dataset(cfg)  # every case read and checked (a table's into the cache), nothing written beside it
     spec = InputSpec(data.channels, data.spatial_shape)
     kind = resolve_encoder_kind(cfg.model.encoder, cfg.ssl.methods)

@@ -1,7 +1,8 @@
 """Per-round, per-site metrics of a run, appended to ``metrics.jsonl`` (one JSON object a line).
 
 Each line: ``arm``, ``phase``, ``round``, ``site`` (an int, or ``"global"``), ``split``
-(train, val or test), ``accepted`` (train replies), then the metric values. An optional
+(train, val or test; ``test-share``: the federated evaluation of a site without val data, on its share of the
+test split), ``accepted`` (train replies), then the metric values. An optional
 listener sees every line as it is written (the CLI's progress display uses it).
 """
 
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from medfed.constants import Phase
+from medfed.strategies.replies import EVALUATE_ON_TEST
 from medfed.strategies.shared_weights import SiteReport
 
 Listener = Callable[[dict[str, Any]], None]
 GLOBAL = "global"
+TEST_SHARE_SPLIT = "test-share"  # a site without val data: federated evaluation on its share of the test split
 
 
 def json_safe(value: Any) -> Any:
@@ -60,7 +63,7 @@ class Recorder:
                 "phase": report.phase.value,
                 "round": report.server_round,
                 "site": report.site_id,
-                "split": "train" if report.kind == "train" else "val",
+                "split": {"train": "train", EVALUATE_ON_TEST: TEST_SHARE_SPLIT}.get(report.kind, "val"),
                 "accepted": report.accepted,
             }
             if report.reason:

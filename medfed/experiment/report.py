@@ -13,10 +13,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from medfed.constants import MetricKey
+from medfed.data.partition import SIZE_COLUMNS, size_distribution
 from medfed.privacy.plots import plot_epsilon
 from medfed.task.calibration import CALIBRATED, THRESHOLD
 
 METRIC_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
+SITE_TABLE_MAX = 50  # sites listed one per row in report.md; beyond, their size distribution only
 
 
 
@@ -37,6 +39,26 @@ def calibrated_section(summary: dict) -> list[str]:
         lines.append(f"| {name} | {_fmt(t[THRESHOLD])} | " + " | ".join(_fmt(t.get(CALIBRATED[MetricKey(k)])) for k in
                                                                    METRIC_COLUMNS[1:]) + " |")
     return lines
+
+def sizes_section(data_info: dict) -> list[str]:
+    """The sites' sizes: how many train, labelled, val and test images each got (min, quartiles, max) and how many
+    have no val split; the per-site table follows only up to `SITE_TABLE_MAX` sites (data.json lists every site)."""
+    if not data_info["sites"]:  # a deployment: each site holds its own data
+        return ["", "## Sites", "", "Each site holds its own data: their sizes are not known to the server."]
+    dist = data_info.get("site_sizes") or size_distribution(data_info["sites"])
+    without = (f"{dist['sites_without_val']} without a validation split (federated evaluation evaluates those on "
+               "their share of the test split, recorded as `test-share`, outside the decision threshold and the "
+               "validation metrics)" if dist["sites_without_val"] else "each with a validation split")
+    lines = ["", "## Sites", "", f"{dist['sites']} sites; {without}.", "",
+             "| images per site | min | 25% | median | 75% | max |", "|---|---|---|---|---|---|"]
+    for key in SIZE_COLUMNS:
+        q = dist[key]
+        lines.append(f"| {key} | {q['min']:g} | {q['q1']:g} | {q['median']:g} | {q['q3']:g} | {q['max']:g} |")
+    if dist["sites"] > SITE_TABLE_MAX:
+        lines += ["", f"More than {SITE_TABLE_MAX} sites: each site's counts are in `data.json` (`sites`), its images "
+                  "in `split.json`."]
+    return lines
+
 
 def _skipped(data_info: dict) -> str:
     """The rows `--on-bad-case skip` left out (unreadable, or the later of an image in two splits), if any."""
@@ -208,6 +230,15 @@ def server_privacy_section(rows: list[dict], cfg: dict) -> list[str]:
     return lines
 
 
+def _compute_line(summary: dict) -> list[str]:
+    """Where the centre computed: device, its name, precision and the library versions (summary.json "compute")."""
+    c = summary.get("compute")
+    if not c:
+        return []
+    libs = ", ".join(f"{k} {v}" for k, v in c.get("libraries", {}).items() if v != "not installed")
+    return ["", f"Computed on `{c['device']}` ({c.get('name', '')}), precision {c.get('precision', 'fp32')}; {libs}."]
+
+
 def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict, title: str | None = None) -> Path:
     """Write report.md (and plots/) into ``run_dir``; ``title`` defaults to the folder name."""
     cfg = summary["config"]
@@ -238,6 +269,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         f"{cfg['finetune-mode']} ({recipe['rounds']} rounds x {cfg['finetune-epochs']} local epochs, "
         f"lr {recipe['lr']:g}, batch {recipe['batch_size']}); "
         f"strategy {cfg['strategy']}.",
+        *_compute_line(summary),
         "",
         "## Comparison on the official test split",
         "",
@@ -261,9 +293,12 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
     per_class = ("train images per class" if data_info["task"] != "multi-label"
                  else "train images per first positive label (last: none)")
     named = any("hospital" in s for s in data_info["sites"])
-    lines += ["", "## Sites", "", f"| site | train images | labelled | val images | test share | {per_class} |",
-              "|---|---|---|---|---|---|"]
-    for s in data_info["sites"]:
+    lines += sizes_section(data_info)
+    table = data_info["sites"] if len(data_info["sites"]) <= SITE_TABLE_MAX else []
+    if table:
+        lines += ["", f"| site | train images | labelled | val images | test share | {per_class} |",
+                  "|---|---|---|---|---|---|"]
+    for s in table:
         site = f"{s['site']} ({str(s['hospital']).replace('|', '/')})" if named else s["site"]
         unlabelled = f" ({s['unlabelled']} unlabelled)" if s.get("unlabelled") else ""
         lines.append(f"| {site} | {s['train']}{unlabelled} | {s['labelled']} | {s['val']} | {s.get('test', 0)} "
@@ -281,6 +316,8 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         ("test-site", "Per-site test metrics of the global model (last round; each site's share of the official "
                       "test split, cut like its data)", "test images"),
         ("val", "Per-site validation metrics of the global model (last round, federated evaluation)", "val images"),
+        ("test-share", "Federated evaluation of sites without validation data (last round; at the site, on its share "
+                       "of the test split; not in the decision threshold nor the validation metrics)", "test images"),
     ):
         last = _last_round_per_site(rows, split)
         if not last:
@@ -288,7 +325,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
         lines += ["", f"## {title}", "", f"| arm | site | {count} | " + " | ".join(METRIC_COLUMNS) + " |",
                   "|---|---|---|" + "---|" * len(METRIC_COLUMNS)]
         for (arm, site), r in sorted(last.items()):
-            n = sites_by_id.get(site, {}).get("test", "") if split == "test-site" else int(r.get("num-examples", 0))
+            n = sites_by_id.get(site, {}).get("test", "") if split == "test-site" else int(r.get("num-examples") or 0)
             lines.append(f"| {arm} | {site} | {n} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_COLUMNS) + " |")
     lines += privacy_section(rows, cfg, plots)
     lines += server_privacy_section(rows, cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config import RunConfig
+from medfed.devices import describe_device, library_versions, resolve_device
 from medfed.exceptions import ConfigError
 from medfed.experiment.arms import Arm
 from medfed.experiment.recorder import json_safe
@@ -79,9 +80,12 @@ def publish(partial: Path, final: Path) -> Path:
 
 
 def run_summary(cfg: RunConfig, run_id: str) -> dict[str, Any]:
-    """summary.json before its arms: the settings, the resolved fine-tuning recipe, the run id."""
+    """summary.json before its arms: the settings, the resolved fine-tuning recipe, the run id, and where the centre
+    computed (the device, its name, the library versions; `medfed.devices`)."""
+    compute = {**describe_device(resolve_device(cfg.compute.device)), "precision": cfg.compute.precision,
+               "libraries": library_versions()}
     return {"config": cfg.to_flat(), "finetune-recipe": dataclasses.asdict(cfg.finetune_recipe), "run_id": run_id,
-            "arms": {}}
+            "compute": compute, "arms": {}}
 
 
 def arm_summary(arm: Arm, metrics: dict[str, float], per_site: dict[int, dict[str, float]],

@@ -13,7 +13,8 @@ Run directory::
 
     config.json        resolved settings (flat, as `medfed simulate` and `flwr run` take them)
     config.toml        the same, by part: `medfed simulate --config RUN_DIR/config.toml` reruns the run
-    data.json          the data file (path, sha256, task, shapes) and per-site counts
+    data.json          the data file (path, sha256, task, shapes), per-site counts and their distribution
+                       (``site_sizes``: min, quartiles, max; sites without val), the min-site-size applied
     split.json         the partition: every site's train, labelled and val indices
     metrics.jsonl      per-round, per-site metrics of every arm
     summary.json       each arm's final test metrics, wall time and peak memory
@@ -35,7 +36,7 @@ from flwr.serverapp import Grid
 
 from medfed.config import RunConfig
 from medfed.constants import Mode
-from medfed.data.partition import SPLIT_FILE, summarize
+from medfed.data.partition import SPLIT_FILE, size_distribution, summarize
 from medfed.exceptions import ConfigError
 from medfed.experiment.arms import Arm, arm_config, arms_for
 from medfed.experiment.deployment import run_deployment
@@ -137,8 +138,9 @@ def run_experiment(
         (run_dir / "config.json").write_text(cfg.to_json())
         (run_dir / "config.toml").write_text(cfg.to_toml())
         prep.plan.save(run_dir / SPLIT_FILE)
-        data_info = {**prep.data.describe(),
-                     "sites": summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)}
+        sites = summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)
+        data_info = {**prep.data.describe(), "min_site_size": prep.plan.min_site_size,
+                     "site_sizes": size_distribution(sites), "sites": sites}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
         summary = run_summary(cfg, run_id)

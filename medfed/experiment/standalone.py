@@ -16,6 +16,7 @@ from medfed.constants import DPScope, MetricKey, Mode, Phase
 from medfed.data.dataset import Dataset
 from medfed.data.partition import SitePlan
 from medfed.data.site import SiteData, pooled_site, site_from_split
+from medfed.devices import resolve_device
 from medfed.exceptions import PrivacyBudgetExceeded
 from medfed.experiment.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
 from medfed.experiment.recorder import GLOBAL
@@ -42,7 +43,7 @@ def _refused(ctx: ArmContext, phase: Phase, rnd: int, site_label: int | str, exc
 
 def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: str) -> dict[str, float]:
     cfg, rec = ctx.cfg, ctx.recorder
-    algo = SiteAlgo(cfg, site, _guard(ctx, site_label))
+    algo = SiteAlgo(cfg, site, _guard(ctx, site_label), resolve_device(cfg.compute.device))
     encoder_state = initial_encoder_state(cfg, site.spec)
     pretrain = bool(cfg.ssl.methods) and not cfg.model.encoder_init
     local = None

@@ -3,14 +3,15 @@
 Flower's public API (apps, records, strategies, the simulation) needs no patch. These do, each for a
 reason written in its module, each refusing to run when the seam it relies on is gone:
 
-=================  ====================================================================================
-`client_tls`       Flower's HTTP clients present the site's/operator's client certificate (mutual TLS)
-`fleet_push`       a site may push only its own node's reply to the SuperLink (Fleet ``push_messages``)
-`sqlite_scrub`     SQLite ``secure_delete`` on the SuperLink's database (deleted rows overwritten)
-`clientapp_seam`   hooks between pulling a ClientApp task and installing its app (the site's app gate)
-`superexec`        Flower's SuperExec loop with medfed's executors (token on stdin; warm ClientApps)
-`flower_tuning`    shorter object-pull backoff and SuperNode polling (latency only, nothing checked)
-=================  ====================================================================================
+==================  ====================================================================================
+`client_tls`        Flower's HTTP clients present the site's/operator's client certificate (mutual TLS)
+`fleet_push`        a site may push only its own node's reply to the SuperLink (Fleet ``push_messages``)
+`sqlite_scrub`      SQLite ``secure_delete`` on the SuperLink's database (deleted rows overwritten)
+`clientapp_seam`    hooks between pulling a ClientApp task and installing its app (the site's app gate)
+`superexec`         Flower's SuperExec loop with medfed's executors (token on stdin; warm ClientApps)
+`flower_tuning`     shorter object-pull backoff and SuperNode polling (latency only, nothing checked)
+`simulation_sweep`  the simulation asks only nodes with a pending message for it (cost per node)
+==================  ====================================================================================
 
 `SEAMS` fingerprints the Flower source each patch relies on (sha256 of ``inspect.getsource``), taken
 from the pinned ``flwr`` (`FLOWER_VERSION`). `changed_seams` names those that differ in the installed
@@ -39,6 +40,8 @@ SEAMS: dict[str, str] = {
     "flwr.supercore.superexec.run_superexec:run_superexec": "91e7a33c5b898f33",
     "flwr.supercore.inflatable.inflatable_utils:pull_objects": "31bb2de46b450e6a",
     "flwr.supercore.inflatable.inflatable_utils:pull_and_inflate_object_from_tree": "139811483a15e4a6",
+    "flwr.server.superlink.fleet.vce.vce_api:add_messages_to_queue": "953f4bd41a931a77",
+    "flwr.server.superlink.linkstate.in_memory_linkstate:InMemoryLinkState.get_message_ins": "6547c8dcbc62e12f",
 }
 """``module:qualified name`` -> the first 16 hex digits of the sha256 of its source in `FLOWER_VERSION`."""
 

@@ -13,7 +13,10 @@ replaced by zero ("zero-out" adjacency, Kairouz et al., ICML 2021, "Practical an
 Learning without Sampling or Shuffling"), which changes the sum by at most ``C``. Every aggregate is
 one Gaussian mechanism with noise multiplier ``z``; no amplification by sampling is claimed (even
 when ``fraction-train`` < 1), so ``T`` releases compose as ``T`` Gaussian mechanisms (RDP; the same
-accountant as the sites' DP-SGD with sample rate 1).
+accountant as the sites' DP-SGD with sample rate 1). Amplification would need each site to be included
+independently with probability q by a draw the adversary cannot know (Poisson subsampling, the bound the
+RDP accountant computes); Flower samples a fixed number of sites with Python's ``random`` module, and the
+noise is scaled by the updates that arrived, not by the expected number (tests/test_many_sites.py pins it).
 
 Who clips: ``server-clip`` (the server sees and clips every update) or ``client-clip`` (each site clips
 before sending; the server verifies the norm unless SecAgg+ hides the update); the strategy's part is

@@ -165,11 +165,11 @@ class MAE(SSLMethod):
         tokens = enc.patch_embedding(x)
         b, n, _ = tokens.shape
         keep = max(1, int(round(n * (1 - self.settings.mask_ratio))))
-        order = torch.argsort(torch.rand(b, n, generator=gen), dim=1)
+        order = torch.argsort(torch.rand(b, n, generator=gen), dim=1).to(tokens.device)  # drawn on the CPU
         kept = order[:, :keep]
-        rows = torch.arange(b).unsqueeze(1)
+        rows = torch.arange(b, device=tokens.device).unsqueeze(1)
         visible = tokens[rows, kept]
-        mask = torch.ones(b, n)
+        mask = torch.ones(b, n, device=tokens.device)
         mask[rows, kept] = 0
         cls = enc.cls_token.expand(b, -1, -1)
         latent = enc.blocks(torch.cat((cls, visible), dim=1))

@@ -3,7 +3,8 @@
 A train reply holds exactly one ArrayRecord with the shared weights (the keys the server expects, each
 with the shape and dtype it sent, finite values) and one MetricRecord of scalars with ``num-examples``
 and ``site-id``; a refusal holds no arrays and a ``refusal`` ConfigRecord with the reason. An evaluate
-reply holds scalar metrics (and the score histograms of `medfed.task.calibration`).
+reply holds scalar metrics (and the score histograms of `medfed.task.calibration`); a site without validation
+data evaluates on its share of the test split instead, says so (``evaluated-on-test`` 1) and sends no histograms.
 
 Metrics across sites: losses and evaluation metrics are example-weighted means; privacy metrics are the
 MAX over sites (the federation is as private as its most exposed site; Flower's default, an
@@ -29,7 +30,7 @@ class SiteReport:
 
     phase: Phase
     server_round: int
-    kind: str  # "train" or "evaluate"
+    kind: str  # "train", "evaluate" (validation data) or `EVALUATE_ON_TEST` (a site without val: its test share)
     site_id: int
     node_id: int
     metrics: dict[str, float]
@@ -37,6 +38,10 @@ class SiteReport:
     reason: str = ""
     bytes_sent: int = 0
 
+
+EVALUATE_ON_TEST = "evaluate-on-test"
+"""A `SiteReport` kind: the federated evaluation of a site without validation data, on its share of the test split
+(recorded apart from validation, never in the threshold calibration nor the validation averages)."""
 
 Observer = Callable[[SiteReport], None]
 ReleaseObserver = Callable[[int, dict[str, float]], None]  # (round, central-DP figures of the release)
@@ -95,7 +100,16 @@ def check_evaluate_reply(content: RecordDict) -> str:
         return f"evaluate metrics must be scalars (apart from the score histograms); {lists[0]!r} is a list"
     if MetricKey.NUM_EXAMPLES not in metrics or MetricKey.SITE_ID not in metrics:
         return "evaluate metrics need num-examples and site-id"
+    if evaluated_on_test(metrics) and any(k in metrics for k in HISTOGRAM_KEYS):
+        return "a site evaluated on its test share must not send validation score histograms"
     return histogram_problem(dict(metrics), float(metric_scalar(metrics[MetricKey.NUM_EXAMPLES])))
+
+
+def evaluated_on_test(metrics: dict[str, float] | MetricRecord) -> bool:
+    """Whether an evaluate reply's metrics are of the site's test share (it has no validation data), not of its
+    validation split."""
+    value = metrics.get(MetricKey.EVALUATED_ON_TEST.value, 0.0)
+    return not isinstance(value, list) and float(value) != 0.0
 
 
 def scalar_metrics(content: RecordDict) -> dict[str, float]:
@@ -118,6 +132,12 @@ DP_REPLY_KEYS = (
 )
 """Privacy metrics aggregate as the MAX over sites: the federation is as private as its most
 exposed site. (Flower's default, an example-weighted mean, would understate it.)"""
+
+
+def dp_costs_reported(update: dict[str, np.ndarray], metrics: dict[str, float], sent: ArrayRecord) -> str:
+    """A DP round's update must say what it cost (its epsilon, delta, noise, sample rate and steps)."""
+    missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
+    return f"a DP round's update must report {', '.join(missing)}" if missing else ""
 
 
 def sum_examples(records: list[RecordDict], weighting_key: str) -> MetricRecord:

@@ -11,8 +11,9 @@ A round's aggregation is a pipeline; each step is a part with one job:
    a Byzantine-robust rule (`RobustRule`, unweighted) or central DP (`CentralDPAggregation`);
 5. **carry over** the weights sites do not send (a frozen encoder under a linear probe, the LoRA base).
 
-FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term. Federated
-evaluation pools the sites' validation score histograms into a decision threshold per round.
+FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term. Federated evaluation
+(``fraction-evaluate`` of the sites) pools their validation score histograms into a decision threshold per round; a
+site without val data (``evaluated-on-test``) is recorded apart, out of the threshold and the validation averages.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from medfed.exceptions import FederationError
 from medfed.strategies import robust
 from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.replies import (
-    DP_REPLY_KEYS,
+    EVALUATE_ON_TEST,
     Observer,
     SiteReport,
     check_evaluate_reply,
     check_reply,
+    dp_costs_reported,
+    evaluated_on_test,
     metric_scalar,
     refusal_reason,
     scalar_metrics,
@@ -49,12 +52,6 @@ from medfed.task.calibration import Threshold, pooled_threshold
 
 Update = dict[str, np.ndarray]
 ReplyCheck = Callable[[Update, dict[str, float], ArrayRecord], str]  # (update, metrics, sent) -> reason or ''
-
-
-def dp_costs_reported(update: Update, metrics: dict[str, float], sent: ArrayRecord) -> str:
-    """A DP round's update must say what it cost (its epsilon, delta, noise, sample rate and steps)."""
-    missing = [k.value for k in DP_REPLY_KEYS if k not in metrics]
-    return f"a DP round's update must report {', '.join(missing)}" if missing else ""
 
 
 @dataclass(frozen=True)
@@ -147,6 +144,7 @@ class SharedWeightsMixin:
         self.min_updates, self.min_updates_note = p.min_updates, p.min_updates_note
         self._sent: ArrayRecord | None = None
         self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
+        self.evaluated_sites: dict[int, list[int]] = {}  # round -> the sites whose federated evaluation arrived
         self.site_of_node: Callable[[int], int | None] = lambda node: None  # the deployment grid's registry
 
     # ---- configure -------------------------------------------------------------------------------------------
@@ -279,7 +277,9 @@ class SharedWeightsMixin:
 
     # ---- evaluate --------------------------------------------------------------------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record every reply; calibrate the round's threshold on, and average, the validation replies only."""
         valid: list[Message] = []
+        evaluated: list[int] = []  # the sites whose reply was accepted: on their val data or on their test share
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -290,12 +290,18 @@ class SharedWeightsMixin:
             metrics = scalar_metrics(msg.content)
             site_id = int(metrics.get(MetricKey.SITE_ID, -1))
             reason = check_evaluate_reply(msg.content)
+            kind = EVALUATE_ON_TEST if not reason and evaluated_on_test(metrics) else "evaluate"
             if reason:
                 log(WARNING, "Rejected evaluation from node %s in round %s: %s", node, server_round, reason)
-            else:
+            elif kind != EVALUATE_ON_TEST:
                 valid.append(msg)
-            self._report(SiteReport(self.phase, server_round, "evaluate", site_id, node, metrics, not reason, reason))
+            evaluated += [] if reason else [site_id]
+            self._report(SiteReport(self.phase, server_round, kind, site_id, node, metrics, not reason, reason))
         valid.sort(key=lambda m: scalar_metrics(m.content)[MetricKey.SITE_ID])
+        self.evaluated_sites[server_round] = sorted(evaluated)
+        if len(evaluated) > len(valid):
+            log(INFO, "%s round %s: %s site(s) without val data evaluated on their test share (recorded apart)",
+                self.phase.value, server_round, len(evaluated) - len(valid))
         threshold = pooled_threshold([dict(next(iter(m.content.metric_records.values()))) for m in valid])
         if threshold is not None:
             self.thresholds[server_round] = threshold
@@ -326,6 +332,7 @@ def make_strategy(
     num_sites: int,
     fraction_train: float,
     evaluate: bool,
+    fraction_evaluate: float = 0.0,
     proximal_mu: float = 0.0,
     observer: Observer | None = None,
     private: bool = False,
@@ -340,7 +347,8 @@ def make_strategy(
         phase: pretrain or finetune (names rounds in logs, reports and the central ledger).
         shared_keys: the arrays sites send and the strategy aggregates; the others are carried over.
         num_sites, fraction_train: the federation and the fraction sampled per round.
-        evaluate: federated evaluation on each site's validation data after each round.
+        evaluate: federated evaluation on the sampled sites' validation data after each round.
+        fraction_evaluate: the fraction of sites sampled for it (0: ``fraction_train``), at least one.
         observer: told of every site's reply (accepted or not, and why).
         private: a DP phase: every update must report its privacy cost.
         aggregation: the rule (default: FedAvg's example-weighted mean) and the norm-outlier screen.
@@ -355,11 +363,12 @@ def make_strategy(
     settings = aggregation or RobustSettings()
     required = min_sites or num_sites  # sites that must be connected before a round starts
     min_nodes = max(1, min(required, int(num_sites * fraction_train)))
+    fraction_evaluate = fraction_evaluate or fraction_train
     flower = dict(
         fraction_train=fraction_train,
-        fraction_evaluate=1.0 if evaluate else 0.0,
+        fraction_evaluate=fraction_evaluate if evaluate else 0.0,
         min_train_nodes=min_nodes,
-        min_evaluate_nodes=required if evaluate else 1,
+        min_evaluate_nodes=max(1, min(required, int(num_sites * fraction_evaluate))) if evaluate else 1,
         min_available_nodes=required,
         weighted_by_key=MetricKey.NUM_EXAMPLES.value,
         train_metrics_aggr_fn=sum_examples,

@@ -22,9 +22,11 @@ from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, M
 from medfed.data.site import SiteData
 from medfed.data.stores import ImageStore
 from medfed.data.transforms import AugmentSpec, augment
+from medfed.devices import autocast, to_device, use_bf16
 from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.models.heads import Classifier
 from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
+from medfed.privacy.grad_modes import MODE_CODES, resolve_grad_sample_mode
 from medfed.privacy.guard import PrivacyGuard, RoundPlan
 from medfed.selfsup.compat import check_methods_fit
 from medfed.selfsup.methods import SSLMethod
@@ -122,10 +124,13 @@ def train_loop(
 
 @torch.no_grad()
 def logits_of(model: Classifier, images: ImageStore | torch.Tensor) -> torch.Tensor:
-    """Logits ``(N, K)`` in evaluation mode, in batches (`eval_batch`), read a batch at a time."""
+    """Logits ``(N, K)`` on the CPU, in evaluation mode and fp32, computed on the model's device in batches
+    (`eval_batch`), read a batch at a time."""
     model.eval()
     size = eval_batch(images)
-    return torch.cat([model(images[i : i + size]) for i in range(0, len(images), size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(to_device(images[i : i + size], device)).float().cpu()
+                      for i in range(0, len(images), size)])
 
 
 def metrics_from_logits(
@@ -170,9 +175,11 @@ class SiteAlgo:
     phases record their weight releases as uncovered exposure (also when ``dp`` is none).
     """
 
-    def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None) -> None:
+    def __init__(self, cfg: RunConfig, data: SiteData, privacy: PrivacyGuard | None = None,
+                 device: torch.device | None = None) -> None:
         check_methods_fit(cfg)  # a site checks what the server asks of it, too
         self.cfg, self.data, self.privacy = cfg, data, privacy
+        self.device = device or torch.device("cpu")  # models are built on the CPU (seeded) and moved here
 
     @property
     def proximal_mu(self) -> float:
@@ -197,7 +204,7 @@ class SiteAlgo:
         )
         if local_state is not None:
             method.load_local_state_dict(local_state)
-        return method
+        return method.to(self.device)
 
     # ---- privacy ---------------------------------------------------------------------
     def _is_private(self, phase: Phase) -> bool:
@@ -263,18 +270,31 @@ class SiteAlgo:
         batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int, settings: TrainSettings, gen: torch.Generator,
         prox_params: list[nn.Parameter], on_step_end: Callable[[], None] | None = None,
     ) -> TrainStats:
-        """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way."""
+        """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way; phases without
+        DP run their forward passes under bf16 autocast when the precision setting asks (`use_bf16`)."""
         if not self._is_private(phase):
+            half = use_bf16(self.cfg.compute.precision, self.device, private=False)
+
+            def cast_loss(idx: torch.Tensor) -> torch.Tensor:
+                with autocast(self.device, half):
+                    return batch_loss(idx)
+
             stats = train_loop(
-                trainable, batch_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end
+                trainable, cast_loss, n, settings, gen, prox_params=prox_params, on_step_end=on_step_end
             )
             return dataclasses.replace(stats, privacy=self._record(phase, server_round, None))
         plan, dp = self._plan(phase, server_round)
+        kind = resolve_encoder_kind(self.cfg.model.encoder, self.cfg.ssl.methods)
+        mode = resolve_grad_sample_mode(
+            self.privacy.privacy.grad_sample_mode if self.privacy else dp.grad_sample_mode,
+            finetuning=phase == Phase.FINETUNE, encoder=kind.value, module=module, params=trainable,
+            batch_loss=batch_loss, n=n, dp=dp, gen=gen, lr=settings.lr)
+        dp = dataclasses.replace(dp, grad_sample_mode=mode)
         dp_stats = dp_train_loop(
             module, trainable, batch_loss, n, dp, lr=settings.lr, weight_decay=settings.weight_decay, gen=gen,
             on_step_end=on_step_end,
         )
-        privacy = self._record(phase, server_round, plan)
+        privacy = {**self._record(phase, server_round, plan), MetricKey.DP_GRAD_MODE.value: MODE_CODES[mode]}
         return TrainStats(n, dp_stats.loss, dp_stats.steps, dp_stats.seconds, privacy)
 
     # ---- phases ----------------------------------------------------------------------
@@ -297,16 +317,17 @@ class SiteAlgo:
         )
         trainable = [p for p in method.parameters() if p.requires_grad]
         stats = self._train(
-            Phase.PRETRAIN, server_round, method, trainable, lambda idx: method.loss(images[idx], gen), len(images),
+            Phase.PRETRAIN, server_round, method, trainable,
+            lambda idx: method.loss(to_device(images[idx], self.device), gen), len(images),
             settings, gen, prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
         )
-        encoder_out = {k: v.detach().clone() for k, v in method.encoder.state_dict().items()}
-        return encoder_out, method.local_state_dict(), stats
+        encoder_out = {k: v.detach().cpu().clone() for k, v in method.encoder.state_dict().items()}
+        return encoder_out, {k: v.cpu() for k, v in method.local_state_dict().items()}, stats
 
     def classifier(self, state: StateDict) -> Classifier:
         model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
         model.load_state_dict(state)
-        return model
+        return model.to(self.device)
 
     def finetune_round(self, classifier_state: StateDict, server_round: int) -> tuple[StateDict, TrainStats]:
         """Supervised training on the labelled subset; returns the weights to share and statistics.
@@ -328,15 +349,18 @@ class SiteAlgo:
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         shift = self.logit_shift()
+        shift = shift.to(self.device) if isinstance(shift, torch.Tensor) else shift
+        dev = self.device
         stats = self._train(
             Phase.FINETUNE, server_round, model, trainable,
-            lambda idx: model.loss(model(augment(images[idx], views, gen)) + shift, labels[idx]),
+            lambda idx: model.loss(model(augment(to_device(images[idx], dev), views, gen)) + shift,
+                                   to_device(labels[idx], dev)),
             len(images), settings, gen,
             prox_params=trainable,
         )
         state = model.state_dict()
         keys = finetune_shared_keys(self.cfg, list(state))
-        return {k: state[k].detach().clone() for k in keys}, stats
+        return {k: state[k].detach().cpu().clone() for k in keys}, stats
 
     def logit_shift(self) -> torch.Tensor | float:
         """Training-time logit shift: log of this site's label prior (add-one smoothed) for the
@@ -348,7 +372,10 @@ class SiteAlgo:
         return torch.log(counts / counts.sum())
 
     def evaluate_val(self, classifier_state: StateDict) -> dict[str, float | list[int]]:
-        """Metrics on this site's validation split and, for a binary task, its score histograms."""
+        """Metrics on this site's validation split and, for a binary task, its score histograms; none for a site
+        without validation data (so no threshold is calibrated on it)."""
+        if not len(self.data.val_images):
+            return {}
         return evaluate_with_histograms(self.classifier(classifier_state), self.data.val_images, self.data.val_labels)
 
     def validation_threshold(self, classifier_state: StateDict) -> Threshold | None:

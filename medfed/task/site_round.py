@@ -32,14 +32,15 @@ from medfed.config import DatasetSettings, ExperimentSettings, RunConfig
 from medfed.constants import CentralDP, DPScope, MessageKey, MetricKey, NodeConfigKey, Phase
 from medfed.data.cache import default_cache_dir
 from medfed.data.dataset import Dataset
-from medfed.data.partition import SPLIT_FILE, SitePlan
+from medfed.data.partition import SPLIT_FILE, load_plan
 from medfed.data.site import SiteData, site_from_own_file, site_from_split
 from medfed.data.sources import load_dataset
 from medfed.data.spec import INPUT_KEYS, DataSpec, check_matches
+from medfed.devices import on_device, resolve_device
 from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
 from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
-from medfed.task.algo import SiteAlgo
+from medfed.task.algo import SiteAlgo, evaluate
 from medfed.task.replay import RELEASES_DIR, Release, ReleaseCache, release_key
 
 StateDict = dict[str, torch.Tensor]
@@ -120,7 +121,7 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     if NodeConfigKey.PARTITION_ID not in node_config:
         raise DataError("node config names neither 'data-path' (own data) nor 'partition-id' (simulation)")
     site_id = int(node_config[NodeConfigKey.PARTITION_ID])
-    plan = SitePlan.load(Path(str(extras[MessageKey.RUN_DIR])) / SPLIT_FILE)
+    plan = load_plan(Path(str(extras[MessageKey.RUN_DIR])) / SPLIT_FILE)
     num_classes = DataSpec.from_flat(extras).num_classes if INPUT_KEYS[0] in extras else None
     data = read_data(str(extras[MessageKey.DATA_FILE]), cfg, num_classes=num_classes,
                      cache_dir=str(extras.get(MessageKey.CACHE_DIR, "")))
@@ -132,6 +133,19 @@ def load_site(node_config: dict, cfg: RunConfig, extras: dict[str, object]) -> S
     if partitions is not None and int(partitions) != len(plan.sites):
         raise DataError(f"this SuperNode is one of {partitions} partitions but the split has {len(plan.sites)} sites")
     return site_from_split(data, plan.sites[site_id])
+
+
+def site_device(node_config: Mapping[str, Any], extras: Mapping[str, Any]) -> torch.device:
+    """Where this site computes: a deployed site's own node config ``device`` (default auto), never the server's
+    word; a simulated site the run's device setting (`MessageKey.DEVICE`; under Ray with GPUs per site, ``cuda`` is
+    the GPU Ray gave this worker).
+
+    Raises:
+        ConfigError: a device this machine does not have (a GPU asked for without one).
+    """
+    if NodeConfigKey.DATA_PATH in node_config:
+        return resolve_device(str(node_config.get(NodeConfigKey.DEVICE, "auto")), where="node config device")
+    return resolve_device(str(extras.get(MessageKey.DEVICE, "auto")))
 
 
 def process_seconds() -> float:
@@ -257,7 +271,8 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
             f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); "
             f"the run has dp {cfg.privacy.scope}"))
     guard = privacy_guard(cfg, site, node_config, extras)
-    algo = SiteAlgo(cfg, site, guard)
+    device = site_device(node_config, extras)
+    algo = SiteAlgo(cfg, site, guard, device)
     cache = release_cache(node_config)
     run_id = str(extras.get(MessageKey.RUN_ID, ""))
     settings = cfg.run_settings()  # a resumed run asks the same question
@@ -267,11 +282,12 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         # same release; training again would spend privacy a second time for one round
         return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
     try:
-        if phase == Phase.PRETRAIN:
-            shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
-        else:
-            new_local = None
-            shared, stats = algo.finetune_round(incoming, server_round)
+        with on_device(device):  # the site's tensors are released when its work is done (the next site's turn)
+            if phase == Phase.PRETRAIN:
+                shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
+            else:
+                new_local = None
+                shared, stats = algo.finetune_round(incoming, server_round)
     except PrivacyBudgetExceeded as exc:  # only the privacy guard refuses rounds
         return _refusal(site, guard, exc)
     except LedgerError as exc:  # verification failed, or the ledger is behind its anchor: refuse, name no path
@@ -300,11 +316,28 @@ def evaluate_site(
 ) -> dict[str, float | list[int]]:
     """The global model ``state`` on this site's validation data, with the site's number and example count.
 
+    A site that got no validation data (more sites than val images) is evaluated on its share of the test split
+    instead (`SiteData.test_images`, possibly empty: then no metric but the count 0), says so
+    (``evaluated-on-test`` 1) and sends no score histograms: the server records it apart and keeps it out of the
+    threshold calibration and the validation averages (`medfed.strategies.shared_weights`).
+
     A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only
     shapes and tasks), as its train reply refuses."""
     cfg, extras = read_message_config(config)
     site = load_site(dict(node_config), cfg, extras)
-    metrics = SiteAlgo(cfg, site).evaluate_val(state)
-    metrics[MetricKey.NUM_EXAMPLES.value] = float(len(site.val_images))
+    device = site_device(dict(node_config), extras)
+    algo = SiteAlgo(cfg, site, device=device)
+    images, labels, on_test = site.val_images, site.val_labels, False
+    if not len(images) and site.test_images is not None and site.test_labels is not None:
+        images, labels, on_test = site.test_images, site.test_labels, True
+    metrics: dict[str, float | list[int]] = {}
+    with on_device(device):
+        if not on_test:
+            metrics = algo.evaluate_val(state)
+        elif len(images):
+            metrics = dict(evaluate(algo.classifier(state), images, labels))
+    metrics[MetricKey.NUM_EXAMPLES.value] = float(len(images))
     metrics[MetricKey.SITE_ID.value] = float(site.site_id)
+    if on_test:
+        metrics[MetricKey.EVALUATED_ON_TEST.value] = 1.0
     return metrics

@@ -1,0 +1,97 @@
+"""Which per-example gradient mode a DP-SGD phase runs with: ``auto`` resolved per model and device.
+
+Every mode gives the same clipped, noised step (tests/test_dp_sgd.py): Opacus' hooks, its functorch fall-back and
+PyTorch's expanded weights (``ew``, for losses that go through the model's own forward: fine-tuning a CNN) differ
+only in speed, and which is fastest depends on the model and the device. The accounting is untouched: the mode
+computes the same per-example gradients; the ledger records the same ``(q, sigma, steps)``.
+
+* On the CPU, ``auto`` keeps the rule measured there (docs/RESULTS.md, ``dp_cost_cpu``): ``ew`` for fine-tuning a
+  CNN, hooks otherwise. It is a fixed rule, so a CPU run stays bitwise reproducible.
+* On a GPU, ``auto`` times each mode that can run the phase for two DP steps on the site's own model and batch
+  (the second step timed; weights, optimizer and the round's generator are put back afterwards, so nothing of the
+  measurement reaches the round) and keeps the fastest for the process, per (model, device, phase, batch).
+
+The mode a round ran with travels in its reply (``dp-grad-sample-mode``: 0 hooks, 1 functorch, 2 ew) and lands
+in metrics.jsonl; a site's log names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from medfed.constants import GradSampleMode
+from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
+
+log = logging.getLogger(__name__)
+
+MODE_CODES = {GradSampleMode.HOOKS.value: 0.0, GradSampleMode.FUNCTORCH.value: 1.0, GradSampleMode.EW.value: 2.0}
+"""How a mode is reported in a reply's scalar metrics."""
+
+_CHOSEN: dict[tuple[object, ...], str] = {}
+
+
+def candidates(*, finetuning: bool, encoder: str) -> list[str]:
+    """The modes that can run a phase: expanded weights only for a loss through the model's forward (fine-tuning)
+    of a CNN (PyTorch's expanded-weights convolution fails on the ViT's patch embedding)."""
+    modes = [GradSampleMode.HOOKS.value, GradSampleMode.FUNCTORCH.value]
+    if finetuning and encoder == "cnn":
+        modes.append(GradSampleMode.EW.value)
+    return modes
+
+
+def _time_mode(module: nn.Module, params: list[nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor],
+               n: int, dp: DPStepSettings, mode: str, gen: torch.Generator, lr: float) -> float:
+    """Seconds of the second of two DP steps in ``mode`` (the first warms the kernels up)."""
+    trial = dataclasses.replace(dp, schedule=PoissonSchedule(dp.schedule.sample_rate, 1), grad_sample_mode=mode,
+                                secure_rng=False)
+    probe = torch.Generator().manual_seed(0)
+    dp_train_loop(module, params, batch_loss, n, trial, lr=lr, weight_decay=0.0, gen=probe)
+    if params and params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
+    start = time.perf_counter()
+    dp_train_loop(module, params, batch_loss, n, trial, lr=lr, weight_decay=0.0, gen=probe)
+    if params and params[0].device.type == "cuda":
+        torch.cuda.synchronize(params[0].device)
+    return time.perf_counter() - start
+
+
+def resolve_grad_sample_mode(setting: str, *, finetuning: bool, encoder: str, module: nn.Module,
+                             params: list[nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int,
+                             dp: DPStepSettings, gen: torch.Generator, lr: float, measure: bool | None = None) -> str:
+    """The mode this phase runs with: the setting unless ``auto``; ``auto`` by the CPU rule, or on a GPU the mode
+    measured fastest for this model and batch (cached for the process). ``measure`` forces either way (tests)."""
+    mode = GradSampleMode(setting)
+    if mode != GradSampleMode.AUTO:
+        return mode.value
+    device = params[0].device if params else torch.device("cpu")
+    if not (device.type == "cuda" if measure is None else measure):
+        return mode.for_phase(finetuning=finetuning, encoder=encoder).value
+    shapes = tuple(tuple(p.shape) for p in params)
+    key = (type(module).__name__, shapes, str(device), finetuning, round(dp.schedule.sample_rate * n))
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    gen_state = gen.get_state()
+    times: dict[str, float] = {}
+    try:
+        for name in candidates(finetuning=finetuning, encoder=encoder):
+            try:
+                times[name] = _time_mode(module, params, batch_loss, n, dp, name, gen, lr)
+            except (RuntimeError, NotImplementedError) as exc:  # a mode this model cannot run: not a candidate
+                log.info("DP gradient mode %s cannot run this model here: %s", name, type(exc).__name__)
+    finally:
+        module.load_state_dict(saved)
+        gen.set_state(gen_state)
+        for p in params:
+            p.grad = None
+    chosen = min(times, key=times.__getitem__) if times else GradSampleMode.HOOKS.value
+    log.info("DP gradient mode on %s: %s (seconds per step: %s)", device, chosen,
+             ", ".join(f"{k} {v:.4f}" for k, v in times.items()))
+    _CHOSEN[key] = chosen
+    return chosen
