@@ -15,9 +15,14 @@
 
 On the device machine (Python 3.12, its own CUDA torch; the data travel inside the repo)::
 
-    mkdir -p .gpu-data && cp ../shared/data/medmnist/*.npz .gpu-data/   # here, once; .gpu-data is git-ignored
-    python benchmarks/gpu_check.py --data-dir .gpu-data --out $OUT                      # there
-    python benchmarks/gpu_check.py --from-json OUT/gpu_check.json                      # here: into RESULTS.md
+    sh benchmarks/gpu_wheels.sh          # here, once: the wheels the device image lacks (.whl) and the data (.gpu-data)
+    # there (carry .whl and .gpu-data):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 benchmarks/gpu_check.py --data-dir .gpu-data --out $OUT --skip-default-run
+    python benchmarks/gpu_check.py --from-json OUT/gpu_check.json      # here: into docs/RESULTS.md
+
+The default-run comparison needs Ray, whose wheel does not fit the device tool's carry limit: run it on a GPU
+machine with medfed installed (without ``--skip-default-run``).
 
 On this CPU machine: ``python benchmarks/gpu_check.py --device cpu --quick --no-write`` (the same code path).
 """
@@ -53,7 +58,7 @@ from medfed.task.algo import SiteAlgo, TrainSettings, train_loop
 from medfed.task.model_setup import generator, new_classifier, new_encoder, ssl_settings
 
 SECTION = "gpu_check"
-COMMAND = "python benchmarks/gpu_check.py --data-dir .gpu-data --out $OUT"
+COMMAND = "python3 benchmarks/gpu_check.py --data-dir .gpu-data --out $OUT --skip-default-run"
 
 
 def _sync(device: torch.device) -> None:
@@ -160,7 +165,8 @@ def bf16_keeps_numbers(cfg: RunConfig, site: SiteData, device: torch.device, rou
             shared, _ = algo.finetune_round(state, rnd)
             state.update(shared)
         aucs[precision] = float(algo.evaluate_val(state)["auc"])
-    return {"fp32_val_auc": aucs["fp32"], "bf16_val_auc": aucs["bf16"]}
+    return {"fp32_val_auc": aucs["fp32"], "bf16_val_auc": aucs["bf16"], "rounds": rounds,
+            "labelled": len(site.labelled_images)}
 
 
 def default_run(device: str, data_dir: Path, limit: int) -> float:
@@ -194,48 +200,59 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         small = site_from_split(pneumonia, SiteSplit(0, list(range(256)), list(range(128)), list(range(64))))
     results: dict[str, Any] = {"device": describe_device(device), "libraries": library_versions(),
                                "python": platform.python_version(), "quick": quick}
-    results["ssl_fp32"] = ssl_throughput(base.replace(precision="fp32"), small, device, 1 if quick else 2)
-    results["ssl_default_precision"] = ssl_throughput(base, small, device, 1 if quick else 2)
+    parts = set(args.parts)
+    if "ssl" in parts:
+        results["ssl_fp32"] = ssl_throughput(base.replace(precision="fp32"), small, device, 1 if quick else 2)
+        results["ssl_default_precision"] = ssl_throughput(base, small, device, 1 if quick else 2)
     steps = 4 if quick else 30
-    results["dp_cnn"] = dp_step_ratio(base.replace(pretrain="none", finetune_batch_size=32), small, device, steps)
-    vit = run_config(data="pneumoniamnist", encoder="vit", pretrain="none", finetune_batch_size=32,
-                     device=args.device)
-    results["dp_vit"] = dp_step_ratio(vit, small, device, steps)
-    results["bf16"] = bf16_keeps_numbers(base.replace(pretrain="none"), small, device, 1 if quick else 3)
-    if not args.skip_default_run:
+    if "dp" in parts:
+        results["dp_cnn"] = dp_step_ratio(base.replace(pretrain="none", finetune_batch_size=32), small, device, steps)
+        vit = run_config(data="pneumoniamnist", encoder="vit", pretrain="none", finetune_batch_size=32,
+                         device=args.device)
+        results["dp_vit"] = dp_step_ratio(vit, small, device, steps)
+    if "bf16" in parts:
+        results["bf16"] = bf16_keeps_numbers(base.replace(pretrain="none"), small, device, 1 if quick else 3)
+    if "default" in parts and not args.skip_default_run:
         results["default_run_s"] = {args.device: default_run(args.device, data_dir, args.run_limit),
                                     "cpu": default_run("cpu", data_dir, args.run_limit)}
     return results
 
 
-def render(r: dict[str, Any]) -> str:
+def render(r: dict[str, Any], command: str = COMMAND) -> str:
     d = r["device"]
     libs = ", ".join(f"{k} {v}" for k, v in r["libraries"].items() if v != "not installed")
     lines = [
-        "## On a GPU: pretraining throughput, DP-SGD step cost, bf16, the default run",
+        "## On a GPU: pretraining throughput, DP-SGD step cost, bf16, the default run" if d["device"] != "cpu"
+        else "## bf16 autocast against fp32 (measured on the CPU)",
         "",
-        f"Command: `{COMMAND}` (one call on the device machine), then "
-        "`python benchmarks/gpu_check.py --from-json OUT/gpu_check.json`. "
+        f"Command: `{command}`. "
         f"Device: `{d['device']}` {d.get('name', '')} ({d.get('memory_gib', '?')} GiB, CUDA {d.get('cuda', '-')}, "
         f"cuDNN {d.get('cudnn', '-')}); Python {r['python']}; {libs}." + (" QUICK (tiny sizes)." if r["quick"] else ""),
         "",
-        "| measure | medfed | plain PyTorch | medfed / plain (target >= 0.8) |",
-        "|---|---|---|---|",
     ]
+    if "ssl_fp32" in r:
+        lines += ["| measure | medfed | plain PyTorch | medfed / plain (target >= 0.8) |", "|---|---|---|---|"]
     for key, label in (("ssl_fp32", "SimCLR pretraining, fp32 (images/s)"),
                        ("ssl_default_precision", "SimCLR pretraining, precision auto (images/s)")):
+        if key not in r:
+            continue
         s = r[key]
         lines.append(f"| {label} | {s['medfed_images_per_s']:.0f} | {s['plain_images_per_s']:.0f} | "
                      f"{s['ratio']:.2f} |")
-    lines += ["", "| model | plain step (ms) | DP step / plain step, per gradient mode (target <= 1.5) |",
-              "|---|---|---|"]
+    if "dp_cnn" in r:
+        lines += ["", "| model | plain step (ms) | DP step / plain step, per gradient mode (target <= 1.5) |",
+                  "|---|---|---|"]
     for key, label in (("dp_cnn", "CNN (default)"), ("dp_vit", "ViT")):
+        if key not in r:
+            continue
         s = r[key]
         modes = ", ".join(f"{k.removesuffix('_ratio')} {v:.2f}x" for k, v in s.items() if k.endswith("_ratio"))
         lines.append(f"| {label} | {1000 * s['plain_step_s']:.1f} | {modes} |")
-    b = r["bf16"]
-    lines += ["", f"bf16 autocast against fp32, same start and seed, fine-tuning then validation AUC: fp32 "
-              f"{b['fp32_val_auc']:.4f}, bf16 {b['bf16_val_auc']:.4f}."]
+    if "bf16" in r:
+        b = r["bf16"]
+        lines += ["", f"bf16 autocast against fp32, same start and seed, {b.get('rounds', 3)} fine-tuning rounds at "
+                  f"one site (PneumoniaMNIST, {b.get('labelled', '?')} labelled images), then its validation AUC: fp32 "
+                  f"{b['fp32_val_auc']:.4f}, bf16 {b['bf16_val_auc']:.4f}."]
     if "default_run_s" in r:
         runs = r["default_run_s"]
         lines.append("Default `medfed simulate` on this machine: " + ", ".join(
@@ -250,19 +267,24 @@ def main() -> None:
     parser.add_argument("--out", default="", help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a test of the script, not a measurement")
     parser.add_argument("--skip-default-run", action="store_true")
+    parser.add_argument("--parts", nargs="+", default=["ssl", "dp", "bf16", "default"],
+                        choices=["ssl", "dp", "bf16", "default"], help="what to measure")
+    parser.add_argument("--section", default=SECTION, help="the docs/RESULTS.md section to write")
     parser.add_argument("--run-limit", type=int, default=240, help="seconds each default run may take")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/RESULTS.md")
     parser.add_argument("--from-json", default="", help="render a gpu_check.json measured elsewhere into RESULTS.md")
     args = parser.parse_args()
     results = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
-    text = render(results)
+    command = COMMAND if args.from_json or args.device != "cpu" else "python " + " ".join(
+        ["benchmarks/gpu_check.py", *sys.argv[1:]])
+    text = render(results, command)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
         (out / "gpu_check.md").write_text(text + "\n")
     if not args.no_write and (args.from_json or not args.out):
-        write_section(SECTION, text)
+        write_section(args.section, text)
     print(text)
 
 

@@ -242,10 +242,11 @@ def report(results: dict[tuple[str, int], dict[str, Any]], args: argparse.Namesp
         "mean of rounds 2 on (round 1 also pays the Ray workers' first imports of torch and medfed, shown on its "
         "own). Per round medfed also applies its batched light augmentation (about 0.06 ms per 128 images, "
         "augment_cost above), computes AUC and score histograms in evaluation, and after each round evaluates the "
-        "global model on the test split and on every site's test share at the server and writes metrics.jsonl: "
-        "those last are outside s/round and inside wall time. Peak memory: the largest sum of resident memory over "
-        "the run's process tree (the CLI or app process and every Ray process), sampled every 0.25 s. With one "
-        "dataset cut N ways the work per site shrinks as N grows, so what grows with N is the frameworks' "
+        "global model on the test split and on the test shares of the sites evaluated that round at the server "
+        "and writes metrics.jsonl: those last are outside s/round and inside wall time. Peak memory: the largest "
+        "sum of resident memory over the run's process tree (the CLI or app process and every Ray process), "
+        "sampled every 0.25 s. With one dataset cut N ways the work per site shrinks as N grows, so what grows "
+        "with N is the frameworks' "
         "per-site cost.",
         "",
         "| sites | sampled | medfed s/round | plain s/round | medfed / plain | medfed round 1 (s) | plain round 1 (s) "

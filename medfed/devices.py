@@ -56,10 +56,13 @@ def resolve_device(setting: str, *, where: str = "device") -> torch.device:
 
 def prepare_device(device: torch.device) -> None:
     """Per-process settings for ``device``: on a GPU, cuDNN picks the fastest convolution algorithms for the run's
-    fixed shapes (``cudnn.benchmark``); TF32 stays off (it would change what fp32 phases compute)."""
+    fixed shapes (``cudnn.benchmark``), and TF32 is turned off for convolutions and matrix products (torch 2.13 allows
+    it for cuDNN convolutions by default), so fp32 phases (DP-SGD, evaluation) compute in fp32 as on the CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def use_bf16(precision: str, device: torch.device, *, private: bool) -> bool:

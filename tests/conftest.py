@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -21,6 +22,9 @@ if "MEDFED_CACHE_DIR" not in os.environ:
     os.environ["MEDFED_CACHE_DIR"] = tempfile.mkdtemp(prefix="medfed-test-cache-")
     atexit.register(shutil.rmtree, os.environ["MEDFED_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+if "RAY_AUTH_MODE" not in os.environ:  # Ray reads it once, on import, and a test may import ray before medfed's
+    os.environ["RAY_AUTH_MODE"] = "token"  # launcher sets it: the tests' local Ray instances take a session token
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -107,7 +107,8 @@ def test_a_deployed_site_computes_where_its_own_node_config_says_never_where_the
     assert cfg.compute.device == "auto"  # a centre-only setting keeps its default at a site
     assert site_device(own, extras) == torch.device("cpu")
     assert site_device({NodeConfigKey.DATA_PATH.value: "/d.csv"}, extras) == torch.device("cpu")  # auto
-    with pytest.raises(ConfigError, match="node config device cuda asks for a GPU"):
+    with pytest.raises(ConfigError, match=r"^this site's node config names a device this machine does not have "
+                       r"\(details in the site's log\)$"):  # no library versions or GPU count to the server
         site_device({NodeConfigKey.DATA_PATH.value: "/d.csv", NodeConfigKey.DEVICE.value: "cuda"}, {})
 
 
@@ -147,6 +148,15 @@ def test_bf16_autocast_changes_a_round_s_numbers_a_little_and_fp32_is_the_defaul
     assert 0 < diff < 0.05  # autocast really ran, and it moved the weights only a little
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol", "mae", "restore", "simclr+restore"])
+def test_every_ssl_method_pretrains_under_bf16_autocast(breast_site: SiteData, method: str) -> None:
+    """bf16 autocast (auto on a GPU) through every method's loss: dtypes must meet (MAE's mask tokens did not)."""
+    c = small(pretrain=method, precision="bf16")
+    enc, _, stats = SiteAlgo(c, breast_site).pretrain_round(new_encoder(c, breast_site.spec).state_dict(), None, 1)
+    assert stats.steps > 0 and torch.isfinite(torch.tensor(stats.loss))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in enc.values() if v.is_floating_point())
+
+
 # ---- what a run records, and the pieces that move data ---------------------------------
 
 
@@ -179,7 +189,7 @@ def test_augmentations_run_on_the_gpu_and_keep_shapes() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["simclr", "byol", "restore"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "mae", "restore"])
 def test_pretraining_rounds_run_on_the_gpu_and_release_cpu_weights(breast_site: SiteData, method: str) -> None:
     c = small(pretrain=method, device="cuda")
     algo = SiteAlgo(c, breast_site, device=torch.device("cuda"))

@@ -473,7 +473,7 @@ BAD_RELEASES = [
     ("none with noise", {"mechanism": MECHANISM_NONE, "sample_rate": 0.0, "steps": 0}, "noise_multiplier"),
     ("none with steps", {"mechanism": MECHANISM_NONE, "sample_rate": 0.0, "noise_multiplier": 0.0}, "steps"),
     ("epsilon below the last row's", {"epsilon_after": 0.2}, "cannot decrease"),
-    ("central mechanism claiming sampling", {"mechanism": MECHANISM_CENTRAL, "sample_rate": 0.5}, "must be 1"),
+    ("central mechanism sampling above 1", {"mechanism": MECHANISM_CENTRAL, "sample_rate": 1.5}, "sample_rate"),
     ("central mechanism without noise", {"mechanism": MECHANISM_CENTRAL, "sample_rate": 1.0, "noise_multiplier": 0.0},
      "noise_multiplier"),
     ("central mechanism without steps", {"mechanism": MECHANISM_CENTRAL, "sample_rate": 1.0, "steps": 0}, "steps"),

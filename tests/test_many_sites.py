@@ -27,6 +27,7 @@ from medfed.privacy.central import CENTRAL_ACCOUNTANT, CentralLedger
 from medfed.privacy.guard import open_signed_ledger
 from medfed.privacy.mechanism import MechanismStep
 from medfed.simulations.launcher import simulate
+from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.shared_weights import SiteReport, make_strategy
 from medfed.task.algo import SiteAlgo
 from medfed.task.calibration import HISTOGRAM_KEYS
@@ -211,21 +212,38 @@ def test_a_site_without_val_trains_and_a_baseline_calibrates_no_threshold_on_it(
 # ---- central DP under client sampling ------------------------------------------------------------------------
 
 
-def test_central_dp_claims_no_amplification_from_sampling_sites(tmp_path: Path) -> None:
-    """With 10 of 1000 sites sampled a round, the server's ledger still accounts each release at sample rate 1:
-    Flower samples a fixed number of sites with Python's `random` (neither Poisson nor secret), which the
-    subsampled-Gaussian RDP bound does not cover. Pinned: two releases at z = 1 cost epsilon 6.31 at delta 1e-4,
-    where a claimed rate of 0.01 would report 0.71."""
+def test_central_dp_accounts_the_poisson_rate_when_sampling_sites(tmp_path: Path) -> None:
+    """10 of 1000 sites a round: central DP samples each site independently with q = 0.01 (DP-FedAvg, CSPRNG) and
+    divides by q N = 10, so each release is the sampled Gaussian at rate 0.01. Pinned: two releases at z = 1 cost
+    epsilon 0.7129 at delta 1e-4 (6.3072 at fraction 1, every site: q = 1)."""
     settings = CentralDPSettings(CentralDP.SERVER_CLIP, 1.0, 1.0, 1e-4)
-    ledger = CentralLedger(tmp_path, "run/arm", settings)
-    ledger.record(Phase.FINETUNE.value, 1)
-    epsilon = ledger.record(Phase.FINETUNE.value, 2)
+    ledger = CentralLedger(tmp_path / "sampled", "run/arm", settings)
+    central = CentralDPAggregation(settings, ledger, Phase.FINETUNE)
+    strategy = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=["w"], num_sites=1000, fraction_train=0.01,
+                             evaluate=False, central=central)
+    assert strategy.central is not None and strategy.central.sampling is not None
+    assert strategy.central.sampling.rate == 0.01 and strategy.central.sampling.expected_sites == pytest.approx(10)
+    assert strategy.fraction_train == 1.0  # Flower addresses every site; the Poisson draw picks
+    sent = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    for rnd in (1, 2):  # two releases (here of empty samples: the accounting does not depend on who was drawn)
+        strategy.central.combine(rnd, [], sent)
     with open_signed_ledger(ledger.path, ledger.key_path, "central") as signed:
         rows = list(signed.entries())
+    assert [r.sample_rate for r in rows] == [0.01, 0.01]
+    sampled = epsilon_spent([MechanismStep(1.0, 0.01, 2)], 1e-4, CENTRAL_ACCOUNTANT)
+    assert rows[-1].epsilon_after == pytest.approx(sampled) == pytest.approx(0.7129, abs=1e-4)
+
+    every = CentralLedger(tmp_path / "every", "run/arm", settings)  # fraction 1: every site, q = 1, as before
+    full = make_strategy("fedavg", phase=Phase.FINETUNE, shared_keys=["w"], num_sites=1000, fraction_train=1.0,
+                         evaluate=False, central=CentralDPAggregation(settings, every, Phase.FINETUNE))
+    assert full.central is not None and full.central.sampling is None
+    update = {"w": np.zeros(3, np.float32)}
+    for rnd in (1, 2):
+        full.central.combine(rnd, [update], sent)
+    with open_signed_ledger(every.path, every.key_path, "central") as signed:
+        rows = list(signed.entries())
     assert [r.sample_rate for r in rows] == [1.0, 1.0]
-    unamplified = epsilon_spent([MechanismStep(1.0, 1.0, 2)], 1e-4, CENTRAL_ACCOUNTANT)
-    assert epsilon == pytest.approx(unamplified) == pytest.approx(6.3072, abs=1e-4)
-    assert epsilon_spent([MechanismStep(1.0, 0.01, 2)], 1e-4, CENTRAL_ACCOUNTANT) == pytest.approx(0.7129, abs=1e-4)
+    assert rows[-1].epsilon_after == pytest.approx(6.3072, abs=1e-4)
 
 
 # ---- a real simulation ---------------------------------------------------------------------------------------

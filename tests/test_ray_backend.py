@@ -182,16 +182,38 @@ def test_local_ray_auth(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptu
     launcher.local_ray_auth()
     assert os.environ["RAY_AUTH_TOKEN"] == token  # one token per process: Ray caches it
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice stands
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice stands, with a warning
     monkeypatch.delenv("RAY_AUTH_TOKEN")
-    launcher.local_ray_auth()
-    assert "RAY_AUTH_TOKEN" not in os.environ
-
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # Ray already read its mode: leave it
     with caplog.at_level(logging.WARNING, logger=launcher.__name__):
         launcher.local_ray_auth()
-    assert "RAY_AUTH_MODE" not in os.environ and "set RAY_AUTH_MODE=token" in caplog.text
+    assert "RAY_AUTH_TOKEN" not in os.environ and "accepts work from anyone" in caplog.text
+
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    not_started = types.ModuleType("ray")
+    not_started.is_initialized = lambda: False  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", not_started)  # Ray already read its mode (off): refuse, set nothing
+    with pytest.raises(ConfigError, match="Ray was imported in this process before medfed could turn on its token"):
+        launcher.local_ray_auth()
+    assert "RAY_AUTH_MODE" not in os.environ
+
+    connected = types.ModuleType("ray")
+    connected.is_initialized = lambda: True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", connected)  # someone else's connection: Flower would reuse it
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConfigError, match="already connected to a Ray instance medfed did not start"):
+        launcher.local_ray_auth()
+
+
+def test_a_cluster_run_is_refused_the_token_medfed_made_for_a_local_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher, "_LOCAL_TOKEN", "medfeds-own-local-token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "medfeds-own-local-token")
+    with pytest.raises(ConfigError, match="holds the token medfed made for it"):
+        launcher.check_ray_settings(tiny(tmp_path, ray_address="127.0.0.1:6399"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-cluster-s-token")
+    launcher.check_ray_settings(tiny(tmp_path, ray_address="127.0.0.1:6399"))
 
 
 def test_no_room_on_the_cluster_is_named(tmp_path: Path) -> None:

@@ -389,3 +389,11 @@ def _check_secure_aggregation(c: RunConfig) -> None:
     if rule != AggregationRule.MEAN:
         raise ConfigError(f"central-dp cannot be combined with aggregation {rule}: the noise is calibrated to the "
                           "sensitivity of the mean of clipped updates (C / sites), not of a robust rule")
+    if c.federation.fraction_train < 1 and secagg:  # Poisson sampling: medfed.strategies.central_dp
+        raise ConfigError("central-dp at fraction-train < 1 samples each site independently and releases every round, "
+                          "even when none or one site is drawn or one drops out; secure-aggregation secagg+ needs 2 "
+                          "or more sites and halts when too few finish; use fraction-train 1 with secagg+")
+    if c.federation.fraction_train < 1 and c.robust.norm_outlier_factor > 0:
+        raise ConfigError("central-dp at fraction-train < 1 cannot be combined with norm-outlier-factor: the screen "
+                          "rejects an update by comparing it with the others, so one site could remove others from "
+                          "the sum, beyond the C / (q num-sites) the noise is calibrated to")

@@ -61,18 +61,19 @@ def pooled_site(data: Dataset, plan: SitePlan) -> SiteData:
 
 
 def site_from_own_file(data: Dataset, site_id: int, label_fraction: float, seed: int) -> SiteData:
-    """Deployment: this site's own data; its labelled subset is drawn with the run seed."""
+    """Deployment: this site's own data; its labelled subset is drawn with the run seed. Its test split is not part
+    of the site (no test share): a deployed site is never evaluated on its own held-out test data by weights a server
+    chose, which would make it an oracle for the server."""
     plan = make_site_plan(
         data.train.labels, data.val.labels, data.task, scheme="iid", num_sites=1, alpha=1.0,
         label_fraction=label_fraction, seed=seed, min_site_size=1,
     )
     only = plan.sites[0]
-    return _site(data, site_id, _indices(only.train), _indices(only.labelled), _indices(only.val),
-                 np.arange(len(data.test.labels)))
+    return _site(data, site_id, _indices(only.train), _indices(only.labelled), _indices(only.val), None)
 
 
 def _site(data: Dataset, site_id: int, train: np.ndarray, labelled: np.ndarray, val: np.ndarray,
-          test: np.ndarray) -> SiteData:
+          test: np.ndarray | None) -> SiteData:
     return SiteData(
         site_id=site_id,
         train_images=data.train.images.subset(train),
@@ -82,6 +83,6 @@ def _site(data: Dataset, site_id: int, train: np.ndarray, labelled: np.ndarray, 
         val_labels=torch.as_tensor(data.val.labels[val]),
         task=data.task,
         num_classes=data.num_classes,
-        test_images=data.test.images.subset(test),
-        test_labels=torch.as_tensor(data.test.labels[test]),
+        test_images=None if test is None else data.test.images.subset(test),
+        test_labels=None if test is None else torch.as_tensor(data.test.labels[test]),
     )

@@ -203,12 +203,18 @@ def server_privacy_section(rows: list[dict], cfg: dict) -> list[str]:
     if not central:
         return lines
     releases = [r for r in rows if r.get("split") == "central-dp"]
+    sampled = float(cfg.get("fraction-train", 1.0)) < 1
+    how = (f"each site drawn independently with probability q = {cfg['fraction-train']:g} every round (Poisson, "
+           "a CSPRNG), the clipped updates summed and divided by the expected count q N, Gaussian noise of std "
+           "z x C / (q N), accounted at sampling rate q (DP-FedAvg, McMahan et al. 2018)" if sampled
+           else "unweighted mean, Gaussian noise of std z x C / n")
     lines += [f"**Central DP** ({cfg['central-dp']}): each site's update clipped to L2 norm "
-              f"{cfg['central-dp-clipping-norm']:g}, unweighted mean, Gaussian noise of std z x C / n with "
+              f"{cfg['central-dp-clipping-norm']:g}, {how}, with "
               f"z = {cfg['central-dp-noise-multiplier']:g}. Unit of privacy: one whole site (site-level DP); "
               "cumulative over every aggregate released (the server's signed ledger "
               f"`ledgers/<arm>/central.ledger.sqlite`, RDP, delta {cfg['central-dp-delta']:g}).", "",
-              "| arm | phase | round | sites averaged | noise std | site-level epsilon |", "|---|---|---|---|---|---|"]
+              f"| arm | phase | round | {'sites summed' if sampled else 'sites averaged'} | noise std | site-level "
+              "epsilon |", "|---|---|---|---|---|---|"]
     for r in releases:
         lines.append(f"| {r['arm']} | {r['phase']} | {r['round']} | {int(r.get('sites', 0))} "
                      f"| {_fmt(r.get('noise-std'))} | {_fmt(r.get('central-epsilon'))} |")

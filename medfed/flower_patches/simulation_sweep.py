@@ -11,8 +11,10 @@ Measured (`medfed simulate`, PneumoniaMNIST, 10 sites a round, 2 cores): a sweep
 
 `sweep_pending_nodes` is the same loop over only the nodes that have an undelivered message (found in one pass
 over the stored messages), in the same node order, through the same ``get_message_ins`` (which marks delivery and
-drops expired messages exactly as before): what is delivered, and in which order, does not change. It applies to
-Flower's in-memory LinkState (the simulation's); with another state it is Flower's own loop.
+drops expired undelivered messages as before): what is delivered, and in which order, does not change. One
+difference: Flower's sweep also purged expired *delivered* messages and unpulled replies every 0.1 s; now that
+happens when some node has a message waiting or the ServerApp pulls, so such messages are held a little longer.
+It applies to Flower's in-memory LinkState (the simulation's); with another state it is Flower's own loop.
 `pending_nodes_sweep` installs it for a ``with`` block (around ``flwr.simulation.run_simulation``, which looks the
 function up when it starts its threads). flwr is pinned (`medfed.flower_patches.FLOWER_VERSION`); the patch refuses
 to install when the function it replaces is not there.

@@ -3,20 +3,35 @@
 DP-FedAvg (McMahan, Ramage, Talwar & Zhang, ICLR 2018, "Learning Differentially Private Recurrent
 Language Models"; Geyer, Klein & Nabi 2017): each site's update ``Delta_i`` (its shared weights minus
 the global weights it was sent) is clipped to L2 norm ``C`` (over all shared arrays together, "flat
-clipping"), the server averages the ``n`` clipped updates UNWEIGHTED and adds ``N(0, (z C / n)^2)``
-to every coordinate of the mean::
+clipping"); with every site asked, the server averages the ``n`` clipped updates UNWEIGHTED and adds
+``N(0, (z C / n)^2)`` to every coordinate of the mean (with sampling, see below)::
 
     w_next = w + (1/n) * (sum_i clip(Delta_i, C) + N(0, (z C)^2 I))
 
 The unit of privacy is a whole site: two federations are neighbours when one site's update is
 replaced by zero ("zero-out" adjacency, Kairouz et al., ICML 2021, "Practical and Private (Deep)
-Learning without Sampling or Shuffling"), which changes the sum by at most ``C``. Every aggregate is
-one Gaussian mechanism with noise multiplier ``z``; no amplification by sampling is claimed (even
-when ``fraction-train`` < 1), so ``T`` releases compose as ``T`` Gaussian mechanisms (RDP; the same
-accountant as the sites' DP-SGD with sample rate 1). Amplification would need each site to be included
-independently with probability q by a draw the adversary cannot know (Poisson subsampling, the bound the
-RDP accountant computes); Flower samples a fixed number of sites with Python's ``random`` module, and the
-noise is scaled by the updates that arrived, not by the expected number (tests/test_many_sites.py pins it).
+Learning without Sampling or Shuffling"), which changes the sum by at most ``C``.
+
+``fraction-train`` = 1 (every site, every round): each aggregate is one Gaussian mechanism with noise
+multiplier ``z`` (sample rate 1), and ``T`` releases compose as ``T`` Gaussian mechanisms (RDP; the same
+accountant as the sites' DP-SGD). The mean is over the ``n`` updates that arrived.
+
+``fraction-train`` = q < 1: DP-FedAvg's sampling and estimator (McMahan et al. 2018, Algorithm 1). Each
+site is in a round's sample independently with probability q, drawn by the server's CSPRNG
+(`medfed.strategies.site_sampling`, not reproducible), and the release divides by the FIXED expected
+count ``q N`` (N = num-sites), not by the number that arrived::
+
+    w_next = w + (1/(q N)) * (sum_{i sampled} clip(Delta_i, C) + N(0, (z C)^2 I))
+
+A sampled site that fails, refuses or is rejected adds zero, and a round with no site sampled still
+releases (the noise alone, as DP-SGD does for an empty batch): a site's presence changes the sum by at
+most ``C``, whatever else happens, so every release is the Poisson-sampled Gaussian mechanism with rate
+q and noise multiplier z (Mironov, Talwar & Zhang 2019), and the accountant composes ``(z, q, 1)`` per
+release (`CentralLedger` records q in the row; `medfed audit` recomputes from it). With zero-out
+adjacency and the fixed denominator, a site whose update is zero and a site that is absent give the same
+release, so the add/remove analysis of the sampled Gaussian applies. Flower's own sampling (a fixed
+number of sites drawn with Python's seeded ``random``, the mean over the updates that arrived) would
+support neither claim; it is not used when central DP samples.
 
 Who clips: ``server-clip`` (the server sees and clips every update) or ``client-clip`` (each site clips
 before sending; the server verifies the norm unless SecAgg+ hides the update); the strategy's part is
@@ -34,7 +49,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +78,17 @@ def noise_std(settings: CentralDPSettings, num_updates: int) -> float:
     return settings.noise_multiplier * settings.clipping_norm / num_updates
 
 
+def sampled_noise_std(settings: CentralDPSettings, expected_sites: float) -> float:
+    """Under Poisson sampling, the noise std on each coordinate of the estimate ``sum / (q N)``: ``z C / (q N)``.
+
+    Raises:
+        FederationError: ``expected_sites`` (q N) is not positive.
+    """
+    if not expected_sites > 0:
+        raise FederationError(f"central DP: the expected number of sites q N must be > 0; got {expected_sites}")
+    return settings.noise_multiplier * settings.clipping_norm / expected_sites
+
+
 def update_norm(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``weights - reference`` over every array of ``weights`` together (float64 sums)."""
     total = 0.0
@@ -83,6 +109,19 @@ def clip_update(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
         ref = np.asarray(reference[key], dtype=np.float64)
         out[key] = (ref + (np.asarray(value, dtype=np.float64) - ref) * scale).astype(np.asarray(value).dtype)
     return out, norm
+
+
+def clipped_sum(updates: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray],
+                clipping_norm: float) -> dict[str, np.ndarray]:
+    """``sum_i clip(updates[i] - reference, C)`` over the keys of ``reference``, in float64 (zeros for no update):
+    the sum whose sensitivity to one site is ``C``."""
+    total = {key: np.zeros(np.shape(value), np.float64) for key, value in reference.items()}
+    for update in updates:
+        norm = update_norm({key: update[key] for key in reference}, reference)
+        scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+        for key, value in reference.items():
+            total[key] += (np.asarray(update[key], np.float64) - np.asarray(value, np.float64)) * scale
+    return total
 
 
 def secure_standard_normal(size: int) -> np.ndarray:
@@ -113,23 +152,26 @@ class CentralLedger:
     """The server's signed ledger of its central-DP releases (``central.ledger.sqlite`` in the arm's ledger
     folder; the same chained, signed format as a site's, so `medfed audit` verifies and recomputes it).
 
-    One row per aggregate released: mechanism ``central-gaussian``, sample rate 1, one step, the noise
-    multiplier, the delta and the cumulative site-level epsilon over every row of this ledger (across
-    rounds, phases and runs that share the ledger folder)."""
+    One row per aggregate released: mechanism ``central-gaussian``, the sample rate (1 when every site is
+    asked, q under Poisson sampling), one step, the noise multiplier, the delta and the cumulative site-level
+    epsilon over every row of this ledger (across rounds, phases and runs that share the ledger folder)."""
 
     def __init__(self, ledger_dir: Path, run_id: str, settings: CentralDPSettings) -> None:
         self.path = ledger_dir / f"{CENTRAL_SITE}{LEDGER_SUFFIX}"
         self.key_path = ledger_dir / f"{CENTRAL_SITE}{KEY_SUFFIX}"
         self.run_id, self.settings = run_id, settings
 
-    def record(self, phase: str, server_round: int) -> float:
-        """Append one release; returns the cumulative epsilon after it."""
+    def record(self, phase: str, server_round: int, sample_rate: float = 1.0) -> float:
+        """Append one release at ``sample_rate`` (q: each site in it independently with that probability);
+        returns the cumulative epsilon after it."""
         s = self.settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open_signed_ledger(self.path, self.key_path, CENTRAL_SITE) as ledger:
-            history = [*release_history(ledger.entries(), MECHANISM_CENTRAL), MechanismStep(s.noise_multiplier, 1.0, 1)]
-            after = epsilon_spent(history, s.delta, CENTRAL_ACCOUNTANT)
+            step = MechanismStep(s.noise_multiplier, sample_rate, 1)
+            after = epsilon_spent([*release_history(ledger.entries(), MECHANISM_CENTRAL), step], s.delta,
+                                  CENTRAL_ACCOUNTANT)
             ledger.append(Release(run_id=self.run_id, server_round=server_round, phase=phase,
-                                  mechanism=MECHANISM_CENTRAL, sample_rate=1.0, noise_multiplier=s.noise_multiplier,
+                                  mechanism=MECHANISM_CENTRAL, sample_rate=sample_rate,
+                                  noise_multiplier=s.noise_multiplier,
                                   steps=1, delta=s.delta, epsilon_after=after, accountant=CENTRAL_ACCOUNTANT))
         return after

@@ -156,6 +156,17 @@ def expanded_weights(module: nn.Module) -> Iterator[None]:
         del module.forward
 
 
+def remove_per_example_hooks(module: nn.Module) -> None:
+    """Remove whatever Opacus' `GradSampleModule` left on ``module`` (its hooks and bookkeeping), e.g. when its
+    construction failed part-way: the next DP round must find the module plain ("Trying to add hooks twice")."""
+    for sub in module.modules():
+        for handle in getattr(sub, "autograd_grad_sample_hooks", []) or []:
+            handle.remove()
+        for attr in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "_forward_counter"):
+            if hasattr(sub, attr):
+                delattr(sub, attr)
+
+
 def _entropy_generator(device: torch.device | None = None) -> torch.Generator:
     seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
     return torch.Generator(device=device or "cpu").manual_seed(seed)
@@ -206,10 +217,14 @@ def dp_train_loop(
     if dp.grad_sample_mode != GradSampleMode.EW:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
-            gsm = GradSampleModule(
-                module, batch_first=True, loss_reduction="mean", strict=False,
-                force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
-            )
+            try:
+                gsm = GradSampleModule(
+                    module, batch_first=True, loss_reduction="mean", strict=False,
+                    force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
+                )
+            except Exception:  # a layer it cannot handle, after earlier layers were hooked: leave the module plain
+                remove_per_example_hooks(module)
+                raise
     per_example = expanded_weights(module) if gsm is None else contextlib.nullcontext()
     sample_gen = gen  # on the CPU: it draws the Poisson batch, whose indices read the site's images
     device = params[0].device if params else torch.device("cpu")  # the noise is drawn where the gradients are

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from medfed.constants import GradSampleMode
-from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
+from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop, remove_per_example_hooks
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,18 @@ def resolve_grad_sample_mode(setting: str, *, finetuning: bool, encoder: str, mo
         for name in candidates(finetuning=finetuning, encoder=encoder):
             try:
                 times[name] = _time_mode(module, params, batch_loss, n, dp, name, gen, lr)
-            except (RuntimeError, NotImplementedError) as exc:  # a mode this model cannot run: not a candidate
+            except Exception as exc:  # a mode this model cannot run here: not a candidate
+                remove_per_example_hooks(module)
                 log.info("DP gradient mode %s cannot run this model here: %s", name, type(exc).__name__)
     finally:
+        remove_per_example_hooks(module)
         module.load_state_dict(saved)
         gen.set_state(gen_state)
         for p in params:
             p.grad = None
+            for attr in ("grad_sample", "summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
     chosen = min(times, key=times.__getitem__) if times else GradSampleMode.HOOKS.value
     log.info("DP gradient mode on %s: %s (seconds per step: %s)", device, chosen,
              ", ".join(f"{k} {v:.4f}" for k, v in times.items()))

@@ -175,7 +175,7 @@ class MAE(SSLMethod):
         latent = enc.blocks(torch.cat((cls, visible), dim=1))
         latent = self.decoder_embed(latent)
         full = self.mask_tokens.repeat(b, n, 1)
-        full[rows, kept] = latent[:, 1:]
+        full[rows, kept] = latent[:, 1:].to(full.dtype)  # under bf16 autocast the decoder embeds in bf16
         full = full + self.decoder_pos_embedding
         out = self.decoder_pred(self.decoder_blocks(torch.cat((latent[:, :1], full), dim=1)))
         return out[:, 1:], mask

@@ -122,6 +122,9 @@ def check_ray_settings(cfg: RunConfig) -> None:
             "its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) or disabled (anyone who can reach "
             "its ports can run code on it and read the sites' images); got "
             f"{os.environ.get('RAY_AUTH_MODE', 'nothing')!r}. See docs/DEPLOYMENT.md")
+    if _LOCAL_TOKEN and os.environ.get("RAY_AUTH_TOKEN") == _LOCAL_TOKEN:
+        raise ConfigError(f"{where}: this process ran a local simulation and holds the token medfed made for it; "
+                          "run the cluster simulation in a fresh process with the cluster's own token")
     if mode == "disabled":
         log.warning("%s: Ray cluster without authentication (RAY_AUTH_MODE=disabled): whoever can reach its ports "
                     "can run code on it and read the simulated sites' images", where)
@@ -132,6 +135,10 @@ def check_ray_settings(cfg: RunConfig) -> None:
                     f"not on this machine ({host})" if host else "chosen by Ray (RAY_ADDRESS or the last `ray start`)")
 
 
+_LOCAL_TOKEN = ""
+"""The token `local_ray_auth` made for this process's own Ray instance (never offered to a cluster)."""
+
+
 def local_ray_auth() -> None:
     """Token authentication for a Ray instance medfed starts on this machine, unless ``RAY_AUTH_MODE`` is set.
 
@@ -140,14 +147,27 @@ def local_ray_auth() -> None:
     could submit work to it. Ray reads ``RAY_AUTH_MODE`` once per process, when it is imported; if Ray was imported
     before (without the variable), medfed leaves it off rather than start a cluster its own driver cannot join.
     """
-    if "RAY_AUTH_MODE" in os.environ:
+    global _LOCAL_TOKEN
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():  # Flower would reuse that connection, wherever it leads
+            raise ConfigError("this process is already connected to a Ray instance medfed did not start; the "
+                              "simulated sites would run there. Run medfed simulate in a fresh process, or name the "
+                              "cluster with --ray-address")
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        if mode.strip().lower() != "token":
+            log.warning("RAY_AUTH_MODE=%s: the local Ray instance accepts work from anyone who reaches its ports "
+                        "(they listen on every interface), and with it the simulated sites' images", mode)
         return
     if "ray" in sys.modules:
-        log.warning("Ray was imported before medfed could turn on its token authentication: the local Ray "
-                    "instance accepts work from anyone who reaches its ports; set RAY_AUTH_MODE=token")
-        return
+        raise ConfigError("Ray was imported in this process before medfed could turn on its token authentication "
+                          "(Ray reads RAY_AUTH_MODE once, on import), and a local Ray listens on every interface; "
+                          "set RAY_AUTH_MODE=token (or, knowingly, disabled) before starting, or run medfed simulate "
+                          "in a fresh process")
     os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    _LOCAL_TOKEN = os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def backend_config(cfg: RunConfig, *, verbose: bool = False) -> dict[str, dict[str, ConfigRecordValues]]:

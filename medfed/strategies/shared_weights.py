@@ -32,7 +32,7 @@ from medfed.config import RobustSettings
 from medfed.constants import AggregationRule, MetricKey, Phase, StrategyName
 from medfed.exceptions import FederationError
 from medfed.strategies import robust
-from medfed.strategies.central_dp import CentralDPAggregation
+from medfed.strategies.central_dp import CentralDPAggregation, train_metrics
 from medfed.strategies.replies import (
     EVALUATE_ON_TEST,
     Observer,
@@ -44,7 +44,6 @@ from medfed.strategies.replies import (
     metric_scalar,
     refusal_reason,
     scalar_metrics,
-    sum_examples,
     update_arrays,
     weighted_eval_metrics,
 )
@@ -129,7 +128,7 @@ class Pipeline:
     screen: NormScreen | None = None
     rule: RobustRule | None = None
     central: CentralDPAggregation | None = None
-    min_updates: int = 1  # sites a round needs a valid update (or a refusal) from; fewer fail the round
+    min_updates: int = 1  # valid updates (or refusals) a round needs, fewer fail it; 0: central DP's Poisson rounds
     min_updates_note: str = ""  # how min_updates follows from min-sites, for the error message
 
 
@@ -156,8 +155,8 @@ class SharedWeightsMixin:
             self.site_of_node = site_of
         if self.central is not None and self.central.train_config():
             config = ConfigRecord({**config, **self.central.train_config()})
-        # the mixin's Flower base (FedAvg or FedProx) comes after it in the concrete class's MRO
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]  # FedAvg/FedProx
+        return messages if self.central is None else self.central.sample(server_round, messages)  # Poisson at q < 1
 
     # ---- aggregate -------------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int,
@@ -174,7 +173,7 @@ class SharedWeightsMixin:
         for report in triage.reports:
             self._report(report)
         self._require_enough(server_round, triage)
-        if not triage.valid:  # every replying site refused (errors would have failed the round above)
+        if not triage.valid and self.min_updates:  # every replying site refused (errors failed the round above)
             log(WARNING, "%s round %s: every replying site refused (privacy budget or data; reasons above); the "
                 "global model is kept", self.phase.value, server_round)
             return None, MetricRecord({"refused-sites": len(triage.refusals)})
@@ -235,9 +234,9 @@ class SharedWeightsMixin:
         return t
 
     def _require_enough(self, server_round: int, t: Triage) -> None:
-        """Fail the round (resumable) with every reason when too few sites answered validly or refused."""
+        """Fail the round (resumable) with every reason when fewer than min_updates (0: none) answered or refused."""
         reasons = "; ".join(t.errors)
-        if not t.valid and not t.refusals:
+        if not t.valid and not t.refusals and self.min_updates:
             raise FederationError(f"{self.phase.value} round {server_round}: no valid site update to aggregate "
                                   f"({reasons or 'no replies'})")
         if len(t.valid) + len(t.refusals) < self.min_updates:  # a refusal answers the round: nothing to wait for
@@ -247,7 +246,7 @@ class SharedWeightsMixin:
                 f"min-sites {self.min_updates}{self.min_updates_note} ({reasons or 'sites did not reply'}); "
                 "resume the run when sites are back"
             )
-        if not t.valid and t.errors:
+        if not t.valid and t.errors and self.min_updates:
             raise FederationError(f"{self.phase.value} round {server_round}: no valid site update to aggregate "
                                   f"({reasons})")
 
@@ -352,7 +351,7 @@ def make_strategy(
         observer: told of every site's reply (accepted or not, and why).
         private: a DP phase: every update must report its privacy cost.
         aggregation: the rule (default: FedAvg's example-weighted mean) and the norm-outlier screen.
-        central: central DP (clip, unweighted mean, noise, ledger); replaces the rule.
+        central: central DP (clip, unweighted mean, noise, ledger); replaces the rule; Poisson-samples at fraction < 1.
         min_sites: a round starts once this many sites are connected and fails (resumable) unless this many
             send a valid update or refuse (a refusal is recorded, not waited for). 0 means every site: all
             ``num_sites`` connected, and every site sampled for the round must answer.
@@ -361,17 +360,18 @@ def make_strategy(
         A Flower strategy whose ``aggregate_train`` runs the shared-weights pipeline.
     """
     settings = aggregation or RobustSettings()
+    central = central.with_sampling(num_sites, fraction_train, shared_keys) if central is not None else None
     required = min_sites or num_sites  # sites that must be connected before a round starts
     min_nodes = max(1, min(required, int(num_sites * fraction_train)))
     fraction_evaluate = fraction_evaluate or fraction_train
     flower = dict(
-        fraction_train=fraction_train,
+        fraction_train=fraction_train if central is None or central.sampling is None else 1.0,  # Poisson: asks all
         fraction_evaluate=fraction_evaluate if evaluate else 0.0,
         min_train_nodes=min_nodes,
         min_evaluate_nodes=max(1, min(required, int(num_sites * fraction_evaluate))) if evaluate else 1,
         min_available_nodes=required,
         weighted_by_key=MetricKey.NUM_EXAMPLES.value,
-        train_metrics_aggr_fn=sum_examples,
+        train_metrics_aggr_fn=train_metrics,
         evaluate_metrics_aggr_fn=weighted_eval_metrics,
     )
     checks: list[ReplyCheck] = [dp_costs_reported] if private else []
@@ -381,7 +381,7 @@ def make_strategy(
         phase=phase, shared_keys=list(shared_keys), observer=observer, checks=tuple(checks),
         screen=NormScreen(settings.norm_outlier_factor) if settings.norm_outlier_factor else None,
         rule=None if AggregationRule(settings.rule) == AggregationRule.MEAN else RobustRule(settings, phase),
-        central=central, min_updates=min_sites if min_sites > 0 else min_nodes,
+        central=central, min_updates=0 if central and central.sampling else min_sites if min_sites > 0 else min_nodes,
         min_updates_note="" if min_sites > 0 else " (min-sites 0: every site sampled)",
     )
     strategy: SharedWeightsStrategy

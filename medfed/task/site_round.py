@@ -144,7 +144,12 @@ def site_device(node_config: Mapping[str, Any], extras: Mapping[str, Any]) -> to
         ConfigError: a device this machine does not have (a GPU asked for without one).
     """
     if NodeConfigKey.DATA_PATH in node_config:
-        return resolve_device(str(node_config.get(NodeConfigKey.DEVICE, "auto")), where="node config device")
+        try:
+            return resolve_device(str(node_config.get(NodeConfigKey.DEVICE, "auto")), where="node config device")
+        except ConfigError as exc:  # the details (library versions, GPU count) stay in the site's log
+            log.warning("This site cannot compute where its node config says: %s", exc)
+            raise ConfigError("this site's node config names a device this machine does not have (details in the "
+                              "site's log)") from None
     return resolve_device(str(extras.get(MessageKey.DEVICE, "auto")))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 LEDGER_VERSION = 1
 MECHANISM_DP_SGD = "poisson-subsampled-gaussian"
 MECHANISM_NONE = "none"
-MECHANISM_CENTRAL = "central-gaussian"  # the server's site-level Gaussian mechanism on an aggregate (q = 1)
+MECHANISM_CENTRAL = "central-gaussian"  # the server's site-level Gaussian on an aggregate (q: 1 or Poisson rate)
 MECHANISMS = (MECHANISM_DP_SGD, MECHANISM_NONE, MECHANISM_CENTRAL)
 
 
@@ -121,8 +121,6 @@ def _mechanism_problems(release: Release) -> list[str]:
         problems.append(f"noise_multiplier must be a finite number {'> 0' if dp else '>= 0'}, got {noise!r}")
     if not _is_int(steps) or steps < min_steps:
         problems.append(f"steps must be an integer >= {min_steps}, got {steps!r}")
-    if release.mechanism == MECHANISM_CENTRAL and _is_real(rate) and rate != 1:  # no amplification is claimed
-        problems.append(f"sample_rate must be 1 for mechanism {MECHANISM_CENTRAL!r}, got {rate!r}")
     return problems
 
 
