@@ -6,8 +6,8 @@
    Images per second over one epoch after a warm-up epoch; target: medfed at least 0.8x the plain loop. Both in
    fp32 and under medfed's default precision on that device (bf16 autocast on a GPU).
 2. **DP-SGD step over non-DP step** for fine-tuning the default CNN and the ViT, for each per-example gradient
-   mode (Opacus hooks, functorch; expanded weights for the CNN): seconds per step of `dp_train_loop` over
-   seconds per step of `train_loop` at the same expected batch; target at most 1.5x.
+   mode (Opacus hooks, functorch, ghost clipping; expanded weights for the CNN): seconds per step of
+   `dp_train_loop` over seconds per step of `train_loop` at the same expected batch; target at most 1.5x.
 3. **bf16 keeps the numbers**: three fine-tuning rounds at one site in fp32 and under bf16 autocast from the same
    start; the validation AUCs side by side.
 4. **A whole default `medfed simulate`** on the device against the same command with ``--device cpu`` on the same
@@ -114,18 +114,24 @@ def dp_step_ratio(cfg: RunConfig, site: SiteData, device: torch.device, steps: i
     images, labels = site.labelled_images, site.labelled_labels
     n = len(images)
 
-    def model_and_loss() -> tuple[torch.nn.Module, Any]:
+    def model_and_loss() -> tuple[torch.nn.Module, Any, Any]:
         model = new_classifier(cfg, site.spec, site.task, site.num_classes, None).to(device).train()
         gen = generator(0, "dp-bench")
 
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        def logits_and_labels(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = augment(to_device(images[idx], device), AugmentSpec.light(), gen)
-            return model.loss(model(x), to_device(labels[idx], device))
+            return model(x), to_device(labels[idx], device)
 
-        return model, batch_loss
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return model.loss(*logits_and_labels(idx))
+
+        def per_example_loss(idx: torch.Tensor) -> torch.Tensor:  # ghost clipping, as SiteAlgo.finetune_round
+            return torch.func.vmap(lambda z, y: model.loss(z[None], y[None]))(*logits_and_labels(idx))
+
+        return model, batch_loss, per_example_loss
 
     def plain() -> float:
-        model, batch_loss = model_and_loss()
+        model, batch_loss, _ = model_and_loss()
         settings = TrainSettings(epochs=1, batch_size=batch, lr=1e-3, drop_last=True)
         train_loop(list(model.parameters()), batch_loss, min(n, batch * 3), settings, generator(1))  # warm-up
         _sync(device)
@@ -134,20 +140,21 @@ def dp_step_ratio(cfg: RunConfig, site: SiteData, device: torch.device, steps: i
         return stats.seconds / max(1, stats.steps)
 
     def private(mode: str) -> float:
-        model, batch_loss = model_and_loss()
+        model, batch_loss, per_example = model_and_loss()
         schedule = PoissonSchedule(min(1.0, batch / n), steps)
         dp = DPStepSettings(1.0, 1.0, schedule, mode)
         dp_train_loop(model, list(model.parameters()), batch_loss, n, DPStepSettings(1.0, 1.0,
-                      PoissonSchedule(schedule.sample_rate, 3), mode), lr=1e-3, weight_decay=1e-4, gen=generator(3))
+                      PoissonSchedule(schedule.sample_rate, 3), mode), lr=1e-3, weight_decay=1e-4, gen=generator(3),
+                      per_example_loss=per_example)
         _sync(device)
-        model, batch_loss = model_and_loss()
+        model, batch_loss, per_example = model_and_loss()
         stats = dp_train_loop(model, list(model.parameters()), batch_loss, n, dp, lr=1e-3, weight_decay=1e-4,
-                              gen=generator(4))
+                              gen=generator(4), per_example_loss=per_example)
         _sync(device)
         return stats.seconds / max(1, stats.steps)
 
     base = plain()
-    modes = ["hooks", "functorch"] + (["ew"] if cfg.model.encoder != "vit" else [])
+    modes = ["hooks", "functorch", "ghost"] + (["ew"] if cfg.model.encoder != "vit" else [])
     out = {"plain_step_s": base}
     for mode in modes:
         out[f"{mode}_ratio"] = private(mode) / base

@@ -76,14 +76,16 @@ class DPScope(StrEnum):
 
 
 class GradSampleMode(StrEnum):
-    """How per-example gradients are computed under DP-SGD: Opacus' hooks, its functorch fall-back, or
-    PyTorch's expanded weights (``ew``; fine-tuning only: the loss must go through the model's forward).
-    All give the same clipped step (tests/test_dp_sgd.py); they differ in speed."""
+    """How per-example gradients are computed under DP-SGD: Opacus' hooks, its functorch fall-back,
+    PyTorch's expanded weights (``ew``) or Opacus' ghost clipping (``ghost``: per-example gradient norms and a
+    second backward pass; augmentation multiplicity 1). ew and ghost serve fine-tuning only: the loss must go
+    through the model's forward. All give the same clipped step (tests/test_dp_sgd.py); they differ in speed."""
 
     AUTO = "auto"  # ew for fine-tuning a CNN (faster on CPU: RESULTS.md dp_cost_cpu), else hooks
     HOOKS = "hooks"
     FUNCTORCH = "functorch"
     EW = "ew"
+    GHOST = "ghost"
 
     def for_phase(self, finetuning: bool, encoder: str) -> "GradSampleMode":
         """The mode a phase runs with: ``auto`` resolved, any other mode as chosen. ``auto`` takes expanded

@@ -153,7 +153,7 @@ BAD = [
     ({"dp": "pretrain", "pretrain": "none"}, "dp pretrain needs a pretraining phase"),
     ({"dp": "finetune", "strategy": "fedprox", "proximal_mu": 0.1}, "fedprox cannot be combined with dp"),
     ({"dp": "finetune", "finetune_loss": "logit-adjusted"}, "DP-SGD does not protect"),
-    ({"dp_grad_sample_mode": "ghost"}, "dp-grad-sample-mode must be one of auto, hooks, functorch, ew"),
+    ({"dp_grad_sample_mode": "ghosts"}, "dp-grad-sample-mode must be one of auto, hooks, functorch, ew, ghost"),
     ({"lora_rank": 0}, "lora-rank must be >= 1"),
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
 ]

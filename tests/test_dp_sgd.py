@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,19 +29,43 @@ def _classifier(seed: int = 0) -> Classifier:
     return Classifier(build_encoder(EncoderKind.CNN, SPEC, 4), TaskType.BINARY, 2)
 
 
-def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float, noise: float = 0.0,
-              mode: str = "hooks") -> list[torch.Tensor]:
+def _per_example(model: Classifier, x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Each row's ``model.loss`` alone: ``(len(idx),)``, whose mean is the batch loss (as `SiteAlgo` builds it)."""
+    return lambda idx: torch.func.vmap(lambda z, t: model.loss(z[None], t[None]))(model(x[idx]), y[idx])
+
+
+def _one_step(model: Classifier, x: torch.Tensor, y: torch.Tensor, clip: float, noise: float = 0.0,
+              mode: str = "hooks", sample_rate: float = 1.0, steps: int = 1) -> list[torch.Tensor]:
+    freeze_for_dp(model)  # as dp_train_loop does: a ViT's class token keeps its value
     params = [p for p in model.parameters() if p.requires_grad]
     dp_train_loop(
-        model, params, lambda idx: model.loss(model(x[idx]), y[idx]), len(x),  # type: ignore[operator]
-        DPStepSettings(noise, clip, PoissonSchedule(1.0, 1), grad_sample_mode=mode), lr=1e-3, weight_decay=0.0,
-        gen=torch.Generator().manual_seed(0),
+        model, params, lambda idx: model.loss(model(x[idx]), y[idx]), len(x),
+        DPStepSettings(noise, clip, PoissonSchedule(sample_rate, steps), grad_sample_mode=mode), lr=1e-3,
+        weight_decay=0.0, gen=torch.Generator().manual_seed(0), per_example_loss=_per_example(model, x, y),
     )
     return [p.grad.detach().clone() for p in params]
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
-def test_step_gradient_is_mean_of_clipped_per_example_gradients(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def ghost_norms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of Opacus' ghost norm of ``nn.Linear`` (the norm without the per-example gradient)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    samplers = dict(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+    real, calls = samplers[nn.Linear], [0]
+
+    def counted(*args: object) -> object:
+        calls[0] += 1
+        return real(*args)
+
+    samplers[nn.Linear] = counted
+    monkeypatch.setattr(GradSampleModuleFastGradientClipping, "NORM_SAMPLERS", samplers)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost"])
+def test_step_gradient_is_mean_of_clipped_per_example_gradients(mode: str, monkeypatch: pytest.MonkeyPatch,
+                                                                ghost_norms: list[int]) -> None:
     """With no noise and every example sampled, the update direction is (1/B) sum_i clip(g_i, C)."""
     x, y = torch.rand(6, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1], [0]])
     clip = 0.05
@@ -65,7 +90,26 @@ def test_step_gradient_is_mean_of_clipped_per_example_gradients(mode: str, monke
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
     assert "forward" not in vars(model)  # ew's patch is gone: the model is plain again
-    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(hasattr(p, a) for p in model.parameters() for a in ("grad_sample", "_norm_sample"))
+    assert not any(getattr(m, "activations", None) or m._forward_hooks for m in model.modules())  # hooks removed
+    assert (ghost_norms[0] > 0) == (mode == "ghost")  # ghost: the head's norm without its per-example gradient
+
+
+@pytest.mark.parametrize("kind", ["cnn", "vit"])
+def test_ghost_clipping_gives_the_noised_step_of_the_hooks(kind: str, ghost_norms: list[int]) -> None:
+    """Ghost clipping and Opacus' hooks, with noise, Poisson sampling and three AdamW steps: the same weights and
+    final noisy gradient (same clipped sums, same noise from the round's generator, same division by q*n). On the
+    ViT, ghost norms cover every Linear (attention, MLP, head) of (B, tokens, width) activations."""
+    x, y = torch.rand(8, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1], [0], [0], [1]])
+    weights, grads = {}, {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(2)
+        model = Classifier(build_encoder(EncoderKind(kind), SPEC, 8), TaskType.BINARY, 2)
+        grads[mode] = _one_step(model, x, y, 0.5, noise=1.0, mode=mode, sample_rate=0.5, steps=3)
+        weights[mode] = [p.detach().clone() for p in model.parameters()]
+    assert ghost_norms[0] >= (14 if kind == "vit" else 1) * 3
+    for h, g in zip(grads["hooks"] + weights["hooks"], grads["ghost"] + weights["ghost"], strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ew"])
@@ -121,31 +165,53 @@ def test_expanded_weights_and_hooks_agree_on_a_lora_model() -> None:
 
     x, y = torch.rand(5, 1, 28, 28), torch.tensor([[0], [1], [1], [0], [1]])
     grads = {}
-    for mode in ("hooks", "ew"):
+    for mode in ("hooks", "ew", "ghost"):
         model = _classifier(seed=3)
         torch.manual_seed(4)
         add_lora(model.encoder, 2, 4.0)
         grads[mode] = _one_step(model, x, y, 0.05, mode=mode)
         frozen = [p for p in model.parameters() if not p.requires_grad]
         assert frozen and all(p.grad is None for p in frozen)
-    for h, e in zip(grads["hooks"], grads["ew"], strict=True):
+    for h, e, g in zip(grads["hooks"], grads["ew"], grads["ghost"], strict=True):
         torch.testing.assert_close(e, h, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_clipping_refuses_augmentation_multiplicity_and_a_loss_without_per_example_values() -> None:
+    """Ghost clipping sees each row's gradient norm, not the norm of an example's mean over its K views: K > 1 is
+    refused (not silently clipped per view), as is a phase that gives no per-example losses (pretraining)."""
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([[0], [1], [1], [0]])
+    model = _classifier()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for views, per_example in ((2, _per_example(model, x, y)), (1, None)):
+        with pytest.raises(ConfigError, match="ghost needs per-example losses"):
+            dp_train_loop(model, params, lambda idx: model.loss(model(x[idx]), y[idx]), len(x),
+                          DPStepSettings(1.0, 1.0, PoissonSchedule(1.0, 1), grad_sample_mode="ghost",
+                                         augment_multiplicity=views),
+                          lr=1.0, weight_decay=0.0, gen=torch.Generator().manual_seed(0), per_example_loss=per_example)
+    assert all(torch.equal(b, p) for b, p in zip(before, params, strict=True))  # refused before any step
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_noise_has_the_planned_standard_deviation() -> None:
     """Zero data gradient (zero inputs): with clip C, sigma and expected batch B the noise on every
-    coordinate has standard deviation sigma*C/B."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(50, 40, bias=False))
-    nn.init.zeros_(model[0].weight)
+    coordinate has standard deviation sigma*C/B; ghost clipping draws the very same noise."""
     x = torch.zeros(4, 50)
-    params = list(model.parameters())
     sigma, clip = 2.0, 0.5
-    dp_train_loop(model, params, lambda idx: model(x[idx]).mean(), 4,
-                  DPStepSettings(sigma, clip, PoissonSchedule(1.0, 1)), lr=1e-3, weight_decay=0.0,
-                  gen=torch.Generator().manual_seed(3))
-    std = float(params[0].grad.std())
-    assert std == pytest.approx(sigma * clip / 4, rel=0.08)
+    noise = {}
+    for mode in ("hooks", "ghost"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(50, 40, bias=False))
+        nn.init.zeros_(model[0].weight)
+        params = list(model.parameters())
+        dp_train_loop(model, params, lambda idx, m=model: m(x[idx]).mean(), 4,
+                      DPStepSettings(sigma, clip, PoissonSchedule(1.0, 1), grad_sample_mode=mode), lr=1e-3,
+                      weight_decay=0.0, gen=torch.Generator().manual_seed(3),
+                      per_example_loss=lambda idx, m=model: m(x[idx]).mean(dim=1))
+        noise[mode] = params[0].grad
+        assert float(noise[mode].std()) == pytest.approx(sigma * clip / 4, rel=0.08)
+    torch.testing.assert_close(noise["ghost"], noise["hooks"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("names,kind",
@@ -177,18 +243,40 @@ def test_mae_tokens_and_unused_norms_are_frozen_under_dp() -> None:
 def test_empty_poisson_batches_still_release_noise_and_runs_are_reproducible() -> None:
     x, y = torch.rand(20, 1, 28, 28), torch.randint(0, 2, (20, 1))
 
-    def run() -> torch.Tensor:
+    def run(mode: str) -> torch.Tensor:
         model = _classifier()
         params = [p for p in model.parameters() if p.requires_grad]
         stats = dp_train_loop(model, params, lambda idx: model.loss(model(x[idx]), y[idx]), 20,
-                              DPStepSettings(1.0, 1.0, PoissonSchedule(0.01, 5)), lr=1e-2, weight_decay=0.0,
-                              gen=torch.Generator().manual_seed(7))
+                              DPStepSettings(1.0, 1.0, PoissonSchedule(0.01, 5), grad_sample_mode=mode), lr=1e-2,
+                              weight_decay=0.0, gen=torch.Generator().manual_seed(7),
+                              per_example_loss=_per_example(model, x, y))
         assert stats.steps == 5 and stats.mean_batch < 1
         return model.head.weight.detach().clone()
 
-    first, second = run(), run()
+    first, second = run("hooks"), run("hooks")
     assert not torch.equal(first, _classifier().head.weight)  # noise moved the weights
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(run("ghost"), first, rtol=0, atol=0)  # ghost: the same noise, from the same draws
+
+
+def test_ghost_clipping_releases_noise_on_an_empty_batch() -> None:
+    """A step whose Poisson batch is empty: ghost clipping calls no loss and releases N(0, (sigma C)^2) / (q n)."""
+    x, y = torch.rand(10, 1, 28, 28), torch.randint(0, 2, (10, 1))
+    model = _classifier()
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls: list[int] = []
+
+    def per_example(idx: torch.Tensor) -> torch.Tensor:
+        calls.append(len(idx))
+        return _per_example(model, x, y)(idx)
+
+    stats = dp_train_loop(model, params, lambda idx: model.loss(model(x[idx]), y[idx]), 10,
+                          DPStepSettings(2.0, 0.5, PoissonSchedule(1e-9, 1), grad_sample_mode="ghost"), lr=1e-3,
+                          weight_decay=0.0, gen=torch.Generator().manual_seed(1), per_example_loss=per_example)
+    assert calls == [] and stats.mean_batch == 0 and np.isnan(stats.loss)
+    noise = torch.cat([p.grad.flatten() for p in params])
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 1, rel=0.05)  # expected batch max(1, round(q n)) = 1
+    assert not any(hasattr(p, a) for p in params for a in ("grad_sample", "_norm_sample", "summed_grad"))
 
 
 def test_validator_refuses_batch_norm() -> None:

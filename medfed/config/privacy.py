@@ -48,9 +48,11 @@ class DPSettings(Part):
                                        "train anything useful (docs/PRIVACY.md; not applied to a --dp-noise-multiplier "
                                        "you set).", key="dp-max-planned-noise")
     grad_sample_mode: GradSampleMode = setting(GradSampleMode.AUTO, "How per-example gradients are computed (the same "
-                                               "clipped step, at different speeds): Opacus' hooks or functorch, or "
-                                               "PyTorch's expanded weights (ew; fine-tuning only); auto: ew for "
-                                               "fine-tuning, hooks for pretraining (docs/RESULTS.md dp_cost_cpu).",
+                                               "clipped step, at different speeds): Opacus' hooks or functorch, "
+                                               "PyTorch's expanded weights (ew; fine-tuning a CNN) or Opacus' ghost "
+                                               "clipping (ghost; fine-tuning, augmentation multiplicity 1); auto: on "
+                                               "the CPU ew for fine-tuning a CNN, else hooks (docs/RESULTS.md "
+                                               "dp_cost_cpu); on a GPU the fastest, timed on the site's model.",
                                                key="dp-grad-sample-mode")
     secure_rng: bool = setting(False, "Draw Poisson sampling and noise from OS entropy (not reproducible) with Opacus' "
                                "floating-point-attack-resistant noise.", key="dp-secure-rng")

@@ -348,13 +348,13 @@ def _check_privacy(c: RunConfig) -> None:
     if scope == DPScope.PRETRAIN and not pretrains:
         raise ConfigError("dp pretrain needs a pretraining phase (a pretrain method and no encoder-init)")
     if scope in (DPScope.PRETRAIN, DPScope.ALL) and pretrains:
-        if dp.grad_sample_mode == GradSampleMode.EW:
-            raise ConfigError("dp-grad-sample-mode ew needs the loss to go through the model's forward, which only "
-                              "fine-tuning does (the SSL losses call the encoder and heads directly); use hooks or "
-                              "functorch with dp pretrain or all")
+        if dp.grad_sample_mode in (GradSampleMode.EW, GradSampleMode.GHOST):
+            raise ConfigError(f"dp-grad-sample-mode {dp.grad_sample_mode} needs the loss to go through the model's "
+                              "forward (fine-tuning, not SSL losses); use hooks or functorch with dp pretrain or all")
         if any(w == 0 for w in c.ssl.method_weights):
-            raise ConfigError("pretrain-weights of 0 under dp: that method's heads would get no per-example gradient; "
-                              "drop the method instead")
+            raise ConfigError("pretrain-weights of 0 under dp: a method's heads get no per-example gradient; drop it")
+    if dp.grad_sample_mode == GradSampleMode.GHOST and c.finetune_recipe.augment_multiplicity > 1:
+        raise ConfigError("dp-grad-sample-mode ghost needs dp-augment-multiplicity 1: it cannot clip a mean of K views")
     if c.federation.strategy == StrategyName.FEDPROX:
         raise ConfigError("strategy fedprox cannot be combined with dp: Opacus clips per-example gradients and would "
                           "drop the proximal term's gradient; use fedavg under dp")

@@ -9,7 +9,11 @@ with parameters ``(q, sigma)``: exactly what the site's ledger records.
 
 Opacus supplies the per-example gradients (`GradSampleModule`, hooks or the functorch
 fall-back) and the clip-and-noise optimizer (`DPOptimizer`, wrapping AdamW; Adam's moments
-are post-processing of the noisy gradient). Sampling is ours so that the executed
+are post-processing of the noisy gradient). Ghost clipping (``ghost``: Li et al., ICLR 2022;
+Bu et al. 2022; Opacus' fast gradient clipping) computes only the per-example gradient norms
+(without the per-example gradients on its ``nn.Linear`` layers), then backpropagates the sum of
+the per-example losses weighted by their clipping factors: the same clipped sum, from a second
+backward pass, noised by `DPOptimizerFastGradientClipping`. Sampling is ours so that the executed
 ``(q, steps)`` are exactly those accounted for. The hooks sit on the trainable leaf
 modules, so losses that call sub-modules several times (BYOL's two views) accumulate one
 per-example gradient per example, as privacy requires.
@@ -162,7 +166,8 @@ def remove_per_example_hooks(module: nn.Module) -> None:
     for sub in module.modules():
         for handle in getattr(sub, "autograd_grad_sample_hooks", []) or []:
             handle.remove()
-        for attr in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "_forward_counter"):
+        for attr in ("autograd_grad_sample_hooks", "ft_compute_sample_grad", "_forward_counter", "activations",
+                     "max_batch_len"):
             if hasattr(sub, attr):
                 delattr(sub, attr)
 
@@ -192,6 +197,7 @@ def dp_train_loop(
     weight_decay: float,
     gen: torch.Generator,
     on_step_end: Callable[[], None] | None = None,
+    per_example_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DPTrainStats:
     """Run ``dp.schedule.steps`` DP-SGD steps over ``module``'s trainable ``params``.
 
@@ -200,10 +206,15 @@ def dp_train_loop(
     ``dp.augment_multiplicity`` K > 1 it gets every sampled index K times in a row and must draw
     each row's augmentation independently; the K rows' gradients are averaged per example
     (`average_view_gradients`) before clipping.
+    ``per_example_loss(idx)`` returns the ``(len(idx),)`` losses whose mean ``batch_loss`` is; ghost clipping
+    (``dp.grad_sample_mode`` ghost) calls it instead of ``batch_loss`` and refuses K > 1 (it sees each row's
+    gradient norm, not the norm of an example's mean over its views).
     ``gen`` seeds sampling and noise (ignored with ``secure_rng``).
     """
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
     check_private_model(module)
     freeze_for_dp(module)
@@ -212,16 +223,26 @@ def dp_train_loop(
     q, steps, views = dp.schedule.sample_rate, dp.schedule.steps, dp.augment_multiplicity
     if views < 1:
         raise ConfigError(f"augmentation multiplicity must be >= 1; got {views}")
+    ghost = dp.grad_sample_mode == GradSampleMode.GHOST
+    if ghost and (per_example_loss is None or views > 1):
+        raise ConfigError("dp-grad-sample-mode ghost needs per-example losses through the model's forward "
+                          "(fine-tuning) and augmentation multiplicity 1; use hooks or functorch")
     expected = max(1, round(q * n))
-    gsm = None
+    gsm: GradSampleModule | GradSampleModuleFastGradientClipping | None = None
     if dp.grad_sample_mode != GradSampleMode.EW:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus warns about secure_mode and full backward hooks
             try:
-                gsm = GradSampleModule(
-                    module, batch_first=True, loss_reduction="mean", strict=False,
-                    force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
-                )
+                if ghost:
+                    gsm = GradSampleModuleFastGradientClipping(
+                        module, batch_first=True, loss_reduction="mean", strict=False,
+                        max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True,
+                    )
+                else:
+                    gsm = GradSampleModule(
+                        module, batch_first=True, loss_reduction="mean", strict=False,
+                        force_functorch=dp.grad_sample_mode == GradSampleMode.FUNCTORCH,
+                    )
             except Exception:  # a layer it cannot handle, after earlier layers were hooked: leave the module plain
                 remove_per_example_hooks(module)
                 raise
@@ -229,7 +250,7 @@ def dp_train_loop(
     sample_gen = gen  # on the CPU: it draws the Poisson batch, whose indices read the site's images
     device = params[0].device if params else torch.device("cpu")  # the noise is drawn where the gradients are
     noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    optimiser = DPOptimizer(
+    optimiser = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
         loss_reduction="mean", generator=noise_gen, secure_mode=dp.secure_rng,
@@ -247,16 +268,26 @@ def dp_train_loop(
                 optimiser.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # an empty Poisson batch still releases noise: zero per-example gradients
                     for p in params:
-                        # opacus' per-example gradient attribute, as above
-                        p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
-                            (0, *p.shape), dtype=p.dtype, device=p.device)
+                        if ghost:  # ghost clipping's optimizer noises the clipped sum in p.grad
+                            p.grad = torch.zeros_like(p)
+                        else:  # opacus' per-example gradient attribute, as above
+                            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                                (0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
-                    loss = batch_loss(idx.repeat_interleave(views) if views > 1 else idx)
+                    rows = idx.repeat_interleave(views) if views > 1 else idx
+                    per_row = per_example_loss(rows) if ghost and per_example_loss is not None else None
+                    loss = batch_loss(rows) if per_row is None else per_row.mean()
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"DP training loss became {float(loss)} at step {step}; lower the learning rate"
                         )
-                    loss.backward()
+                    if per_row is None:
+                        loss.backward()
+                    else:  # Opacus' two passes: the norms, then sum_i clip factor_i * loss_i (hooks off)
+                        if per_row.shape != (len(idx),):
+                            raise TrainingDiverged(f"per-example losses have shape {tuple(per_row.shape)}; "
+                                                   f"expected ({len(idx)},)")
+                        DPTensorFastGradientClipping(gsm, optimiser, per_row, "mean").backward()
                     if views > 1:
                         average_view_gradients(params, len(idx), views)
                     losses.append(float(loss.detach()))
@@ -267,7 +298,7 @@ def dp_train_loop(
         if gsm is not None:
             gsm._close()  # remove the hooks and per-example gradients: the module is plain again
         for p in params:
-            for attr in ("summed_grad", "grad_sample", "_processed"):
+            for attr in ("summed_grad", "grad_sample", "_processed", "_norm_sample"):
                 if hasattr(p, attr):
                     delattr(p, attr)
     return DPTrainStats(

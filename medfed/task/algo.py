@@ -269,9 +269,11 @@ class SiteAlgo:
         self, phase: Phase, server_round: int, module: nn.Module, trainable: list[nn.Parameter],
         batch_loss: Callable[[torch.Tensor], torch.Tensor], n: int, settings: TrainSettings, gen: torch.Generator,
         prox_params: list[nn.Parameter], on_step_end: Callable[[], None] | None = None,
+        per_example_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> TrainStats:
         """One round, with DP-SGD when ``dp`` covers the phase, recorded in the ledger either way; phases without
-        DP run their forward passes under bf16 autocast when the precision setting asks (`use_bf16`)."""
+        DP run their forward passes under bf16 autocast when the precision setting asks (`use_bf16`).
+        ``per_example_loss`` (fine-tuning: the losses ``batch_loss`` averages) lets DP-SGD use ghost clipping."""
         if not self._is_private(phase):
             half = use_bf16(self.cfg.compute.precision, self.device, private=False)
 
@@ -288,11 +290,11 @@ class SiteAlgo:
         mode = resolve_grad_sample_mode(
             self.privacy.privacy.grad_sample_mode if self.privacy else dp.grad_sample_mode,
             finetuning=phase == Phase.FINETUNE, encoder=kind.value, module=module, params=trainable,
-            batch_loss=batch_loss, n=n, dp=dp, gen=gen, lr=settings.lr)
+            batch_loss=batch_loss, n=n, dp=dp, gen=gen, lr=settings.lr, per_example_loss=per_example_loss)
         dp = dataclasses.replace(dp, grad_sample_mode=mode)
         dp_stats = dp_train_loop(
             module, trainable, batch_loss, n, dp, lr=settings.lr, weight_decay=settings.weight_decay, gen=gen,
-            on_step_end=on_step_end,
+            on_step_end=on_step_end, per_example_loss=per_example_loss,
         )
         privacy = {**self._record(phase, server_round, plan), MetricKey.DP_GRAD_MODE.value: MODE_CODES[mode]}
         return TrainStats(n, dp_stats.loss, dp_stats.steps, dp_stats.seconds, privacy)
@@ -351,12 +353,16 @@ class SiteAlgo:
         shift = self.logit_shift()
         shift = shift.to(self.device) if isinstance(shift, torch.Tensor) else shift
         dev = self.device
+
+        def logits_and_labels(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return model(augment(to_device(images[idx], dev), views, gen)) + shift, to_device(labels[idx], dev)
+
+        def per_example_loss(idx: torch.Tensor) -> torch.Tensor:  # (B,): model.loss of each row alone (ghost)
+            return torch.func.vmap(lambda z, y: model.loss(z[None], y[None]))(*logits_and_labels(idx))
+
         stats = self._train(
-            Phase.FINETUNE, server_round, model, trainable,
-            lambda idx: model.loss(model(augment(to_device(images[idx], dev), views, gen)) + shift,
-                                   to_device(labels[idx], dev)),
-            len(images), settings, gen,
-            prox_params=trainable,
+            Phase.FINETUNE, server_round, model, trainable, lambda idx: model.loss(*logits_and_labels(idx)),
+            len(images), settings, gen, prox_params=trainable, per_example_loss=per_example_loss,
         )
         state = model.state_dict()
         keys = finetune_shared_keys(self.cfg, list(state))
