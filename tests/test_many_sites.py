@@ -93,7 +93,21 @@ def test_a_min_site_size_given_is_honoured_strictly_and_its_refusal_names_the_se
         plan_of(900, min_site_size=5)  # 4708 // 900 = 5, but the iid cut's smallest site has 4
     assert "alpha" not in str(iid.value)
     with pytest.raises(SplitError, match="raise alpha"):  # a non-iid refusal still says how
-        plan_of(1000, scheme="dirichlet")
+        plan_of(1000, scheme="dirichlet", min_site_size=4)
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity"])
+def test_the_default_skewed_partition_of_1000_sites_deals_each_site_its_automatic_floor_first(scheme: str) -> None:
+    """`medfed simulate --num-sites 1000` with the default dirichlet partition: Dir(0.5) shares alone leave about one
+    site in ten without a train image, so with min-site-size automatic every site is dealt 4 images IID and the rest
+    (708) is cut by the skewed shares; the plan says so. A 5-site plan never needs the floor (unchanged)."""
+    train, _, _ = pneumonia()
+    plan = plan_of(1000, scheme=scheme)
+    assert plan.iid_floor == plan.min_site_size == 4
+    sizes = [len(s.train) for s in plan.sites]
+    assert min(sizes) == 4 and sum(sizes) == len(train) and max(sizes) > 6  # the rest went where the shares said
+    assert sorted(np.concatenate([s.train for s in plan.sites]).astype(int).tolist()) == list(range(len(train)))
+    assert plan_of(5, scheme=scheme).iid_floor == 0
 
 
 def test_min_site_size_automatic() -> None:

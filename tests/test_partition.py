@@ -142,7 +142,7 @@ def test_full_label_fraction_labels_everything():
         (dict(label_fraction=0.0), "label-fraction must be in (0, 1]"),
         (dict(label_fraction=1.5), "label-fraction must be in (0, 1]"),
         (dict(label_fraction=-0.1), "label-fraction must be in (0, 1]"),
-        (dict(scheme="dirichlet", num_sites=50, alpha=0.001), "raise alpha"),
+        (dict(scheme="dirichlet", num_sites=50, alpha=0.001, min_site_size=10), "raise alpha"),  # given: strict
     ],
 )
 def test_impossible_splits_raise(kwargs, fragment):

@@ -70,6 +70,7 @@ class SitePlan:
     sites: list[SiteSplit]
     site_names: list[str] = field(default_factory=list)  # natural sites: the hospitals, as the table spells them
     min_site_size: int = 0  # the fewest train images a site could get, as resolved (0: a plan written before)
+    iid_floor: int = 0  # non-IID with automatic min-site-size on a small split: train images per site dealt IID first
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -191,6 +192,7 @@ def make_site_plan(
     if (train_keys < 0).any():  # unlabelled cases: one more stratum, cut like a class
         train_keys = np.where(train_keys < 0, classes, train_keys)
         classes += 1
+    floor = 0
     for _ in range(MAX_DRAWS):
         props = site_proportions(scheme_enum, np.arange(classes), num_sites, alpha, rng)
         train_parts = assign(train_keys, props, rng)
@@ -205,11 +207,17 @@ def make_site_plan(
                              f"{smallest}, fewer than min-site-size {size}; lower min-site-size (0: automatic) "
                              "or num-sites")
     else:
-        raise SplitError(
-            f"{scheme} split with alpha={alpha} left a site with fewer than {size} train images "
-            f"in {MAX_DRAWS} seeded draws; raise alpha, lower num-sites ({num_sites}) "
-            "or lower min-site-size"
-        )
+        if not auto:
+            raise SplitError(
+                f"{scheme} split with alpha={alpha} left a site with fewer than {size} train images "
+                f"in {MAX_DRAWS} seeded draws; raise alpha, lower num-sites ({num_sites}) "
+                "or lower min-site-size (0: automatic)"
+            )
+        # automatic size, a split too small for the skewed draws alone (a thousand sites of a few images): every site
+        # first gets ``size`` train images dealt IID, then the rest is cut by the scheme's shares
+        floor = size
+        props, train_parts, val_parts = floored_cut(scheme_enum, train_keys, val_keys, classes, num_sites, alpha,
+                                                    floor, np.random.default_rng([seed, 3]))
     # The test split is cut with the same proportions but its own generator, so adding it
     # leaves the train, val and labelled draws of a seed unchanged.
     test_parts = (
@@ -229,7 +237,24 @@ def make_site_plan(
         data_sha256=data_sha256,
         sites=sites,
         min_site_size=size,
+        iid_floor=floor,
     )
+
+
+def floored_cut(scheme: PartitionScheme, train_keys: np.ndarray, val_keys: np.ndarray, classes: int, num_sites: int,
+                alpha: float, floor: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """A skewed cut with a floor: ``floor`` train images per site dealt at random (IID), the remaining train images
+    and the val split cut by one draw of the scheme's class shares. Returns the shares and the train and val parts.
+    Used only when min-site-size is automatic and the scheme's draws alone leave sites with fewer (with 4708 images
+    into 1000 Dirichlet(0.5) sites, about one site in ten would get none)."""
+    order = rng.permutation(len(train_keys))
+    base, rest = order[: floor * num_sites], order[floor * num_sites:]
+    props = site_proportions(scheme, np.arange(classes), num_sites, alpha, rng)
+    rest_parts = assign(train_keys[rest], props, rng)
+    train_parts = [np.sort(np.concatenate([chunk, rest[part]]))
+                   for chunk, part in zip(np.split(base, num_sites), rest_parts, strict=True)]
+    return props, train_parts, assign(val_keys, props, rng)
 
 
 def make_natural_plan(
@@ -321,6 +346,7 @@ def describe_sizes(dist: dict[str, Any]) -> str:
     """One line for a console or a report: each count's range and median, and the sites without val."""
     parts = [f"{key} {dist[key]['min']:g}-{dist[key]['max']:g} (median {dist[key]['median']:g})"
              for key in SIZE_COLUMNS if key in dist]
-    return f"{dist['sites']} sites, images per site: " + ", ".join(parts) + (
+    floor = f" ({dist['iid_floor']} train images per site dealt IID first)" if dist.get("iid_floor") else ""
+    return f"{dist['sites']} sites{floor}, images per site: " + ", ".join(parts) + (
         f"; {dist['sites_without_val']} site(s) without val (evaluated on their test share)"
         if dist["sites_without_val"] else "")

@@ -140,7 +140,7 @@ def run_experiment(
         prep.plan.save(run_dir / SPLIT_FILE)
         sites = summarize(prep.plan, prep.data.train.labels, prep.data.val.labels, prep.data.task)
         data_info = {**prep.data.describe(), "min_site_size": prep.plan.min_site_size,
-                     "site_sizes": size_distribution(sites), "sites": sites}
+                     "site_sizes": {**size_distribution(sites), "iid_floor": prep.plan.iid_floor}, "sites": sites}
         (run_dir / "data.json").write_text(json.dumps(data_info, indent=1))
         recorder = Recorder(run_dir / "metrics.jsonl", listener)
         summary = run_summary(cfg, run_id)
