@@ -351,3 +351,17 @@ def test_the_sweep_asks_only_nodes_with_a_message_and_delivers_what_flowers_does
     with pending_nodes_sweep():
         assert vce_api.add_messages_to_queue is sweep_pending_nodes
     assert vce_api.add_messages_to_queue is original
+
+
+def test_the_loss_plot_of_hundreds_of_sampled_sites_shows_each_round_s_mean_and_range(tmp_path: Path) -> None:
+    import warnings
+
+    from medfed.experiment.report import MAX_SITE_LINES, plot_losses
+
+    rows = [{"arm": "federated-simclr", "phase": "pretrain", "round": r, "site": 10 * r + k, "split": "train",
+             "train-loss": 5.0 - 0.1 * r + 0.01 * k} for r in range(1, 36) for k in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a legend of 350 sites made tight_layout warn (and the plot unreadable)
+        assert plot_losses(rows, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert len({r["site"] for r in rows}) > MAX_SITE_LINES

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from medfed.constants import MetricKey
 from medfed.data.partition import SIZE_COLUMNS, size_distribution
@@ -77,6 +78,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+MAX_SITE_LINES = 20
+"""Past this many sites in a panel the loss plot shows each round's mean and range instead of a line per site."""
+
+
 def plot_losses(rows: list[dict], path: Path) -> Path | None:
     """Training loss per site per round: one panel per (arm, phase) that has site rows."""
     series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
@@ -90,9 +95,20 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.6 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, panels, strict=False):
-        for site, points in sorted(series[key].items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"site {site}")
+        if len(series[key]) > MAX_SITE_LINES:  # many sampled sites: the round's mean and range, not a line each
+            by_round: dict[int, list[float]] = defaultdict(list)
+            for points in series[key].values():
+                for rnd, loss in points:
+                    by_round[rnd].append(loss)
+            xs = sorted(by_round)
+            ax.fill_between(xs, [min(by_round[x]) for x in xs], [max(by_round[x]) for x in xs], alpha=0.25,
+                            label="range over the round's sites")
+            ax.plot(xs, [float(np.mean(by_round[x])) for x in xs], marker="o", ms=3,
+                    label=f"mean ({len(series[key])} sites sampled in all)")
+        else:
+            for site, points in sorted(series[key].items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=f"site {site}")
         ax.set_title(f"{key[0]} - {key[1]}")
         ax.set_xlabel("round")
         ax.set_ylabel("training loss")
