@@ -9,8 +9,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from medfed.data.site import SiteData
 
 SHARED_DATA = Path(
     os.environ.get("MEDFED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist")
@@ -53,6 +57,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "breastmnist.npz").is_file():
         pytest.fail(f"pinned MedMNIST files not found at {SHARED_DATA}; set MEDFED_SHARED_DATA")
     return SHARED_DATA.resolve()  # absolute: subprocesses run in other folders
+
+
+@pytest.fixture(scope="session")
+def breast_site(shared_data: Path) -> SiteData:
+    """BreastMNIST as one deployed site's own data (20 % of its train images labelled): a small real site for
+    SiteAlgo tests."""
+    from medfed.data.medmnist import load_medmnist
+    from medfed.data.site import site_from_own_file
+
+    return site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), site_id=0, label_fraction=0.2, seed=0)
 
 
 @pytest.fixture()

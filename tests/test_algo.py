@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from medfed.config import RunConfig, run_config
 from medfed.constants import TaskType
-from medfed.data.medmnist import load_medmnist
-from medfed.data.site import SiteData, site_from_own_file
+from medfed.data.site import SiteData
 from medfed.exceptions import ConfigError
 from medfed.task.algo import SiteAlgo
 from medfed.task.model_setup import derive_seed, new_classifier, new_encoder
-
-
-@pytest.fixture(scope="module")
-def breast_site(shared_data: Path) -> SiteData:
-    return site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), site_id=0, label_fraction=0.2, seed=0)
 
 
 def cfg(**changes: object) -> RunConfig:

@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.config import RunConfig, run_config
 from medfed.constants import MessageKey, NodeConfigKey
-from medfed.data.medmnist import load_medmnist
-from medfed.data.site import SiteData, site_from_own_file
+from medfed.data.site import SiteData
 from medfed.data.transforms import AugmentSpec, augment, mask_patches
 from medfed.devices import (
     describe_device,
@@ -29,11 +28,6 @@ from medfed.task.model_setup import new_classifier, new_encoder
 from medfed.task.site_round import read_message_config, site_device
 
 HAS_CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def breast_site(shared_data: Path) -> SiteData:
-    return site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), site_id=0, label_fraction=0.2, seed=0)
 
 
 def small(**changes: object) -> RunConfig:

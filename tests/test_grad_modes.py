@@ -12,8 +12,7 @@ import torch
 
 from medfed.config import run_config
 from medfed.constants import MetricKey
-from medfed.data.medmnist import load_medmnist
-from medfed.data.site import SiteData, site_from_own_file
+from medfed.data.site import SiteData
 from medfed.exceptions import ConfigError
 from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule
 from medfed.privacy.grad_modes import _CHOSEN, MODE_CODES, candidates, resolve_grad_sample_mode
@@ -21,11 +20,6 @@ from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.selfsup.compat import check_methods_fit
 from medfed.task.algo import SiteAlgo
 from medfed.task.model_setup import new_classifier
-
-
-@pytest.fixture(scope="module")
-def breast_site(shared_data: Path) -> SiteData:
-    return site_from_own_file(load_medmnist(shared_data / "breastmnist.npz"), site_id=0, label_fraction=0.2, seed=0)
 
 
 def test_only_a_cnn_fine_tuning_can_use_expanded_weights_and_only_fine_tuning_ghost_clipping() -> None:
