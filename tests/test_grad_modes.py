@@ -18,7 +18,7 @@ from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule
 from medfed.privacy.grad_modes import _CHOSEN, MODE_CODES, candidates, resolve_grad_sample_mode
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.selfsup.compat import check_methods_fit
-from medfed.task.algo import SiteAlgo
+from medfed.task.algo import SiteAlgo, TrainStats
 from medfed.task.model_setup import new_classifier
 
 
@@ -104,12 +104,18 @@ def test_ghost_clipping_is_measured_and_can_be_chosen(breast_site: SiteData, enc
         assert "ghost" not in timed and chosen != "ghost" and timed
 
 
-def test_a_dp_round_reports_the_gradient_mode_it_ran_with(breast_site: SiteData, tmp_path: Path) -> None:
+def dp_round(site: SiteData, ledgers: Path, mode: str) -> tuple[dict, dict, TrainStats]:
+    """One DP fine-tuning round of ``site`` (batch 16) in gradient ``mode``: the start, what it shares, its stats."""
     cfg = run_config(data="breastmnist", width=8, pretrain="none", dp="finetune", dp_epsilon=8.0,
-                     finetune_batch_size=16, finetune_epochs=1, dp_grad_sample_mode="hooks")
-    guard = PrivacyGuard(SitePrivacy.resolve(cfg, "0", {}, tmp_path), "modes")
-    start = new_classifier(cfg, breast_site.spec, breast_site.task, breast_site.num_classes, None).state_dict()
-    _, stats = SiteAlgo(cfg, breast_site, guard).finetune_round(start, 1)
+                     finetune_batch_size=16, finetune_epochs=1, dp_grad_sample_mode=mode)
+    guard = PrivacyGuard(SitePrivacy.resolve(cfg, "0", {}, ledgers), mode)
+    start = new_classifier(cfg, site.spec, site.task, site.num_classes, None).state_dict()
+    shared, stats = SiteAlgo(cfg, site, guard).finetune_round(start, 1)
+    return start, shared, stats
+
+
+def test_a_dp_round_reports_the_gradient_mode_it_ran_with(breast_site: SiteData, tmp_path: Path) -> None:
+    _, _, stats = dp_round(breast_site, tmp_path, "hooks")
     assert stats.privacy[MetricKey.DP_GRAD_MODE.value] == MODE_CODES["hooks"] == 0.0
 
 
@@ -118,11 +124,7 @@ def test_a_dp_fine_tuning_round_runs_ghost_clipping_and_the_run_refuses_it_where
     """A site's fine-tuning round with ``dp-grad-sample-mode ghost`` (the per-example losses built by `SiteAlgo`)
     reports code 3 and records the same mechanism in the ledger; the run refuses ghost for DP pretraining (the SSL
     losses do not go through the model's forward) and with augmentation multiplicity > 1."""
-    cfg = run_config(data="breastmnist", width=8, pretrain="none", dp="finetune", dp_epsilon=8.0,
-                     finetune_batch_size=16, finetune_epochs=1, dp_grad_sample_mode="ghost")
-    guard = PrivacyGuard(SitePrivacy.resolve(cfg, "0", {}, tmp_path), "ghost")
-    start = new_classifier(cfg, breast_site.spec, breast_site.task, breast_site.num_classes, None).state_dict()
-    shared, stats = SiteAlgo(cfg, breast_site, guard).finetune_round(start, 1)
+    start, shared, stats = dp_round(breast_site, tmp_path, "ghost")
     assert stats.privacy[MetricKey.DP_GRAD_MODE.value] == MODE_CODES["ghost"] == 3.0
     n = len(breast_site.labelled_images)
     assert stats.privacy[MetricKey.SAMPLE_RATE.value] == pytest.approx(16 / n)

@@ -115,15 +115,19 @@ def test_flower_passes_them_to_ray(address: str, tmp_path: Path, monkeypatch: py
 # --- refusals and warnings -------------------------------------------------------------------------------------------
 
 
+def refused_simulate(tmp_path: Path, *flags: str) -> str:
+    """`medfed simulate` with ``flags``: it must exit 2 and write no run directory; returns its output, one line."""
+    out = tmp_path / "runs"
+    result = runner.invoke(app, ["simulate", *TINY, *flags, "--out-dir", str(out)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert not out.exists() or not any(out.iterdir())
+    return " ".join(result.output.split())
+
+
 def test_client_gpus_without_a_gpu_exits_2(tmp_path: Path, data_path_env: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    out = tmp_path / "runs"
-    result = runner.invoke(app, ["simulate", *TINY, "--client-gpus", "0.5", "--out-dir", str(out)],
-                           env={"COLUMNS": "300"})
-    assert result.exit_code == 2, result.output
-    assert "client-gpus 0.5 but torch finds no CUDA device" in " ".join(result.output.split())
-    assert not out.exists() or not any(out.iterdir())
+    assert "client-gpus 0.5 but torch finds no CUDA device" in refused_simulate(tmp_path, "--client-gpus", "0.5")
 
 
 def test_more_gpus_per_site_than_the_machine_has(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,12 +144,8 @@ def test_more_gpus_per_site_than_the_machine_has(tmp_path: Path, monkeypatch: py
 def test_a_ray_address_needs_an_explicit_auth_mode(tmp_path: Path, data_path_env: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    out = tmp_path / "runs"
-    result = runner.invoke(app, ["simulate", *TINY, "--ray-address", "127.0.0.1:6379", "--out-dir", str(out)],
-                           env={"COLUMNS": "300"})
-    assert result.exit_code == 2, result.output
-    assert "set RAY_AUTH_MODE to how that cluster authenticates" in " ".join(result.output.split())
-    assert not out.exists() or not any(out.iterdir())
+    assert "set RAY_AUTH_MODE to how that cluster authenticates" in refused_simulate(
+        tmp_path, "--ray-address", "127.0.0.1:6379")
     monkeypatch.setenv("RAY_AUTH_MODE", "tokens")
     with pytest.raises(ConfigError, match="RAY_AUTH_MODE"):
         launcher.check_ray_settings(tiny(tmp_path, ray_address="127.0.0.1:6379"))
