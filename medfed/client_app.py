@@ -2,8 +2,9 @@
 
 Each train message carries the run settings (flat kebab-case), the phase and the global weights. The
 reply carries only the shared weights (an ArrayRecord) and scalar metrics (a MetricRecord), or a
-refusal with its reason; the site-local SSL state (heads, predictors, decoders, momentum targets) is
-kept in ``context.state`` and never sent. What a round does is `medfed.task.site_round` (Flower-free).
+refusal with its reason; the site-local SSL state (heads, predictors, decoders, momentum targets) and its
+own copy of its personal parts (``personal``) are kept in ``context.state``. What a round does is
+`medfed.task.site_round` (Flower-free).
 
 Where a site's data come from is the only thing that differs between simulation and deployment: a
 node config with ``data-path`` names the site's own file; otherwise ``partition-id`` picks the site's
@@ -33,12 +34,19 @@ app = ClientApp(mods=[redacted_errors_mod, packed_transport_mod])
 
 def site_train(config: ConfigRecord, incoming: dict, context: Context) -> TrainOutcome:
     """`train_site` with the node's config and its SSL state kept in ``context.state`` between rounds."""
-    local = context.state.array_records.get(RecordKey.SITE_LOCAL.value)
-    outcome = train_site(config, incoming, dict(context.node_config),
-                         local.to_torch_state_dict() if local is not None else None)
+    outcome = train_site(config, incoming, dict(context.node_config), _kept(context, RecordKey.SITE_LOCAL),
+                         _kept(context, RecordKey.SITE_PERSONAL))
     if outcome.local_state is not None:
         context.state[RecordKey.SITE_LOCAL.value] = ArrayRecord(outcome.local_state)
+    if outcome.personal_state is not None:
+        context.state[RecordKey.SITE_PERSONAL.value] = ArrayRecord(outcome.personal_state)
     return outcome
+
+
+def _kept(context: Context, key: RecordKey) -> dict | None:
+    """What this site kept in its node state under ``key`` (None before its first round)."""
+    record = context.state.array_records.get(key.value)
+    return record.to_torch_state_dict() if record is not None else None
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: Mapping[str, MetricRecordValues]) -> Message:
@@ -66,4 +74,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global model on this site's validation data."""
     state = msg.content.array_records[RecordKey.ARRAYS.value].to_torch_state_dict()
     config = msg.content.config_records[RecordKey.CONFIG.value]
-    return _reply(msg, None, evaluate_site(config, state, context.node_config))
+    return _reply(msg, None, evaluate_site(config, state, context.node_config,
+                                           _kept(context, RecordKey.SITE_PERSONAL)))

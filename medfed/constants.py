@@ -172,6 +172,31 @@ class FinetuneLoss(StrEnum):
     LOGIT_ADJUSTED = "logit-adjusted"  # plus the log of the site's label prior (Menon et al., ICLR 2021)
 
 
+class SSLAggregation(StrEnum):
+    """How a site takes the global encoder into its next pretraining round (site-side; the server averages as usual)."""
+
+    FEDAVG = "fedavg"  # replace the local encoder by the global one (FedAvg)
+    FEDEMA = "fedema"  # EMA of the local and global encoders, divergence-scaled (Zhuang et al., ICLR 2022)
+    FEDU = "fedu"  # BYOL's predictor shared too, taken only when the site has not diverged (Zhuang et al., ICCV 2021)
+
+
+class PersonalParts(StrEnum):
+    """Parts each site keeps its own of: trained from its own copy, never loaded back from the global model."""
+
+    NONE = "none"
+    NORM = "norm"  # the affine parameters of GroupNorm/LayerNorm (FedBN's idea, Li et al., ICLR 2021)
+    HEAD = "head"  # the task head (FedPer, Arivazhagan et al. 2019; FedRep, Collins et al., ICML 2021)
+    NORM_HEAD = "norm+head"
+
+    @property
+    def norm(self) -> bool:
+        return self in (PersonalParts.NORM, PersonalParts.NORM_HEAD)
+
+    @property
+    def head(self) -> bool:
+        return self in (PersonalParts.HEAD, PersonalParts.NORM_HEAD)
+
+
 class SiteData(StrEnum):
     """Where the sites' data come from."""
 
@@ -194,6 +219,7 @@ class RecordKey(StrEnum):
     CONFIG = "config"
     METRICS = "metrics"
     SITE_LOCAL = "site-local"  # heads, predictors, decoders, momentum targets: never sent
+    SITE_PERSONAL = "site-personal"  # fine-tuning: the site's own copy of its personal parts (never sent back to it)
     REFUSAL = "refusal"  # ConfigRecord of a site that refuses a round (its privacy budget)
 
 
@@ -241,6 +267,13 @@ class MetricKey(StrEnum):
     NOISE_STD = "noise-std"
     REPLAYED = "replayed"  # 1: the site re-sent its earlier release of this round (server resumed); no new spending
     EVALUATED_ON_TEST = "evaluated-on-test"  # 1: a site without val data evaluated on its share of the test split
+    SSL_DIVERGENCE = "ssl-divergence"  # FedEMA/FedU: ||global - site's last encoder|| / ||global|| at a round's start
+    EMA_DECAY = "ema-decay"  # FedEMA: the weight mu of the site's own encoder in its EMA with the global one
+    PREDICTOR_TAKEN = "predictor-taken"  # FedU: 1 when the site took the global predictor this round
+
+
+PERSONAL_PREFIX = "personal-"  # a site's personalised model on its evaluation data: personal-auc, ...
+PERSONAL_TEST_PREFIX = "personal-test-"  # ... and on its share of the test split (simulation only)
 
 
 class NodeConfigKey(StrEnum):

@@ -272,8 +272,9 @@ def test_sites_are_sent_only_the_settings_they_train_by() -> None:
 
 def test_every_setting_has_help_and_a_part_and_the_flags_keep_their_names() -> None:
     settings = RunConfig.settings()
-    assert len(settings) == 86  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
-    # fraction-evaluate, client-gpus, ray-address
+    assert len(settings) == 91  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
+    # fraction-evaluate, client-gpus, ray-address; issue 16: ssl-aggregation, fedema-tau, fedu-threshold,
+    # finetune-probe-rounds, personal
     assert all(s.help for _, s in settings.values())
     for key in ("data", "num-sites", "pretrain", "dp", "dp-epsilon", "secure-aggregation", "central-dp",
                 "central-dp-clipping-norm", "aggregation", "out-dir", "site-keys"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from medfed.config.base import Part, setting
-from medfed.constants import DEFAULT_ROUND_TIMEOUT, AggregationRule, StrategyName
+from medfed.constants import DEFAULT_ROUND_TIMEOUT, AggregationRule, PersonalParts, StrategyName
 from medfed.exceptions import ConfigError
 
 
@@ -20,6 +20,11 @@ class FederationSettings(Part):
     strategy: StrategyName = setting(StrategyName.FEDAVG, "Aggregation: fedavg (example-weighted) or fedprox.",
                                      key="strategy")
     proximal_mu: float = setting(0.0, "FedProx proximal weight mu (> 0 with --strategy fedprox).", key="proximal-mu")
+    personal: PersonalParts = setting(
+        PersonalParts.NONE, "Parts each site keeps its own of: none, norm (GroupNorm/LayerNorm affine parameters, "
+        "FedBN's idea), head (the task head, FedPer/FedRep) or norm+head. A site trains from its own copy and never "
+        "loads the global one back; the global model still holds the sites' average (evaluated as before), and "
+        "each site's personalised model is evaluated too (report.md).", key="personal")
     fraction_train: float = setting(1.0, "Fraction of sites sampled each round.", key="fraction-train", site=False)
     fraction_evaluate: float = setting(0.0, "Fraction of sites sampled for federated evaluation each round, in "
                                        "(0, 1]; 0: the same as fraction-train.", key="fraction-evaluate",

@@ -42,6 +42,7 @@ from medfed.config.experiment import (
 )
 from medfed.config.federation import FederationSettings, RobustSettings
 from medfed.config.images import ImageSettings
+from medfed.config.learning_rules import check_learning
 from medfed.config.privacy import CentralDPSettings, DPSettings, SecAggSettings
 from medfed.config.rules import MIN_UPDATES_TO_SCREEN, krum_problem, trim_count
 from medfed.config.training import (
@@ -231,9 +232,8 @@ class RunConfig:
 
 
 _PART_TYPES: dict[str, type[Part]] = {f.name: f.default_factory for f in fields(RunConfig)}  # type: ignore[misc]
-_SETTINGS: dict[str, tuple[str, Setting]] = {
-    s.key: (attr, s) for attr, part_type in _PART_TYPES.items() for s in part_type.settings()
-}
+_SETTINGS: dict[str, tuple[str, Setting]] = {s.key: (attr, s) for attr, part_type in _PART_TYPES.items()
+                                             for s in part_type.settings()}
 
 
 def run_config(**settings: Any) -> RunConfig:
@@ -303,6 +303,7 @@ def _check_across_parts(c: RunConfig) -> None:
     _check_compute(c)
     _check_privacy(c)
     _check_secure_aggregation(c)
+    check_learning(c.finetune, c.finetune_recipe.rounds, fed.personal)
 
 
 def _check_aggregation(c: RunConfig) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from medfed.config.base import Part, setting
-from medfed.constants import NO_PRETRAIN, FinetuneLoss, FinetuneMode, SSLMethodName
+from medfed.constants import NO_PRETRAIN, FinetuneLoss, FinetuneMode, SSLAggregation, SSLMethodName
 from medfed.exceptions import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -74,6 +74,16 @@ class PretrainSettings(Part):
     temperature: float = setting(0.2, "NT-Xent temperature (SimCLR).", key="temperature")
     byol_momentum: float = setting(0.99, "Momentum of BYOL's target network (kept at each site).", key="byol-momentum")
     mask_ratio: float = setting(0.75, "Fraction of patches MAE hides.", key="mask-ratio")
+    aggregation: SSLAggregation = setting(
+        SSLAggregation.FEDAVG, "How a site takes the global encoder into its pretraining round: fedavg (replaces its "
+        "own), fedema (an EMA of its own last encoder and the global one, weighted by their divergence; FedEMA, "
+        "Zhuang et al., ICLR 2022) or fedu (BYOL's predictor is shared too, and a site takes the global predictor "
+        "only while its encoder has not diverged from the global one; FedU, Zhuang et al., ICCV 2021). Momentum "
+        "targets, projectors and decoders stay at the site.", key="ssl-aggregation")
+    fedema_tau: float = setting(0.7, "FedEMA's autoscaler tau in (0, 1]: at a site's first divergence d0, lambda = "
+                                "tau / d0, then mu = min(lambda d, 1) (the paper's default 0.7).", key="fedema-tau")
+    fedu_threshold: float = setting(0.05, "FedU's divergence threshold: a site takes the global predictor when "
+                                    "||global - own encoder|| / ||global|| is below it.", key="fedu-threshold")
 
     def check(self) -> None:
         known = sorted(m.value for m in SSLMethodName)
@@ -116,6 +126,13 @@ class PretrainSettings(Part):
             raise ConfigError(f"byol-momentum must be in [0, 1); got {self.byol_momentum}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"mask-ratio must be in (0, 1); got {self.mask_ratio}")
+        if not 0 < self.fedema_tau <= 1:
+            raise ConfigError(f"fedema-tau must be in (0, 1]; got {self.fedema_tau}")
+        if not self.fedu_threshold > 0:
+            raise ConfigError(f"fedu-threshold must be > 0; got {self.fedu_threshold}")
+        if self.aggregation == SSLAggregation.FEDU and "byol" not in methods:
+            raise ConfigError(f"ssl-aggregation fedu shares BYOL's predictor: it needs byol among the pretrain "
+                              f"methods; got pretrain {self.method!r} (fedema works with every method)")
 
     @property
     def batch(self) -> int:
@@ -159,6 +176,10 @@ class FinetuneSettings(Part):
                                  "site's own label prior (Menon et al. 2021; FedLC, Zhang et al. 2022), so a site with "
                                  "skewed labels does not drag the shared head towards its majority class. Single-label "
                                  "tasks only.", key="finetune-loss")
+    probe_rounds: int = setting(0, "The first N fine-tuning rounds train the head only, the encoder frozen, before "
+                                "the encoder trains too (linear probing then fine-tuning, Kumar et al., ICLR 2022: "
+                                "a random head's first gradients do not distort the pretrained features). Counted "
+                                "within the fine-tuning rounds; 0: off.", key="finetune-probe-rounds")
 
     def check(self) -> None:
         if self.lr_schedule and self.lr_schedule not in LR_SCHEDULES:
@@ -169,6 +190,8 @@ class FinetuneSettings(Part):
                               f"recipe's; got {self.rounds}")
         if self.epochs < 1:
             raise ConfigError(f"finetune-epochs must be >= 1; got {self.epochs}")
+        if self.probe_rounds < 0:
+            raise ConfigError(f"finetune-probe-rounds must be >= 0; got {self.probe_rounds}")
         if self.batch_size < 0:
             raise ConfigError(f"finetune-batch-size must be >= 1, or 0 for the recipe's; got {self.batch_size}")
         if self.lr < 0:

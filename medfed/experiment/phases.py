@@ -24,6 +24,7 @@ from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
 from medfed.files import save_safetensors_durably
 from medfed.privacy.central import CentralLedger
+from medfed.selfsup.federated import PREDICTOR_PREFIX, split_prefixed
 from medfed.server.rounds import TrainRound, run_rounds
 from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.replies import metric_scalar
@@ -31,7 +32,7 @@ from medfed.strategies.secagg import SecAggSettings, secagg_train_round
 from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
 from medfed.task.calibration import THRESHOLD
 from medfed.task.evaluation import TestSet, evaluate_with_sites
-from medfed.task.model_setup import finetune_shared_keys, initial_encoder_state, new_classifier
+from medfed.task.model_setup import finetune_shared_keys, initial_encoder_state, initial_pretrain_state, new_classifier
 
 PRETRAINED_ENCODER = "pretrained_encoder.safetensors"
 ROUND_SPLIT = "round"  # metrics.jsonl split name: the server's wall time of a round
@@ -152,15 +153,15 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         return save
 
     if cfg.ssl.methods and not cfg.model.encoder_init and (resume is None or resume.phase == Phase.PRETRAIN):
-        first = 1
+        first, pretrain_state = 1, initial_pretrain_state(cfg, spec, encoder_state)  # under fedu: + predictor
         if resume is not None:
-            encoder_state, first = resume.weights, resume.completed_round + 1
-        strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(encoder_state), evaluate=False)
-        arrays, _ = run_rounds(strategy, grid, ArrayRecord(encoder_state), first_round=first,
+            pretrain_state, first = resume.weights, resume.completed_round + 1
+        strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(pretrain_state), evaluate=False)
+        arrays, _ = run_rounds(strategy, grid, ArrayRecord(pretrain_state), first_round=first,
                                last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
                                after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.federation.round_timeout,
                                on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
-        encoder_state = arrays.to_torch_state_dict()
+        encoder_state, _ = split_prefixed(arrays.to_torch_state_dict(), PREDICTOR_PREFIX)
         save_safetensors_durably(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
     if resume is not None and resume.phase == Phase.FINETUNE:

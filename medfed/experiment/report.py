@@ -15,6 +15,7 @@ import numpy as np
 
 from medfed.constants import MetricKey
 from medfed.data.partition import SIZE_COLUMNS, size_distribution
+from medfed.experiment.site_means import personalised_section
 from medfed.privacy.plots import plot_epsilon
 from medfed.task.calibration import CALIBRATED, THRESHOLD
 
@@ -312,6 +313,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
             + f" | {arm['wall_seconds']:.1f} | {arm['peak_memory_mb']:.0f} |"
         )
     lines += calibrated_section(summary)
+    lines += personalised_section(summary)
     per_class = ("train images per class" if data_info["task"] != "multi-label"
                  else "train images per first positive label (last: none)")
     named = any("hospital" in s for s in data_info["sites"])

@@ -51,6 +51,7 @@ from medfed.experiment.run_dir import (
     unique_dir,
     write_summary_and_report,
 )
+from medfed.experiment.site_means import site_means
 from medfed.experiment.standalone import run_standalone
 from medfed.resources import ResourceMonitor
 
@@ -147,7 +148,9 @@ def run_experiment(
         for arm in arms:
             with ResourceMonitor() as monitor:
                 metrics, per_site = run_arm(prep, arm, run_dir, recorder, federate=federate, grid=grid, run_id=run_id)
-            summary["arms"][arm.name] = arm_summary(arm, metrics, per_site, monitor)
+            test_sizes = {s["site"]: float(s.get("test", 0)) for s in sites}
+            summary["arms"][arm.name] = {**arm_summary(arm, metrics, per_site, monitor),
+                                         **site_means(recorder.rows, arm.name, test_sizes)}
         write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
         final = publish(partial, final)
     except BaseException:

@@ -18,17 +18,37 @@ import torch
 from torch import nn
 
 from medfed.config import RunConfig
-from medfed.constants import DPScope, FinetuneMode, GradSampleMode, MetricKey, Mode, Phase, TaskType
+from medfed.constants import (
+    DPScope,
+    FinetuneMode,
+    GradSampleMode,
+    MetricKey,
+    Mode,
+    PersonalParts,
+    Phase,
+    SSLAggregation,
+    TaskType,
+)
 from medfed.data.site import SiteData
 from medfed.data.stores import ImageStore
 from medfed.data.transforms import AugmentSpec, augment
 from medfed.devices import autocast, to_device, use_bf16
 from medfed.exceptions import ConfigError, TrainingDiverged
 from medfed.models.heads import Classifier
+from medfed.models.parts import norm_parameter_keys, personal_keys
 from medfed.privacy.dp_sgd import DPStepSettings, PoissonSchedule, dp_train_loop
 from medfed.privacy.grad_modes import MODE_CODES, resolve_grad_sample_mode
 from medfed.privacy.guard import PrivacyGuard, RoundPlan
 from medfed.selfsup.compat import check_methods_fit
+from medfed.selfsup.federated import (
+    KEPT_PREFIX,
+    OWN_NORMS,
+    PREDICTOR_PREFIX,
+    keep_after_round,
+    shared_predictor,
+    split_prefixed,
+    start_round,
+)
 from medfed.selfsup.methods import SSLMethod
 from medfed.selfsup.registry import build_method, resolve_encoder_kind
 from medfed.task.calibration import Threshold, metrics_at_threshold, pooled_threshold, score_histograms
@@ -75,6 +95,7 @@ class TrainStats:
     steps: int
     seconds: float
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon, delta, budget, sigma, q (metric keys)
+    extra: dict[str, float] = field(default_factory=dict)  # other figures of the round (FedEMA's mu...)
 
 
 def minibatches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
@@ -305,17 +326,33 @@ class SiteAlgo:
     ) -> tuple[StateDict, StateDict, TrainStats]:
         """Train the global encoder on all of this site's images with the SSL objective.
 
-        Returns the new encoder weights (to share), the site-local state (heads, predictors,
-        decoders, momentum targets: to keep) and training statistics. Under DP raises
-        `PrivacyBudgetExceeded` before training when the round would pass the budget.
+        ``encoder_state`` is what the server sent: the encoder, and under ``ssl-aggregation fedu`` BYOL's
+        predictor under `PREDICTOR_PREFIX`. The site starts from it as ``ssl-aggregation`` says
+        (`medfed.selfsup.federated`) with its own normalisation parameters under ``personal norm``.
+
+        Returns the weights to share (the encoder; under fedu the predictor too), the site-local state (heads,
+        predictors, decoders, momentum targets and the kept entries: to keep) and training statistics. Under DP
+        raises `PrivacyBudgetExceeded` before training when the round would pass the budget.
         """
-        method = self.build_method(encoder_state, local_state)
+        ssl = self.cfg.ssl
+        global_encoder, global_predictor = split_prefixed(encoder_state, PREDICTOR_PREFIX)
+        method_local, kept = split_prefixed(local_state or {}, KEPT_PREFIX)
+        kept = {KEPT_PREFIX + k: v for k, v in kept.items()}
+        start = start_round(ssl.aggregation, global_encoder, kept, tau=ssl.fedema_tau,
+                            fedu_threshold=ssl.fedu_threshold)
+        encoder_start = dict(start.encoder)
+        _, own_norms = split_prefixed(start.kept, OWN_NORMS)
+        if PersonalParts(self.cfg.federation.personal).norm:
+            encoder_start.update(own_norms)  # FedBN's idea: this site's own normalisation, never the average
+        method = self.build_method(encoder_start, method_local or None)
+        predictor = shared_predictor(method) if ssl.aggregation == SSLAggregation.FEDU else None
+        if predictor is not None and start.take_global_predictor:
+            predictor.load_state_dict({k: v.to(self.device) for k, v in global_predictor.items()})
         method.train()
         gen = self._gen(Phase.PRETRAIN, server_round)
         images = self.data.train_images
         settings = TrainSettings(
-            epochs=self.cfg.ssl.epochs, batch_size=self.cfg.ssl.batch, lr=self.cfg.ssl.lr,
-            proximal_mu=self.proximal_mu, drop_last=True,
+            epochs=ssl.epochs, batch_size=ssl.batch, lr=ssl.lr, proximal_mu=self.proximal_mu, drop_last=True,
         )
         trainable = [p for p in method.parameters() if p.requires_grad]
         stats = self._train(
@@ -324,21 +361,44 @@ class SiteAlgo:
             settings, gen, prox_params=list(method.encoder.parameters()), on_step_end=method.on_step_end,
         )
         encoder_out = {k: v.detach().cpu().clone() for k, v in method.encoder.state_dict().items()}
-        return encoder_out, {k: v.cpu() for k, v in method.local_state_dict().items()}, stats
+        shared = dict(encoder_out)
+        if predictor is not None:
+            shared |= {PREDICTOR_PREFIX + k: v.detach().cpu().clone() for k, v in predictor.state_dict().items()}
+        new_kept = keep_after_round(ssl.aggregation, encoder_out, start.kept)
+        if PersonalParts(self.cfg.federation.personal).norm:
+            new_kept |= {OWN_NORMS + k: encoder_out[k] for k in norm_parameter_keys(method.encoder)}
+        local = {k: v.cpu() for k, v in method.local_state_dict().items()} | new_kept
+        return shared, local, dataclasses.replace(stats, extra=start.metrics)
 
     def classifier(self, state: StateDict) -> Classifier:
         model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
         model.load_state_dict(state)
         return model.to(self.device)
 
-    def finetune_round(self, classifier_state: StateDict, server_round: int) -> tuple[StateDict, TrainStats]:
+    def personal_keys(self) -> list[str]:
+        """The classifier's keys this site keeps its own of (``personal``; none by default)."""
+        model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
+        return personal_keys(model, self.cfg.federation.personal)
+
+    def personalised(self, classifier_state: StateDict, personal: StateDict | None) -> StateDict:
+        """The global weights with this site's own copy of its personal parts put over them (the global ones
+        where the site has none yet: its first round)."""
+        if not personal:
+            return classifier_state
+        return {**classifier_state, **{k: personal[k] for k in self.personal_keys() if k in personal}}
+
+    def finetune_round(self, classifier_state: StateDict, server_round: int,
+                       personal: StateDict | None = None) -> tuple[StateDict, TrainStats]:
         """Supervised training on the labelled subset; returns the weights to share and statistics.
 
-        Full: encoder and head train; linear: the head; lora: the adapters and the head.
+        Full: encoder and head train; linear: the head; lora: the adapters and the head. In the first
+        ``finetune-probe-rounds`` rounds only the head trains (the encoder is sent back unchanged). ``personal``:
+        this site's own copy of its personal parts, trained instead of the global one (`personalised`).
         Under DP raises `PrivacyBudgetExceeded` before training when the round would pass the budget.
         """
-        model = self.classifier(classifier_state)
-        if self.cfg.finetune.mode == FinetuneMode.LINEAR:
+        model = self.classifier(self.personalised(classifier_state, personal))
+        probing = server_round <= self.cfg.finetune.probe_rounds
+        if self.cfg.finetune.mode == FinetuneMode.LINEAR or probing:
             model.encoder.requires_grad_(False)
         model.train()
         gen = self._gen(Phase.FINETUNE, server_round)

@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 
 from medfed.config import RunConfig
-from medfed.constants import FinetuneMode, TaskType
+from medfed.constants import FinetuneMode, SSLAggregation, TaskType
 from medfed.exceptions import ConfigError
 from medfed.models.encoders import Encoder, InputSpec, build_encoder
 from medfed.models.heads import Classifier
@@ -96,6 +96,21 @@ def initial_encoder_state(cfg: RunConfig, spec: InputSpec) -> StateDict:
     if extra:
         raise ConfigError(f"encoder-init {str(path)!r} holds arrays this encoder lacks: {extra[:3]}")
     return {k: loaded[k] for k in fresh}
+
+
+def initial_pretrain_state(cfg: RunConfig, spec: InputSpec, encoder_state: StateDict) -> StateDict:
+    """The global arrays pretraining starts from: the encoder, and under ``ssl-aggregation fedu`` BYOL's predictor
+    (seeded by the run, the same for every site) under `PREDICTOR_PREFIX`."""
+    if cfg.ssl.aggregation != SSLAggregation.FEDU:
+        return dict(encoder_state)
+    from medfed.selfsup.federated import PREDICTOR_PREFIX, shared_predictor
+    from medfed.selfsup.registry import build_method
+
+    method = seeded_init(derive_seed(cfg.experiment.seed, "ssl-shared-predictor"),
+                         lambda: build_method(cfg.ssl.methods, cfg.ssl.method_weights, new_encoder(cfg, spec),
+                                              ssl_settings(cfg)))
+    predictor = shared_predictor(method).state_dict()
+    return {**encoder_state, **{PREDICTOR_PREFIX + k: v.detach().clone() for k, v in predictor.items()}}
 
 
 def check_loss_fits_task(cfg: RunConfig, task: TaskType) -> None:

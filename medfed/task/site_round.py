@@ -29,7 +29,16 @@ from typing import Any
 import torch
 
 from medfed.config import DatasetSettings, ExperimentSettings, RunConfig
-from medfed.constants import CentralDP, DPScope, MessageKey, MetricKey, NodeConfigKey, Phase
+from medfed.constants import (
+    PERSONAL_PREFIX,
+    PERSONAL_TEST_PREFIX,
+    CentralDP,
+    DPScope,
+    MessageKey,
+    MetricKey,
+    NodeConfigKey,
+    Phase,
+)
 from medfed.data.cache import default_cache_dir
 from medfed.data.dataset import Dataset
 from medfed.data.partition import SPLIT_FILE, load_plan
@@ -190,6 +199,7 @@ class TrainOutcome:
     metrics: dict[str, float]
     refusal: str = ""
     local_state: StateDict | None = None  # pretraining: the site-local SSL state to keep for the next round
+    personal_state: StateDict | None = None  # fine-tuning under `personal`: the site's own copy of those parts
 
 
 def _refusal(site: SiteData, guard: PrivacyGuard | None, exc: PrivacyBudgetExceeded) -> TrainOutcome:
@@ -241,7 +251,7 @@ def clip_for_central_dp(cfg: RunConfig, extras: dict[str, Any], shared: dict[str
 
 
 def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapping[str, Any],
-               local_state: StateDict | None = None) -> TrainOutcome:
+               local_state: StateDict | None = None, personal_state: StateDict | None = None) -> TrainOutcome:
     """One training round at this site: replay a release already made, or train, record the DP cost, clip for
     central DP, and return what leaves.
 
@@ -251,10 +261,11 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         node_config: this SuperNode's node config (``data-path``, ``ledger-path``, ``dp-require`` in a
             deployment; ``partition-id`` in simulation).
         local_state: the site-local SSL state kept from the previous pretraining round (None at first).
+        personal_state: the site's own copy of its personal parts from its last fine-tuning round (``personal``).
 
     Returns:
         The shared weights and scalar metrics, or a refusal (no weights) with its reason, and the new
-        site-local state after a pretraining round.
+        site-local state after a pretraining round (the new personal state after a fine-tuning round).
 
     Raises:
         ConfigError, DataError: settings or data this site cannot work with (the ClientApp's redaction mod
@@ -288,11 +299,12 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
     try:
         with on_device(device):  # the site's tensors are released when its work is done (the next site's turn)
+            new_local = new_personal = None
             if phase == Phase.PRETRAIN:
                 shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
             else:
-                new_local = None
-                shared, stats = algo.finetune_round(incoming, server_round)
+                shared, stats = algo.finetune_round(incoming, server_round, personal_state)
+                new_personal = {k: shared[k] for k in algo.personal_keys()} or None
     except PrivacyBudgetExceeded as exc:  # only the privacy guard refuses rounds
         return _refusal(site, guard, exc)
     except LedgerError as exc:  # verification failed, or the ledger is behind its anchor: refuse, name no path
@@ -305,6 +317,7 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         MetricKey.STEPS.value: stats.steps,
         MetricKey.SECONDS.value: stats.seconds,
         **stats.privacy,
+        **stats.extra,
     }
     # the training loss is a non-private statistic of the batches: kept at the site
     if DPScope(cfg.privacy.scope).covers(phase):
@@ -313,11 +326,25 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
     if cache is not None:
         cache.put(run_id, phase.value, key, Release(shared, metrics))
-    return TrainOutcome(shared, metrics, local_state=new_local)
+    return TrainOutcome(shared, metrics, local_state=new_local, personal_state=new_personal)
+
+
+
+
+def personalised_metrics(algo: SiteAlgo, state: StateDict, images: Any, labels: torch.Tensor,
+                         site: SiteData) -> dict[str, float]:
+    """A site's personalised model on its evaluation images and, where it has one (simulation), on its test share;
+    threshold-free metrics (no histograms: the threshold is calibrated for the global model)."""
+    model = algo.classifier(state)
+    out = {PERSONAL_PREFIX + k: v for k, v in evaluate(model, images, labels).items()} if len(images) else {}
+    if site.test_images is not None and site.test_labels is not None and len(site.test_images):
+        out |= {PERSONAL_TEST_PREFIX + k: v for k, v in evaluate(model, site.test_images, site.test_labels).items()}
+        out[PERSONAL_TEST_PREFIX + MetricKey.NUM_EXAMPLES.value] = float(len(site.test_images))
+    return out
 
 
 def evaluate_site(
-    config: Mapping[str, Any], state: StateDict, node_config: Mapping[str, Any]
+    config: Mapping[str, Any], state: StateDict, node_config: Mapping[str, Any], personal: StateDict | None = None
 ) -> dict[str, float | list[int]]:
     """The global model ``state`` on this site's validation data, with the site's number and example count.
 
@@ -325,6 +352,10 @@ def evaluate_site(
     instead (`SiteData.test_images`, possibly empty: then no metric but the count 0), says so
     (``evaluated-on-test`` 1) and sends no score histograms: the server records it apart and keeps it out of the
     threshold calibration and the validation averages (`medfed.strategies.shared_weights`).
+
+    Under ``personal`` the site's personalised model (the global one with its own ``personal`` parts) is evaluated
+    on the same images too (metrics prefixed `PERSONAL_PREFIX`) and, in simulation, on the site's share of the test
+    split (prefixed `PERSONAL_TEST_PREFIX`; a deployed site has no test share).
 
     A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only
     shapes and tasks), as its train reply refuses."""
@@ -341,6 +372,8 @@ def evaluate_site(
             metrics = algo.evaluate_val(state)
         elif len(images):
             metrics = dict(evaluate(algo.classifier(state), images, labels))
+        if personal and algo.personal_keys():
+            metrics |= personalised_metrics(algo, algo.personalised(state, personal), images, labels, site)
     metrics[MetricKey.NUM_EXAMPLES.value] = float(len(images))
     metrics[MetricKey.SITE_ID.value] = float(site.site_id)
     if on_test:

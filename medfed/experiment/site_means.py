@@ -1,0 +1,78 @@
+"""Means over sites of a federated arm's last-round evaluation: the global model on the sites' validation data
+(what a run's settings are chosen by) and on their shares of the test split, and each site's personalised model
+(``personal``) on the same data. For summary.json and report.md.
+
+Each mean is over the sites' last evaluated round, weighted by each site's number of images; a site whose metric
+is undefined (AUC of a single-class share) is left out of that metric's mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from medfed.constants import PERSONAL_PREFIX, PERSONAL_TEST_PREFIX
+
+MEAN_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+
+
+def _last_rows(rows: list[dict[str, Any]], arm: str, split: str) -> list[dict[str, Any]]:
+    last: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("arm") == arm and r.get("split") == split and r.get("accepted", True) is not False:
+            if r["site"] not in last or r["round"] >= last[r["site"]]["round"]:
+                last[r["site"]] = r
+    return list(last.values())
+
+
+def weighted_means(rows: list[dict[str, Any]], prefix: str = "", weight: str = "num-examples",
+                   sizes: dict[Any, float] | None = None) -> dict[str, float]:
+    """Example-weighted mean over ``rows`` of each of `MEAN_METRICS` (read as ``prefix + name``)."""
+    out: dict[str, float] = {}
+    for name in MEAN_METRICS:
+        pairs = []
+        for r in rows:
+            value = r.get(prefix + name)
+            n = sizes.get(r["site"], 0.0) if sizes is not None else r.get(weight) or 0.0
+            if isinstance(value, (int, float)) and math.isfinite(value) and n > 0:
+                pairs.append((float(value), float(n)))
+        if pairs:
+            out[name] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    return out
+
+
+def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float]) -> dict[str, Any]:
+    """summary.json's site means of one arm: ``validation`` (the global model, federated evaluation), and when the
+    sites evaluated personalised models, ``personalised`` (validation, test shares) beside ``global_on_site_tests``
+    (the global model on the same test shares, evaluated at the centre). Empty for arms without federated
+    evaluation (centralized, local-only)."""
+    val = _last_rows(rows, arm, "val")
+    out: dict[str, Any] = {}
+    if val:
+        out["validation"] = weighted_means(val)
+    if any(PERSONAL_PREFIX + "auc" in r or PERSONAL_TEST_PREFIX + "auc" in r for r in val):
+        out["personalised"] = {
+            "validation": weighted_means(val, PERSONAL_PREFIX),
+            "test": weighted_means(val, PERSONAL_TEST_PREFIX, weight=PERSONAL_TEST_PREFIX + "num-examples"),
+        }
+        out["global_on_site_tests"] = weighted_means(_last_rows(rows, arm, "test-site"), sizes=test_sizes)
+    return out
+
+
+def personalised_section(summary: dict[str, Any]) -> list[str]:
+    """report.md's table of personalised models against the global one (arms with ``personal`` only)."""
+    arms = {name: a for name, a in summary["arms"].items() if a.get("personalised")}
+    if not arms:
+        return []
+    lines = ["", "## Personalised models (personal parts kept at each site)", "",
+             "Means over the sites, weighted by images, at the last round: the global model and each site's "
+             "personalised model (the global one with the site's own personal parts) on the site's share of the "
+             "test split, and the personalised model on the site's validation data.", "",
+             "| arm | global AUC (sites' test shares) | personalised AUC (sites' test shares) | "
+             "personalised AUC (validation) | global AUC (validation) |", "|---|---|---|---|---|"]
+    for name, a in arms.items():
+        p = a["personalised"]
+        cells = (a.get("global_on_site_tests", {}).get("auc"), p["test"].get("auc"), p["validation"].get("auc"),
+                 a.get("validation", {}).get("auc"))
+        lines.append(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return lines
