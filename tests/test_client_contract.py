@@ -198,3 +198,89 @@ def test_a_site_whose_budget_is_nearly_spent_refuses_a_useless_run_and_the_serve
     metrics = dict(next(iter(reply.content.metric_records.values())))
     assert metrics["refused"] == 1.0 and metrics["epsilon"] == pytest.approx(spent) and metrics["epsilon-budget"] == 5.0
     assert len(verify_ledger(ctx.ledger_dir / "site-0.ledger.sqlite").entries) == 1  # nothing written
+
+
+# ---- issue 16: FedU, FedEMA, personal parts and probing: what a site sends and keeps --------------------------
+
+
+def test_fedu_sends_the_encoder_and_byols_predictor_and_takes_the_global_predictor_only_when_near(arm) -> None:
+    from medfed.selfsup.federated import PREDICTOR_PREFIX
+    from medfed.task.model_setup import initial_pretrain_state
+
+    for threshold, taken in ((10.0, True), (1e-9, False)):
+        ctx = arm(pretrain="byol", ssl_aggregation="fedu", fedu_threshold=threshold, pretrain_lr=1e-9)
+        sent = initial_pretrain_state(ctx.cfg, ctx.test.spec, new_encoder(ctx.cfg, ctx.test.spec).state_dict())
+        predictor_keys = [k for k in sent if k.startswith(PREDICTOR_PREFIX)]
+        assert predictor_keys and len(sent) == len(new_encoder(ctx.cfg, ctx.test.spec).state_dict()) + len(
+            predictor_keys)
+        context = site_context(0)
+        first = send(ctx, Phase.PRETRAIN, sent, context, rnd=1)
+        assert set(first.content["arrays"].keys()) == set(sent)  # exactly the encoder and the predictor
+        own = {k: v.clone() for k, v in first.content["arrays"].to_torch_state_dict().items()}
+        moved = {k: v + 1.0 for k, v in sent.items()}  # a global model far from the site's (relative > 1e-9)
+        second = send(ctx, Phase.PRETRAIN, moved, context, rnd=2)
+        metrics = second.content["metrics"]
+        assert metrics["predictor-taken"] == float(taken) and metrics["ssl-divergence"] > 0
+        back = second.content["arrays"].to_torch_state_dict()
+        source = moved if taken else own  # lr 1e-9: what the round started from is what comes back
+        for key in predictor_keys:
+            assert torch.allclose(back[key], source[key], atol=1e-5), (threshold, key)
+        assert all(torch.allclose(back[k], moved[k], atol=1e-5) for k in sent if k not in predictor_keys)
+
+
+def test_fedema_starts_a_round_from_the_ema_of_its_own_encoder_and_the_global_one(arm) -> None:
+    ctx = arm(pretrain="simclr", ssl_aggregation="fedema", fedema_tau=0.7, pretrain_lr=1e-9)
+    encoder = new_encoder(ctx.cfg, ctx.test.spec).state_dict()
+    context = site_context(1)
+    own = send(ctx, Phase.PRETRAIN, encoder, context, rnd=1).content["arrays"].to_torch_state_dict()
+    kept = context.state.array_records["site-local"].to_torch_state_dict()
+    assert any(k.startswith("kept/encoder/") for k in kept)
+    moved = {k: v + 0.5 if v.is_floating_point() else v for k, v in encoder.items()}
+    reply = send(ctx, Phase.PRETRAIN, moved, context, rnd=2)
+    assert reply.content["metrics"]["ema-decay"] == pytest.approx(0.7)  # the autoscaler's first mu is tau
+    back = reply.content["arrays"].to_torch_state_dict()
+    for key, value in moved.items():
+        if value.is_floating_point():
+            assert torch.allclose(back[key], 0.7 * own[key] + 0.3 * value, atol=1e-5), key
+
+
+def test_a_personal_head_is_trained_from_the_sites_own_copy_and_evaluated_beside_the_global_model(arm) -> None:
+    ctx = arm(pretrain="none", personal="head", finetune_lr=1e-9)
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
+    context = site_context(0)
+    first = send(ctx, Phase.FINETUNE, state, context, rnd=1)
+    assert set(first.content["arrays"].keys()) == set(state)  # the global model still averages the heads
+    personal = context.state.array_records["site-personal"].to_torch_state_dict()
+    assert set(personal) == {"head.weight", "head.bias"}
+    other_head = {**state, "head.weight": state["head.weight"].flip(0), "head.bias": state["head.bias"].flip(0)}
+    back = send(ctx, Phase.FINETUNE, other_head, context, rnd=2).content["arrays"].to_torch_state_dict()
+    assert torch.allclose(back["head.weight"], personal["head.weight"], atol=1e-5)  # its own, not the global one
+    metrics = send(ctx, Phase.FINETUNE, other_head, context, kind="evaluate").content["metrics"]
+    assert {"auc", "personal-auc", "personal-test-auc", "personal-test-num-examples"} <= set(metrics)
+    assert metrics["personal-auc"] == pytest.approx(1 - metrics["auc"])  # the global head swaps the classes
+    assert check_evaluate_reply(send(ctx, Phase.FINETUNE, other_head, context, kind="evaluate").content) == ""
+
+
+def test_personal_norms_stay_the_sites_own_in_pretraining(arm) -> None:
+    from medfed.models.parts import norm_parameter_keys
+
+    ctx = arm(pretrain="simclr", personal="norm", pretrain_lr=1e-9)
+    encoder_model = new_encoder(ctx.cfg, ctx.test.spec)
+    encoder, norms = encoder_model.state_dict(), norm_parameter_keys(encoder_model)
+    assert norms and all(".adn.N." in k for k in norms)
+    context = site_context(0)
+    own = send(ctx, Phase.PRETRAIN, encoder, context, rnd=1).content["arrays"].to_torch_state_dict()
+    moved = {k: v + 1.0 for k, v in encoder.items()}
+    back = send(ctx, Phase.PRETRAIN, moved, context, rnd=2).content["arrays"].to_torch_state_dict()
+    for key in encoder:
+        assert torch.allclose(back[key], own[key] if key in norms else moved[key], atol=1e-5), key
+
+
+def test_probe_rounds_send_the_encoder_back_unchanged_then_train_it(arm) -> None:
+    ctx = arm(pretrain="none", finetune_probe_rounds=1, finetune_rounds=3)
+    state = new_classifier(ctx.cfg, ctx.test.spec, ctx.test.task, ctx.test.num_classes, None).state_dict()
+    for rnd, encoder_trains in ((1, False), (2, True)):
+        back = send(ctx, Phase.FINETUNE, state, site_context(0), rnd=rnd).content["arrays"].to_torch_state_dict()
+        encoder_keys = [k for k in state if k.startswith("encoder.")]
+        assert any(not torch.equal(back[k], state[k]) for k in encoder_keys) is encoder_trains
+        assert not torch.equal(back["head.weight"], state["head.weight"])

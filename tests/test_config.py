@@ -155,6 +155,17 @@ BAD = [
     ({"dp": "finetune", "finetune_loss": "logit-adjusted"}, "DP-SGD does not protect"),
     ({"dp_grad_sample_mode": "ghosts"}, "dp-grad-sample-mode must be one of auto, hooks, functorch, ew, ghost"),
     ({"lora_rank": 0}, "lora-rank must be >= 1"),
+    ({"ssl_aggregation": "fedprox"}, "ssl-aggregation must be one of fedavg, fedema, fedu"),
+    ({"ssl_aggregation": "fedu"}, "ssl-aggregation fedu shares BYOL's predictor: it needs byol"),
+    ({"fedema_tau": 0.0}, "fedema-tau must be in (0, 1]"),
+    ({"fedema_tau": 1.5}, "fedema-tau must be in (0, 1]"),
+    ({"fedu_threshold": 0.0}, "fedu-threshold must be > 0"),
+    ({"finetune_probe_rounds": -1}, "finetune-probe-rounds must be >= 0"),
+    ({"finetune_probe_rounds": 25}, "finetune-probe-rounds (25) must be below the fine-tuning rounds (25)"),
+    ({"finetune_probe_rounds": 2, "finetune_mode": "linear"}, "finetune-probe-rounds needs finetune-mode full"),
+    ({"personal": "bn"}, "personal must be one of none, norm, head, norm+head"),
+    ({"personal": "norm", "finetune_mode": "lora"}, "finetune-mode lora does not train them"),
+    ({"personal": "norm+head", "finetune_mode": "linear"}, "finetune-mode linear does not train them"),
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
 ]
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from medfed.config import RunConfig, run_config
 from medfed.experiment import arms, prepare, runner
 from medfed.experiment.recorder import Recorder
+from medfed.models.encoders import InputSpec
 from medfed.simulations import launcher
 from medfed.task.model_setup import new_classifier, new_encoder
 
@@ -195,3 +196,27 @@ def test_module_level_server_app_reads_the_run_config_from_its_context(tmp_path:
     assert list(summary["arms"]) == ["federated-simclr"]
     rows = Recorder.load(run_dir / "metrics.jsonl")
     assert {r["site"] for r in rows if r["phase"] == "pretrain" and r["split"] == "train"} == {0, 1}
+
+
+@pytest.mark.timeout(180)
+def test_fedu_with_personal_parts_and_probing_runs_end_to_end(tmp_path: Path, data_path_env: Path) -> None:
+    """Issue 16's options together in a real simulation: FedU's shared predictor never reaches the saved encoder,
+    the sites report their divergence, and the personalised models are summarised and reported."""
+    cfg = small(tmp_path, pretrain="byol", ssl_aggregation="fedu", pretrain_rounds=2, finetune_rounds=3,
+                finetune_probe_rounds=1, personal="norm+head")
+    run_dir = launcher.simulate(cfg)
+    encoder = load_file(str(run_dir / "arms" / "federated-byol" / "pretrained_encoder.safetensors"))
+    assert set(encoder) == set(new_encoder(cfg, cfg_spec(run_dir)).state_dict())  # no ssl-predictor.* in it
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    second = [r for r in rows if r["phase"] == "pretrain" and r["split"] == "train" and r["round"] == 2]
+    assert len(second) == 2 and all(r["ssl-divergence"] > 0 and r["predictor-taken"] in (0, 1) for r in second)
+    arm = json.loads((run_dir / "summary.json").read_text())["arms"]["federated-byol"]
+    assert {"validation", "personalised", "global_on_site_tests"} <= set(arm)
+    assert 0 <= arm["personalised"]["test"]["auc"] <= 1 and 0 <= arm["validation"]["auc"] <= 1
+    assert "## Personalised models" in (run_dir / "report.md").read_text()
+
+
+def cfg_spec(run_dir: Path) -> InputSpec:
+    """The encoder's input spec, from the run's data.json."""
+    data = json.loads((run_dir / "data.json").read_text())
+    return InputSpec(data["channels"], tuple(data["spatial_shape"]))
