@@ -251,7 +251,7 @@ def test_a_personal_head_is_trained_from_the_sites_own_copy_and_evaluated_beside
     first = send(ctx, Phase.FINETUNE, state, context, rnd=1)
     assert set(first.content["arrays"].keys()) == set(state)  # the global model still averages the heads
     personal = context.state.array_records["site-personal"].to_torch_state_dict()
-    assert set(personal) == {"head.weight", "head.bias"}
+    assert set(personal) == {"head.weight", "head.bias", "stamp/run", "stamp/settings"}
     other_head = {**state, "head.weight": state["head.weight"].flip(0), "head.bias": state["head.bias"].flip(0)}
     back = send(ctx, Phase.FINETUNE, other_head, context, rnd=2).content["arrays"].to_torch_state_dict()
     assert torch.allclose(back["head.weight"], personal["head.weight"], atol=1e-5)  # its own, not the global one
@@ -284,3 +284,36 @@ def test_probe_rounds_send_the_encoder_back_unchanged_then_train_it(arm) -> None
         encoder_keys = [k for k in state if k.startswith("encoder.")]
         assert any(not torch.equal(back[k], state[k]) for k in encoder_keys) is encoder_trains
         assert not torch.equal(back["head.weight"], state["head.weight"])
+
+
+def test_a_server_cannot_change_a_runs_settings_between_rounds_to_get_what_a_site_kept(arm) -> None:
+    """The attack review's: after FedEMA rounds, switching the run to fedu for one round (threshold tiny, so the site
+    would send its own predictor, never sent before) is refused; a new run id starts the site afresh."""
+    from medfed.constants import MessageKey
+
+    ctx = arm(pretrain="byol", ssl_aggregation="fedema")
+    encoder = new_encoder(ctx.cfg, ctx.test.spec).state_dict()
+    context = site_context(0)
+    send(ctx, Phase.PRETRAIN, encoder, context, rnd=1)
+    own_predictor = {k: v for k, v in context.state.array_records["site-local"].to_torch_state_dict().items()
+                     if k.startswith("predictor.")}
+    switched = arm(pretrain="byol", ssl_aggregation="fedu", fedu_threshold=1e-12)
+    from medfed.task.model_setup import initial_pretrain_state
+
+    sent = initial_pretrain_state(switched.cfg, switched.test.spec, {k: v + 0.01 for k, v in encoder.items()})
+    from medfed.client.redaction import SiteFailure
+
+    with pytest.raises(SiteFailure, match="ConfigError: this run's settings differ from those of its earlier rounds"):
+        send(switched, Phase.PRETRAIN, sent, context, rnd=2)
+    # a new run (another run id) does not see the first run's state: its predictor is fresh, not the kept one
+    config_record = switched.message_config(Phase.PRETRAIN)
+    config_record[MessageKey.RUN_ID.value] = "another-run/arm"
+    config_record["server-round"] = 2
+    msg = Message(RecordDict({"arrays": ArrayRecord(sent), "config": config_record}),
+                  metadata=make_metadata(dst_node_id=5, message_type="train"))
+    fresh = client_app(msg, context)
+    assert not fresh.has_error(), fresh.error.reason if fresh.has_error() else ""
+    assert fresh.content["metrics"].get("predictor-taken") is None  # no kept encoder of this run: first round
+    released = fresh.content["arrays"].to_torch_state_dict()
+    for key, value in own_predictor.items():
+        assert not torch.allclose(released["ssl-predictor." + key.removeprefix("predictor.")], value, atol=1e-4)

@@ -166,6 +166,11 @@ BAD = [
     ({"personal": "bn"}, "personal must be one of none, norm, head, norm+head"),
     ({"personal": "norm", "finetune_mode": "lora"}, "finetune-mode lora does not train them"),
     ({"personal": "norm+head", "finetune_mode": "linear"}, "finetune-mode linear does not train them"),
+    ({"personal": "head", "mode": "centralized"}, "personal head concerns a federation's sites; mode centralized"),
+    ({"ssl_aggregation": "fedema", "mode": "local-only"}, "ssl-aggregation fedema concerns a federation's sites"),
+    ({"ssl_aggregation": "fedema", "pretrain": "none"}, "--pretrain none has no pretraining"),
+    ({"personal": "head", "secure_aggregation": "secagg+"}, "personal head cannot be combined with secure-aggregation"),
+    ({"ssl_aggregation": "fedema", "secure_aggregation": "secagg+"}, "fedema cannot be combined with secure-agg"),
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
 ]
 

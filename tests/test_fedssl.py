@@ -84,3 +84,44 @@ def test_only_byol_has_a_predictor_to_share() -> None:
     assert shared_predictor(combined) is combined.parts[1].predictor
     with pytest.raises(ValueError, match="needs BYOL"):
         shared_predictor(build_method(["simclr"], [1.0], encoder, SSLSettings()))
+
+
+def test_a_global_encoder_unlike_the_sites_own_is_refused_before_any_arithmetic() -> None:
+    from medfed.exceptions import ConfigError
+
+    own = kept_encoder(state(1.0, 2.0))
+    for bad, rule in (({"w": torch.tensor(1.0), "steps": torch.tensor(3)}, "is torch.float32()"),
+                      ({"w": torch.tensor([1.0, 2.0])}, "other arrays than this site's"),
+                      (state(float("nan"), 1.0), "NaN or infinite"),
+                      (state(0.0, 0.0), "all zeros")):
+        with pytest.raises(ConfigError, match=rule):
+            start_round("fedema", bad, own, tau=0.7, fedu_threshold=0.05)
+
+
+def test_the_autoscaler_waits_while_the_global_encoder_is_the_sites_own() -> None:
+    own = state(1.0, 2.0)
+    start = start_round("fedema", own, kept_encoder(own), tau=0.7, fedu_threshold=0.05)
+    assert EMA_SCALE not in start.kept and start.metrics[MetricKey.EMA_DECAY] == 0.0  # lambda not fixed at 0
+
+
+def test_a_site_keeps_as_its_own_only_what_it_released() -> None:
+    from medfed.selfsup.federated import OWN_NORMS, rekeep
+
+    local = {OWN_ENCODER + "w": torch.ones(2), OWN_NORMS + "w": torch.ones(2), "projector.0.weight": torch.ones(1)}
+    clipped = {"w": torch.tensor([0.1, 0.2])}
+    out = rekeep(local, clipped)
+    assert torch.equal(out[OWN_ENCODER + "w"], clipped["w"]) and torch.equal(out[OWN_NORMS + "w"], clipped["w"])
+    assert torch.equal(out["projector.0.weight"], torch.ones(1))  # never sent: stays as trained
+
+
+def test_kept_state_belongs_to_one_run_and_its_settings() -> None:
+    from medfed.exceptions import ConfigError
+    from medfed.task.site_state import StateStamp
+
+    stamp = StateStamp.of("run-a/arm", {"ssl-aggregation": "fedema"})
+    sealed = stamp.seal({"x": torch.ones(1)})
+    assert stamp.open(sealed) == {"x": torch.ones(1)}
+    assert StateStamp.of("run-b/arm", {"ssl-aggregation": "fedema"}).open(sealed) is None  # another run: dropped
+    assert stamp.open({"x": torch.ones(1)}) is None  # unstamped (older medfed): dropped
+    with pytest.raises(ConfigError, match="settings differ from those of its earlier rounds"):
+        StateStamp.of("run-a/arm", {"ssl-aggregation": "fedu"}).open(sealed)

@@ -26,6 +26,19 @@ def test_baselines_from_scratch_fine_tune_fully_and_keep_the_main_encoder() -> N
     assert (same.model.encoder, same.finetune.mode) == ("vit", "linear")
 
 
+def test_fedema_fedu_and_personal_parts_apply_to_the_federation_only_and_every_baseline_can_run() -> None:
+    """The attack review: fedu with the default baselines used to fail after the main arm (the from-scratch arm
+    kept fedu without byol); now every arm's settings are valid and say what it does."""
+    main = run_config(pretrain="byol", ssl_aggregation="fedu", personal="norm+head", baselines="all")
+    settings = {arm.name: arm_config(main, arm) for arm in arms_for(main)}
+    assert set(settings) == {"federated-byol", "local-only-none", "federated-none", "centralized-byol",
+                             "local-only-byol"}
+    got = {name: (c.ssl.aggregation, c.federation.personal) for name, c in settings.items()}
+    assert got == {"federated-byol": ("fedu", "norm+head"), "federated-none": ("fedavg", "norm+head"),
+                   "local-only-none": ("fedavg", "none"), "centralized-byol": ("fedavg", "none"),
+                   "local-only-byol": ("fedavg", "none")}
+
+
 def test_baselines_all_include_every_mode_with_the_same_pretraining() -> None:
     names = [a.name for a in arms_for(run_config(mode="centralized", pretrain="byol", baselines="all"))]
     assert names == ["centralized-byol", "local-only-none", "federated-none", "federated-byol", "local-only-byol"]

@@ -4,23 +4,46 @@ personal parts against what a fine-tuning mode trains and sends."""
 from __future__ import annotations
 
 from medfed.config.training import FinetuneSettings
-from medfed.constants import FinetuneMode, PersonalParts
+from medfed.constants import NO_PRETRAIN, FinetuneMode, Mode, PersonalParts, SSLAggregation
 from medfed.exceptions import ConfigError
 
 
-def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | str) -> None:
+def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | str, *, mode: Mode | str,
+                   ssl_aggregation: SSLAggregation | str, pretrain: str, secagg: bool) -> None:
     """Raise `ConfigError` for learning settings that cannot work together.
 
     Args:
         ft: the fine-tuning settings.
         rounds: the fine-tuning rounds the run will have (the recipe's when the setting is 0).
         personal: the run's ``personal`` setting.
+        mode: the run's mode (federated, centralized, local-only).
+        ssl_aggregation: how the sites take the global encoder in pretraining.
+        pretrain: the pretraining method(s), or none.
+        secagg: whether the run aggregates through SecAgg+.
 
     Raises:
         ConfigError: ``finetune-probe-rounds`` not below the fine-tuning rounds (the encoder would never train),
             probing with ``finetune-mode linear`` (which never trains the encoder), or personal norms with
-            ``finetune-mode lora`` (the adapters freeze the encoder's norms) or ``linear``.
+            ``finetune-mode lora`` (the adapters freeze the encoder's norms) or ``linear``; FedEMA/FedU or
+            personal parts outside a federation, FedEMA/FedU without pretraining; FedEMA/FedU or personal parts
+            with SecAgg+ (their per-site metrics, computed from the site's own weights, would show the server what
+            SecAgg+ hides: the attack review recovered a site's personal head from its personal-* metrics).
     """
+    if secagg:
+        for key, value, off in (("ssl-aggregation", ssl_aggregation, SSLAggregation.FEDAVG),
+                                ("personal", personal, PersonalParts.NONE)):
+            if value != off:
+                raise ConfigError(f"{key} {value} cannot be combined with secure-aggregation secagg+: each site's "
+                                  f"{'divergence metrics' if key == 'ssl-aggregation' else 'personalised metrics'} "
+                                  "are computed from its own weights, which SecAgg+ hides from the server")
+    if Mode(mode) != Mode.FEDERATED:
+        for key, value, off in (("ssl-aggregation", ssl_aggregation, SSLAggregation.FEDAVG),
+                                ("personal", personal, PersonalParts.NONE)):
+            if value != off:
+                raise ConfigError(f"{key} {value} concerns a federation's sites; mode {mode} has none (use {off})")
+    if SSLAggregation(ssl_aggregation) != SSLAggregation.FEDAVG and pretrain == NO_PRETRAIN:
+        raise ConfigError(f"ssl-aggregation {ssl_aggregation} is how sites take the global encoder in pretraining; "
+                          "--pretrain none has no pretraining (use fedavg)")
     if ft.probe_rounds and ft.probe_rounds >= rounds:
         raise ConfigError(f"finetune-probe-rounds ({ft.probe_rounds}) must be below the fine-tuning rounds "
                           f"({rounds}), or the encoder never trains; use finetune-mode linear for a probe alone")

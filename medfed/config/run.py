@@ -214,8 +214,7 @@ class RunConfig:
     @property
     def sites_per_round(self) -> int:
         """How many sites the server samples for a training round (as the strategy does)."""
-        n = self.dataset.num_sites
-        return max(1, min(n, int(n * self.federation.fraction_train)))
+        return max(1, min(self.dataset.num_sites, int(self.dataset.num_sites * self.federation.fraction_train)))
 
     @property
     def sites_per_evaluation(self) -> int:
@@ -303,7 +302,8 @@ def _check_across_parts(c: RunConfig) -> None:
     _check_compute(c)
     _check_privacy(c)
     _check_secure_aggregation(c)
-    check_learning(c.finetune, c.finetune_recipe.rounds, fed.personal)
+    check_learning(c.finetune, c.finetune_recipe.rounds, fed.personal, mode=c.experiment.mode, pretrain=ssl.method,
+                   ssl_aggregation=ssl.aggregation, secagg=c.secagg.mode == SecureAggregation.SECAGG_PLUS)
 
 
 def _check_aggregation(c: RunConfig) -> None:

@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medfed.config import RunConfig
-from medfed.constants import NO_PRETRAIN, Baselines, DPScope, FinetuneMode, Mode, Phase
+from medfed.constants import (
+    NO_PRETRAIN,
+    Baselines,
+    DPScope,
+    FinetuneMode,
+    Mode,
+    PersonalParts,
+    Phase,
+    SSLAggregation,
+)
 from medfed.selfsup.registry import resolve_encoder_kind
 
 
@@ -42,14 +51,20 @@ def arms_for(cfg: RunConfig) -> list[Arm]:
 def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
     """Settings of one arm: the main settings with the arm's mode and pretraining.
 
-    Baselines keep the main arm's resolved encoder (so a MAE run compares ViTs with ViTs), and
-    a supervised-from-scratch baseline always fine-tunes fully (a linear probe on a random
-    encoder measures nothing).
+    FedEMA/FedU (``ssl-aggregation``) apply to the federated arm that pretrains as the main one, personal parts to
+    federated arms; the others run with FedAvg and no personal parts. Baselines keep the main arm's resolved
+    encoder (so a MAE run compares ViTs with ViTs), and a supervised-from-scratch baseline always fine-tunes fully
+    (a linear probe on a random encoder measures nothing).
     """
     same_ssl = arm.pretrain == main.ssl.method
     baseline_from_scratch = arm.pretrain == NO_PRETRAIN and main.ssl.method != NO_PRETRAIN
+    federated_ssl = arm.mode == Mode.FEDERATED and same_ssl
     return main.replace(
         mode=arm.mode,
+        # how sites take the global encoder, and which parts they keep, mean something only to a federation's
+        # sites (personal parts also to a federation without pretraining)
+        ssl_aggregation=main.ssl.aggregation if federated_ssl else SSLAggregation.FEDAVG.value,
+        personal=main.federation.personal if arm.mode == Mode.FEDERATED else PersonalParts.NONE.value,
         pretrain=arm.pretrain,
         pretrain_weights=main.ssl.weights if same_ssl else "",
         encoder_init=main.model.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",

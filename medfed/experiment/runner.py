@@ -129,6 +129,8 @@ def run_experiment(
     arms = arms or arms_for(cfg)
     if grid is not None:
         arms = arms_for_flower_runtime(cfg, arms, grid)
+    for arm in arms:  # every arm's settings checked before anything trains or is written
+        arm_config(cfg, arm)
     out = Path(cfg.output.out_dir).expanduser()
     final = unique_dir(out / cfg.run_dir_name)
     partial = partial_dir(out, final.name, os.getpid())

@@ -43,19 +43,25 @@ def weighted_means(rows: list[dict[str, Any]], prefix: str = "", weight: str = "
 
 def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float]) -> dict[str, Any]:
     """summary.json's site means of one arm: ``validation`` (the global model, federated evaluation), and when the
-    sites evaluated personalised models, ``personalised`` (validation, test shares) beside ``global_on_site_tests``
-    (the global model on the same test shares, evaluated at the centre). Empty for arms without federated
-    evaluation (centralized, local-only)."""
+    sites evaluated personalised models, ``personalised`` (validation, test shares; the global model's validation
+    means over the same sites) beside ``global_on_site_tests`` (the global model on the same sites' test shares,
+    evaluated at the centre): both models over the sites that evaluated a personalised model. Empty for arms
+    without federated evaluation (centralized, local-only)."""
     val = _last_rows(rows, arm, "val")
     out: dict[str, Any] = {}
     if val:
         out["validation"] = weighted_means(val)
-    if any(PERSONAL_PREFIX + "auc" in r or PERSONAL_TEST_PREFIX + "auc" in r for r in val):
+    personal = [r for r in val if PERSONAL_PREFIX + "auc" in r or PERSONAL_TEST_PREFIX + "auc" in r]
+    if personal:  # both models over the same sites: those that evaluated a personalised model
+        sites = {r["site"] for r in personal}
         out["personalised"] = {
-            "validation": weighted_means(val, PERSONAL_PREFIX),
-            "test": weighted_means(val, PERSONAL_TEST_PREFIX, weight=PERSONAL_TEST_PREFIX + "num-examples"),
+            "sites": len(sites),
+            "validation": weighted_means(personal, PERSONAL_PREFIX),
+            "global_validation": weighted_means(personal),
+            "test": weighted_means(personal, PERSONAL_TEST_PREFIX, weight=PERSONAL_TEST_PREFIX + "num-examples"),
         }
-        out["global_on_site_tests"] = weighted_means(_last_rows(rows, arm, "test-site"), sizes=test_sizes)
+        site_tests = [r for r in _last_rows(rows, arm, "test-site") if r["site"] in sites]
+        out["global_on_site_tests"] = weighted_means(site_tests, sizes=test_sizes)
     return out
 
 
@@ -68,11 +74,12 @@ def personalised_section(summary: dict[str, Any]) -> list[str]:
              "Means over the sites, weighted by images, at the last round: the global model and each site's "
              "personalised model (the global one with the site's own personal parts) on the site's share of the "
              "test split, and the personalised model on the site's validation data.", "",
-             "| arm | global AUC (sites' test shares) | personalised AUC (sites' test shares) | "
-             "personalised AUC (validation) | global AUC (validation) |", "|---|---|---|---|---|"]
+             "| arm | sites | global AUC (sites' test shares) | personalised AUC (sites' test shares) | "
+             "personalised AUC (validation) | global AUC (validation) |", "|---|---|---|---|---|---|"]
     for name, a in arms.items():
         p = a["personalised"]
         cells = (a.get("global_on_site_tests", {}).get("auc"), p["test"].get("auc"), p["validation"].get("auc"),
-                 a.get("validation", {}).get("auc"))
-        lines.append(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+                 p["global_validation"].get("auc"))
+        lines.append(f"| {name} | {p['sites']} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells)
+                     + " |")
     return lines

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from medfed.constants import MetricKey, SSLAggregation
+from medfed.exceptions import ConfigError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -81,8 +82,9 @@ def start_round(aggregation: SSLAggregation | str, global_encoder: StateDict, ke
     _, own = split_prefixed(kept, OWN_ENCODER)
     if how == SSLAggregation.FEDAVG or not own:  # first round at this site: nothing of its own to keep
         return RoundStart(dict(global_encoder), True, dict(kept), {})
-    distance = l2_distance(global_encoder, own)
-    relative = distance / max(l2_norm(global_encoder), 1e-12)
+    check_like(global_encoder, own)
+    distance, norm = l2_distance(global_encoder, own), l2_norm(global_encoder)
+    relative = distance / norm
     metrics = {MetricKey.SSL_DIVERGENCE.value: relative}
     if how == SSLAggregation.FEDU:
         take = relative < fedu_threshold
@@ -91,13 +93,51 @@ def start_round(aggregation: SSLAggregation | str, global_encoder: StateDict, ke
     new_kept = dict(kept)
     if EMA_SCALE in kept:
         scale = float(kept[EMA_SCALE])
-    else:  # the autoscaler: this first divergence gives mu = tau
-        scale = tau / distance if distance > 0 else 0.0
+    elif relative > SAME:  # the autoscaler: this first divergence gives mu = tau
+        scale = tau / distance
         new_kept[EMA_SCALE] = torch.tensor(scale, dtype=torch.float64)
+    else:  # the global encoder is the site's own (it alone was sampled): nothing to scale by yet
+        scale = 0.0
     mu = min(scale * distance, 1.0)
     merged = {k: (mu * own[k] + (1 - mu) * v).to(v.dtype) if v.is_floating_point() else v.clone()
               for k, v in global_encoder.items()}
     return RoundStart(merged, True, new_kept, {**metrics, MetricKey.EMA_DECAY.value: mu})
+
+
+SAME = 1e-9
+"""A relative divergence at or below this is the site's own encoder come back (FedEMA's autoscaler waits)."""
+
+
+def check_like(incoming: StateDict, own: StateDict) -> None:
+    """Raise `ConfigError` unless the global encoder the server sent has the site's own encoder's keys, shapes and
+    dtypes, finite values and a non-zero norm (checked before any arithmetic mixes them).
+
+    Raises:
+        ConfigError: naming the first array at fault (model keys only).
+    """
+    if set(incoming) != set(own):
+        raise ConfigError(f"the global encoder the server sent has other arrays than this site's: unexpected "
+                          f"{sorted(set(incoming) - set(own))[:3]}, missing {sorted(set(own) - set(incoming))[:3]}")
+    for key, value in incoming.items():
+        if tuple(value.shape) != tuple(own[key].shape) or value.dtype != own[key].dtype:
+            raise ConfigError(f"the global encoder's {key!r} is {value.dtype}{tuple(value.shape)}; this site's is "
+                              f"{own[key].dtype}{tuple(own[key].shape)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ConfigError(f"the global encoder's {key!r} holds NaN or infinite values")
+    if not l2_norm(incoming) > 0:
+        raise ConfigError("the global encoder the server sent is all zeros")
+
+
+def rekeep(local: StateDict, shared: StateDict) -> StateDict:
+    """The site-local state with its kept copies of shared weights (own encoder, own norms) replaced by what was
+    actually sent (central DP's client-side clipping changes the release after training): a site never keeps, as
+    'its own', weights it did not release."""
+    out = dict(local)
+    for prefix in (OWN_ENCODER, OWN_NORMS):
+        for key in [k for k in out if k.startswith(prefix)]:
+            if key[len(prefix):] in shared:
+                out[key] = shared[key[len(prefix):]].detach().cpu().clone()
+    return out
 
 
 def keep_after_round(aggregation: SSLAggregation | str, encoder: StateDict, kept: StateDict) -> StateDict:

@@ -201,6 +201,7 @@ class SiteAlgo:
         check_methods_fit(cfg)  # a site checks what the server asks of it, too
         self.cfg, self.data, self.privacy = cfg, data, privacy
         self.device = device or torch.device("cpu")  # models are built on the CPU (seeded) and moved here
+        self._personal_keys: list[str] | None = None
 
     @property
     def proximal_mu(self) -> float:
@@ -377,8 +378,12 @@ class SiteAlgo:
 
     def personal_keys(self) -> list[str]:
         """The classifier's keys this site keeps its own of (``personal``; none by default)."""
-        model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
-        return personal_keys(model, self.cfg.federation.personal)
+        if PersonalParts(self.cfg.federation.personal) == PersonalParts.NONE:
+            return []
+        if self._personal_keys is None:
+            model = new_classifier(self.cfg, self.data.spec, self.data.task, self.data.num_classes, None)
+            self._personal_keys = personal_keys(model, self.cfg.federation.personal)
+        return self._personal_keys
 
     def personalised(self, classifier_state: StateDict, personal: StateDict | None) -> StateDict:
         """The global weights with this site's own copy of its personal parts put over them (the global ones

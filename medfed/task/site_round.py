@@ -49,8 +49,10 @@ from medfed.devices import on_device, resolve_device
 from medfed.exceptions import ConfigError, DataError, DataMismatch, LedgerError, PrivacyBudgetExceeded
 from medfed.privacy.central import clip_update
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
+from medfed.selfsup.federated import rekeep
 from medfed.task.algo import SiteAlgo, evaluate
 from medfed.task.replay import RELEASES_DIR, Release, ReleaseCache, release_key
+from medfed.task.site_state import StateStamp
 
 StateDict = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -286,6 +288,8 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         return _refusal(site, None, PrivacyBudgetExceeded(
             f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); "
             f"the run has dp {cfg.privacy.scope}"))
+    stamp = StateStamp.of(str(extras.get(MessageKey.RUN_ID, "")), cfg.run_settings())
+    local_state, personal_state = stamp.open(local_state), stamp.open(personal_state)  # another run's: dropped
     guard = privacy_guard(cfg, site, node_config, extras)
     device = site_device(node_config, extras)
     algo = SiteAlgo(cfg, site, guard, device)
@@ -299,17 +303,19 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
     try:
         with on_device(device):  # the site's tensors are released when its work is done (the next site's turn)
-            new_local = new_personal = None
+            new_local = None
             if phase == Phase.PRETRAIN:
                 shared, new_local, stats = algo.pretrain_round(incoming, local_state, server_round)
             else:
                 shared, stats = algo.finetune_round(incoming, server_round, personal_state)
-                new_personal = {k: shared[k] for k in algo.personal_keys()} or None
     except PrivacyBudgetExceeded as exc:  # only the privacy guard refuses rounds
         return _refusal(site, guard, exc)
     except LedgerError as exc:  # verification failed, or the ledger is behind its anchor: refuse, name no path
         return ledger_refusal(site, exc)
     shared = clip_for_central_dp(cfg, extras, shared, incoming)
+    # what the site keeps as its own is what it released (after any clipping), never more
+    new_local = rekeep(new_local, shared) if new_local is not None else None
+    new_personal = {k: shared[k] for k in algo.personal_keys()} if phase == Phase.FINETUNE else {}
     metrics = {
         MetricKey.NUM_EXAMPLES.value: stats.num_examples,
         MetricKey.SITE_ID.value: site.site_id,
@@ -326,9 +332,8 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
     if cache is not None:
         cache.put(run_id, phase.value, key, Release(shared, metrics))
-    return TrainOutcome(shared, metrics, local_state=new_local, personal_state=new_personal)
-
-
+    return TrainOutcome(shared, metrics, local_state=stamp.seal(new_local),
+                        personal_state=stamp.seal(new_personal or None))
 
 
 def personalised_metrics(algo: SiteAlgo, state: StateDict, images: Any, labels: torch.Tensor,
@@ -360,6 +365,7 @@ def evaluate_site(
     A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only
     shapes and tasks), as its train reply refuses."""
     cfg, extras = read_message_config(config)
+    personal = StateStamp.of(str(extras.get(MessageKey.RUN_ID, "")), cfg.run_settings()).open(personal)
     site = load_site(dict(node_config), cfg, extras)
     device = site_device(dict(node_config), extras)
     algo = SiteAlgo(cfg, site, device=device)

@@ -203,7 +203,7 @@ def test_fedu_with_personal_parts_and_probing_runs_end_to_end(tmp_path: Path, da
     """Issue 16's options together in a real simulation: FedU's shared predictor never reaches the saved encoder,
     the sites report their divergence, and the personalised models are summarised and reported."""
     cfg = small(tmp_path, pretrain="byol", ssl_aggregation="fedu", pretrain_rounds=2, finetune_rounds=3,
-                finetune_probe_rounds=1, personal="norm+head")
+                finetune_probe_rounds=1, personal="norm+head", baselines="default")  # with baselines: they run too
     run_dir = launcher.simulate(cfg)
     encoder = load_file(str(run_dir / "arms" / "federated-byol" / "pretrained_encoder.safetensors"))
     assert set(encoder) == set(new_encoder(cfg, cfg_spec(run_dir)).state_dict())  # no ssl-predictor.* in it
@@ -214,6 +214,9 @@ def test_fedu_with_personal_parts_and_probing_runs_end_to_end(tmp_path: Path, da
     assert {"validation", "personalised", "global_on_site_tests"} <= set(arm)
     assert 0 <= arm["personalised"]["test"]["auc"] <= 1 and 0 <= arm["validation"]["auc"] <= 1
     assert "## Personalised models" in (run_dir / "report.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())["arms"]
+    assert set(summary) == {"federated-byol", "local-only-none", "federated-none"}
+    assert "personalised" in summary["federated-none"] and "personalised" not in summary["local-only-none"]
 
 
 def cfg_spec(run_dir: Path) -> InputSpec:
