@@ -1,167 +1,489 @@
-"""Label-efficiency benchmark: federated SSL against its alternatives on PneumoniaMNIST.
+"""Label-efficiency benchmark: federated SSL against its alternatives, per data set, labelled fraction and seed.
 
-For each labelled fraction and seed, one experiment runs four arms on the same partition
-(5 sites, Dirichlet alpha 0.5), the same labelled subsets and the same seed:
+For every data set (default PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D), labelled fraction (default 10 % and
+1 %) and seed (default 0, 1, 2), on the same partition (the seed's), the same labelled subsets and the same seed:
 
-* federated SSL (SimCLR pretraining on every site's images, then federated fine-tuning),
-* centralized SSL (the same, on all sites' data pooled),
-* local-only supervised (each site alone, from scratch; mean over sites),
-* supervised from scratch (federated fine-tuning without pretraining).
+* federated SSL, one arm per ``--ssl-variants`` entry ``NAME:key=value,...`` (RunConfig flat keys over the run's
+  settings; default FedAvg of the run's pretraining method, FedEMA, FedU with BYOL, personal norms and heads):
+  federated pretraining on every site's images, then federated fine-tuning on the labelled share;
+* centralized SSL (the run's pretraining method and fine-tuning on all sites' data pooled);
+* local-only supervised (each site alone, from scratch; mean over sites);
+* federated supervised from scratch (federated fine-tuning without pretraining);
+* on ``--dp-datasets`` at ``--dp-fraction``: the federated SSL variant chosen on validation, fine-tuned under
+  DP-SGD at ``--dp-epsilon`` (each seed's encoder; fresh ledgers each run; the DP recipe of medfed).
 
-Writes mean and standard deviation over seeds, per-run wall time and peak memory, the
-targets and the command into docs/RESULTS.md (between this benchmark's markers).
+Pretraining depends on the seed, not on the labelled fraction (the partition is drawn before the labelled subsets,
+and pretraining uses every train image): each (data set, seed, pretraining settings) pretrains once, in the first
+run that needs it, and every later run with the same pretraining settings fine-tunes that encoder (``encoder-init``;
+checked: identical partitions). Pretraining settings are every flat setting except the fine-tuning-only ones, with
+``personal`` reduced to whether it keeps the norms (which personal norm does during pretraining too), so a variant
+that changes only fine-tuning reuses the matching encoder. A reused run's wall time excludes pretraining.
 
-    python benchmarks/label_efficiency.py --set pretrain-rounds=30
+Choices are made on validation, test is reported: per data set and fraction the federated SSL variant with the
+highest mean validation AUC (the global model's last-round federated evaluation on the sites' validation shares,
+weighted by images) is "federated SSL (chosen on validation)", and the issue's targets are judged on its test AUC
+(official test split). Every variant's validation and test AUC are reported too.
+
+Writes one docs/RESULTS.md section per data set (``label_efficiency-<data>``) and a JSON file of every run's
+numbers; ``--from-json`` rebuilds the sections from one or more such files without running anything (runs done in
+pieces: one data set, or some seeds, per invocation).
+
+    MEDFED_DATA_PATH=../shared/data/medmnist python benchmarks/label_efficiency.py --set pretrain-rounds=30
+    python benchmarks/label_efficiency.py --datasets ../shared/data/medmnist/breastmnist.npz --seeds 0 1 2 \\
+        --set pretrain-rounds=30 --json runs/le-breast.json
+    python benchmarks/label_efficiency.py --from-json runs/le-pneumonia.json runs/le-breast.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from medfed.config import RunConfig
-from medfed.constants import NO_PRETRAIN, Mode
+from medfed.constants import NO_PRETRAIN, Mode, PersonalParts
+from medfed.exceptions import ConfigError
 from medfed.experiment.arms import Arm
+from medfed.experiment.phases import PRETRAINED_ENCODER
 from medfed.simulations.launcher import simulate as run_experiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import write_section
+from results_md import RESULTS, write_section
 
-METRICS = ("auc", "accuracy", "sensitivity", "specificity", "fpr")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
+DEFAULT_DATASETS = [str(SHARED / f"{name}.npz") for name in ("pneumoniamnist", "breastmnist", "adrenalmnist3d")]
+DEFAULT_VARIANTS = ["fedavg:", "fedema:ssl-aggregation=fedema", "fedu:pretrain=byol,ssl-aggregation=fedu",
+                    "personal:personal=norm+head"]
+
+CENTRALIZED = "centralized SSL"
+LOCAL_ONLY = "local-only supervised (mean over sites)"
+SCRATCH = "federated supervised from scratch"
+BASELINES = {CENTRALIZED: "centralized", LOCAL_ONLY: "local-only", SCRATCH: "scratch"}  # label -> run-name part
+
+# Flat settings that only change fine-tuning (or where a run is written): not part of the pretraining key
+# (`personal` enters it as whether it keeps the norms, which personal norm does during pretraining too).
+NOT_PRETRAINING = {"label-fraction", "baselines", "mode", "out-dir", "run-name", "encoder-init", "round-timeout",
+                   "personal"}
+NOT_PRETRAINING_PARTS = {"finetune", "lora"}
 
 
-def arms(ssl: str) -> list[tuple[str, Arm]]:
-    return [
-        ("federated SSL", Arm(Mode.FEDERATED.value, ssl)),
-        ("centralized SSL", Arm(Mode.CENTRALIZED.value, ssl)),
-        ("local-only supervised (mean over sites)", Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN)),
-        ("supervised from scratch (federated)", Arm(Mode.FEDERATED.value, NO_PRETRAIN)),
-    ]
+# ---- settings ---------------------------------------------------------------------------------------------------
+def parse_value(value: str) -> Any:
+    try:
+        return json.loads(value)  # numbers and booleans
+    except json.JSONDecodeError:
+        return value
 
 
-ORDER = [label for label, _ in arms("simclr")]
+def parse_pairs(items: Iterable[str], what: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> {key: value}, keys in flat (kebab-case) form."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{what}: {item!r} is not KEY=VALUE")
+        out[key.strip().replace("_", "-")] = parse_value(value)
+    return out
 
 
-def mean_sd(values: list[float], digits: int = 3) -> str:
-    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if arr.size == 0:
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``name:key=value,key=value`` -> (name, flat overrides)."""
+    name, _, body = text.partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise SystemExit(f"--ssl-variants {text!r}: the name must be letters, digits, '_', '.', '+' or '-'")
+    return name, parse_pairs(filter(None, body.split(",")), f"--ssl-variants {name}")
+
+
+def with_flat(cfg: RunConfig, flat: dict[str, Any], what: str) -> RunConfig:
+    try:
+        return cfg.replace(**{key.replace("-", "_"): value for key, value in flat.items()})
+    except ConfigError as exc:
+        raise SystemExit(f"{what}: {exc}") from None
+
+
+def pretraining_key(cfg: RunConfig, mode: str) -> str:
+    """What a pretrained encoder depends on: every flat setting but the fine-tuning-only ones, and the mode."""
+    settings = RunConfig.settings()
+    flat = {key: value for key, value in cfg.to_flat().items()
+            if key not in NOT_PRETRAINING and settings[key][0] not in NOT_PRETRAINING_PARTS}
+    flat["personal-norm"] = PersonalParts(cfg.federation.personal).norm  # pretrain_round keeps personal norms
+    return json.dumps({"mode": mode, **flat}, sort_keys=True, default=str)
+
+
+def describe_settings(cfg: RunConfig) -> str:
+    ssl, ft, recipe = cfg.ssl, cfg.finetune, cfg.finetune_recipe
+    return (f"{cfg.dataset.num_sites} sites, {cfg.dataset.partition} alpha {cfg.dataset.alpha:g}, pretraining "
+            f"{ssl.method} {ssl.rounds} rounds x {ssl.epochs} epochs (batch {ssl.batch_size or 'auto'}, lr "
+            f"{ssl.lr:g}), fine-tuning {ft.mode} {recipe.rounds} rounds x {ft.epochs} epochs (lr {recipe.lr:g}, "
+            f"batch {recipe.batch_size}), width {cfg.model.width}")
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+class Runner:
+    """Runs the arms of one data set, pretraining once per (seed, pretraining settings); appends a row per run to
+    ``rows``, keeps ``meta`` (the data set's command, machine and settings) up to date and calls ``save``."""
+
+    def __init__(self, stem: str, rows: list[dict[str, Any]], meta: dict[str, Any], save: Callable[[], None]) -> None:
+        self.stem, self.rows, self.meta, self.save = stem, rows, meta, save
+        self.started = time.time()
+        self.encoders: dict[tuple[int, str], str] = {}  # (seed, pretraining key) -> pretrained encoder
+        self.partitions: dict[int, list[list[int]]] = {}  # seed -> every site's train indices
+
+    def run(self, cfg: RunConfig, arm: Arm, *, label: str, slug: str, seed: int, fraction: float,
+            variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One arm in its own run directory; pretrains, or fine-tunes this seed's encoder of the same pretraining
+        settings when there is one (or the ``encoder-init`` ``cfg`` names)."""
+        key = pretraining_key(cfg, arm.mode) if arm.pretrain != NO_PRETRAIN else ""
+        if key and not cfg.model.encoder_init and (seed, key) in self.encoders:
+            cfg = cfg.replace(encoder_init=self.encoders[(seed, key)])
+        pretrains = bool(key) and not cfg.model.encoder_init
+        cfg = cfg.replace(label_fraction=fraction, seed=seed, baselines="none",
+                          run_name=f"{self.stem}-{slug}-f{fraction:g}-s{seed}")
+        print(f"[label_efficiency] {self.stem} {fraction:.0%} seed {seed}: {label}"
+              + (" (pretrained encoder reused)" if key and not pretrains else ""), flush=True)
+        run_dir = run_experiment(cfg, arms=[arm])
+        self.check_partition(run_dir, seed)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        entry = summary["arms"][arm.name]
+        encoder = cfg.model.encoder_init
+        if pretrains:
+            encoder = str(run_dir / "arms" / arm.name / PRETRAINED_ENCODER)
+            if not Path(encoder).exists():
+                raise SystemExit(f"{run_dir}: no {PRETRAINED_ENCODER} for arm {arm.name}: cannot reuse pretraining")
+            self.encoders[(seed, key)] = encoder
+        personal = entry.get("personalised", {})
+        row = {"dataset": self.stem, "fraction": fraction, "seed": seed, "arm": label, "variant": variant,
+               "overrides": overrides or {}, "val_auc": entry.get("validation", {}).get("auc"),
+               "test": entry["test"], "personal_val_auc": personal.get("validation", {}).get("auc"),
+               "personal_test_auc": personal.get("test", {}).get("auc"),
+               "global_site_test_auc": entry.get("global_on_site_tests", {}).get("auc"),
+               "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "pretrained": pretrains,
+               "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir)}
+        self.rows.append(row)
+        compute = summary.get("compute", {})
+        self.meta.update(
+            device=compute.get("device", "?") + (f" ({compute['name']})" if compute.get("name") else ""),
+            torch=compute.get("libraries", {}).get("torch", torch.__version__),
+            minutes=(time.time() - self.started) / 60)
+        self.save()
+        print(f"[label_efficiency]   val AUC {fmt(row['val_auc'])}, test AUC {fmt(row['test'].get('auc'))}, "
+              f"{row['wall']:.0f} s", flush=True)
+        return row
+
+    def check_partition(self, run_dir: Path, seed: int) -> None:
+        split = [s["train"] for s in json.loads((run_dir / "split.json").read_text())["sites"]]
+        if split != self.partitions.setdefault(seed, split):
+            raise SystemExit(f"{run_dir}: the partition differs from this seed's earlier runs: the arms would not "
+                             "be compared on the same sites, and pretraining cannot be reused")
+
+
+def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[str, Any],
+                variants: list[tuple[str, dict[str, Any]]], rows: list[dict[str, Any]],
+                metas: dict[str, list[dict[str, Any]]], save: Callable[[], None]) -> None:
+    """Every arm of one data set at every fraction and seed, then the DP arm where asked for."""
+    base = with_flat(RunConfig.from_flat({**RunConfig().to_flat(), "data": data, "out-dir": args.out_dir}),
+                     overrides, f"--set for {stem}")
+    if base.model.encoder_init:
+        raise SystemExit("encoder-init is managed by this benchmark (pretraining once, reused); do not --set it")
+    if base.ssl.method == NO_PRETRAIN:
+        raise SystemExit("the run's pretrain method is 'none': set one (e.g. --set pretrain=simclr)")
+    configs = {name: with_flat(base, flat, f"--ssl-variants {name} on {stem}") for name, flat in variants}
+    for name, cfg in configs.items():
+        if cfg.ssl.method == NO_PRETRAIN:
+            raise SystemExit(f"--ssl-variants {name}: a federated SSL variant must pretrain (pretrain is 'none')")
+    dp_fraction = next((f for f in args.fractions if math.isclose(f, args.dp_fraction)), None)
+    do_dp = stem in args.dp_datasets and dp_fraction is not None
+    dp_flat = {"dp": "finetune", "dp-epsilon": args.dp_epsilon}
+    if do_dp:  # refuse a variant that cannot run under DP now, not after hours of runs
+        for name, cfg in configs.items():
+            with_flat(cfg, dp_flat, f"--ssl-variants {name} under DP (it may be chosen for the DP arm)")
+    meta = {"command": "python benchmarks/label_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "device": "?", "torch": torch.__version__,
+            "settings": describe_settings(base), "set": overrides, "config": base.to_flat(), "seeds": args.seeds,
+            "fractions": args.fractions, "variants": list(args.ssl_variants),
+            "dp": {"epsilon": args.dp_epsilon, "delta": base.privacy.delta, "fraction": dp_fraction} if do_dp else None,
+            "minutes": 0.0}
+    metas[stem] = [meta]
+    runner = Runner(stem, rows, meta, save)
+    for seed in args.seeds:
+        for fraction in args.fractions:
+            for name, flat in variants:
+                runner.run(configs[name], Arm(Mode.FEDERATED.value, configs[name].ssl.method),
+                           label=f"federated SSL: {name}", slug=name, seed=seed, fraction=fraction, variant=name,
+                           overrides=flat)
+            runner.run(base, Arm(Mode.CENTRALIZED.value, base.ssl.method), label=CENTRALIZED,
+                       slug=BASELINES[CENTRALIZED], seed=seed, fraction=fraction)
+            runner.run(base, Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), label=LOCAL_ONLY, slug=BASELINES[LOCAL_ONLY],
+                       seed=seed, fraction=fraction)
+            runner.run(base, Arm(Mode.FEDERATED.value, NO_PRETRAIN), label=SCRATCH, slug=BASELINES[SCRATCH],
+                       seed=seed, fraction=fraction)
+    if not do_dp:
+        return
+    here = [r for r in rows if r["dataset"] == stem and r["fraction"] == dp_fraction]
+    chosen = choose(here, configs)
+    if chosen is None:
+        print(f"[label_efficiency] {stem}: no federated SSL variant has a validation AUC: no DP arm", flush=True)
+        return
+    for source in sorted((r for r in ssl_rows(here) if r["variant"] == chosen), key=lambda r: r["seed"]):
+        cfg = with_flat(configs[chosen], {**dp_flat, "encoder-init": source["encoder"]}, "DP arm")
+        runner.run(cfg, Arm(Mode.FEDERATED.value, cfg.ssl.method), label=dp_label(args.dp_epsilon),
+                   slug=f"dp-{chosen}", seed=source["seed"], fraction=source["fraction"], variant=chosen,
+                   overrides={**dict(variants)[chosen], **dp_flat})
+
+
+def dp_label(epsilon: float) -> str:
+    return f"federated SSL (chosen on validation) + DP-SGD fine-tuning, epsilon {epsilon:g}"
+
+
+# ---- choosing and reporting -------------------------------------------------------------------------------------
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def finite(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    arr = finite(values)
+    return float(np.mean(arr)) if arr else None
+
+
+def mean_sd(values: Iterable[float | None], digits: int = 3) -> str:
+    arr = finite(values)
+    if not arr:
         return "n/a"
-    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1) if arr.size > 1 else 0.0:.{digits}f}"
+    sd = float(np.std(arr, ddof=1)) if len(arr) > 1 else 0.0
+    return f"{np.mean(arr):.{digits}f} ± {sd:.{digits}f}"
+
+
+def ssl_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["variant"] is not None and not r["dp"]]
+
+
+def variant_order(rows: list[dict[str, Any]], names: Iterable[str] = ()) -> list[str]:
+    """``names``, then the other variants of ``rows`` in the order they ran."""
+    return list(dict.fromkeys([*names, *(r["variant"] for r in ssl_rows(rows))]))
+
+
+def choose(rows: list[dict[str, Any]], names: Iterable[str] = ()) -> str | None:
+    """The federated SSL variant with the highest mean validation AUC over seeds (rows of one data set and
+    fraction); ties go to the earlier variant. None when no variant has a validation AUC."""
+    best: tuple[float, str] | None = None
+    for name in variant_order(rows, names):
+        val = mean(r["val_auc"] for r in ssl_rows(rows) if r["variant"] == name)
+        if val is not None and (best is None or val > best[0]):
+            best = (val, name)
+    return best[1] if best else None
+
+
+def by_seed(rows: list[dict[str, Any]]) -> dict[int, float | None]:
+    return {r["seed"]: r["test"].get("auc") for r in sorted(rows, key=lambda r: r["seed"])}
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def targets(stem: str, fraction: float, chosen: list[dict[str, Any]], scratch: list[dict[str, Any]],
+            dp: list[dict[str, Any]], dp_epsilon: float | None) -> list[str]:
+    """The issue's targets that apply to this data set and fraction, judged on test AUC (chosen on validation)."""
+    fed, base = mean(r["test"].get("auc") for r in chosen), mean(r["test"].get("auc") for r in scratch)
+    if fed is None or base is None:
+        return ["Targets: n/a (missing AUC)."]
+    seeds = by_seed(chosen)
+    note = f" ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}; the targets ask for 3)" if len(seeds) != 3 else ""
+    gain = fed - base
+    lines: list[str] = []
+    if stem == "pneumoniamnist" and math.isclose(fraction, 0.1):
+        lines += [f"- Federated SSL (chosen on validation) test AUC {fed:.3f}, mean of seeds{note} "
+                  f"(target >= 0.95: {met(fed >= 0.95)}).",
+                  f"- Federated SSL minus federated from scratch ({base:.3f}): {gain:+.3f} (target >= +0.02: "
+                  f"{met(gain >= 0.02)})."]
+        if dp_epsilon is not None and math.isclose(dp_epsilon, 8.0):
+            dp_auc = mean(r["test"].get("auc") for r in dp)
+            lines.append(f"- DP at epsilon 8: test AUC {fmt(dp_auc)}, mean over {len(dp)} runs (target >= 0.93: "
+                         f"{met(dp_auc is not None and dp_auc >= 0.93)}).")
+    elif stem == "pneumoniamnist" and math.isclose(fraction, 0.01):
+        low = [v for v in seeds.values() if v is None or v < 0.90]
+        lines += [f"- Federated SSL (chosen on validation) test AUC {fed:.3f} minus federated from scratch {base:.3f}: "
+                  f"{gain:+.3f}{note} (target >= +0.10: {met(gain >= 0.10)}).",
+                  "- Federated SSL (chosen on validation) test AUC per seed: "
+                  + ", ".join(f"s{s} {fmt(v)}" for s, v in seeds.items())
+                  + f" (target every seed >= 0.90: {met(not low)})."]
+    elif stem in ("breastmnist", "adrenalmnist3d"):
+        lines.append(f"- Federated SSL (chosen on validation) test AUC {fed:.3f} against federated from scratch "
+                     f"{base:.3f}: {gain:+.3f}{note} (target above from scratch: {met(gain > 0)}).")
+    else:
+        lines.append(f"- No target for this data set; federated SSL minus federated from scratch {gain:+.3f}.")
+    return lines
+
+
+def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> str:
+    """The docs/RESULTS.md section of one data set."""
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    order = variant_order(rows)
+    dp_meta = next((m["dp"] for m in metas if m.get("dp")), None)
+    lines = [f"## Label efficiency on {stem}: federated SSL variants, chosen on validation, against centralized "
+             "SSL, local-only and federated supervised training from scratch", ""]
+    for m in metas:
+        lines += [f"Command: `{m['command']}`",
+                  f"Measured {m['date']} on {m['cores']} CPU cores ({m['cpu']}), device {m['device']}, torch "
+                  f"{m['torch']}, {m['minutes']:.1f} min. Settings: {m['settings']}; seeds {m['seeds']}, labelled "
+                  f"fractions {m['fractions']}; overrides: "
+                  + (" ".join(f"`{k}={v}`" for k, v in m["set"].items()) or "none") + ".", ""]
+    lines += ["Federated SSL variants (`NAME:settings` over the run's): "
+              + ", ".join(f"`{v}`" for v in dict.fromkeys(v for m in metas for v in m["variants"])) + ".",
+              "Validation AUC: the global model's last-round federated evaluation on the sites' validation shares (the "
+              "official validation split, fully labelled even at 1 % labels), mean weighted by images; only federated "
+              "arms have it, and the variant chosen for each fraction is the one with the highest mean validation AUC. "
+              "Test AUC: the official test split, mean ± standard deviation over seeds; reported, never chosen on. "
+              "Each seed pretrains once per set of pretraining settings and reuses that encoder at the other "
+              "fractions and for variants that differ only in fine-tuning (checked: identical partitions); "
+              "wall times marked * exclude pretraining for at least one seed. Accuracy at the 0.5 threshold."]
+    if dp_meta:
+        lines[-1] += (f" The DP arm fine-tunes each seed's encoder of the variant chosen on validation at "
+                      f"{dp_meta['fraction']:.0%} labels with DP-SGD (dp finetune, medfed's DP recipe, epsilon "
+                      f"{dp_meta['epsilon']:g}, delta {dp_meta['delta']:g}, fresh ledgers each run).")
+    lines.append("")
+    for fraction in fractions:
+        here = [r for r in rows if r["fraction"] == fraction]
+        chosen = choose(here, order)
+        dp = [r for r in here if r["dp"]]
+        table: list[tuple[str, list[dict[str, Any]]]] = []
+        if chosen is not None:
+            table.append((f"**federated SSL (chosen on validation: {chosen})**",
+                          [r for r in ssl_rows(here) if r["variant"] == chosen]))
+        table += [(f"federated SSL: {name}", [r for r in ssl_rows(here) if r["variant"] == name]) for name in order]
+        table += [(label, [r for r in here if r["arm"] == label]) for label in BASELINES]
+        if dp:
+            table.append((f"{dp[0]['arm']} ({dp[0]['variant']})", dp))
+        lines += [f"### {fraction:.0%} labels", "",
+                  "| arm | validation AUC | test AUC | accuracy | wall time (s) | peak memory (MB) |",
+                  "|---|---|---|---|---|---|"]
+        for label, runs in table:
+            if not runs:
+                continue
+            star = "*" if any(r["encoder"] and not r["pretrained"] for r in runs) else ""
+            lines.append(f"| {label} | {mean_sd(r['val_auc'] for r in runs)} | "
+                         f"{mean_sd(r['test'].get('auc') for r in runs)} | "
+                         f"{mean_sd(r['test'].get('accuracy') for r in runs)} | "
+                         f"{mean_sd((r['wall'] for r in runs), 0)}{star} | {mean_sd((r['peak'] for r in runs), 0)} |")
+        personal = [name for name in order if any(r["personal_test_auc"] is not None for r in ssl_rows(here)
+                                                  if r["variant"] == name)]
+        for name in personal:
+            runs = [r for r in ssl_rows(here) if r["variant"] == name]
+            lines += ["", f"Personalised models of `{name}` (each site's own personal parts; sites' shares, not the "
+                      f"official split, so not comparable with the table): validation AUC "
+                      f"{mean_sd(r['personal_val_auc'] for r in runs)}, test-share AUC "
+                      f"{mean_sd(r['personal_test_auc'] for r in runs)} (the global model on the same shares: "
+                      f"{mean_sd(r['global_site_test_auc'] for r in runs)})."]
+        lines += ["", f"Per seed (validation / test AUC) at {fraction:.0%} labels:", ""]
+        for label, runs in table[1:] if chosen is not None else table:
+            if runs:
+                lines.append(f"- {label}: " + "; ".join(
+                    f"s{r['seed']} {fmt(r['val_auc'])} / {fmt(r['test'].get('auc'))}"
+                    for r in sorted(runs, key=lambda r: r["seed"])))
+        if chosen is not None:
+            lines += ["", f"Targets at {fraction:.0%} labels (federated SSL = `{chosen}`, chosen on validation):", ""]
+            lines += targets(stem, fraction, [r for r in ssl_rows(here) if r["variant"] == chosen],
+                             [r for r in here if r["arm"] == SCRATCH], dp,
+                             dp_meta["epsilon"] if dp_meta and dp else None)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+# ---- input and output -------------------------------------------------------------------------------------------
+def load(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows and per-data-set metas of several JSON files; a run (data set, fraction, seed, arm, variant) given
+    twice keeps the later file's."""
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    metas: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        doc = json.loads(Path(path).read_text())
+        for r in doc["rows"]:
+            key = (r["dataset"], r["fraction"], r["seed"], r["arm"], r["variant"])
+            if key in rows:
+                print(f"[label_efficiency] {path}: {key} given again: keeping this file's", flush=True)
+            rows[key] = r
+        for stem, ms in doc["datasets"].items():
+            metas.setdefault(stem, []).extend(ms)
+    return list(rows.values()), metas
+
+
+def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]], results: Path) -> None:
+    for stem, ms in metas.items():
+        text = section(stem, [r for r in rows if r["dataset"] == stem], ms)
+        write_section(f"label_efficiency-{stem}", text, results)
+        print(text, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_data = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"
-    parser.add_argument("--data", default=str(default_data),
-                        help="MedMNIST flag or file (default: the pinned copy in ../shared/data/medmnist)")
+    parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS,
+                        help="MedMNIST flags or files (default: the pinned copies in ../shared/data/medmnist)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out-dir", default="runs/benchmarks/label_efficiency")
+    parser.add_argument("--ssl-variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME:KEY=VALUE,...",
+                        help="federated SSL arms: RunConfig flat settings over the run's (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="RunConfig overrides in flat form, e.g. pretrain-rounds=20")
+                        help="RunConfig overrides for every run, flat keys, e.g. pretrain-rounds=30")
+    parser.add_argument("--set-for", nargs="+", action="append", default=[], metavar=("DATASET", "KEY=VALUE"),
+                        help="overrides for one data set (its stem, e.g. adrenalmnist3d), over --set; repeatable")
+    parser.add_argument("--dp-datasets", nargs="*", default=["pneumoniamnist"],
+                        help="data sets (stems) that also get the DP arm (none: no DP arm)")
+    parser.add_argument("--dp-fraction", type=float, default=0.1)
+    parser.add_argument("--dp-epsilon", type=float, default=8.0)
+    parser.add_argument("--out-dir", default="runs/benchmarks/label_efficiency")
+    parser.add_argument("--json", default="", help="write every run's numbers here (default: a new file in --out-dir)")
+    parser.add_argument("--from-json", nargs="+", default=[], metavar="PATH",
+                        help="rebuild the sections from these files (merged) without running anything")
+    parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
     args = parser.parse_args()
+    results = Path(args.results)
 
-    overrides: dict[str, object] = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)  # numbers and booleans
-        except json.JSONDecodeError:
-            overrides[key] = value
-    base = RunConfig.from_flat({**RunConfig().to_flat(), **overrides, "data": args.data, "out-dir": args.out_dir})
+    if args.from_json:
+        write_all(*load(args.from_json), results)
+    else:
+        run_all(args, results)
 
-    results: dict[float, dict[str, list[dict]]] = {}
-    started = time.time()
-    for seed in args.seeds:
-        first: dict[str, Path] = {}  # arm label -> pretrained encoder of this seed's first fraction
-        first_split: list[list[int]] | None = None
-        for fraction in args.fractions:
-            cfg = base.replace(label_fraction=fraction, seed=seed, run_name=f"frac{fraction}-seed{seed}")
-            chosen = arms(cfg.ssl.method)
-            print(f"[label_efficiency] fraction {fraction} seed {seed}", flush=True)
-            if not first:
-                runs = [(run_experiment(cfg, arms=[a for _, a in chosen]), chosen)]
-                for label, arm in chosen:
-                    if arm.pretrain != NO_PRETRAIN:
-                        first[label] = runs[0][0] / "arms" / arm.name / "pretrained_encoder.safetensors"
-            else:
-                # Same seed -> same partition -> the same pretraining: reuse it, fine-tune at this fraction.
-                runs = [(run_experiment(cfg.replace(run_name=f"{cfg.output.run_name}-supervised"),
-                                        arms=[a for _, a in chosen if a.pretrain == NO_PRETRAIN]),
-                         [c for c in chosen if c[1].pretrain == NO_PRETRAIN])]
-                for label, arm in chosen:
-                    if arm.pretrain != NO_PRETRAIN:
-                        reuse = cfg.replace(encoder_init=str(first[label]),
-                                            run_name=f"{cfg.output.run_name}-{arm.mode}")
-                        runs.append((run_experiment(reuse, arms=[arm]), [(label, arm)]))
-            for run_dir, labelled_arms in runs:
-                split = [s["train"] for s in json.loads((run_dir / "split.json").read_text())["sites"]]
-                first_split = first_split or split
-                if split != first_split:
-                    raise SystemExit(f"partition differs between fractions for seed {seed}: cannot reuse pretraining")
-                summary = json.loads((run_dir / "summary.json").read_text())["arms"]
-                for label, arm in labelled_arms:
-                    entry = summary[arm.name]
-                    results.setdefault(fraction, {}).setdefault(label, []).append(
-                        {**entry["test"], "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "seed": seed,
-                         "reused": fraction != args.fractions[0] and arm.pretrain != NO_PRETRAIN}
-                    )
 
-    command = "python benchmarks/label_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    lines = [
-        "## Label efficiency on PneumoniaMNIST (issue: federated SSL end to end)",
-        "",
-        f"Command: `{command}`",
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}, total {(time.time() - started) / 60:.1f} min. Settings: "
-        f"{base.dataset.num_sites} sites, {base.dataset.partition} alpha {base.dataset.alpha}, "
-        f"pretrain {base.ssl.method} {base.ssl.rounds} rounds x {base.ssl.epochs} epochs "
-        f"(batch {base.ssl.batch}), "
-        f"fine-tune {base.finetune.mode} {base.finetune.rounds} rounds x {base.finetune.epochs} epochs, "
-        f"width {base.model.width}, seeds {args.seeds}.",
-        "Test metrics on the official test split (624 images), mean ± standard deviation over seeds.",
-        f"Pretraining depends on the seed only (the partition is drawn before the labelled subsets), so the SSL "
-        f"arms at {', '.join(f'{f:.0%}' for f in args.fractions[1:])} labels fine-tune the encoders pretrained in the "
-        f"{args.fractions[0]:.0%} runs of the same seed (checked: identical partitions); their wall time excludes "
-        "pretraining.",
-        "",
-    ]
-    for fraction, by_arm in results.items():
-        lines += [f"### {fraction:.0%} labels", "",
-                  "| arm | AUC | accuracy | sensitivity | specificity | FPR | wall time (s) | peak memory (MB) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for label in ORDER:
-            runs = by_arm[label]
-            lines.append(f"| {label} | " + " | ".join(mean_sd([r[m] for r in runs]) for m in METRICS)
-                         + f" | {mean_sd([r['wall'] for r in runs], 0)} | {mean_sd([r['peak'] for r in runs], 0)} |")
-        fed = np.mean([r["auc"] for r in by_arm["federated SSL"]])
-        cen = np.mean([r["auc"] for r in by_arm["centralized SSL"]])
-        loc = np.mean([r["auc"] for r in by_arm["local-only supervised (mean over sites)"]])
-        lines += ["", f"Targets at this fraction: federated SSL AUC {fed:.3f}"
-                  + (f" (target >= 0.95: {'met' if fed >= 0.95 else 'missed'})" if abs(fraction - 0.1) < 1e-9 else "")
-                  + f"; federated - centralized {fed - cen:+.3f} "
-                  f"(target within 0.01: {'met' if abs(fed - cen) <= 0.01 else 'missed'}"
-                  + f"); federated - local-only {fed - loc:+.3f} "
-                  f"(target >= +0.05: {'met' if fed - loc >= 0.05 else 'missed'}).", ""]
-    lines += ["Per-run numbers (seed: AUC, wall s):", ""]
-    for fraction, by_arm in results.items():
-        for label in ORDER:
-            runs = by_arm[label]
-            lines.append(f"- {fraction:.0%} {label}: " + ", ".join(
-                f"s{r['seed']}: {r['auc']:.3f}, {r['wall']:.0f}s" + (" (pretraining reused)" if r["reused"] else "")
-                for r in runs))
-    write_section("label_efficiency", "\n".join(lines))
-    print("\n".join(lines))
+def run_all(args: argparse.Namespace, results: Path) -> None:
+    """Run every data set; after each, write its section (and, after every run, the JSON file)."""
+    common = parse_pairs(args.set, "--set")
+    per_dataset = {item[0]: parse_pairs(item[1:], f"--set-for {item[0]}") for item in args.set_for}
+    stems = [RunConfig.from_flat({"data": data}).dataset.stem for data in args.datasets]
+    if unknown := set(per_dataset) - set(stems):
+        raise SystemExit(f"--set-for names {sorted(unknown)}, which --datasets does not run ({stems})")
+    variants = [parse_variant(v) for v in args.ssl_variants]
+    if len({name for name, _ in variants}) != len(variants):
+        raise SystemExit("--ssl-variants: two variants share a name")
+    out = Path(args.json or Path(args.out_dir) / f"label_efficiency-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    metas: dict[str, list[dict[str, Any]]] = {}
+
+    def save() -> None:
+        out.write_text(json.dumps({"datasets": metas, "rows": rows}, indent=1))
+
+    for data, stem in zip(args.datasets, stems, strict=True):
+        run_dataset(data, stem, args, {**common, **per_dataset.get(stem, {})}, variants, rows, metas, save)
+        save()
+        write_all([r for r in rows if r["dataset"] == stem], {stem: metas[stem]}, results)
+    print(f"[label_efficiency] every run's numbers: {out}", flush=True)
 
 
 if __name__ == "__main__":
