@@ -87,3 +87,32 @@ def test_a_repeated_dp_round_is_answered_with_the_same_release_and_no_new_ledger
     new = client_app(finetune_message(cfg, state, 2), deployed_site)
     assert "replayed" not in dict(next(iter(new.content.metric_records.values())))
     assert len(verify_ledger(ledger).entries) == 2
+
+
+def test_a_deployed_sites_personal_head_survives_an_empty_node_state(deployed_site: Context) -> None:
+    """A resumed run is a new Flower run (its node state starts empty), a SuperNode may restart: a deployed site
+    restores the state it kept after its last round from its own disk (the release file), so its personal head
+    goes on; and a replayed round hands back the state kept after it."""
+    from medfed.models.encoders import InputSpec
+    from medfed.task.model_setup import new_classifier
+
+    cfg = run_config(data="breastmnist", pretrain="none", width=8, finetune_batch_size=16, finetune_rounds=4,
+                     personal="head", finetune_lr=1e-9, site_data="own")
+    state = new_classifier(cfg, InputSpec(1, (28, 28)), "binary-class", 2, None).state_dict()
+    assert not client_app(finetune_message(cfg, state, 1), deployed_site).has_error()
+    own = deployed_site.state.array_records["site-personal"].to_torch_state_dict()
+    flipped = {**state, "head.weight": state["head.weight"].flip(0), "head.bias": state["head.bias"].flip(0)}
+    restarted = Context(run_id=2, node_id=5, node_config=deployed_site.node_config, state=RecordDict(),
+                        run_config={})
+    replayed = client_app(finetune_message(cfg, state, 1), restarted)  # round 1 asked again: replayed, state back
+    assert dict(next(iter(replayed.content.metric_records.values())))["replayed"] == 1.0
+    assert torch.equal(restarted.state.array_records["site-personal"].to_torch_state_dict()["head.weight"],
+                       own["head.weight"])
+    empty = Context(run_id=3, node_id=5, node_config=deployed_site.node_config, state=RecordDict(), run_config={})
+    back = client_app(finetune_message(cfg, flipped, 2), empty).content["arrays"].to_torch_state_dict()
+    assert torch.allclose(back["head.weight"], own["head.weight"], atol=1e-5)  # its own head, from its disk
+    train = finetune_message(cfg, flipped, 2)
+    evaluation = Message(train.content, metadata=make_metadata(dst_node_id=5, message_type="evaluate"))
+    fresh = Context(run_id=4, node_id=5, node_config=deployed_site.node_config, state=RecordDict(), run_config={})
+    metrics = dict(next(iter(client_app(evaluation, fresh).content.metric_records.values())))
+    assert "personal-auc" in metrics and not any(k.startswith("personal-test-") for k in metrics)  # no test share

@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,12 +46,19 @@ def release_key(run_id: str, phase: str, server_round: int, settings: Mapping[st
     return h.hexdigest()
 
 
+KEPT = "kept-state/"
+"""Prefix, in a release file, of the state the site kept after that round (its SSL heads and kept encoder, or its
+personal parts): restored with the release, so a resumed run (a new Flower run, whose node state starts empty) or a
+restarted SuperNode goes on from where the site was."""
+
+
 @dataclass(frozen=True)
 class Release:
-    """An update a site sent, and the metrics that went with it."""
+    """An update a site sent, the metrics that went with it, and the state the site kept after that round."""
 
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ReleaseCache:
@@ -75,12 +82,26 @@ class ReleaseCache:
                 meta = f.metadata() or {}
             if meta.get(_KEY_META) != key:
                 return None
-            return Release(load_file(str(path)), {k: float(v) for k, v in json.loads(meta[_METRICS_META]).items()})
+            arrays = load_file(str(path))
+            metrics = {k: float(v) for k, v in json.loads(meta[_METRICS_META]).items()}
         except (OSError, SafetensorError, KeyError, ValueError):
             return None  # unreadable: train again (conservative: a new release is recorded as one)
+        return Release({k: v for k, v in arrays.items() if not k.startswith(KEPT)}, metrics,
+                       {k[len(KEPT):]: v for k, v in arrays.items() if k.startswith(KEPT)})
+
+    def latest_kept(self, run_id: str, phase: str) -> dict[str, torch.Tensor] | None:
+        """The state the site kept after its latest round of (run, phase), whatever the round; None without one."""
+        path = self._path(run_id, phase)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                kept = {k[len(KEPT):]: f.get_tensor(k) for k in f.keys() if k.startswith(KEPT)}
+        except (OSError, SafetensorError):
+            return None
+        return kept or None
 
     def put(self, run_id: str, phase: str, key: str, release: Release) -> None:
         """Keep ``release`` as the latest of (run, phase), replacing the previous one atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(run_id, phase)
-        save_safetensors_durably(path, release.arrays, {_KEY_META: key, _METRICS_META: json.dumps(release.metrics)})
+        arrays = {**release.arrays, **{KEPT + k: v.detach().cpu().clone() for k, v in release.kept.items()}}
+        save_safetensors_durably(path, arrays, {_KEY_META: key, _METRICS_META: json.dumps(release.metrics)})

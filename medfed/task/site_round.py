@@ -288,19 +288,25 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         return _refusal(site, None, PrivacyBudgetExceeded(
             f"site {site.site_id} requires DP for {phase.value} (node config dp-require {required.value}); "
             f"the run has dp {cfg.privacy.scope}"))
-    stamp = StateStamp.of(str(extras.get(MessageKey.RUN_ID, "")), cfg.run_settings())
+    cache = release_cache(node_config)
+    run_id = str(extras.get(MessageKey.RUN_ID, ""))
+    if cache is not None:  # a deployed site whose node state is empty (resumed run, restarted SuperNode): its disk's
+        local_state = local_state or cache.latest_kept(run_id, Phase.PRETRAIN.value)
+        personal_state = personal_state or cache.latest_kept(run_id, Phase.FINETUNE.value)
+    stamp = StateStamp.of(run_id, cfg.run_settings())
     local_state, personal_state = stamp.open(local_state), stamp.open(personal_state)  # another run's: dropped
     guard = privacy_guard(cfg, site, node_config, extras)
     device = site_device(node_config, extras)
     algo = SiteAlgo(cfg, site, guard, device)
-    cache = release_cache(node_config)
-    run_id = str(extras.get(MessageKey.RUN_ID, ""))
     settings = cfg.run_settings()  # a resumed run asks the same question
     key = release_key(run_id, phase.value, server_round, settings, incoming) if cache else ""
     if cache is not None and (kept := cache.get(run_id, phase.value, key)) is not None:
         # the server asks again for a round this site already released (it was resumed): send that
         # same release; training again would spend privacy a second time for one round
-        return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0})
+        pretrain = phase == Phase.PRETRAIN
+        return TrainOutcome(kept.arrays, {**kept.metrics, MetricKey.REPLAYED.value: 1.0},
+                            local_state=kept.kept if pretrain and kept.kept else None,
+                            personal_state=kept.kept if not pretrain and kept.kept else None)
     try:
         with on_device(device):  # the site's tensors are released when its work is done (the next site's turn)
             new_local = None
@@ -330,10 +336,12 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
         metrics.pop(MetricKey.LOSS.value)
     if NodeConfigKey.DATA_PATH in node_config:  # deployment: one ClientApp process per message, so its age is
         metrics[MetricKey.PROCESS_SECONDS.value] = process_seconds()  # pulling the message + reading data + training
-    if cache is not None:
-        cache.put(run_id, phase.value, key, Release(shared, metrics))
-    return TrainOutcome(shared, metrics, local_state=stamp.seal(new_local),
-                        personal_state=stamp.seal(new_personal or None))
+    outcome = TrainOutcome(shared, metrics, local_state=stamp.seal(new_local),
+                           personal_state=stamp.seal(new_personal or None))
+    if cache is not None:  # the release and the state kept after it, in one file (atomic)
+        cache.put(run_id, phase.value, key, Release(shared, metrics, outcome.local_state or outcome.personal_state
+                                                    or {}))
+    return outcome
 
 
 def personalised_metrics(algo: SiteAlgo, state: StateDict, images: Any, labels: torch.Tensor,
@@ -365,7 +373,10 @@ def evaluate_site(
     A site whose own data do not fit the run's input raises `DataMismatch` (an error reply naming only
     shapes and tasks), as its train reply refuses."""
     cfg, extras = read_message_config(config)
-    personal = StateStamp.of(str(extras.get(MessageKey.RUN_ID, "")), cfg.run_settings()).open(personal)
+    run_id = str(extras.get(MessageKey.RUN_ID, ""))
+    if not personal and (cache := release_cache(dict(node_config))) is not None:
+        personal = cache.latest_kept(run_id, Phase.FINETUNE.value)
+    personal = StateStamp.of(run_id, cfg.run_settings()).open(personal)
     site = load_site(dict(node_config), cfg, extras)
     device = site_device(dict(node_config), extras)
     algo = SiteAlgo(cfg, site, device=device)
