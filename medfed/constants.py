@@ -185,7 +185,7 @@ class PersonalParts(StrEnum):
 
     NONE = "none"
     NORM = "norm"  # the affine parameters of GroupNorm/LayerNorm (FedBN's idea, Li et al., ICLR 2021)
-    HEAD = "head"  # the task head (FedPer, Arivazhagan et al. 2019; FedRep, Collins et al., ICML 2021)
+    HEAD = "head"  # the task head (FedPer, Arivazhagan et al. 2019; FedRep's split, Collins et al., ICML 2021)
     NORM_HEAD = "norm+head"
 
     @property
