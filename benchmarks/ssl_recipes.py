@@ -82,8 +82,16 @@ def main() -> None:
     parser.add_argument("--no-scratch", action="store_true", help="skip supervised training from scratch")
     parser.add_argument("--out-dir", default="runs/benchmarks/ssl_recipes")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--json", default="", help="also write the rows to this file (after every run)")
+    parser.add_argument("--from-json", default="", help="write the section from this file's rows, running nothing "
+                        "(a run stopped early: say so with --note)")
+    parser.add_argument("--note", default="", help="a sentence added to the section (e.g. what was not run)")
     args = parser.parse_args()
+    if args.from_json:
+        base = RunConfig.from_flat({**RunConfig().to_flat(), **{k: parse_value(v) for k, _, v in (
+            item.partition("=") for item in args.set)}, "data": args.data, "seed": args.seed})
+        write(args, base, json.loads(Path(args.from_json).read_text()), minutes=None)
+        return
 
     common = {k: parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}
     base = RunConfig.from_flat({**RunConfig().to_flat(), **common, "data": args.data, "out-dir": args.out_dir,
@@ -117,12 +125,27 @@ def main() -> None:
         finetune_all("from scratch", base.replace(pretrain=NO_PRETRAIN), Arm(Mode.FEDERATED.value, NO_PRETRAIN),
                      "", 0.0)
 
-    command = "python benchmarks/ssl_recipes.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write(args, base, rows, minutes=(time.time() - started) / 60)
+
+
+def write(args: argparse.Namespace, base: RunConfig, rows: list[dict[str, Any]], minutes: float | None) -> None:
+    """The RESULTS.md section of ``rows``, with the command that made them."""
+    argv, shown = sys.argv[1:], []
+    while argv:  # the benchmark's own command: without the options that only rewrite its section
+        item = argv.pop(0)
+        if item in ("--from-json", "--note"):
+            argv.pop(0)
+        else:
+            shown.append(item)
+    command = "python benchmarks/ssl_recipes.py " + " ".join(shlex.quote(a) for a in shown)
     name = Path(args.data).stem
     lines = [f"## Choosing federated SSL and fine-tuning settings on validation: {name}, seed {args.seed}", "",
-             f"Command: `{command}`",
-             f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, torch {torch.__version__}, total "
-             f"{(time.time() - started) / 60:.1f} min. {base.dataset.num_sites} sites, {base.dataset.partition} "
+             f"Command: `{command}`" + (" (these rows: its `--json` file, written after every run)"
+                                        if minutes is None else ""),
+             f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, torch {torch.__version__}"
+             + (f", total {minutes:.1f} min" if minutes is not None else "") + ". " + (args.note + " " if args.note
+                                                                                      else "")
+             + f"{base.dataset.num_sites} sites, {base.dataset.partition} "
              f"alpha {base.dataset.alpha}, pretraining {base.ssl.rounds} rounds x {base.ssl.epochs} epochs, "
              f"fine-tuning {base.finetune_recipe.rounds} rounds, width {base.model.width}. Each pretraining variant "
              "pretrains once and every fine-tuning variant fine-tunes that encoder (its wall time excludes "
