@@ -111,6 +111,14 @@ def test_a_deployed_sites_personal_head_survives_an_empty_node_state(deployed_si
     empty = Context(run_id=3, node_id=5, node_config=deployed_site.node_config, state=RecordDict(), run_config={})
     back = client_app(finetune_message(cfg, flipped, 2), empty).content["arrays"].to_torch_state_dict()
     assert torch.allclose(back["head.weight"], own["head.weight"], atol=1e-5)  # its own head, from its disk
+    from medfed.task.site_state import StateStamp
+
+    other_run = StateStamp.of("another-run/arm", {}).seal({k: v + 5.0 for k, v in own.items()
+                                                          if not k.startswith("stamp/")})
+    holding_other = Context(run_id=5, node_id=5, node_config=deployed_site.node_config,
+                            state=RecordDict({"site-personal": ArrayRecord(other_run)}), run_config={})
+    back = client_app(finetune_message(cfg, flipped, 3), holding_other).content["arrays"].to_torch_state_dict()
+    assert torch.allclose(back["head.weight"], own["head.weight"], atol=1e-5)  # another run's dropped, disk's used
     train = finetune_message(cfg, flipped, 2)
     evaluation = Message(train.content, metadata=make_metadata(dst_node_id=5, message_type="evaluate"))
     fresh = Context(run_id=4, node_id=5, node_config=deployed_site.node_config, state=RecordDict(), run_config={})

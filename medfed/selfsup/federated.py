@@ -39,6 +39,10 @@ OWN_NORMS = KEPT_PREFIX + "norm/"
 EMA_SCALE = KEPT_PREFIX + "fedema-lambda"
 
 
+SAME = 1e-9
+"""A relative divergence at or below this is the site's own encoder come back (FedEMA's autoscaler waits)."""
+
+
 def split_prefixed(state: StateDict, prefix: str) -> tuple[StateDict, StateDict]:
     """(entries without ``prefix``, entries with it, the prefix removed)."""
     plain = {k: v for k, v in state.items() if not k.startswith(prefix)}
@@ -102,10 +106,6 @@ def start_round(aggregation: SSLAggregation | str, global_encoder: StateDict, ke
     merged = {k: (mu * own[k] + (1 - mu) * v).to(v.dtype) if v.is_floating_point() else v.clone()
               for k, v in global_encoder.items()}
     return RoundStart(merged, True, new_kept, {**metrics, MetricKey.EMA_DECAY.value: mu})
-
-
-SAME = 1e-9
-"""A relative divergence at or below this is the site's own encoder come back (FedEMA's autoscaler waits)."""
 
 
 def check_like(incoming: StateDict, own: StateDict) -> None:

@@ -179,6 +179,17 @@ def release_cache(node_config: dict) -> ReleaseCache | None:
     return ReleaseCache(Path(str(node_config[NodeConfigKey.LEDGER_PATH])).expanduser().parent / RELEASES_DIR)
 
 
+def kept_state(stamp: StateStamp, held: StateDict | None, cache: ReleaseCache | None, run_id: str,
+               phase: Phase) -> StateDict | None:
+    """This run's kept state of ``phase``: what the node state holds (another run's is dropped, `StateStamp`),
+    else, at a deployed site whose node state is empty or another run's (a resumed run, a restarted SuperNode),
+    what its disk kept with its latest release of (run, phase)."""
+    state = stamp.open(held)
+    if state is None and cache is not None:
+        state = stamp.open(cache.latest_kept(run_id, phase.value))
+    return state
+
+
 def privacy_guard(cfg: RunConfig, site: SiteData, node_config: dict, extras: dict[str, object]) -> PrivacyGuard:
     """The site's privacy guard, with or without DP (every release that leaves the site is recorded; without DP
     as uncovered exposure): its ledger and key from the node config (deployment), else under the simulation's
@@ -290,11 +301,9 @@ def train_site(config: Mapping[str, Any], incoming: StateDict, node_config: Mapp
             f"the run has dp {cfg.privacy.scope}"))
     cache = release_cache(node_config)
     run_id = str(extras.get(MessageKey.RUN_ID, ""))
-    if cache is not None:  # a deployed site whose node state is empty (resumed run, restarted SuperNode): its disk's
-        local_state = local_state or cache.latest_kept(run_id, Phase.PRETRAIN.value)
-        personal_state = personal_state or cache.latest_kept(run_id, Phase.FINETUNE.value)
     stamp = StateStamp.of(run_id, cfg.run_settings())
-    local_state, personal_state = stamp.open(local_state), stamp.open(personal_state)  # another run's: dropped
+    local_state = kept_state(stamp, local_state, cache, run_id, Phase.PRETRAIN)
+    personal_state = kept_state(stamp, personal_state, cache, run_id, Phase.FINETUNE)
     guard = privacy_guard(cfg, site, node_config, extras)
     device = site_device(node_config, extras)
     algo = SiteAlgo(cfg, site, guard, device)
@@ -374,9 +383,8 @@ def evaluate_site(
     shapes and tasks), as its train reply refuses."""
     cfg, extras = read_message_config(config)
     run_id = str(extras.get(MessageKey.RUN_ID, ""))
-    if not personal and (cache := release_cache(dict(node_config))) is not None:
-        personal = cache.latest_kept(run_id, Phase.FINETUNE.value)
-    personal = StateStamp.of(run_id, cfg.run_settings()).open(personal)
+    personal = kept_state(StateStamp.of(run_id, cfg.run_settings()), personal, release_cache(dict(node_config)),
+                          run_id, Phase.FINETUNE)
     site = load_site(dict(node_config), cfg, extras)
     device = site_device(dict(node_config), extras)
     algo = SiteAlgo(cfg, site, device=device)
