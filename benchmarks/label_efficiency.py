@@ -3,9 +3,11 @@
 For every data set (default PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D), labelled fraction (default 10 % and
 1 %) and seed (default 0, 1, 2), on the same partition (the seed's), the same labelled subsets and the same seed:
 
-* federated SSL, one arm per ``--ssl-variants`` entry ``NAME:key=value,...`` (RunConfig flat keys over the run's
-  settings; default FedAvg of the run's pretraining method, FedEMA, FedU with BYOL, personal norms and heads):
-  federated pretraining on every site's images, then federated fine-tuning on the labelled share;
+* federated SSL, one arm per ``--ssl-variants`` entry ``NAME[@FRACTION/...]:key=value,...`` (RunConfig flat keys
+  over the run's settings; default FedAvg of the run's pretraining method, FedEMA, FedU with BYOL, personal norms
+  and heads): federated pretraining on every site's images, then federated fine-tuning on the labelled share; a
+  variant with ``@FRACTION/...`` runs only at those labelled fractions (e.g. a fine-tuning recipe for 1 % labels,
+  ``ft4@0.01:finetune-epochs=4,finetune-lr=0.003``), and competes on validation only there;
 * centralized SSL (the run's pretraining method and fine-tuning on all sites' data pooled);
 * local-only supervised (each site alone, from scratch; mean over sites);
 * federated supervised from scratch (federated fine-tuning without pretraining);
@@ -46,6 +48,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +101,37 @@ def parse_pairs(items: Iterable[str], what: str) -> dict[str, Any]:
     return out
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``name:key=value,key=value`` -> (name, flat overrides)."""
-    name, _, body = text.partition(":")
+@dataclass(frozen=True)
+class Variant:
+    """One federated SSL arm: its name, flat overrides over the run's settings, and the labelled fractions it runs
+    at (empty: every fraction)."""
+
+    name: str
+    flat: dict[str, Any]
+    fractions: tuple[float, ...] = ()
+
+    def runs_at(self, fraction: float) -> bool:
+        return not self.fractions or any(math.isclose(fraction, f) for f in self.fractions)
+
+
+def parse_variant(text: str, fractions: Iterable[float] = ()) -> Variant:
+    """``name[@fraction/fraction]:key=value,key=value`` -> Variant; a fraction must be one of ``fractions``
+    (the benchmark's) when those are given."""
+    head, _, body = text.partition(":")
+    name, at, only = head.partition("@")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
         raise SystemExit(f"--ssl-variants {text!r}: the name must be letters, digits, '_', '.', '+' or '-'")
-    return name, parse_pairs(filter(None, body.split(",")), f"--ssl-variants {name}")
+    chosen: list[float] = []
+    for item in only.split("/") if at else []:
+        try:
+            value = float(item)
+        except ValueError:
+            raise SystemExit(f"--ssl-variants {text!r}: {item!r} after '@' is not a labelled fraction") from None
+        if not 0 < value <= 1 or (fractions and not any(math.isclose(value, f) for f in fractions)):
+            raise SystemExit(f"--ssl-variants {text!r}: fraction {item} is not one of --fractions "
+                             f"{list(fractions)} (a variant must run somewhere)")
+        chosen.append(value)
+    return Variant(name, parse_pairs(filter(None, body.split(",")), f"--ssl-variants {name}"), tuple(chosen))
 
 
 def with_flat(cfg: RunConfig, flat: dict[str, Any], what: str) -> RunConfig:
@@ -190,7 +218,7 @@ class Runner:
 
 
 def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[str, Any],
-                variants: list[tuple[str, dict[str, Any]]], rows: list[dict[str, Any]],
+                variants: list[Variant], rows: list[dict[str, Any]],
                 metas: dict[str, list[dict[str, Any]]], save: Callable[[], None]) -> None:
     """Every arm of one data set at every fraction and seed, then the DP arm where asked for."""
     base = with_flat(RunConfig.from_flat({**RunConfig().to_flat(), "data": data, "out-dir": args.out_dir}),
@@ -199,7 +227,7 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
         raise SystemExit("encoder-init is managed by this benchmark (pretraining once, reused); do not --set it")
     if base.ssl.method == NO_PRETRAIN:
         raise SystemExit("the run's pretrain method is 'none': set one (e.g. --set pretrain=simclr)")
-    configs = {name: with_flat(base, flat, f"--ssl-variants {name} on {stem}") for name, flat in variants}
+    configs = {v.name: with_flat(base, v.flat, f"--ssl-variants {v.name} on {stem}") for v in variants}
     for name, cfg in configs.items():
         if cfg.ssl.method == NO_PRETRAIN:
             raise SystemExit(f"--ssl-variants {name}: a federated SSL variant must pretrain (pretrain is 'none')")
@@ -220,10 +248,10 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
     runner = Runner(stem, rows, meta, save)
     for seed in args.seeds:
         for fraction in args.fractions:
-            for name, flat in variants:
-                runner.run(configs[name], Arm(Mode.FEDERATED.value, configs[name].ssl.method),
-                           label=f"federated SSL: {name}", slug=name, seed=seed, fraction=fraction, variant=name,
-                           overrides=flat)
+            for v in (v for v in variants if v.runs_at(fraction)):
+                runner.run(configs[v.name], Arm(Mode.FEDERATED.value, configs[v.name].ssl.method),
+                           label=f"federated SSL: {v.name}", slug=v.name, seed=seed, fraction=fraction,
+                           variant=v.name, overrides=v.flat)
             runner.run(base, Arm(Mode.CENTRALIZED.value, base.ssl.method), label=CENTRALIZED,
                        slug=BASELINES[CENTRALIZED], seed=seed, fraction=fraction)
             runner.run(base, Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), label=LOCAL_ONLY, slug=BASELINES[LOCAL_ONLY],
@@ -241,7 +269,7 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
         cfg = with_flat(configs[chosen], {**dp_flat, "encoder-init": source["encoder"]}, "DP arm")
         runner.run(cfg, Arm(Mode.FEDERATED.value, cfg.ssl.method), label=dp_label(args.dp_epsilon),
                    slug=f"dp-{chosen}", seed=source["seed"], fraction=source["fraction"], variant=chosen,
-                   overrides={**dict(variants)[chosen], **dp_flat})
+                   overrides={**next(v.flat for v in variants if v.name == chosen), **dp_flat})
 
 
 def dp_label(epsilon: float) -> str:
@@ -437,8 +465,9 @@ def main() -> None:
                         help="MedMNIST flags or files (default: the pinned copies in ../shared/data/medmnist)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ssl-variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME:KEY=VALUE,...",
-                        help="federated SSL arms: RunConfig flat settings over the run's (default: %(default)s)")
+    parser.add_argument("--ssl-variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME[@F/F]:KEY=VALUE,...",
+                        help="federated SSL arms: RunConfig flat settings over the run's, optionally only at the "
+                             "labelled fractions after '@' (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="RunConfig overrides for every run, flat keys, e.g. pretrain-rounds=30")
     parser.add_argument("--set-for", nargs="+", action="append", default=[], metavar=("DATASET", "KEY=VALUE"),
@@ -468,8 +497,8 @@ def run_all(args: argparse.Namespace, results: Path) -> None:
     stems = [RunConfig.from_flat({"data": data}).dataset.stem for data in args.datasets]
     if unknown := set(per_dataset) - set(stems):
         raise SystemExit(f"--set-for names {sorted(unknown)}, which --datasets does not run ({stems})")
-    variants = [parse_variant(v) for v in args.ssl_variants]
-    if len({name for name, _ in variants}) != len(variants):
+    variants = [parse_variant(v, args.fractions) for v in args.ssl_variants]
+    if len({v.name for v in variants}) != len(variants):
         raise SystemExit("--ssl-variants: two variants share a name")
     out = Path(args.json or Path(args.out_dir) / f"label_efficiency-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

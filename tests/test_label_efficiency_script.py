@@ -1,0 +1,68 @@
+"""benchmarks/label_efficiency.py's own logic (no runs): variants, per-fraction variants, the choice on validation.
+
+The benchmark decides which federated SSL variant the issue's targets are judged on, so its parsing and its choice
+are pinned here: a variant restricted to 1 % labels must not run, nor be chosen, at 10 %.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def le() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("label_efficiency_under_test", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_without_fractions_runs_everywhere(le: ModuleType) -> None:
+    v = le.parse_variant("fedema:ssl-aggregation=fedema,fedema-tau=0.5", [0.1, 0.01])
+    assert (v.name, v.flat, v.fractions) == ("fedema", {"ssl-aggregation": "fedema", "fedema-tau": 0.5}, ())
+    assert v.runs_at(0.1) and v.runs_at(0.01)
+
+
+def test_variant_at_one_fraction(le: ModuleType) -> None:
+    v = le.parse_variant("ft4@0.01:finetune-epochs=4,finetune-lr=0.003", [0.1, 0.01])
+    assert v.name == "ft4" and v.fractions == (0.01,)
+    assert v.flat == {"finetune-epochs": 4, "finetune-lr": 0.003}
+    assert v.runs_at(0.01) and not v.runs_at(0.1)
+    assert le.parse_variant("both@0.1/0.01:", [0.1, 0.01]).fractions == (0.1, 0.01)
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("ft@0.5:finetune-epochs=4", "not one of --fractions"),
+    ("ft@abc:finetune-epochs=4", "not a labelled fraction"),
+    ("ft@0:x=1", "not one of --fractions"),
+    ("bad name:x=1", "the name must be"),
+    ("ft:finetune-epochs", "is not KEY=VALUE"),
+])
+def test_bad_variants_are_refused(le: ModuleType, text: str, rule: str) -> None:
+    with pytest.raises(SystemExit, match=rule):
+        le.parse_variant(text, [0.1, 0.01])
+
+
+def row(variant: str | None, seed: int, val: float | None, test: float, dp: bool = False) -> dict[str, Any]:
+    return {"variant": variant, "seed": seed, "val_auc": val, "test": {"auc": test}, "dp": dp, "arm": "x"}
+
+
+def test_choice_is_on_mean_validation_never_on_test(le: ModuleType) -> None:
+    rows = [row("a", 0, 0.90, 0.99), row("a", 1, 0.80, 0.99),  # mean val 0.85, best test
+            row("b", 0, 0.86, 0.50), row("b", 1, 0.86, 0.50),  # mean val 0.86
+            row("c", 0, 0.99, 0.99, dp=True),  # DP runs never compete
+            row(None, 0, None, 1.0)]  # baselines never compete
+    assert le.choose(rows) == "b"
+    assert le.choose([row("a", 0, None, 0.9)]) is None
+    # ties go to the earlier variant
+    assert le.choose([row("a", 0, 0.9, 0.1), row("b", 0, 0.9, 0.9)]) == "a"
