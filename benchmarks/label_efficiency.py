@@ -26,6 +26,10 @@ highest mean validation AUC (the global model's last-round federated evaluation 
 weighted by images) is "federated SSL (chosen on validation)", and the issue's targets are judged on its test AUC
 (official test split). Every variant's validation and test AUC are reported too.
 
+``--reuse-encoders`` takes earlier runs' JSON files and fine-tunes their pretrained encoders (same data set, seed
+and pretraining settings, the files still on disk) instead of pretraining again: a fine-tuning recipe or DP
+variant then costs fine-tuning only.
+
 Writes one docs/RESULTS.md section per data set (``label_efficiency-<data>``) and a JSON file of every run's
 numbers; ``--from-json`` rebuilds the sections from one or more such files without running anything (runs done in
 pieces: one data set, or some seeds, per invocation).
@@ -169,6 +173,24 @@ class Runner:
         self.encoders: dict[tuple[int, str], str] = {}  # (seed, pretraining key) -> pretrained encoder
         self.partitions: dict[int, list[list[int]]] = {}  # seed -> every site's train indices
 
+    def reuse(self, earlier: list[dict[str, Any]]) -> int:
+        """Take the pretrained encoders of ``earlier`` rows (this data set's, with a ``pretraining_key``, the file
+        still there) and their seeds' partitions; returns how many."""
+        taken = 0
+        for r in earlier:
+            key, encoder = r.get("pretraining_key"), r.get("encoder")
+            if r["dataset"] != self.stem or not r.get("pretrained") or not key or not encoder:
+                continue
+            if not Path(encoder).is_file():
+                print(f"[label_efficiency] {encoder}: gone, that encoder pretrains again", flush=True)
+                continue
+            self.encoders.setdefault((r["seed"], key), encoder)
+            split = Path(r["run_dir"]) / "split.json"
+            if split.is_file():
+                self.check_partition(Path(r["run_dir"]), r["seed"])
+            taken += 1
+        return taken
+
     def run(self, cfg: RunConfig, arm: Arm, *, label: str, slug: str, seed: int, fraction: float,
             variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """One arm in its own run directory; pretrains, or fine-tunes this seed's encoder of the same pretraining
@@ -198,7 +220,8 @@ class Runner:
                "personal_test_auc": personal.get("test", {}).get("auc"),
                "global_site_test_auc": entry.get("global_on_site_tests", {}).get("auc"),
                "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "pretrained": pretrains,
-               "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir)}
+               "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir),
+               "pretraining_key": key}
         self.rows.append(row)
         compute = summary.get("compute", {})
         self.meta.update(
@@ -246,6 +269,10 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
             "minutes": 0.0}
     metas[stem] = [meta]
     runner = Runner(stem, rows, meta, save)
+    if args.reuse_encoders:
+        earlier, _ = load(args.reuse_encoders, quiet=True)
+        print(f"[label_efficiency] {stem}: {runner.reuse(earlier)} pretrained encoders of earlier runs reused",
+              flush=True)
     for seed in args.seeds:
         for fraction in args.fractions:
             for v in (v for v in variants if v.runs_at(fraction)):
@@ -435,21 +462,35 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]]) 
 
 
 # ---- input and output -------------------------------------------------------------------------------------------
-def load(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def load(paths: list[str], quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Rows and per-data-set metas of several JSON files; a run (data set, fraction, seed, arm, variant) given
-    twice keeps the later file's."""
+    twice keeps the later file's. Rows written before rows carried their ``pretraining_key`` get it recomputed
+    from their data set's settings (the meta's ``config``) and the variant's overrides."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     metas: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         doc = json.loads(Path(path).read_text())
         for r in doc["rows"]:
             key = (r["dataset"], r["fraction"], r["seed"], r["arm"], r["variant"])
-            if key in rows:
+            if "pretraining_key" not in r:
+                r["pretraining_key"] = recomputed_key(r, doc["datasets"].get(r["dataset"], []))
+            if key in rows and not quiet:
                 print(f"[label_efficiency] {path}: {key} given again: keeping this file's", flush=True)
             rows[key] = r
         for stem, ms in doc["datasets"].items():
             metas.setdefault(stem, []).extend(ms)
     return list(rows.values()), metas
+
+
+def recomputed_key(row: dict[str, Any], metas: list[dict[str, Any]]) -> str:
+    """The pretraining key of an older row that did not store it ("" when it did not pretrain or cannot tell)."""
+    if not row.get("pretrained") or not metas or row["dp"]:
+        return ""
+    base = RunConfig.from_flat(metas[0]["config"])
+    if row["variant"] is not None:
+        return pretraining_key(with_flat(base, row["overrides"], "recomputing a pretraining key"),
+                               Mode.FEDERATED.value)
+    return pretraining_key(base, Mode.CENTRALIZED.value) if row["arm"] == CENTRALIZED else ""
 
 
 def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]], results: Path) -> None:
@@ -480,6 +521,9 @@ def main() -> None:
     parser.add_argument("--json", default="", help="write every run's numbers here (default: a new file in --out-dir)")
     parser.add_argument("--from-json", nargs="+", default=[], metavar="PATH",
                         help="rebuild the sections from these files (merged) without running anything")
+    parser.add_argument("--reuse-encoders", nargs="+", default=[], metavar="PATH",
+                        help="JSON files of earlier runs: fine-tune their pretrained encoders (same data set, seed "
+                             "and pretraining settings) instead of pretraining again")
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
     args = parser.parse_args()
     results = Path(args.results)

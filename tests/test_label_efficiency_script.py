@@ -66,3 +66,33 @@ def test_choice_is_on_mean_validation_never_on_test(le: ModuleType) -> None:
     assert le.choose([row("a", 0, None, 0.9)]) is None
     # ties go to the earlier variant
     assert le.choose([row("a", 0, 0.9, 0.1), row("b", 0, 0.9, 0.9)]) == "a"
+
+
+def test_reuse_takes_encoders_of_the_same_pretraining_and_skips_gone_files(le: ModuleType, tmp_path: Path) -> None:
+    from medfed.config import RunConfig
+
+    base = le.with_flat(RunConfig.from_flat({**RunConfig().to_flat(), "data": "pneumoniamnist"}),
+                        {"pretrain-rounds": 30}, "test")
+    meta = [{"config": base.to_flat()}]
+    there = tmp_path / "enc.safetensors"
+    there.write_bytes(b"x")
+
+    def pretrained(variant: str | None, overrides: dict[str, Any], seed: int, encoder: Path,
+                   arm: str = "federated SSL") -> dict[str, Any]:
+        return {"dataset": "pneumoniamnist", "seed": seed, "variant": variant, "overrides": overrides,
+                "arm": arm, "pretrained": True, "dp": False, "encoder": str(encoder),
+                "run_dir": str(tmp_path / "no-run")}
+
+    rows = [pretrained("fedavg", {}, 0, there), pretrained("personal", {"personal": "norm+head"}, 1, there),
+            pretrained(None, {}, 2, there, arm=le.CENTRALIZED), pretrained("fedavg", {}, 1, tmp_path / "gone")]
+    for r in rows:
+        r["pretraining_key"] = le.recomputed_key(r, meta)
+    # a fine-tuning-only variant shares FedAvg's pretraining; personal norms and the centralized arm do not
+    fedavg = le.pretraining_key(le.with_flat(base, {"finetune-epochs": 4}, "test"), "federated")
+    assert rows[0]["pretraining_key"] == fedavg != rows[1]["pretraining_key"]
+    assert rows[2]["pretraining_key"] == le.pretraining_key(base, "centralized") != fedavg
+    runner = le.Runner("pneumoniamnist", [], {}, lambda: None)
+    assert runner.reuse(rows) == 3  # the file that is gone pretrains again
+    assert runner.encoders == {(0, fedavg): str(there), (1, rows[1]["pretraining_key"]): str(there),
+                               (2, rows[2]["pretraining_key"]): str(there)}
+    assert le.Runner("breastmnist", [], {}, lambda: None).reuse(rows) == 0  # another data set's encoders: never
