@@ -28,7 +28,10 @@ weighted by images) is "federated SSL (chosen on validation)", and the issue's t
 
 ``--reuse-encoders`` takes earlier runs' JSON files and fine-tunes their pretrained encoders (same data set, seed
 and pretraining settings, the files still on disk) instead of pretraining again: a fine-tuning recipe or DP
-variant then costs fine-tuning only.
+variant then costs fine-tuning only. ``--reuse-baselines`` takes earlier runs' JSON files and copies their
+centralized, local-only and from-scratch rows where the data set, seed, labelled fraction and every setting of the
+run (``--set``, not the variants') are the same, instead of running them again (runs are deterministic: a repeated
+baseline reproduces its AUC to the third decimal), so an encoder or recipe variant costs its own runs only.
 
 Writes one docs/RESULTS.md section per data set (``label_efficiency-<data>``) and a JSON file of every run's
 numbers; ``--from-json`` rebuilds the sections from one or more such files without running anything (runs done in
@@ -154,6 +157,11 @@ def pretraining_key(cfg: RunConfig, mode: str) -> str:
     return json.dumps({"mode": mode, **flat}, sort_keys=True, default=str)
 
 
+def same_settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """A run's flat settings without where it writes (compared to reuse an earlier run's baselines)."""
+    return {k: v for k, v in flat.items() if k not in ("out-dir", "run-name")}
+
+
 def describe_settings(cfg: RunConfig) -> str:
     ssl, ft, recipe = cfg.ssl, cfg.finetune, cfg.finetune_recipe
     return (f"{cfg.dataset.num_sites} sites, {cfg.dataset.partition} alpha {cfg.dataset.alpha:g}, pretraining "
@@ -172,6 +180,7 @@ class Runner:
         self.started = time.time()
         self.encoders: dict[tuple[int, str], str] = {}  # (seed, pretraining key) -> pretrained encoder
         self.partitions: dict[int, list[list[int]]] = {}  # seed -> every site's train indices
+        self.baselines: dict[tuple[float, int, str], dict[str, Any]] = {}  # (fraction, seed, arm) -> earlier row
 
     def reuse(self, earlier: list[dict[str, Any]]) -> int:
         """Take the pretrained encoders of ``earlier`` rows (this data set's, with a ``pretraining_key``, the file
@@ -190,6 +199,34 @@ class Runner:
                 self.check_partition(Path(r["run_dir"]), r["seed"])
             taken += 1
         return taken
+
+    def reuse_baselines(self, paths: list[str], base: RunConfig) -> int:
+        """Take the baseline rows of the JSON files ``paths`` (this data set's) from files whose run of this data set
+        had the same settings as ``base`` (every flat setting but where runs are written); returns how many."""
+        wanted = same_settings(base.to_flat())
+        taken = 0
+        for path in paths:
+            doc = json.loads(Path(path).read_text())
+            if not any(same_settings(m["config"]) == wanted for m in doc["datasets"].get(self.stem, [])):
+                print(f"[label_efficiency] {path}: other settings for {self.stem}: its baselines are not reused",
+                      flush=True)
+                continue
+            for r in doc["rows"]:
+                if r["dataset"] == self.stem and r["arm"] in BASELINES:
+                    self.baselines[(r["fraction"], r["seed"], r["arm"])] = r
+                    taken += 1
+        return taken
+
+    def baseline(self, cfg: RunConfig, arm: Arm, *, label: str, seed: int, fraction: float) -> dict[str, Any]:
+        """A baseline arm: an earlier run's row when ``reuse_baselines`` took one, else run it."""
+        if (earlier := self.baselines.get((fraction, seed, label))) is not None:
+            row = {**earlier, "reused_from": earlier["run_dir"]}
+            self.rows.append(row)
+            self.save()
+            print(f"[label_efficiency] {self.stem} {fraction:.0%} seed {seed}: {label}: earlier run's row reused "
+                  f"(test AUC {fmt(row['test'].get('auc'))})", flush=True)
+            return row
+        return self.run(cfg, arm, label=label, slug=BASELINES[label], seed=seed, fraction=fraction)
 
     def run(self, cfg: RunConfig, arm: Arm, *, label: str, slug: str, seed: int, fraction: float,
             variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -273,18 +310,20 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
         earlier, _ = load(args.reuse_encoders, quiet=True)
         print(f"[label_efficiency] {stem}: {runner.reuse(earlier)} pretrained encoders of earlier runs reused",
               flush=True)
+    if args.reuse_baselines:
+        print(f"[label_efficiency] {stem}: {runner.reuse_baselines(args.reuse_baselines, base)} baseline runs of "
+              "earlier runs reused", flush=True)
     for seed in args.seeds:
         for fraction in args.fractions:
             for v in (v for v in variants if v.runs_at(fraction)):
                 runner.run(configs[v.name], Arm(Mode.FEDERATED.value, configs[v.name].ssl.method),
                            label=f"federated SSL: {v.name}", slug=v.name, seed=seed, fraction=fraction,
                            variant=v.name, overrides=v.flat)
-            runner.run(base, Arm(Mode.CENTRALIZED.value, base.ssl.method), label=CENTRALIZED,
-                       slug=BASELINES[CENTRALIZED], seed=seed, fraction=fraction)
-            runner.run(base, Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), label=LOCAL_ONLY, slug=BASELINES[LOCAL_ONLY],
-                       seed=seed, fraction=fraction)
-            runner.run(base, Arm(Mode.FEDERATED.value, NO_PRETRAIN), label=SCRATCH, slug=BASELINES[SCRATCH],
-                       seed=seed, fraction=fraction)
+            runner.baseline(base, Arm(Mode.CENTRALIZED.value, base.ssl.method), label=CENTRALIZED, seed=seed,
+                            fraction=fraction)
+            runner.baseline(base, Arm(Mode.LOCAL_ONLY.value, NO_PRETRAIN), label=LOCAL_ONLY, seed=seed,
+                            fraction=fraction)
+            runner.baseline(base, Arm(Mode.FEDERATED.value, NO_PRETRAIN), label=SCRATCH, seed=seed, fraction=fraction)
     if not do_dp:
         return
     here = [r for r in rows if r["dataset"] == stem and r["fraction"] == dp_fraction]
@@ -524,6 +563,9 @@ def main() -> None:
     parser.add_argument("--reuse-encoders", nargs="+", default=[], metavar="PATH",
                         help="JSON files of earlier runs: fine-tune their pretrained encoders (same data set, seed "
                              "and pretraining settings) instead of pretraining again")
+    parser.add_argument("--reuse-baselines", nargs="+", default=[], metavar="PATH",
+                        help="JSON files of earlier runs: copy their centralized, local-only and from-scratch rows "
+                             "(same data set, seed, fraction and run settings) instead of running them again")
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
     args = parser.parse_args()
     results = Path(args.results)

@@ -160,6 +160,11 @@ BAD = [
     ({"fedema_tau": 0.0}, "fedema-tau must be in (0, 1]"),
     ({"fedema_tau": 1.5}, "fedema-tau must be in (0, 1]"),
     ({"fedu_threshold": 0.0}, "fedu-threshold must be > 0"),
+    ({"pretrain_server_lr": 0.0}, "pretrain-server-lr must be > 0"),
+    ({"pretrain_server_momentum": 1.0}, "pretrain-server-momentum must be in [0, 1)"),
+    ({"pretrain_server_momentum": -0.1}, "pretrain-server-momentum must be in [0, 1)"),
+    ({"pretrain_server_momentum": 0.9, "mode": "centralized"}, "mode centralized has none (use 1 and 0)"),
+    ({"pretrain_server_lr": 2.0, "pretrain": "none"}, "act on the pretraining rounds; --pretrain none has none"),
     ({"finetune_probe_rounds": -1}, "finetune-probe-rounds must be >= 0"),
     ({"finetune_probe_rounds": 25}, "finetune-probe-rounds (25) must be below the fine-tuning rounds (25)"),
     ({"finetune_probe_rounds": 2, "finetune_mode": "linear"}, "finetune-probe-rounds needs finetune-mode full"),
@@ -276,7 +281,8 @@ def test_sites_are_sent_only_the_settings_they_train_by() -> None:
                      ledger_dir="/centre/ledgers", dp="finetune", dp_epsilon=3.0, client_cpus=2)
     sent = cfg.site_settings()
     for centre_only in ("data", "out-dir", "run-name", "aggregation", "ledger-dir", "client-cpus", "site-keys",
-                        "resume-from", "baselines", "partition", "fraction-train", "min-sites", "round-timeout"):
+                        "resume-from", "baselines", "partition", "fraction-train", "min-sites", "round-timeout",
+                        "pretrain-server-lr", "pretrain-server-momentum"):
         assert centre_only not in sent, centre_only
     assert {"dp", "dp-epsilon", "seed", "pretrain", "finetune-mode", "label-fraction"} <= set(sent)
     at_site = RunConfig.from_flat(sent)  # what the site rebuilds: the same training settings
@@ -288,9 +294,9 @@ def test_sites_are_sent_only_the_settings_they_train_by() -> None:
 
 def test_every_setting_has_help_and_a_part_and_the_flags_keep_their_names() -> None:
     settings = RunConfig.settings()
-    assert len(settings) == 91  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
+    assert len(settings) == 93  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
     # fraction-evaluate, client-gpus, ray-address; issue 16: ssl-aggregation, fedema-tau, fedu-threshold,
-    # finetune-probe-rounds, personal
+    # finetune-probe-rounds, personal, pretrain-server-lr, pretrain-server-momentum
     assert all(s.help for _, s in settings.values())
     for key in ("data", "num-sites", "pretrain", "dp", "dp-epsilon", "secure-aggregation", "central-dp",
                 "central-dp-clipping-norm", "aggregation", "out-dir", "site-keys"):

@@ -96,3 +96,38 @@ def test_reuse_takes_encoders_of_the_same_pretraining_and_skips_gone_files(le: M
     assert runner.encoders == {(0, fedavg): str(there), (1, rows[1]["pretraining_key"]): str(there),
                                (2, rows[2]["pretraining_key"]): str(there)}
     assert le.Runner("breastmnist", [], {}, lambda: None).reuse(rows) == 0  # another data set's encoders: never
+
+
+def test_baselines_are_reused_only_from_runs_with_the_same_settings(le: ModuleType, tmp_path: Path) -> None:
+    import json
+
+    from medfed.config import RunConfig
+
+    base = le.with_flat(RunConfig.from_flat({**RunConfig().to_flat(), "data": "pneumoniamnist"}),
+                        {"pretrain-rounds": 30}, "test")
+    other = le.with_flat(base, {"pretrain-rounds": 10}, "test")
+
+    def baseline(arm: str, seed: int, auc: float) -> dict[str, Any]:
+        return {"dataset": "pneumoniamnist", "fraction": 0.1, "seed": seed, "arm": arm, "variant": None,
+                "test": {"auc": auc}, "run_dir": f"runs/{arm}-{seed}", "dp": False}
+
+    def doc(cfg: RunConfig, rows: list[dict[str, Any]], name: str) -> str:
+        flat = {**cfg.to_flat(), "out-dir": f"elsewhere/{name}"}  # where runs were written does not matter
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"datasets": {"pneumoniamnist": [{"config": flat}]}, "rows": rows}))
+        return str(path)
+
+    same = doc(base, [baseline(le.SCRATCH, 0, 0.93), baseline(le.LOCAL_ONLY, 0, 0.83),
+                      {**baseline("federated SSL: fedavg", 0, 0.94), "variant": "fedavg"}], "same")
+    differs = doc(other, [baseline(le.SCRATCH, 1, 0.5)], "differs")
+    saved: list[int] = []
+    rows: list[dict[str, Any]] = []
+    runner = le.Runner("pneumoniamnist", rows, {}, lambda: saved.append(len(rows)))
+    assert runner.reuse_baselines([same, differs], base) == 2  # the SSL row and the other settings' row: never
+    assert set(runner.baselines) == {(0.1, 0, le.SCRATCH), (0.1, 0, le.LOCAL_ONLY)}
+    got = runner.baseline(base, None, label=le.SCRATCH, seed=0, fraction=0.1)  # no arm: it must not run
+    assert got["test"]["auc"] == 0.93 and got["reused_from"] == "runs/federated supervised from scratch-0"
+    assert rows == [got] and saved == [1]
+    assert le.Runner("breastmnist", [], {}, lambda: None).reuse_baselines([same], base) == 0
+    with pytest.raises(AttributeError):  # not reused: a seed without an earlier row runs (here: no arm to run)
+        runner.baseline(base, None, label=le.SCRATCH, seed=1, fraction=0.1)

@@ -9,7 +9,8 @@ from medfed.exceptions import ConfigError
 
 
 def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | str, *, mode: Mode | str,
-                   ssl_aggregation: SSLAggregation | str, pretrain: str, secagg: bool) -> None:
+                   ssl_aggregation: SSLAggregation | str, pretrain: str, secagg: bool,
+                   server_step: tuple[float, float] = (1.0, 0.0)) -> None:
     """Raise `ConfigError` for learning settings that cannot work together.
 
     Args:
@@ -20,12 +21,14 @@ def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | 
         ssl_aggregation: how the sites take the global encoder in pretraining.
         pretrain: the pretraining method(s), or none.
         secagg: whether the run aggregates through SecAgg+.
+        server_step: ``pretrain-server-lr`` and ``pretrain-server-momentum`` (FedAvgM on the pretraining rounds).
 
     Raises:
         ConfigError: ``finetune-probe-rounds`` not below the fine-tuning rounds (the encoder would never train),
             probing with ``finetune-mode linear`` (which never trains the encoder), or personal norms with
             ``finetune-mode lora`` (the adapters freeze the encoder's norms) or ``linear``; FedEMA/FedU or
-            personal parts outside a federation, FedEMA/FedU without pretraining; FedEMA/FedU or personal parts
+            personal parts or server momentum outside a federation, FedEMA/FedU or server momentum without
+            pretraining; FedEMA/FedU or personal parts
             with SecAgg+ (their per-site metrics, computed from the site's own weights, would show the server what
             SecAgg+ hides: the attack review recovered a site's personal head from its personal-* metrics).
     """
@@ -41,6 +44,13 @@ def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | 
                                 ("personal", personal, PersonalParts.NONE)):
             if value != off:
                 raise ConfigError(f"{key} {value} concerns a federation's sites; mode {mode} has none (use {off})")
+    if tuple(server_step) != (1.0, 0.0):
+        if Mode(mode) != Mode.FEDERATED:
+            raise ConfigError(f"pretrain-server-lr {server_step[0]:g} / pretrain-server-momentum {server_step[1]:g} "
+                              f"move the federation's aggregate; mode {mode} has none (use 1 and 0)")
+        if pretrain == NO_PRETRAIN:
+            raise ConfigError("pretrain-server-lr / pretrain-server-momentum act on the pretraining rounds; --pretrain "
+                              "none has none (use 1 and 0)")
     if SSLAggregation(ssl_aggregation) != SSLAggregation.FEDAVG and pretrain == NO_PRETRAIN:
         raise ConfigError(f"ssl-aggregation {ssl_aggregation} is how sites take the global encoder in pretraining; "
                           "--pretrain none has no pretraining (use fedavg)")

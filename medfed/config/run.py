@@ -303,7 +303,8 @@ def _check_across_parts(c: RunConfig) -> None:
     _check_privacy(c)
     _check_secure_aggregation(c)
     check_learning(c.finetune, c.finetune_recipe.rounds, fed.personal, mode=c.experiment.mode, pretrain=ssl.method,
-                   ssl_aggregation=ssl.aggregation, secagg=c.secagg.mode == SecureAggregation.SECAGG_PLUS)
+                   ssl_aggregation=ssl.aggregation, secagg=c.secagg.mode == SecureAggregation.SECAGG_PLUS,
+                   server_step=(ssl.server_lr, ssl.server_momentum))
 
 
 def _check_aggregation(c: RunConfig) -> None:

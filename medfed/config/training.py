@@ -84,6 +84,15 @@ class PretrainSettings(Part):
                                 "tau / d0, then mu = min(lambda d, 1) (the paper's default 0.7).", key="fedema-tau")
     fedu_threshold: float = setting(0.05, "FedU's divergence threshold: a site takes the global predictor when "
                                     "||global - own encoder|| / ||global|| is below it.", key="fedu-threshold")
+    server_lr: float = setting(1.0, "Server learning rate on each pretraining round's aggregate (FedAvgM, Hsu et al. "
+                               "2019; Reddi et al., ICLR 2021): the new global weights are the sent ones plus this "
+                               "times the server velocity; 1 with pretrain-server-momentum 0 is FedAvg.",
+                               key="pretrain-server-lr", site=False)
+    server_momentum: float = setting(0.0, "Server momentum beta in [0, 1) over pretraining rounds (FedAvgM): the "
+                                     "velocity is beta times the last one plus the round's aggregate minus the sent "
+                                     "weights, so a direction the sites agree on round after round is followed "
+                                     "further than one round's local steps go; 0: off.",
+                                     key="pretrain-server-momentum", site=False)
 
     def check(self) -> None:
         known = sorted(m.value for m in SSLMethodName)
@@ -128,6 +137,10 @@ class PretrainSettings(Part):
             raise ConfigError(f"mask-ratio must be in (0, 1); got {self.mask_ratio}")
         if not 0 < self.fedema_tau <= 1:
             raise ConfigError(f"fedema-tau must be in (0, 1]; got {self.fedema_tau}")
+        if not self.server_lr > 0:
+            raise ConfigError(f"pretrain-server-lr must be > 0; got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"pretrain-server-momentum must be in [0, 1); got {self.server_momentum}")
         if not self.fedu_threshold > 0:
             raise ConfigError(f"fedu-threshold must be > 0; got {self.fedu_threshold}")
         if self.aggregation == SSLAggregation.FEDU and "byol" not in methods:

@@ -29,6 +29,7 @@ from medfed.server.rounds import TrainRound, run_rounds
 from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.replies import metric_scalar
 from medfed.strategies.secagg import SecAggSettings, secagg_train_round
+from medfed.strategies.server_momentum import ServerMomentum, split_momentum_state
 from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
 from medfed.task.calibration import THRESHOLD
 from medfed.task.evaluation import TestSet, evaluate_with_sites
@@ -113,6 +114,8 @@ def phase_strategy(ctx: ArmContext, grid: Grid, phase: Phase, shared_keys: list[
         proximal_mu=cfg.federation.proximal_mu, observer=ctx.recorder.site_observer(ctx.arm),
         private=DPScope(cfg.privacy.scope).covers(phase), aggregation=cfg.robust, central=central,
         min_sites=cfg.federation.min_sites,
+        server_step=ServerMomentum(cfg.ssl.server_lr, cfg.ssl.server_momentum, shared_keys)
+        if phase == Phase.PRETRAIN else None,
     )
     if cfg.secagg.mode != SecureAggregation.SECAGG_PLUS:
         return strategy, None
@@ -141,25 +144,31 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
 
         return record
 
-    def checkpoint(phase: Phase) -> Callable[[int, ArrayRecord], None] | None:
+    def checkpoint(phase: Phase, strategy: SharedWeightsStrategy | None = None
+                   ) -> Callable[[int, ArrayRecord], None] | None:
+        """The after-round checkpoint: the global weights and the server step's velocity (FedAvgM), if any."""
         if not ctx.checkpoints:
             return None
 
         def save(server_round: int, arrays: ArrayRecord) -> None:
+            step = strategy.server_step if strategy is not None else None
             save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase,
                                   completed_round=server_round, settings=cfg.to_flat(),
-                                  weights=arrays.to_torch_state_dict())
+                                  weights={**arrays.to_torch_state_dict(), **(step.state() if step else {})})
 
         return save
 
     if cfg.ssl.methods and not cfg.model.encoder_init and (resume is None or resume.phase == Phase.PRETRAIN):
         first, pretrain_state = 1, initial_pretrain_state(cfg, spec, encoder_state)  # under fedu: + predictor
+        velocity: dict[str, Any] = {}
         if resume is not None:
-            pretrain_state, first = resume.weights, resume.completed_round + 1
+            (pretrain_state, velocity), first = split_momentum_state(resume.weights), resume.completed_round + 1
         strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(pretrain_state), evaluate=False)
+        if velocity and strategy.server_step is not None:  # the resumed rounds continue with the same velocity
+            strategy.server_step.load_state(velocity)
         arrays, _ = run_rounds(strategy, grid, ArrayRecord(pretrain_state), first_round=first,
                                last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
-                               after_round=checkpoint(Phase.PRETRAIN), timeout=cfg.federation.round_timeout,
+                               after_round=checkpoint(Phase.PRETRAIN, strategy), timeout=cfg.federation.round_timeout,
                                on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
         encoder_state, _ = split_prefixed(arrays.to_torch_state_dict(), PREDICTOR_PREFIX)
         save_safetensors_durably(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)

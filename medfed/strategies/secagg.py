@@ -194,6 +194,7 @@ def secagg_train_round(strategy: SharedWeightsMixin, grid: Grid, server_round: i
     merged = ArrayRecord()
     for key in arrays.keys():
         merged[key] = Array(mean[key]) if key in mean else arrays[key]
+    merged = strategy.take_step(merged)  # FedAvgM's server step on the unmasked mean (configure_train set _sent)
     rows = [*contributing, *refused]
     summary: dict[str, MetricRecordValues] = {"sites": float(len(contributing)), "refused-sites": float(len(refused)),
                                               **max_privacy_metrics(rows)}

@@ -9,7 +9,9 @@ A round's aggregation is a pipeline; each step is a part with one job:
 3. **enough?** fewer valid updates or refusals than ``min-sites`` fail the round (resumable);
 4. **combine**: Flower's FedAvg example-weighted mean (McMahan et al., AISTATS 2017) by default, or a part:
    a Byzantine-robust rule (`RobustRule`, unweighted) or central DP (`CentralDPAggregation`);
-5. **carry over** the weights sites do not send (a frozen encoder under a linear probe, the LoRA base).
+5. **carry over** the weights sites do not send (a frozen encoder under a linear probe, the LoRA base);
+6. **server step** (`ServerMomentum`, ``pretrain-server-lr`` / ``pretrain-server-momentum``): FedAvgM's velocity
+   on the aggregate (off: the aggregate as it is).
 
 FedProx (Li et al., MLSys 2020) sends ``proximal-mu`` and the sites add the proximal term. Federated evaluation
 (``fraction-evaluate`` of the sites) pools their validation score histograms into a decision threshold per round; a
@@ -47,6 +49,7 @@ from medfed.strategies.replies import (
     update_arrays,
     weighted_eval_metrics,
 )
+from medfed.strategies.server_momentum import ServerMomentum
 from medfed.task.calibration import Threshold, pooled_threshold
 
 Update = dict[str, np.ndarray]
@@ -130,6 +133,7 @@ class Pipeline:
     central: CentralDPAggregation | None = None
     min_updates: int = 1  # valid updates (or refusals) a round needs, fewer fail it; 0: central DP's Poisson rounds
     min_updates_note: str = ""  # how min_updates follows from min-sites, for the error message
+    server_step: ServerMomentum | None = None  # FedAvgM on the aggregate; None: the aggregate as it is
 
 
 class SharedWeightsMixin:
@@ -141,6 +145,7 @@ class SharedWeightsMixin:
         self.phase, self.shared_keys, self.observer = p.phase, list(p.shared_keys), p.observer
         self.checks, self.screen, self.rule, self.central = p.checks, p.screen, p.rule, p.central
         self.min_updates, self.min_updates_note = p.min_updates, p.min_updates_note
+        self.server_step = p.server_step
         self._sent: ArrayRecord | None = None
         self.thresholds: dict[int, Threshold] = {}  # round -> threshold calibrated on the sites' pooled val histograms
         self.evaluated_sites: dict[int, list[int]] = {}  # round -> the sites whose federated evaluation arrived
@@ -186,7 +191,12 @@ class SharedWeightsMixin:
         merged = ArrayRecord()
         for key in self._sent.keys():  # keep the sent order; frozen weights carried over
             merged[key] = arrays[key] if key in arrays else self._sent[key]
-        return merged, metrics
+        return self.take_step(merged), metrics
+
+    def take_step(self, merged: ArrayRecord) -> ArrayRecord:
+        """The round's new global weights: the server step (FedAvgM) on the merged aggregate, when there is one."""
+        assert self._sent is not None
+        return merged if self.server_step is None else self.server_step.step(self._sent, merged)
 
     def triage_replies(self, server_round: int, replies: list[Message]) -> Triage:
         """Record error replies and refusals; check every other reply (contract, the strategy's checks, one update
@@ -338,6 +348,7 @@ def make_strategy(
     aggregation: RobustSettings | None = None,
     central: CentralDPAggregation | None = None,
     min_sites: int = 0,
+    server_step: ServerMomentum | None = None,
 ) -> SharedWeightsStrategy:
     """The strategy for one phase, assembled from its parts.
 
@@ -355,6 +366,7 @@ def make_strategy(
         min_sites: a round starts once this many sites are connected and fails (resumable) unless this many
             send a valid update or refuse (a refusal is recorded, not waited for). 0 means every site: all
             ``num_sites`` connected, and every site sampled for the round must answer.
+        server_step: FedAvgM's server learning rate and momentum on each round's aggregate (None: FedAvg's).
 
     Returns:
         A Flower strategy whose ``aggregate_train`` runs the shared-weights pipeline.
@@ -383,6 +395,7 @@ def make_strategy(
         rule=None if AggregationRule(settings.rule) == AggregationRule.MEAN else RobustRule(settings, phase),
         central=central, min_updates=0 if central and central.sampling else min_sites if min_sites > 0 else min_nodes,
         min_updates_note="" if min_sites > 0 else " (min-sites 0: every site sampled)",
+        server_step=None if server_step is None or server_step.is_fedavg else server_step,
     )
     strategy: SharedWeightsStrategy
     if StrategyName(name) == StrategyName.FEDPROX:

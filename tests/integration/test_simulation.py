@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -217,6 +218,34 @@ def test_fedu_with_personal_parts_and_probing_runs_end_to_end(tmp_path: Path, da
     summary = json.loads((run_dir / "summary.json").read_text())["arms"]
     assert set(summary) == {"federated-byol", "local-only-none", "federated-none"}
     assert "personalised" in summary["federated-none"] and "personalised" not in summary["local-only-none"]
+
+
+@pytest.mark.timeout(240)
+def test_server_learning_rate_moves_the_global_encoder_along_the_sites_mean_step(tmp_path: Path,
+                                                                                  data_path_env: Path) -> None:
+    """FedAvgM's server step in a real simulation: after one pretraining round the sites trained from the same
+    seeded encoder in both runs, so with pretrain-server-lr 2 the global encoder is the start plus twice FedAvg's
+    step (and with momentum the first round's velocity is that step: the same as lr 1, momentum 0)."""
+    cfg = small(tmp_path, pretrain_rounds=1, finetune_rounds=1, run_name="fedavg")
+    fedavg = launcher.simulate(cfg)
+    scaled = launcher.simulate(cfg.replace(pretrain_server_lr=2.0, pretrain_server_momentum=0.5, run_name="fedavgm"))
+
+    def encoder(run_dir: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run_dir / "arms" / "federated-simclr" / "pretrained_encoder.safetensors"))
+
+    start = new_encoder(cfg, cfg_spec(fedavg)).state_dict()  # the seeded encoder both runs sent in round 1
+    a, b = encoder(fedavg), encoder(scaled)
+    assert set(a) == set(b) == set(start)
+    moved = 0
+    for key, w0 in start.items():
+        if not w0.is_floating_point():
+            continue
+        expected = w0.double() + 2.0 * (a[key].double() - w0.double())
+        torch.testing.assert_close(b[key].double(), expected, atol=1e-6, rtol=1e-5)
+        moved += int(not torch.equal(a[key], w0))
+    assert moved > 0  # the sites did train: the check compares real steps
+    config = json.loads((scaled / "config.json").read_text())
+    assert config["pretrain-server-lr"] == 2.0 and config["pretrain-server-momentum"] == 0.5
 
 
 def cfg_spec(run_dir: Path) -> InputSpec:
