@@ -158,8 +158,10 @@ def pretraining_key(cfg: RunConfig, mode: str) -> str:
 
 
 def same_settings(flat: dict[str, Any]) -> dict[str, Any]:
-    """A run's flat settings without where it writes (compared to reuse an earlier run's baselines)."""
-    return {k: v for k, v in flat.items() if k not in ("out-dir", "run-name")}
+    """A run's flat settings without where it writes (compared to reuse an earlier run's baselines); settings
+    added to medfed after the run was written take their defaults (which is what the run had)."""
+    full = RunConfig.from_flat({**RunConfig().to_flat(), **flat}).to_flat()
+    return {k: v for k, v in full.items() if k not in ("out-dir", "run-name")}
 
 
 def describe_settings(cfg: RunConfig) -> str:

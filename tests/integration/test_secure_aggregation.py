@@ -19,6 +19,7 @@ from medfed.privacy.audit import run_audit
 from medfed.privacy.central import CENTRAL_ACCOUNTANT
 from medfed.privacy.ledger import verify_ledger
 from medfed.simulations import launcher
+from medfed.task.model_setup import new_encoder
 
 ARM = "federated-simclr"
 
@@ -48,6 +49,16 @@ def test_the_secure_sum_equals_plain_averaging_up_to_quantisation(tmp_path: Path
                                                                           for s in (0, 1, 2)}
     assert not any("bytes-sent" in r for r in train)  # the server never held a site's update to measure
     assert "**SecAgg+**" in (secure / "report.md").read_text()
+    # FedAvgM's server step on SecAgg+'s unmasked mean: the start plus twice the mean's step (one round, so the
+    # velocity is that step), up to the quantisation of both secure sums
+    moved = launcher.simulate(config(tmp_path, "secure-fedavgm", secure_aggregation="secagg+",
+                                     pretrain_server_lr=2.0, pretrain_server_momentum=0.9))
+    c = load_file(moved / "arms" / ARM / "pretrained_encoder.safetensors")
+    cfg = config(tmp_path, "plain")
+    start = {k: v.numpy() for k, v in new_encoder(cfg, prepare.prepare(cfg).test.spec).state_dict().items()}
+    worst = max(float(np.abs(c[k] - (start[k] + 2.0 * (a[k] - start[k]))).max()) for k in a)
+    assert worst < 6e-5, worst
+    assert max(float(np.abs(c[k] - a[k]).max()) for k in a) > 1e-3  # the step did move the encoder beyond FedAvg's
 
 
 @pytest.mark.timeout(300)
