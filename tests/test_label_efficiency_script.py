@@ -132,3 +132,27 @@ def test_baselines_are_reused_only_from_runs_with_the_same_settings(le: ModuleTy
     assert le.Runner("breastmnist", [], {}, lambda: None).reuse_baselines([same], base) == 0
     with pytest.raises(AttributeError):  # not reused: a seed without an earlier row runs (here: no arm to run)
         runner.baseline(base, None, label=le.SCRATCH, seed=1, fraction=0.1)
+
+
+def test_the_dp_target_is_judged_on_the_chosen_variants_dp_runs_only(le: ModuleType) -> None:
+    def full(variant: str | None, seed: int, val: float | None, test: float, *, dp: bool = False,
+             arm: str = "federated SSL") -> dict[str, Any]:
+        return {"dataset": "pneumoniamnist", "fraction": 0.1, "seed": seed, "arm": arm, "variant": variant,
+                "val_auc": val, "test": {"auc": test, "accuracy": 0.8}, "wall": 1.0, "peak": 1.0, "encoder": "",
+                "pretrained": True, "dp": dp, "personal_test_auc": None, "personal_val_auc": None,
+                "global_site_test_auc": None}
+
+    dp_arm = le.dp_label(8.0)
+    rows = [full("a", s, 0.99, 0.95) for s in range(3)] + [full("b", s, 0.98, 0.96) for s in range(3)]
+    rows += [full(None, s, 0.98, 0.92, arm=le.SCRATCH) for s in range(3)]
+    rows += [full("b", s, 0.9, 0.99, dp=True, arm=dp_arm) for s in range(3)]  # another encoder's DP runs
+    meta = {"command": "c", "date": "d", "cores": 2, "cpu": "x", "device": "cpu", "torch": "t", "minutes": 1.0,
+            "settings": "s", "seeds": [0, 1, 2], "fractions": [0.1], "set": {}, "variants": ["a:", "b:"],
+            "dp": {"epsilon": 8.0, "delta": 1e-5, "fraction": 0.1}}
+    text = le.section("pneumoniamnist", rows, [meta])
+    assert "chosen on validation: a" in text
+    assert "no DP run fine-tuned the chosen variant's encoders" in text and "test AUC 0.990" not in text
+    text = le.section("pneumoniamnist", rows + [full("a", s, 0.9, 0.91, dp=True, arm=dp_arm) for s in range(3)],
+                      [meta])
+    assert "DP at epsilon 8: test AUC 0.910, mean over 3 runs (target >= 0.93: missed)" in text
+    assert f"| {dp_arm} (b) |" in text and f"| {dp_arm} (a) |" in text  # both shown, the target on a's
