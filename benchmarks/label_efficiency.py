@@ -157,6 +157,16 @@ def pretraining_key(cfg: RunConfig, mode: str) -> str:
     return json.dumps({"mode": mode, **flat}, sort_keys=True, default=str)
 
 
+def complete_key(key: str) -> str:
+    """A pretraining key written before some settings existed, with those settings at their defaults (which is
+    what that run had), so it matches the key the same settings give today."""
+    if not key:
+        return key
+    stored = json.loads(key)
+    full = json.loads(pretraining_key(RunConfig(), stored.get("mode", "")))
+    return json.dumps({**full, **stored}, sort_keys=True, default=str)
+
+
 def same_settings(flat: dict[str, Any]) -> dict[str, Any]:
     """A run's flat settings without where it writes (compared to reuse an earlier run's baselines); settings
     added to medfed after the run was written take their defaults (which is what the run had)."""
@@ -189,7 +199,7 @@ class Runner:
         still there) and their seeds' partitions; returns how many."""
         taken = 0
         for r in earlier:
-            key, encoder = r.get("pretraining_key"), r.get("encoder")
+            key, encoder = complete_key(r.get("pretraining_key") or ""), r.get("encoder")
             if r["dataset"] != self.stem or not r.get("pretrained") or not key or not encoder:
                 continue
             if not Path(encoder).is_file():

@@ -7,6 +7,7 @@ are pinned here: a variant restricted to 1 % labels must not run, nor be chosen,
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -96,6 +97,13 @@ def test_reuse_takes_encoders_of_the_same_pretraining_and_skips_gone_files(le: M
     assert runner.encoders == {(0, fedavg): str(there), (1, rows[1]["pretraining_key"]): str(there),
                                (2, rows[2]["pretraining_key"]): str(there)}
     assert le.Runner("breastmnist", [], {}, lambda: None).reuse(rows) == 0  # another data set's encoders: never
+    # a row written before a setting existed (its key lacks it) still matches: the run had the default
+    older = {k: v for k, v in json.loads(rows[0]["pretraining_key"]).items() if k != "pretrain-server-momentum"}
+    runner = le.Runner("pneumoniamnist", [], {}, lambda: None)
+    assert runner.reuse([{**rows[0], "pretraining_key": json.dumps(older)}]) == 1 and (0, fedavg) in runner.encoders
+    changed = json.dumps({**older, "pretrain-server-momentum": 0.9})  # another setting's value: never
+    runner = le.Runner("pneumoniamnist", [], {}, lambda: None)
+    assert runner.reuse([{**rows[0], "pretraining_key": changed}]) == 1 and (0, fedavg) not in runner.encoders
 
 
 def test_baselines_are_reused_only_from_runs_with_the_same_settings(le: ModuleType, tmp_path: Path) -> None:

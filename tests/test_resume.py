@@ -48,6 +48,10 @@ def test_a_resumed_run_must_keep_its_settings(tmp_path: Path) -> None:
     check_same_settings(ckpt, {"width": 8, "seed": 0, "resume-from": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"width \(8 -> 16\)"):
         check_same_settings(ckpt, {"width": 16, "seed": 0})
+    # a checkpoint written before a setting existed had its default: resuming at the default is the same run
+    check_same_settings(ckpt, {"width": 8, "seed": 0, "pretrain-server-momentum": 0.0})
+    with pytest.raises(ConfigError, match=r"pretrain-server-momentum \(0.0 -> 0.9\)"):
+        check_same_settings(ckpt, {"width": 8, "seed": 0, "pretrain-server-momentum": 0.9})
 
 
 def test_rows_after_the_checkpoint_are_dropped_and_the_rest_kept(tmp_path: Path) -> None:

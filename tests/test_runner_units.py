@@ -39,6 +39,16 @@ def test_fedema_fedu_and_personal_parts_apply_to_the_federation_only_and_every_b
                    "local-only-byol": ("fedavg", "none")}
 
 
+def test_the_server_step_applies_to_the_federated_pretraining_only_and_every_baseline_can_run() -> None:
+    """The review of FedAvgM: with the server step kept, every baseline arm was refused (no federation or no
+    pretraining), so `medfed simulate --pretrain-server-momentum 0.9` with its default baselines failed."""
+    main = run_config(pretrain_server_lr=1.5, pretrain_server_momentum=0.9, baselines="all")
+    settings = {arm.name: arm_config(main, arm) for arm in arms_for(main)}
+    got = {name: (c.ssl.server_lr, c.ssl.server_momentum) for name, c in settings.items()}
+    assert got == {"federated-simclr": (1.5, 0.9), "federated-none": (1.0, 0.0), "local-only-none": (1.0, 0.0),
+                   "centralized-simclr": (1.0, 0.0), "local-only-simclr": (1.0, 0.0)}
+
+
 def test_baselines_all_include_every_mode_with_the_same_pretraining() -> None:
     names = [a.name for a in arms_for(run_config(mode="centralized", pretrain="byol", baselines="all"))]
     assert names == ["centralized-byol", "local-only-none", "federated-none", "federated-byol", "local-only-byol"]

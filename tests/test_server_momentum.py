@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from medfed.constants import Phase
 from medfed.exceptions import ConfigError, FederationError
 from medfed.experiment.resume import load_round_checkpoint, save_round_checkpoint
-from medfed.strategies.server_momentum import STATE_PREFIX, ServerMomentum, split_momentum_state
+from medfed.strategies.server_momentum import STATE_PREFIX, ServerMomentum, load_velocity, split_momentum_state
 from medfed.strategies.shared_weights import make_strategy
 
 
@@ -53,11 +53,13 @@ def test_server_lr_scales_the_step() -> None:
 def test_arrays_not_aggregated_and_integer_buffers_are_left_as_they_are() -> None:
     step = ServerMomentum(1.0, 0.9, ["w", "steps"])
     sent = record(w=np.zeros(2, np.float32), head=np.zeros(2, np.float32), steps=np.array([3], np.int64))
-    aggregate = record(w=np.ones(2, np.float32), head=np.full(2, 7.0, np.float32), steps=np.array([5], np.int64))
+    # Flower's example-weighted mean turns an integer array into float64: judged by the dtype sent, not that
+    aggregate = record(w=np.ones(2, np.float64), head=np.full(2, 7.0, np.float32), steps=np.array([5.0]))
     out = step.step(sent, aggregate)
     assert list(out.keys()) == ["w", "head", "steps"]
     np.testing.assert_allclose(out["head"].numpy(), 7.0)  # not a shared key: as aggregated (carried over)
-    assert out["steps"].numpy().tolist() == [5] and set(step.velocity) == {"w"}
+    assert out["steps"].numpy().tolist() == [5.0] and set(step.velocity) == {"w"}
+    assert out["w"].numpy().dtype == np.float32  # the sent dtype
 
 
 @pytest.mark.parametrize("lr, momentum, rule", [(0.0, 0.0, "learning rate must be > 0"),
@@ -117,3 +119,6 @@ def test_the_velocity_goes_through_the_round_checkpoint(tmp_path: Path) -> None:
     assert not np.allclose(lost["w"].numpy(), uninterrupted["w"].numpy())
     with pytest.raises(FederationError, match="not the velocity of a shared array"):
         resumed.load_state({STATE_PREFIX + "projector.w": torch.zeros(1)})
+    with pytest.raises(FederationError, match="has no server step"):
+        load_velocity(None, velocity)  # a velocity for a run without a server step: not the same run
+    load_velocity(None, {})  # nothing to restore: fine

@@ -51,7 +51,8 @@ def arms_for(cfg: RunConfig) -> list[Arm]:
 def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
     """Settings of one arm: the main settings with the arm's mode and pretraining.
 
-    FedEMA/FedU (``ssl-aggregation``) apply to the federated arm that pretrains as the main one, personal parts to
+    FedEMA/FedU (``ssl-aggregation``) and the server step (``pretrain-server-lr``/``-momentum``) apply to the
+    federated arm that pretrains as the main one, personal parts to
     federated arms; the others run with FedAvg and no personal parts. Baselines keep the main arm's resolved
     encoder (so a MAE run compares ViTs with ViTs), and a supervised-from-scratch baseline always fine-tunes fully
     (a linear probe on a random encoder measures nothing).
@@ -65,6 +66,9 @@ def arm_config(main: RunConfig, arm: Arm) -> RunConfig:
         # sites (personal parts also to a federation without pretraining)
         ssl_aggregation=main.ssl.aggregation if federated_ssl else SSLAggregation.FEDAVG.value,
         personal=main.federation.personal if arm.mode == Mode.FEDERATED else PersonalParts.NONE.value,
+        # the centre's FedAvgM step acts on the federated pretraining it was set for; the others average plainly
+        pretrain_server_lr=main.ssl.server_lr if federated_ssl else 1.0,
+        pretrain_server_momentum=main.ssl.server_momentum if federated_ssl else 0.0,
         pretrain=arm.pretrain,
         pretrain_weights=main.ssl.weights if same_ssl else "",
         encoder_init=main.model.encoder_init if same_ssl and arm.pretrain != NO_PRETRAIN else "",

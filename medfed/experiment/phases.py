@@ -29,7 +29,7 @@ from medfed.server.rounds import TrainRound, run_rounds
 from medfed.strategies.central_dp import CentralDPAggregation
 from medfed.strategies.replies import metric_scalar
 from medfed.strategies.secagg import SecAggSettings, secagg_train_round
-from medfed.strategies.server_momentum import ServerMomentum, split_momentum_state
+from medfed.strategies.server_momentum import ServerMomentum, load_velocity, split_momentum_state
 from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
 from medfed.task.calibration import THRESHOLD
 from medfed.task.evaluation import TestSet, evaluate_with_sites
@@ -164,8 +164,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
         if resume is not None:
             (pretrain_state, velocity), first = split_momentum_state(resume.weights), resume.completed_round + 1
         strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(pretrain_state), evaluate=False)
-        if velocity and strategy.server_step is not None:  # the resumed rounds continue with the same velocity
-            strategy.server_step.load_state(velocity)
+        load_velocity(strategy.server_step, velocity)  # the resumed rounds continue with the same velocity
         arrays, _ = run_rounds(strategy, grid, ArrayRecord(pretrain_state), first_round=first,
                                last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
                                after_round=checkpoint(Phase.PRETRAIN, strategy), timeout=cfg.federation.round_timeout,

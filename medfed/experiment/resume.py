@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from medfed.config import without_resume
+from medfed.config import RunConfig, without_resume
 from medfed.constants import Phase
 from medfed.exceptions import ConfigError
 from medfed.files import replace_durably, save_safetensors_durably
@@ -77,10 +77,13 @@ def load_round_checkpoint(run_dir: Path) -> RoundCheckpoint:
 def check_same_settings(checkpoint: RoundCheckpoint, settings: Mapping[str, object]) -> None:
     """A resumed run must have the settings it started with (only ``resume-from`` may differ)."""
     now = without_resume(settings)
-    changed = sorted(k for k in set(now) | set(checkpoint.settings) if now.get(k) != checkpoint.settings.get(k))
+    defaults = RunConfig().to_flat()  # a setting added since the checkpoint was written: the run had its default
+    before = {k: checkpoint.settings[k] if k in checkpoint.settings else defaults.get(k)
+              for k in set(now) | set(checkpoint.settings)}
+    changed = sorted(k for k in before if now.get(k) != before[k])
     if changed:
         raise ConfigError("a resumed run must keep its settings; these differ from the checkpoint: " + ", ".join(
-            f"{k} ({checkpoint.settings.get(k)!r} -> {now.get(k)!r})" for k in changed))
+            f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed))
 
 
 def drop_unfinished_rows(metrics_path: Path, arm: str, phase: Phase, completed_round: int,

@@ -74,7 +74,7 @@ class ServerMomentum:
                 continue
             old = sent[key].numpy()
             value = new.numpy()
-            if not np.issubdtype(value.dtype, np.floating):
+            if not np.issubdtype(old.dtype, np.floating):  # judged as sent: Flower's mean turns ints into floats
                 out[key] = new
                 continue
             if value.shape != old.shape:
@@ -84,7 +84,7 @@ class ServerMomentum:
             delta = value.astype(np.float64) - old.astype(np.float64)
             velocity = delta if velocity is None else self.momentum * velocity + delta
             self.velocity[key] = velocity
-            out[key] = Array(np.asarray(old.astype(np.float64) + self.lr * velocity, dtype=value.dtype))
+            out[key] = Array(np.asarray(old.astype(np.float64) + self.lr * velocity, dtype=old.dtype))
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -102,6 +102,17 @@ class ServerMomentum:
         self.velocity = velocity
 
 
+def load_velocity(step: ServerMomentum | None, velocity: Mapping[str, torch.Tensor]) -> None:
+    """Give a resumed phase's server step the velocity its checkpoint holds; a checkpoint with a velocity for a
+    phase without a server step is refused (the settings check should have stopped such a resume already)."""
+    if not velocity:
+        return
+    if step is None:
+        raise FederationError("the checkpoint holds a server momentum velocity, but this run's pretraining has no "
+                              "server step (pretrain-server-lr 1, pretrain-server-momentum 0): not the same run")
+    step.load_state(velocity)
+
+
 def split_momentum_state(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                                          dict[str, torch.Tensor]]:
     """A checkpoint's arrays split into (global weights, server momentum velocity)."""
@@ -109,4 +120,4 @@ def split_momentum_state(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str,
     return model, {k: v for k, v in weights.items() if k.startswith(STATE_PREFIX)}
 
 
-__all__ = ["STATE_PREFIX", "ServerMomentum", "split_momentum_state"]
+__all__ = ["STATE_PREFIX", "ServerMomentum", "load_velocity", "split_momentum_state"]
