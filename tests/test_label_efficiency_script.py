@@ -138,8 +138,10 @@ def test_baselines_are_reused_only_from_runs_with_the_same_settings(le: ModuleTy
     assert got["test"]["auc"] == 0.93 and got["reused_from"] == "runs/federated supervised from scratch-0"
     assert rows == [got] and saved == [1]
     assert le.Runner("breastmnist", [], {}, lambda: None).reuse_baselines([same], base) == 0
-    with pytest.raises(AttributeError):  # not reused: a seed without an earlier row runs (here: no arm to run)
-        runner.baseline(base, None, label=le.SCRATCH, seed=1, fraction=0.1)
+    ran: list[tuple[str, int]] = []  # not reused: a seed without an earlier row runs
+    runner.run = lambda cfg, arm, *, label, slug, seed, fraction: ran.append((slug, seed)) or {"ran": True}
+    assert runner.baseline(base, None, label=le.SCRATCH, seed=1, fraction=0.1) == {"ran": True}
+    assert ran == [("scratch", 1)] and rows == [got]  # the reused row was appended once, the run appends its own
 
 
 def test_the_dp_target_is_judged_on_the_chosen_variants_dp_runs_only(le: ModuleType) -> None:
