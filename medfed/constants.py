@@ -172,6 +172,13 @@ class FinetuneLoss(StrEnum):
     LOGIT_ADJUSTED = "logit-adjusted"  # plus the log of the site's label prior (Menon et al., ICLR 2021)
 
 
+class FinetuneSelect(StrEnum):
+    """Which fine-tuning round's global model a run keeps."""
+
+    LAST = "last"  # the last round's
+    BEST_VALIDATION = "best-validation"  # the round with the highest validation AUC (early stopping on held-out data)
+
+
 class SSLAggregation(StrEnum):
     """How a site takes the global encoder into its next pretraining round (site-side; the server averages as usual)."""
 

@@ -177,6 +177,8 @@ BAD = [
     ({"personal": "head", "secure_aggregation": "secagg+"}, "personal head cannot be combined with secure-aggregation"),
     ({"ssl_aggregation": "fedema", "secure_aggregation": "secagg+"}, "fedema cannot be combined with secure-agg"),
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
+    ({"finetune_select": "best"}, "finetune-select must be one of last, best-validation"),
+    ({"finetune_select": "best-validation", "personal": "head"}, "each site keeps its own parts of the last round"),
 ]
 
 
@@ -282,7 +284,7 @@ def test_sites_are_sent_only_the_settings_they_train_by() -> None:
     sent = cfg.site_settings()
     for centre_only in ("data", "out-dir", "run-name", "aggregation", "ledger-dir", "client-cpus", "site-keys",
                         "resume-from", "baselines", "partition", "fraction-train", "min-sites", "round-timeout",
-                        "pretrain-server-lr", "pretrain-server-momentum"):
+                        "pretrain-server-lr", "pretrain-server-momentum", "finetune-select"):
         assert centre_only not in sent, centre_only
     assert {"dp", "dp-epsilon", "seed", "pretrain", "finetune-mode", "label-fraction"} <= set(sent)
     at_site = RunConfig.from_flat(sent)  # what the site rebuilds: the same training settings
@@ -294,9 +296,9 @@ def test_sites_are_sent_only_the_settings_they_train_by() -> None:
 
 def test_every_setting_has_help_and_a_part_and_the_flags_keep_their_names() -> None:
     settings = RunConfig.settings()
-    assert len(settings) == 93  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
+    assert len(settings) == 94  # 66 before issue 14 (image, table, memory settings: 81); issue 15: device, precision,
     # fraction-evaluate, client-gpus, ray-address; issue 16: ssl-aggregation, fedema-tau, fedu-threshold,
-    # finetune-probe-rounds, personal, pretrain-server-lr, pretrain-server-momentum
+    # finetune-probe-rounds, personal, pretrain-server-lr, pretrain-server-momentum, finetune-select
     assert all(s.help for _, s in settings.values())
     for key in ("data", "num-sites", "pretrain", "dp", "dp-epsilon", "secure-aggregation", "central-dp",
                 "central-dp-clipping-norm", "aggregation", "out-dir", "site-keys"):

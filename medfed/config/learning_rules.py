@@ -4,7 +4,7 @@ personal parts against what a fine-tuning mode trains and sends."""
 from __future__ import annotations
 
 from medfed.config.training import FinetuneSettings
-from medfed.constants import NO_PRETRAIN, FinetuneMode, Mode, PersonalParts, SSLAggregation
+from medfed.constants import NO_PRETRAIN, FinetuneMode, FinetuneSelect, Mode, PersonalParts, SSLAggregation
 from medfed.exceptions import ConfigError
 
 
@@ -26,7 +26,8 @@ def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | 
     Raises:
         ConfigError: ``finetune-probe-rounds`` not below the fine-tuning rounds (the encoder would never train),
             probing with ``finetune-mode linear`` (which never trains the encoder), or personal norms with
-            ``finetune-mode lora`` (the adapters freeze the encoder's norms) or ``linear``; FedEMA/FedU or
+            ``finetune-mode lora`` (the adapters freeze the encoder's norms) or ``linear``; any personal parts
+            with ``finetune-select best-validation`` (the sites' parts are the last round's); FedEMA/FedU or
             personal parts or server momentum outside a federation, FedEMA/FedU or server momentum without
             pretraining; FedEMA/FedU or personal parts
             with SecAgg+ (their per-site metrics, computed from the site's own weights, would show the server what
@@ -64,3 +65,7 @@ def check_learning(ft: FinetuneSettings, rounds: int, personal: PersonalParts | 
     if personal.norm and ft.mode != FinetuneMode.FULL:
         raise ConfigError(f"personal {personal} keeps each site's own normalisation parameters, but finetune-mode "
                           f"{ft.mode} does not train them; use finetune-mode full, or personal head")
+    if personal != PersonalParts.NONE and ft.select != FinetuneSelect.LAST:
+        raise ConfigError(f"finetune-select {ft.select} would keep an earlier round's global model, but with personal "
+                          f"{personal} each site keeps its own parts of the last round, trained beside the last "
+                          "round's global model, not that one; use finetune-select last")

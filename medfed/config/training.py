@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from medfed.config.base import Part, setting
-from medfed.constants import NO_PRETRAIN, FinetuneLoss, FinetuneMode, SSLAggregation, SSLMethodName
+from medfed.constants import NO_PRETRAIN, FinetuneLoss, FinetuneMode, FinetuneSelect, SSLAggregation, SSLMethodName
 from medfed.exceptions import ConfigError
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -193,6 +193,12 @@ class FinetuneSettings(Part):
                                 "the encoder trains too (linear probing then fine-tuning, Kumar et al., ICLR 2022: "
                                 "a random head's first gradients do not distort the pretrained features). Counted "
                                 "within the fine-tuning rounds; 0: off.", key="finetune-probe-rounds")
+    select: FinetuneSelect = setting(FinetuneSelect.LAST, "Which round's model the run keeps: last, or "
+                                     "best-validation (the round whose global model had the highest validation AUC, "
+                                     "mean over the sites' validation shares weighted by images; early stopping on "
+                                     "held-out data, Prechelt 1998): few labels under label skew make the rounds' "
+                                     "models swing (docs/RESULTS.md). The centre's choice, never sent to a site.",
+                                     key="finetune-select", site=False)
 
     def check(self) -> None:
         if self.lr_schedule and self.lr_schedule not in LR_SCHEDULES:

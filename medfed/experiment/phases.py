@@ -9,7 +9,7 @@ official test split (server side) and on each site's validation data (federated 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from medfed.config import RunConfig
 from medfed.constants import CentralDP, DPScope, MessageKey, Phase, SecureAggregation, SiteData, TaskType
 from medfed.data.spec import DataSpec
 from medfed.data.table_data import cache_root
+from medfed.experiment.model_selection import SELECTED_SPLIT, resumed_selection, selector
 from medfed.experiment.recorder import GLOBAL, Recorder
 from medfed.experiment.resume import RoundCheckpoint, save_round_checkpoint
 from medfed.files import save_safetensors_durably
@@ -31,7 +32,7 @@ from medfed.strategies.replies import metric_scalar
 from medfed.strategies.secagg import SecAggSettings, secagg_train_round
 from medfed.strategies.server_momentum import ServerMomentum, load_velocity, split_momentum_state
 from medfed.strategies.shared_weights import SharedWeightsStrategy, make_strategy
-from medfed.task.calibration import THRESHOLD
+from medfed.task.calibration import THRESHOLD, Threshold
 from medfed.task.evaluation import TestSet, evaluate_with_sites
 from medfed.task.model_setup import finetune_shared_keys, initial_encoder_state, initial_pretrain_state, new_classifier
 
@@ -127,6 +128,13 @@ def phase_strategy(ctx: ArmContext, grid: Grid, phase: Phase, shared_keys: list[
     return strategy, train_round
 
 
+def _threshold(note: dict[str, float]) -> Threshold | None:
+    """The `Threshold` a `BestRound` note holds (None: that round had none)."""
+    if not note:
+        return None
+    return Threshold(note["probability"], note["youden_j"], int(note["positives"]), int(note["negatives"]))
+
+
 def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     """Run both phases over the grid; returns the final global test metrics.
 
@@ -144,17 +152,17 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
 
         return record
 
-    def checkpoint(phase: Phase, strategy: SharedWeightsStrategy | None = None
+    def checkpoint(phase: Phase, extra: Callable[[], dict[str, Any]] = dict
                    ) -> Callable[[int, ArrayRecord], None] | None:
-        """The after-round checkpoint: the global weights and the server step's velocity (FedAvgM), if any."""
+        """The after-round checkpoint: the global weights and ``extra()``'s arrays (the server step's velocity,
+        FedAvgM; the best-validation round's model)."""
         if not ctx.checkpoints:
             return None
 
         def save(server_round: int, arrays: ArrayRecord) -> None:
-            step = strategy.server_step if strategy is not None else None
             save_round_checkpoint(ctx.run_dir, run_id=ctx.run_id, arm=ctx.arm, phase=phase,
                                   completed_round=server_round, settings=cfg.to_flat(),
-                                  weights={**arrays.to_torch_state_dict(), **(step.state() if step else {})})
+                                  weights={**arrays.to_torch_state_dict(), **extra()})
 
         return save
 
@@ -165,15 +173,18 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
             (pretrain_state, velocity), first = split_momentum_state(resume.weights), resume.completed_round + 1
         strategy, exchange = phase_strategy(ctx, grid, Phase.PRETRAIN, list(pretrain_state), evaluate=False)
         load_velocity(strategy.server_step, velocity)  # the resumed rounds continue with the same velocity
+        step = strategy.server_step
         arrays, _ = run_rounds(strategy, grid, ArrayRecord(pretrain_state), first_round=first,
                                last_round=cfg.ssl.rounds, train_config=ctx.message_config(Phase.PRETRAIN),
-                               after_round=checkpoint(Phase.PRETRAIN, strategy), timeout=cfg.federation.round_timeout,
+                               after_round=checkpoint(Phase.PRETRAIN, step.state if step else dict),
+                               timeout=cfg.federation.round_timeout,
                                on_round_timing=timing(Phase.PRETRAIN), train_round=exchange)
         encoder_state, _ = split_prefixed(arrays.to_torch_state_dict(), PREDICTOR_PREFIX)
         save_safetensors_durably(ctx.arm_dir / PRETRAINED_ENCODER, encoder_state, meta)
 
+    keeper = selector(cfg.finetune.select)  # finetune-select best-validation: the best round's model, kept
     if resume is not None and resume.phase == Phase.FINETUNE:
-        state, first = resume.weights, resume.completed_round + 1
+        (state, keeper), first = resumed_selection(resume.weights, cfg.finetune.select), resume.completed_round + 1
     else:
         state, first = new_classifier(cfg, spec, test.task, test.num_classes, encoder_state).state_dict(), 1
         if (save := checkpoint(Phase.FINETUNE)) is not None:  # round 0: the starting model, so a resume repeats it
@@ -196,16 +207,35 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
             ctx.recorder.record(ctx.arm, Phase.FINETUNE, server_round, site, TEST_SITE_SPLIT, site_metrics)
         return MetricRecord(dict(metrics))
 
+    def offer(server_round: int, arrays: ArrayRecord, validation: MetricRecord | None) -> None:
+        if keeper is not None:
+            threshold = strategy.thresholds.get(server_round)
+            keeper.offer(server_round, arrays.to_torch_state_dict(),
+                         {k: metric_scalar(v) for k, v in (validation or {}).items()},
+                         asdict(threshold) if threshold is not None else None)
+
     config = ctx.message_config(Phase.FINETUNE)
     last = cfg.finetune_recipe.rounds
     arrays, server_metrics = run_rounds(strategy, grid, ArrayRecord(state), first_round=first, last_round=last,
                                         train_config=config, evaluate_config=config, evaluate_fn=evaluate_fn,
-                                        after_round=checkpoint(Phase.FINETUNE), timeout=cfg.federation.round_timeout,
+                                        after_round=checkpoint(Phase.FINETUNE, keeper.state if keeper else dict),
+                                        timeout=cfg.federation.round_timeout,
                                         evaluate_initial=resume is None or resume.phase != Phase.FINETUNE,
-                                        on_round_timing=timing(Phase.FINETUNE), train_round=exchange)
+                                        on_round_timing=timing(Phase.FINETUNE), train_round=exchange,
+                                        on_evaluated=offer)
+    chosen, weights = last, dict(arrays.to_torch_state_dict())
     threshold = strategy.thresholds.get(last)
+    if keeper is not None:
+        chosen, weights = keeper.chosen(last, weights)
+        if chosen != last:  # the kept round's threshold travelled with it (through a resume too)
+            threshold = _threshold(keeper.note)
+        ctx.recorder.record(ctx.arm, Phase.FINETUNE, chosen, GLOBAL, SELECTED_SPLIT, keeper.figures(chosen))
     if threshold is not None:  # the operating point travels with the model it was calibrated for
         meta = {**meta, THRESHOLD: f"{threshold.probability:.17g}"}
-    save_safetensors_durably(ctx.arm_dir / FINAL_MODEL, arrays.to_torch_state_dict(), meta)
-    final = server_metrics[last] if last in server_metrics else evaluate_fn(last, arrays)
-    return {k: float(metric_scalar(v)) for k, v in final.items()}
+    save_safetensors_durably(ctx.arm_dir / FINAL_MODEL, weights, meta)
+    if chosen in server_metrics:
+        return {k: float(metric_scalar(v)) for k, v in server_metrics[chosen].items()}
+    if chosen == last:  # a resumed run whose last round was already done: evaluate (and record) it
+        return {k: float(metric_scalar(v)) for k, v in evaluate_fn(last, arrays).items()}
+    final, _ = evaluate_with_sites(cfg, test, weights, threshold, sites=[])  # its test row was recorded before
+    return final

@@ -15,6 +15,7 @@ import numpy as np
 
 from medfed.constants import MetricKey
 from medfed.data.partition import SIZE_COLUMNS, size_distribution
+from medfed.experiment.model_selection import SELECTED_SPLIT
 from medfed.experiment.site_means import personalised_section
 from medfed.privacy.plots import plot_epsilon
 from medfed.task.calibration import CALIBRATED, THRESHOLD
@@ -41,6 +42,18 @@ def calibrated_section(summary: dict) -> list[str]:
         lines.append(f"| {name} | {_fmt(t[THRESHOLD])} | " + " | ".join(_fmt(t.get(CALIBRATED[MetricKey(k)])) for k in
                                                                    METRIC_COLUMNS[1:]) + " |")
     return lines
+
+def selected_section(rows: list[dict], rounds: int) -> list[str]:
+    """The fine-tuning round each arm (each site, for local-only) kept under ``finetune-select best-validation``."""
+    kept = [r for r in rows if r.get("split") == SELECTED_SPLIT]
+    if not kept:
+        return []
+    said = ", ".join(f"{r['arm']}{'' if r['site'] == 'global' else ' site ' + str(r['site'])}: round {r['round']}"
+                     + (f" (validation AUC {r['validation-auc']:.3f})" if "validation-auc" in r else
+                        " (no round had a validation AUC: the last)") for r in kept)
+    return ["", f"Models kept (finetune-select best-validation, the round of {rounds} whose model scored the highest "
+                f"validation AUC; the table above reports that model): {said}."]
+
 
 def sizes_section(data_info: dict) -> list[str]:
     """The sites' sizes: how many train, labelled, val and test images each got (min, quartiles, max) and how many
@@ -312,6 +325,7 @@ def write_report(run_dir: Path, summary: dict, rows: list[dict], data_info: dict
             + " | ".join(_fmt(t.get(k)) for k in METRIC_COLUMNS)
             + f" | {arm['wall_seconds']:.1f} | {arm['peak_memory_mb']:.0f} |"
         )
+    lines += selected_section(rows, recipe["rounds"])
     lines += calibrated_section(summary)
     lines += personalised_section(summary)
     per_class = ("train images per class" if data_info["task"] != "multi-label"

@@ -2,7 +2,8 @@
 (what a run's settings are chosen by) and on their shares of the test split, and each site's personalised model
 (``personal``) on the same data. For summary.json and report.md.
 
-Each mean is over the sites' last evaluated round, weighted by each site's number of images; a site whose metric
+Each mean is over the sites' last evaluated round (at or before the round whose model the arm kept, under
+``finetune-select best-validation``), weighted by each site's number of images; a site whose metric
 is undefined (AUC of a single-class share) is left out of that metric's mean.
 """
 
@@ -12,13 +13,24 @@ import math
 from typing import Any
 
 from medfed.constants import PERSONAL_PREFIX, PERSONAL_TEST_PREFIX
+from medfed.experiment.model_selection import SELECTED_SPLIT
+from medfed.experiment.recorder import GLOBAL
 
 MEAN_METRICS = ("auc", "accuracy", "sensitivity", "specificity")
 
 
-def _last_rows(rows: list[dict[str, Any]], arm: str, split: str) -> list[dict[str, Any]]:
+def _selected_round(rows: list[dict[str, Any]], arm: str) -> int | None:
+    """The fine-tuning round whose global model the arm kept (``finetune-select best-validation``), else None."""
+    chosen = [r for r in rows if r.get("arm") == arm and r.get("split") == SELECTED_SPLIT and r.get("site") == GLOBAL]
+    return int(chosen[-1]["round"]) if chosen else None
+
+
+def _last_rows(rows: list[dict[str, Any]], arm: str, split: str, upto: int | None = None) -> list[dict[str, Any]]:
+    """Each site's last row of ``split`` (at or before round ``upto`` when given)."""
     last: dict[Any, dict[str, Any]] = {}
     for r in rows:
+        if upto is not None and r.get("round", 0) > upto:
+            continue
         if r.get("arm") == arm and r.get("split") == split and r.get("accepted", True) is not False:
             if r["site"] not in last or r["round"] >= last[r["site"]]["round"]:
                 last[r["site"]] = r
@@ -47,10 +59,13 @@ def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float
     means over the same sites) beside ``global_on_site_tests`` (the global model on the same sites' test shares,
     evaluated at the centre): both models over the sites that evaluated a personalised model. Empty for arms
     without federated evaluation (centralized, local-only)."""
-    val = _last_rows(rows, arm, "val")
+    upto = _selected_round(rows, arm)
+    val = _last_rows(rows, arm, "val", upto)
     out: dict[str, Any] = {}
     if val:
         out["validation"] = weighted_means(val)
+    if upto is not None:
+        out["selected_round"] = upto
     personal = [r for r in val if PERSONAL_PREFIX + "auc" in r or PERSONAL_TEST_PREFIX + "auc" in r]
     if personal:  # both models over the same sites: those that evaluated a personalised model
         sites = {r["site"] for r in personal}
@@ -60,7 +75,7 @@ def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float
             "global_validation": weighted_means(personal),
             "test": weighted_means(personal, PERSONAL_TEST_PREFIX, weight=PERSONAL_TEST_PREFIX + "num-examples"),
         }
-        site_tests = [r for r in _last_rows(rows, arm, "test-site") if r["site"] in sites]
+        site_tests = [r for r in _last_rows(rows, arm, "test-site", upto) if r["site"] in sites]
         out["global_on_site_tests"] = weighted_means(site_tests, sizes=test_sizes)
     return out
 

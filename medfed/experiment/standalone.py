@@ -18,12 +18,13 @@ from medfed.data.partition import SitePlan
 from medfed.data.site import SiteData, pooled_site, site_from_split
 from medfed.devices import resolve_device
 from medfed.exceptions import PrivacyBudgetExceeded
+from medfed.experiment.model_selection import SELECTED_SPLIT, selector
 from medfed.experiment.phases import FINAL_MODEL, PRETRAINED_ENCODER, ArmContext
 from medfed.experiment.recorder import GLOBAL
 from medfed.files import save_safetensors_durably
 from medfed.privacy.guard import PrivacyGuard, SitePrivacy
 from medfed.task.algo import SiteAlgo
-from medfed.task.calibration import THRESHOLD
+from medfed.task.calibration import THRESHOLD, pooled_threshold
 from medfed.task.evaluation import evaluate_state
 from medfed.task.model_setup import initial_encoder_state, new_classifier
 
@@ -64,6 +65,9 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
     threshold = algo.validation_threshold(state)  # calibrated on the arm's own validation split
     metrics: dict[str, float] = evaluate_state(cfg, ctx.test, state, threshold)
     rec.record(ctx.arm, Phase.FINETUNE, 0, site_label, "test", metrics)
+    keeper = selector(cfg.finetune.select)  # finetune-select best-validation: on this arm's own validation split
+    tests = {0: (metrics, threshold)}
+    last = 0
     for rnd in range(1, cfg.finetune_recipe.rounds + 1):
         try:
             shared, stats = algo.finetune_round(state, rnd)
@@ -74,9 +78,17 @@ def _train_one(ctx: ArmContext, site: SiteData, site_label: int | str, suffix: s
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "train",
                    {MetricKey.LOSS.value: stats.loss, MetricKey.NUM_EXAMPLES.value: stats.num_examples,
                     **stats.privacy})
-        threshold = algo.validation_threshold(state)
+        validation = algo.evaluate_val(state)
+        threshold = pooled_threshold([validation])
         metrics = evaluate_state(cfg, ctx.test, state, threshold)
         rec.record(ctx.arm, Phase.FINETUNE, rnd, site_label, "test", metrics)
+        last, tests[rnd] = rnd, (metrics, threshold)
+        if keeper is not None:
+            keeper.offer(rnd, state, validation)
+    if keeper is not None:
+        chosen, state = keeper.chosen(last, state)
+        metrics, threshold = tests[chosen]
+        rec.record(ctx.arm, Phase.FINETUNE, chosen, site_label, SELECTED_SPLIT, keeper.figures(chosen))
     if threshold is not None:
         meta[THRESHOLD] = f"{threshold.probability:.17g}"
     name = f"{FINAL_MODEL.removesuffix('.safetensors')}{suffix}.safetensors"

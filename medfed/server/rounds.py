@@ -4,7 +4,8 @@
 aggregate, federated evaluation, server-side evaluation), with two additions a deployment
 needs: it can begin at round ``first_round`` (a resumed run continues from its last completed
 round, with the same round numbers, so sites recognise a round they already released), and
-it calls ``after_round`` once a round is complete (the server's checkpoint).
+it calls ``after_round`` once a round is complete (the server's checkpoint), and ``on_evaluated`` with each round's
+federated evaluation (``finetune-select best-validation``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run_rounds(
     evaluate_initial: bool = True,
     on_round_timing: Callable[[int, dict[str, float]], None] | None = None,
     train_round: TrainRound | None = None,
+    on_evaluated: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
 ) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
     """Run rounds ``first_round..last_round``: Flower's ``Strategy.start`` loop, able to start at any round.
 
@@ -56,6 +58,8 @@ def run_rounds(
         on_round_timing: gets each round's wall seconds, ``train-round-seconds`` (send, wait for every
             reply, aggregate) and ``evaluate-round-seconds`` (federated evaluation).
         train_round: replaces the default send-and-aggregate exchange (SecAgg+).
+        on_evaluated: gets each round's global weights with their federated evaluation (the sites' validation
+            metrics, aggregated; None when no site answered): the best-validation round's keeper.
 
     Returns:
         The final global weights and the server-side evaluation of every round.
@@ -78,7 +82,9 @@ def run_rounds(
         trained = time.perf_counter()
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(), grid), timeout=timeout)
-        strategy.aggregate_evaluate(rnd, replies)
+        validation = strategy.aggregate_evaluate(rnd, replies)
+        if on_evaluated is not None:
+            on_evaluated(rnd, arrays, validation)
         if on_round_timing is not None:
             on_round_timing(rnd, {"train-round-seconds": trained - start,
                                   "evaluate-round-seconds": time.perf_counter() - trained})

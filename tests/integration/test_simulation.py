@@ -17,6 +17,7 @@ from medfed.experiment import arms, prepare, runner
 from medfed.experiment.recorder import Recorder
 from medfed.models.encoders import InputSpec
 from medfed.simulations import launcher
+from medfed.task.evaluation import evaluate_state
 from medfed.task.model_setup import new_classifier, new_encoder
 
 
@@ -252,3 +253,59 @@ def cfg_spec(run_dir: Path) -> InputSpec:
     """The encoder's input spec, from the run's data.json."""
     data = json.loads((run_dir / "data.json").read_text())
     return InputSpec(data["channels"], tuple(data["spatial_shape"]))
+
+
+def weighted_validation_auc(rows: list[dict], arm: str) -> dict[int, float]:
+    """Each fine-tuning round's mean validation AUC over the sites that have one, weighted by images."""
+    pairs: dict[int, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["arm"] == arm and r["split"] == "val" and isinstance(r.get("auc"), float) and math.isfinite(r["auc"]):
+            pairs.setdefault(r["round"], []).append((r["auc"], r["num-examples"]))
+    return {rnd: sum(a * n for a, n in p) / sum(n for _, n in p) for rnd, p in pairs.items()}
+
+
+@pytest.mark.timeout(240)
+def test_best_validation_keeps_the_round_whose_global_model_scored_best_on_validation(
+        tmp_path: Path, data_path_env: Path) -> None:
+    """finetune-select best-validation in a real simulation: the kept round is the validation argmax (here
+    round 3 of 4, pinned), the summary reports that round's test and validation metrics, and the saved final
+    model is that round's model (it scores that round's test AUC, not the last round's)."""
+    cfg = small(tmp_path, pretrain="none", finetune_rounds=4, finetune_lr=0.003, finetune_select="best-validation")
+    run_dir = launcher.simulate(cfg)
+    arm = "federated-none"
+    rows = Recorder.load(run_dir / "metrics.jsonl")
+    val = weighted_validation_auc(rows, arm)
+    best = min(rnd for rnd, auc in val.items() if auc == max(val.values()))
+    selected = [r for r in rows if r["split"] == "selected"]
+    assert [(r["round"], r["site"]) for r in selected] == [(best, "global")] and best == 3
+    assert selected[0]["validation-auc"] == pytest.approx(val[3])
+    test_auc = {r["round"]: r["auc"] for r in rows if r["split"] == "test" and r["site"] == "global"}
+    assert test_auc[3] != test_auc[4]  # the kept model is told apart from the last one by its test AUC
+    summary = json.loads((run_dir / "summary.json").read_text())["arms"][arm]
+    assert summary["selected_round"] == 3
+    assert summary["test"]["auc"] == pytest.approx(test_auc[3])
+    assert summary["validation"]["auc"] == pytest.approx(val[3])
+    final = run_dir / "arms" / arm / "final_model.safetensors"
+    scored = evaluate_state(cfg, prepare.prepare(cfg).test, load_file(str(final)))
+    assert scored["auc"] == pytest.approx(test_auc[3], abs=1e-9)
+    assert f"{arm}: round 3 (validation AUC {val[3]:.3f})" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_best_validation_in_a_centralized_arm_keeps_its_own_best_round(tmp_path: Path, data_path_env: Path) -> None:
+    """The standalone arms choose on their own validation split: the kept round's test metrics are reported and its
+    model saved."""
+    cfg = small(tmp_path, mode="centralized", pretrain="none", finetune_rounds=4, finetune_lr=0.003,
+                finetune_select="best-validation")
+    run_dir = launcher.simulate(cfg)
+    rows = Recorder.load(run_dir / "metrics.jsonl")
+    selected = [r for r in rows if r["split"] == "selected"]
+    assert len(selected) == 1 and selected[0]["site"] == "global"
+    chosen = selected[0]["round"]
+    test_auc = {r["round"]: r["auc"] for r in rows if r["split"] == "test"}
+    assert chosen == 2 and test_auc[2] != test_auc[4]  # pinned: its validation AUC peaked at round 2 of 4
+    summary = json.loads((run_dir / "summary.json").read_text())["arms"]["centralized-none"]
+    assert summary["test"]["auc"] == pytest.approx(test_auc[chosen])
+    scored = evaluate_state(cfg, prepare.prepare(cfg).test, load_file(str(run_dir / "arms" / "centralized-none" /
+                                                                          "final_model.safetensors")))
+    assert scored["auc"] == pytest.approx(test_auc[chosen], abs=1e-9)
