@@ -442,13 +442,15 @@ def targets(stem: str, fraction: float, chosen: list[dict[str, Any]], scratch: l
     return lines
 
 
-def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> str:
-    """The docs/RESULTS.md section of one data set."""
+def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], tag: str = "") -> str:
+    """The docs/RESULTS.md section of one data set (``tag``: a set of runs kept apart from the others, e.g. with
+    another fine-tuning selection)."""
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     order = variant_order(rows)
     dp_meta = next((m["dp"] for m in metas if m.get("dp")), None)
-    lines = [f"## Label efficiency on {stem}: federated SSL variants, chosen on validation, against centralized "
-             "SSL, local-only and federated supervised training from scratch", ""]
+    best_round = any(m.get("config", {}).get("finetune-select") == "best-validation" for m in metas)
+    lines = [f"## Label efficiency on {stem}{f' ({tag})' if tag else ''}: federated SSL variants, chosen on "
+             "validation, against centralized SSL, local-only and federated supervised training from scratch", ""]
     for m in metas:
         lines += [f"Command: `{m['command']}`",
                   f"Measured {m['date']} on {m['cores']} CPU cores ({m['cpu']}), device {m['device']}, torch "
@@ -457,7 +459,11 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]]) 
                   + (" ".join(f"`{k}={v}`" for k, v in m["set"].items()) or "none") + ".", ""]
     lines += ["Federated SSL variants (`NAME:settings` over the run's): "
               + ", ".join(f"`{v}`" for v in dict.fromkeys(v for m in metas for v in m["variants"])) + ".",
-              "Validation AUC: the global model's last-round federated evaluation on the sites' validation shares (the "
+              "Validation AUC: the global model's "
+              + ("federated evaluation at the fine-tuning round each run kept (`finetune-select best-validation`: "
+                 "every arm, baselines included, keeps the round whose model scored best on its validation data) "
+                 if best_round else "last-round federated evaluation ")
+              + "on the sites' validation shares (the "
               "official validation split, fully labelled even at 1 % labels), mean weighted by images; only federated "
               "arms have it, and the variant chosen for each fraction is the one with the highest mean validation AUC. "
               "Test AUC: the official test split, mean ± standard deviation over seeds; reported, never chosen on. "
@@ -550,11 +556,19 @@ def recomputed_key(row: dict[str, Any], metas: list[dict[str, Any]]) -> str:
     return pretraining_key(base, Mode.CENTRALIZED.value) if row["arm"] == CENTRALIZED else ""
 
 
-def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]], results: Path) -> None:
+def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]], results: Path,
+              tag: str = "") -> None:
     for stem, ms in metas.items():
-        text = section(stem, [r for r in rows if r["dataset"] == stem], ms)
-        write_section(f"label_efficiency-{stem}", text, results)
+        text = section(stem, [r for r in rows if r["dataset"] == stem], ms, tag)
+        write_section(f"label_efficiency-{tag + '-' if tag else ''}{stem}", text, results)
         print(text, flush=True)
+
+
+def tag_name(text: str) -> str:
+    """A ``--tag``: lower-case letters, digits and dashes (it names a RESULTS.md section)."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use lower-case letters, digits and dashes")
+    return text
 
 
 def main() -> None:
@@ -585,11 +599,14 @@ def main() -> None:
                         help="JSON files of earlier runs: copy their centralized, local-only and from-scratch rows "
                              "(same data set, seed, fraction and run settings) instead of running them again")
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
+    parser.add_argument("--tag", default="", type=tag_name,
+                        help="write the sections as label_efficiency-TAG-<data>: runs kept apart from the untagged "
+                             "ones (other run settings, whose baselines must not mix with theirs)")
     args = parser.parse_args()
     results = Path(args.results)
 
     if args.from_json:
-        write_all(*load(args.from_json), results)
+        write_all(*load(args.from_json), results, args.tag)
     else:
         run_all(args, results)
 
@@ -615,7 +632,7 @@ def run_all(args: argparse.Namespace, results: Path) -> None:
     for data, stem in zip(args.datasets, stems, strict=True):
         run_dataset(data, stem, args, {**common, **per_dataset.get(stem, {})}, variants, rows, metas, save)
         save()
-        write_all([r for r in rows if r["dataset"] == stem], {stem: metas[stem]}, results)
+        write_all([r for r in rows if r["dataset"] == stem], {stem: metas[stem]}, results, args.tag)
     print(f"[label_efficiency] every run's numbers: {out}", flush=True)
 
 

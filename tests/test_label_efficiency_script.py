@@ -166,3 +166,25 @@ def test_the_dp_target_is_judged_on_the_chosen_variants_dp_runs_only(le: ModuleT
                       [meta])
     assert "DP at epsilon 8: test AUC 0.910, mean over 3 runs (target >= 0.93: missed)" in text
     assert f"| {dp_arm} (b) |" in text and f"| {dp_arm} (a) |" in text  # both shown, the target on a's
+
+
+def test_a_tag_keeps_its_runs_in_a_section_of_their_own(le: ModuleType, tmp_path: Path) -> None:
+    """Runs with other run settings (finetune-select best-validation for every arm) are written under
+    label_efficiency-TAG-<data>, so their baselines never replace the untagged section's."""
+    row = {"dataset": "breastmnist", "fraction": 0.1, "seed": 0, "arm": le.SCRATCH, "variant": None, "val_auc": 0.7,
+           "test": {"auc": 0.6, "accuracy": 0.8}, "wall": 1.0, "peak": 1.0, "encoder": "", "pretrained": False,
+           "dp": False, "personal_test_auc": None, "personal_val_auc": None, "global_site_test_auc": None}
+    meta = {"command": "c", "date": "d", "cores": 2, "cpu": "x", "device": "cpu", "torch": "t", "minutes": 1.0,
+            "settings": "s", "seeds": [0], "fractions": [0.1], "set": {}, "variants": [], "dp": None,
+            "config": {"finetune-select": "best-validation"}}
+    results = tmp_path / "RESULTS.md"
+    le.write_all([row], {"breastmnist": [meta]}, results, "select")
+    text = results.read_text()
+    assert "<!-- label_efficiency-select-breastmnist:start -->" in text
+    assert "label_efficiency-breastmnist:" not in text
+    assert "## Label efficiency on breastmnist (select)" in text and "the fine-tuning round each run kept" in text
+    le.write_all([row], {"breastmnist": [{**meta, "config": {}}]}, results)
+    assert "last-round federated evaluation" in results.read_text().split("label_efficiency-breastmnist:start")[1]
+    for bad in ("Select", "a b", "-x", ""):
+        with pytest.raises(Exception, match="lower-case"):
+            le.tag_name(bad)
