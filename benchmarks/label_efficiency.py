@@ -270,7 +270,7 @@ class Runner:
                "global_site_test_auc": entry.get("global_on_site_tests", {}).get("auc"),
                "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "pretrained": pretrains,
                "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir),
-               "pretraining_key": key}
+               "pretraining_key": key, "last_round_test_auc": last_round_test_auc(run_dir)}
         self.rows.append(row)
         compute = summary.get("compute", {})
         self.meta.update(
@@ -489,16 +489,18 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], 
         table += [(f"federated SSL: {name}", [r for r in ssl_rows(here) if r["variant"] == name]) for name in order]
         table += [(label, [r for r in here if r["arm"] == label]) for label in BASELINES]
         table += [(f"{runs[0]['arm']} ({variant})", runs) for variant, runs in dp_by_variant.items()]
+        last = " test AUC of the last round |" if best_round else ""
         lines += [f"### {fraction:.0%} labels", "",
-                  "| arm | validation AUC | test AUC | accuracy | wall time (s) | peak memory (MB) |",
-                  "|---|---|---|---|---|---|"]
+                  f"| arm | validation AUC | test AUC |{last} accuracy | wall time (s) | peak memory (MB) |",
+                  "|---|---|---|---|---|---|" + ("---|" if best_round else "")]
         for label, runs in table:
             if not runs:
                 continue
             star = "*" if any(r["encoder"] and not r["pretrained"] for r in runs) else ""
             lines.append(f"| {label} | {mean_sd(r['val_auc'] for r in runs)} | "
                          f"{mean_sd(r['test'].get('auc') for r in runs)} | "
-                         f"{mean_sd(r['test'].get('accuracy') for r in runs)} | "
+                         + (f"{mean_sd(r.get('last_round_test_auc') for r in runs)} | " if best_round else "")
+                         + f"{mean_sd(r['test'].get('accuracy') for r in runs)} | "
                          f"{mean_sd((r['wall'] for r in runs), 0)}{star} | {mean_sd((r['peak'] for r in runs), 0)} |")
         personal = [name for name in order if any(r["personal_test_auc"] is not None for r in ssl_rows(here)
                                                   if r["variant"] == name)]
@@ -537,12 +539,30 @@ def load(paths: list[str], quiet: bool = False) -> tuple[list[dict[str, Any]], d
             key = (r["dataset"], r["fraction"], r["seed"], r["arm"], r["variant"])
             if "pretraining_key" not in r:
                 r["pretraining_key"] = recomputed_key(r, doc["datasets"].get(r["dataset"], []))
+            if "last_round_test_auc" not in r:  # rows written before rows carried it: from the run's metrics
+                r["last_round_test_auc"] = last_round_test_auc(Path(r.get("run_dir") or "/nonexistent"))
             if key in rows and not quiet:
                 print(f"[label_efficiency] {path}: {key} given again: keeping this file's", flush=True)
             rows[key] = r
         for stem, ms in doc["datasets"].items():
             metas.setdefault(stem, []).extend(ms)
     return list(rows.values()), metas
+
+
+def last_round_test_auc(run_dir: Path) -> float | None:
+    """The test AUC of the last fine-tuning round's model of the run in ``run_dir`` (one arm; local-only: the mean
+    over sites of each site's last round), whichever round the run kept; None when its metrics.jsonl is gone.
+    Beside a ``finetune-select best-validation`` run's reported AUC it shows what the choice changed."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    last: dict[Any, dict[str, Any]] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("phase") == "finetune" and r.get("split") == "test" and r.get("accepted", True) is not False:
+            if r["site"] not in last or r["round"] >= last[r["site"]]["round"]:
+                last[r["site"]] = r
+    return mean(r.get("auc") for r in last.values())
 
 
 def recomputed_key(row: dict[str, Any], metas: list[dict[str, Any]]) -> str:

@@ -183,8 +183,32 @@ def test_a_tag_keeps_its_runs_in_a_section_of_their_own(le: ModuleType, tmp_path
     assert "<!-- label_efficiency-select-breastmnist:start -->" in text
     assert "label_efficiency-breastmnist:" not in text
     assert "## Label efficiency on breastmnist (select)" in text and "the fine-tuning round each run kept" in text
+    assert "| test AUC of the last round |" in text
+    assert f"| {le.SCRATCH} | 0.700 ± 0.000 | 0.600 ± 0.000 | n/a |" in text
     le.write_all([row], {"breastmnist": [{**meta, "config": {}}]}, results)
     assert "last-round federated evaluation" in results.read_text().split("label_efficiency-breastmnist:start")[1]
     for bad in ("Select", "a b", "-x", ""):
         with pytest.raises(Exception, match="lower-case"):
             le.tag_name(bad)
+
+
+def test_the_last_rounds_test_auc_is_read_from_the_runs_metrics(le: ModuleType, tmp_path: Path) -> None:
+    """Beside a best-validation run's reported (kept-round) AUC the section shows the last round's, read from the
+    run's metrics.jsonl: the global model's for a federated run, the mean of each site's last round for local-only."""
+    def write(name: str, rows: list[dict[str, Any]]) -> Path:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run
+
+    def test_row(rnd: int, site: Any, auc: float, **extra: Any) -> dict[str, Any]:
+        return {"phase": "finetune", "split": "test", "round": rnd, "site": site, "auc": auc, **extra}
+
+    federated = write("fed", [test_row(0, "global", 0.5), test_row(2, "global", 0.7), test_row(1, "global", 0.9),
+                              {"phase": "finetune", "split": "test-site", "round": 2, "site": 0, "auc": 0.1},
+                              {"phase": "finetune", "split": "selected", "round": 1, "site": "global"}])
+    assert le.last_round_test_auc(federated) == 0.7
+    local = write("local", [test_row(1, 0, 0.6), test_row(2, 0, 0.8), test_row(1, 1, 0.4),
+                            test_row(2, 1, 0.1, accepted=False)])
+    assert le.last_round_test_auc(local) == pytest.approx((0.8 + 0.4) / 2)
+    assert le.last_round_test_auc(tmp_path / "gone") is None
