@@ -136,8 +136,10 @@ def plot_losses(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_test_auc(rows: list[dict], path: Path) -> Path | None:
-    """Test AUC per fine-tuning round for every arm (local-only: mean over sites)."""
+    """Test AUC per fine-tuning round for every arm (local-only: mean over sites); a star on the round an arm kept
+    (``finetune-select best-validation``)."""
     by_arm: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    kept = {r["arm"]: r["round"] for r in rows if r.get("split") == SELECTED_SPLIT and r.get("site") == "global"}
     for r in rows:
         if r.get("split") == "test" and r.get("auc") is not None:
             by_arm[r["arm"]][r["round"]].append(r["auc"])
@@ -146,7 +148,11 @@ def plot_test_auc(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, rounds in sorted(by_arm.items()):
         xs = sorted(rounds)
-        ax.plot(xs, [sum(rounds[x]) / len(rounds[x]) for x in xs], marker="o", ms=3, label=arm)
+        (line,) = ax.plot(xs, [sum(rounds[x]) / len(rounds[x]) for x in xs], marker="o", ms=3, label=arm)
+        if kept.get(arm) in rounds:
+            k = kept[arm]
+            ax.plot([k], [sum(rounds[k]) / len(rounds[k])], marker="*", ms=14, ls="none", color=line.get_color(),
+                    label=f"{arm}: kept (best validation)")
     ax.set_xlabel("fine-tuning round (0 = before fine-tuning)")
     ax.set_ylabel("test AUC (official test split)")
     ax.grid(alpha=0.3)
