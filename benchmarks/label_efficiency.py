@@ -270,7 +270,7 @@ class Runner:
                "global_site_test_auc": entry.get("global_on_site_tests", {}).get("auc"),
                "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "pretrained": pretrains,
                "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir),
-               "pretraining_key": key, "last_round_test_auc": last_round_test_auc(run_dir)}
+               "pretraining_key": key, "last_round_test_auc": last_round_test_auc(run_dir, arm.name)}
         self.rows.append(row)
         compute = summary.get("compute", {})
         self.meta.update(
@@ -448,7 +448,8 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], 
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     order = variant_order(rows)
     dp_meta = next((m["dp"] for m in metas if m.get("dp")), None)
-    best_round = any(m.get("config", {}).get("finetune-select") == "best-validation" for m in metas)
+    best_round = any(m.get("config", {}).get("finetune-select") == "best-validation" for m in metas) or any(
+        (r.get("overrides") or {}).get("finetune-select") == "best-validation" for r in rows)
     lines = [f"## Label efficiency on {stem}{f' ({tag})' if tag else ''}: federated SSL variants, chosen on "
              "validation, against centralized SSL, local-only and federated supervised training from scratch", ""]
     for m in metas:
@@ -549,9 +550,10 @@ def load(paths: list[str], quiet: bool = False) -> tuple[list[dict[str, Any]], d
     return list(rows.values()), metas
 
 
-def last_round_test_auc(run_dir: Path) -> float | None:
+def last_round_test_auc(run_dir: Path, arm: str = "") -> float | None:
     """The test AUC of the last fine-tuning round's model of the run in ``run_dir`` (one arm; local-only: the mean
-    over sites of each site's last round), whichever round the run kept; None when its metrics.jsonl is gone.
+    over sites of each site's last round), whichever round the run kept; None when its metrics.jsonl is gone. Rows of
+    arm ``arm`` only (empty: every row, for rows written without it: this benchmark runs one arm a run directory).
     Beside a ``finetune-select best-validation`` run's reported AUC it shows what the choice changed."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -559,6 +561,8 @@ def last_round_test_auc(run_dir: Path) -> float | None:
     last: dict[Any, dict[str, Any]] = {}
     for line in metrics.read_text().splitlines():
         r = json.loads(line)
+        if arm and r.get("arm") != arm:
+            continue
         if r.get("phase") == "finetune" and r.get("split") == "test" and r.get("accepted", True) is not False:
             if r["site"] not in last or r["round"] >= last[r["site"]]["round"]:
                 last[r["site"]] = r
@@ -621,7 +625,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
     parser.add_argument("--tag", default="", type=tag_name,
                         help="write the sections as label_efficiency-TAG-<data>: runs kept apart from the untagged "
-                             "ones (other run settings, whose baselines must not mix with theirs)")
+                             "ones (other run settings, whose baselines must not mix with theirs; --from-json merges "
+                             "rows by data set, fraction, seed, arm and variant, so give it one tag's files only)")
     args = parser.parse_args()
     results = Path(args.results)
 

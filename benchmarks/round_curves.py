@@ -19,7 +19,6 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -30,22 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import RESULTS, write_section
 
 
-def curves(run_dir: Path) -> tuple[dict[int, float], dict[int, float], int | None]:
-    """(round -> validation AUC, round -> test AUC, the kept round or None) of the fine-tuning phase of the one
-    federated arm in ``run_dir``.
+def curves(run_dir: Path, arm: str = "") -> tuple[dict[int, float], dict[int, float], int | None]:
+    """(round -> validation AUC, round -> test AUC, the kept round or None) of the fine-tuning phase of federated
+    arm ``arm`` in ``run_dir`` (empty: the run's only federated arm).
 
     Raises:
-        SystemExit: no metrics.jsonl, or no federated fine-tuning rows in it.
+        SystemExit: no metrics.jsonl, no federated fine-tuning rows in it, or several federated arms and no ``arm``.
     """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{run_dir}: no metrics.jsonl (not a finished run directory)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    federated = sorted({r["arm"] for r in rows if r.get("split") == "val"})
+    if not arm:
+        if len(federated) > 1:
+            raise SystemExit(f"{run_dir}: federated arms {', '.join(federated)}: name one with --arm")
+        arm = federated[0] if federated else ""
     pairs: dict[int, list[tuple[float, float]]] = {}
     test: dict[int, float] = {}
     kept = None
-    for line in path.read_text().splitlines():
-        r: dict[str, Any] = json.loads(line)
-        if r.get("phase") != "finetune" or r.get("accepted", True) is False:
+    for r in rows:
+        if r.get("arm") != arm or r.get("phase") != "finetune" or r.get("accepted", True) is False:
             continue
         auc = r.get("auc")
         finite = isinstance(auc, (int, float)) and math.isfinite(auc)
@@ -53,11 +57,12 @@ def curves(run_dir: Path) -> tuple[dict[int, float], dict[int, float], int | Non
             pairs.setdefault(r["round"], []).append((float(auc), float(r["num-examples"])))
         elif r["split"] == "test" and r["site"] == "global" and finite:
             test[r["round"]] = float(auc)
-        elif r["split"] == "selected":
+        elif r["split"] == "selected" and r["site"] == "global":
             kept = int(r["round"])
     val = {rnd: sum(a * n for a, n in p) / sum(n for _, n in p) for rnd, p in sorted(pairs.items())}
     if not val:
-        raise SystemExit(f"{run_dir}: no federated validation rows (a standalone arm, or no fine-tuning)")
+        raise SystemExit(f"{run_dir}: no federated validation rows{f' of arm {arm}' if arm else ''} (a standalone "
+                         "arm, or no fine-tuning)")
     return val, test, kept
 
 
@@ -98,10 +103,11 @@ def plot(runs: list[tuple[str, dict[int, float], dict[int, float], int | None]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (one federated arm each)")
+    parser.add_argument("--arm", default="", help="the federated arm to read (default: the runs' only one)")
     parser.add_argument("--section", default="finetune_round_curves")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    runs = [(run.name, *curves(run)) for run in args.runs]
+    runs = [(run.name, *curves(run, args.arm)) for run in args.runs]
     figure = args.results.parent / "figures" / f"{args.section}.png"
     plot(runs, figure)
     command = "python benchmarks/round_curves.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

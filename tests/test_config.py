@@ -179,6 +179,8 @@ BAD = [
     ({"lora_alpha": 0.0}, "lora-alpha must be > 0"),
     ({"finetune_select": "best"}, "finetune-select must be one of last, best-validation"),
     ({"finetune_select": "best-validation", "personal": "head"}, "each site keeps its own parts of the last round"),
+    ({"finetune_select": "best-validation", "num_sites": 10, "fraction_evaluate": 0.5},
+     "samples 5 of 10 sites (fraction-evaluate): rounds would be scored on different sites"),
 ]
 
 

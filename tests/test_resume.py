@@ -64,3 +64,15 @@ def test_rows_after_the_checkpoint_are_dropped_and_the_rest_kept(tmp_path: Path)
     assert kept == [("a", "pretrain", 2), ("a", "finetune", 1), ("b", "finetune", 3)]
     # a checkpoint in pretraining drops every fine-tuning row of the arm
     assert drop_unfinished_rows(path, "a", Phase.PRETRAIN, 1) == 2
+
+
+def test_a_resumed_run_drops_the_arms_earlier_choice_of_round(tmp_path: Path) -> None:
+    """A run stopped after writing its `selected` row (finetune-select best-validation) chooses again when resumed:
+    the old row goes, even though its round is not after the checkpoint; other arms' choices stay."""
+    rows = [{"arm": "a", "phase": "finetune", "round": 2, "split": "test"},
+            {"arm": "a", "phase": "finetune", "round": 2, "split": "selected", "site": "global"},
+            {"arm": "b", "phase": "finetune", "round": 1, "split": "selected", "site": "global"}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert drop_unfinished_rows(path, "a", Phase.FINETUNE, 3) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[2]]

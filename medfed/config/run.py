@@ -60,7 +60,9 @@ from medfed.constants import (
     CentralDP,
     DPScope,
     FinetuneLoss,
+    FinetuneSelect,
     GradSampleMode,
+    Mode,
     SecureAggregation,
     SiteData,
     StrategyName,
@@ -305,6 +307,12 @@ def _check_across_parts(c: RunConfig) -> None:
     check_learning(c.finetune, c.finetune_recipe.rounds, fed.personal, mode=c.experiment.mode, pretrain=ssl.method,
                    ssl_aggregation=ssl.aggregation, secagg=c.secagg.mode == SecureAggregation.SECAGG_PLUS,
                    server_step=(ssl.server_lr, ssl.server_momentum))
+    if (c.finetune.select == FinetuneSelect.BEST_VALIDATION and c.experiment.mode == Mode.FEDERATED
+            and c.sites_per_evaluation < d.num_sites):
+        raise ConfigError(f"finetune-select best-validation compares the rounds' models on the same validation data, "
+                          f"but each round's federated evaluation samples {c.sites_per_evaluation} of {d.num_sites} "
+                          "sites (fraction-evaluate): rounds would be scored on different sites; use fraction-evaluate "
+                          "1, or finetune-select last")
 
 
 def _check_aggregation(c: RunConfig) -> None:

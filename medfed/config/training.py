@@ -197,7 +197,8 @@ class FinetuneSettings(Part):
                                      "best-validation (the round whose global model had the highest validation AUC, "
                                      "mean over the sites' validation shares weighted by images; early stopping on "
                                      "held-out data, Prechelt 1998): few labels under label skew make the rounds' "
-                                     "models swing (docs/RESULTS.md). The centre's choice, never sent to a site.",
+                                     "models swing; needs validation data in the hundreds of images, or it chooses "
+                                     "by noise (docs/RESULTS.md). The centre's choice, never sent to a site.",
                                      key="finetune-select", site=False)
 
     def check(self) -> None:

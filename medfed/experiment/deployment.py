@@ -38,6 +38,7 @@ from medfed.experiment.run_dir import (
     unique_dir,
     write_summary_and_report,
 )
+from medfed.experiment.site_means import kept_round
 from medfed.resources import ResourceMonitor
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def run_deployment(cfg: RunConfig, grid: Any, *, listener: Listener | None = Non
         log.error("the run stopped; its directory is kept: continue it with `medfed run --resume %s`", run_dir)
         raise
     summary = run_summary(cfg, run_id) | {"resumed": resume is not None}
-    summary["arms"][arm.name] = arm_summary(arm, metrics, {}, monitor)
+    summary["arms"][arm.name] = arm_summary(arm, metrics, {}, monitor) | kept_round(recorder.rows, arm.name)
     write_summary_and_report(run_dir, summary, recorder.rows, data_info, final.name)
     final = publish(run_dir, final)
     record_flower_run(final.parent, flower_run_id, final)

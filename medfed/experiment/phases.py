@@ -227,7 +227,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     threshold = strategy.thresholds.get(last)
     if keeper is not None:
         chosen, weights = keeper.chosen(last, weights)
-        if chosen != last:  # the kept round's threshold travelled with it (through a resume too)
+        if keeper.round is not None:  # the kept round's threshold travelled with it (through a resume too)
             threshold = _threshold(keeper.note)
         ctx.recorder.record(ctx.arm, Phase.FINETUNE, chosen, GLOBAL, SELECTED_SPLIT, keeper.figures(chosen))
     if threshold is not None:  # the operating point travels with the model it was calibrated for
@@ -235,7 +235,7 @@ def run_federated(grid: Grid, ctx: ArmContext) -> dict[str, float]:
     save_safetensors_durably(ctx.arm_dir / FINAL_MODEL, weights, meta)
     if chosen in server_metrics:
         return {k: float(metric_scalar(v)) for k, v in server_metrics[chosen].items()}
-    if chosen == last:  # a resumed run whose last round was already done: evaluate (and record) it
+    if keeper is None:  # a resumed run whose last round was already done: evaluate (and record) it
         return {k: float(metric_scalar(v)) for k, v in evaluate_fn(last, arrays).items()}
     final, _ = evaluate_with_sites(cfg, test, weights, threshold, sites=[])  # its test row was recorded before
     return final

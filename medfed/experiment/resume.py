@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from medfed.config import RunConfig, without_resume
 from medfed.constants import Phase
 from medfed.exceptions import ConfigError
+from medfed.experiment.model_selection import SELECTED_SPLIT
 from medfed.files import replace_durably, save_safetensors_durably
 
 CHECKPOINT_DIR = "checkpoint"
@@ -88,7 +89,8 @@ def check_same_settings(checkpoint: RoundCheckpoint, settings: Mapping[str, obje
 
 def drop_unfinished_rows(metrics_path: Path, arm: str, phase: Phase, completed_round: int,
                          phase_order: tuple[Phase, ...] = (Phase.PRETRAIN, Phase.FINETUNE)) -> int:
-    """Remove the rows of rounds after the checkpoint (they will be run again); returns how many."""
+    """Remove the rows of rounds after the checkpoint (they will be run again), and the arm's ``selected`` row (the
+    resumed run chooses its kept round again at its end); returns how many."""
     if not metrics_path.is_file():
         return 0
     rank = {p.value: i for i, p in enumerate(phase_order)}
@@ -97,8 +99,8 @@ def drop_unfinished_rows(metrics_path: Path, arm: str, phase: Phase, completed_r
         if not line.strip():
             continue
         row = json.loads(line)
-        later = row.get("arm") == arm and (rank.get(row.get("phase"), -1), int(row.get("round", 0))) > (
-            rank[phase.value], completed_round)
+        later = row.get("arm") == arm and ((rank.get(row.get("phase"), -1), int(row.get("round", 0))) > (
+            rank[phase.value], completed_round) or row.get("split") == SELECTED_SPLIT)
         if later:
             dropped += 1
         else:

@@ -2,8 +2,8 @@
 (what a run's settings are chosen by) and on their shares of the test split, and each site's personalised model
 (``personal``) on the same data. For summary.json and report.md.
 
-Each mean is over the sites' last evaluated round (at or before the round whose model the arm kept, under
-``finetune-select best-validation``), weighted by each site's number of images; a site whose metric
+Each mean is over the sites' last evaluated round (under ``finetune-select best-validation`` the round whose model
+the arm kept), weighted by each site's number of images; a site whose metric
 is undefined (AUC of a single-class share) is left out of that metric's mean.
 """
 
@@ -25,11 +25,17 @@ def _selected_round(rows: list[dict[str, Any]], arm: str) -> int | None:
     return int(chosen[-1]["round"]) if chosen else None
 
 
-def _last_rows(rows: list[dict[str, Any]], arm: str, split: str, upto: int | None = None) -> list[dict[str, Any]]:
-    """Each site's last row of ``split`` (at or before round ``upto`` when given)."""
+def kept_round(rows: list[dict[str, Any]], arm: str) -> dict[str, int]:
+    """``{"selected_round": N}`` when the arm kept round N's model (``finetune-select best-validation``), else {}."""
+    kept = _selected_round(rows, arm)
+    return {} if kept is None else {"selected_round": kept}
+
+
+def _last_rows(rows: list[dict[str, Any]], arm: str, split: str, at: int | None = None) -> list[dict[str, Any]]:
+    """Each site's last row of ``split`` (only those of round ``at`` when given: the kept round's model)."""
     last: dict[Any, dict[str, Any]] = {}
     for r in rows:
-        if upto is not None and r.get("round", 0) > upto:
+        if at is not None and r.get("round", 0) != at:
             continue
         if r.get("arm") == arm and r.get("split") == split and r.get("accepted", True) is not False:
             if r["site"] not in last or r["round"] >= last[r["site"]]["round"]:
@@ -57,15 +63,15 @@ def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float
     """summary.json's site means of one arm: ``validation`` (the global model, federated evaluation), and when the
     sites evaluated personalised models, ``personalised`` (validation, test shares; the global model's validation
     means over the same sites) beside ``global_on_site_tests`` (the global model on the same sites' test shares,
-    evaluated at the centre): both models over the sites that evaluated a personalised model. Empty for arms
-    without federated evaluation (centralized, local-only)."""
-    upto = _selected_round(rows, arm)
-    val = _last_rows(rows, arm, "val", upto)
+    evaluated at the centre): both models over the sites that evaluated a personalised model; ``selected_round``
+    when the arm kept an earlier round's model (the centralized arm too). Otherwise empty for arms without federated
+    evaluation (centralized, local-only)."""
+    kept = _selected_round(rows, arm)
+    val = _last_rows(rows, arm, "val", kept)
     out: dict[str, Any] = {}
     if val:
         out["validation"] = weighted_means(val)
-    if upto is not None:
-        out["selected_round"] = upto
+    out |= kept_round(rows, arm)
     personal = [r for r in val if PERSONAL_PREFIX + "auc" in r or PERSONAL_TEST_PREFIX + "auc" in r]
     if personal:  # both models over the same sites: those that evaluated a personalised model
         sites = {r["site"] for r in personal}
@@ -75,7 +81,7 @@ def site_means(rows: list[dict[str, Any]], arm: str, test_sizes: dict[Any, float
             "global_validation": weighted_means(personal),
             "test": weighted_means(personal, PERSONAL_TEST_PREFIX, weight=PERSONAL_TEST_PREFIX + "num-examples"),
         }
-        site_tests = [r for r in _last_rows(rows, arm, "test-site", upto) if r["site"] in sites]
+        site_tests = [r for r in _last_rows(rows, arm, "test-site", kept) if r["site"] in sites]
         out["global_on_site_tests"] = weighted_means(site_tests, sizes=test_sizes)
     return out
 

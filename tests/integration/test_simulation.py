@@ -277,18 +277,22 @@ def test_best_validation_keeps_the_round_whose_global_model_scored_best_on_valid
     val = weighted_validation_auc(rows, arm)
     best = min(rnd for rnd, auc in val.items() if auc == max(val.values()))
     selected = [r for r in rows if r["split"] == "selected"]
-    assert [(r["round"], r["site"]) for r in selected] == [(best, "global")] and best == 3
-    assert selected[0]["validation-auc"] == pytest.approx(val[3])
-    test_auc = {r["round"]: r["auc"] for r in rows if r["split"] == "test" and r["site"] == "global"}
-    assert test_auc[3] != test_auc[4]  # the kept model is told apart from the last one by its test AUC
+    assert [(r["round"], r["site"]) for r in selected] == [(best, "global")]
+    assert best < 4  # this configuration's validation AUC peaks before the last round (round 3 on this CPU build)
+    assert selected[0]["validation-auc"] == pytest.approx(val[best])
+    test_rows = {r["round"]: r for r in rows if r["split"] == "test" and r["site"] == "global"}
+    test_auc = {rnd: r["auc"] for rnd, r in test_rows.items()}
+    assert test_auc[best] != test_auc[4]  # the kept model is told apart from the last one by its test AUC
     summary = json.loads((run_dir / "summary.json").read_text())["arms"][arm]
-    assert summary["selected_round"] == 3
-    assert summary["test"]["auc"] == pytest.approx(test_auc[3])
-    assert summary["validation"]["auc"] == pytest.approx(val[3])
+    assert summary["selected_round"] == best
+    assert summary["test"]["auc"] == pytest.approx(test_auc[best])
+    assert summary["validation"]["auc"] == pytest.approx(val[best])
     final = run_dir / "arms" / arm / "final_model.safetensors"
     scored = evaluate_state(cfg, prepare.prepare(cfg).test, load_file(str(final)))
-    assert scored["auc"] == pytest.approx(test_auc[3], abs=1e-9)
-    assert f"{arm}: round 3 (validation AUC {val[3]:.3f})" in (run_dir / "report.md").read_text()
+    assert scored["auc"] == pytest.approx(test_auc[best], abs=1e-9)
+    with safe_open(str(final), "pt") as f:  # the operating point calibrated for the kept round travels with it
+        assert float(f.metadata()["threshold"]) == pytest.approx(test_rows[best]["threshold"])
+    assert f"{arm}: round {best} (validation AUC {val[best]:.3f})" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.timeout(240)
@@ -303,7 +307,7 @@ def test_best_validation_in_a_centralized_arm_keeps_its_own_best_round(tmp_path:
     assert len(selected) == 1 and selected[0]["site"] == "global"
     chosen = selected[0]["round"]
     test_auc = {r["round"]: r["auc"] for r in rows if r["split"] == "test"}
-    assert chosen == 2 and test_auc[2] != test_auc[4]  # pinned: its validation AUC peaked at round 2 of 4
+    assert chosen < 4 and test_auc[chosen] != test_auc[4]  # its validation AUC peaks early (round 2 on this build)
     summary = json.loads((run_dir / "summary.json").read_text())["arms"]["centralized-none"]
     assert summary["test"]["auc"] == pytest.approx(test_auc[chosen])
     scored = evaluate_state(cfg, prepare.prepare(cfg).test, load_file(str(run_dir / "arms" / "centralized-none" /
