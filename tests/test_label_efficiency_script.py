@@ -6,26 +6,18 @@ are pinned here: a variant restricted to 1 % labels must not run, nor be chosen,
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_efficiency.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def le() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("label_efficiency_under_test", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("label_efficiency")
 
 
 def test_variant_without_fractions_runs_everywhere(le: ModuleType) -> None:

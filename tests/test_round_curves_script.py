@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "round_curves.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def rc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("round_curves_under_test", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("round_curves")
 
 
 def test_curves_weigh_sites_by_images_and_mark_the_kept_round(rc: ModuleType, tmp_path: Path) -> None:
