@@ -19,11 +19,14 @@ import math
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from medfed.experiment.site_means import weighted_means
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import RESULTS, write_section
@@ -45,21 +48,21 @@ def curves(run_dir: Path, arm: str = "") -> tuple[dict[int, float], dict[int, fl
         if len(federated) > 1:
             raise SystemExit(f"{run_dir}: federated arms {', '.join(federated)}: name one with --arm")
         arm = federated[0] if federated else ""
-    pairs: dict[int, list[tuple[float, float]]] = {}
+    val_rows: dict[int, list[dict[str, Any]]] = {}
     test: dict[int, float] = {}
     kept = None
     for r in rows:
         if r.get("arm") != arm or r.get("phase") != "finetune" or r.get("accepted", True) is False:
             continue
         auc = r.get("auc")
-        finite = isinstance(auc, (int, float)) and math.isfinite(auc)
-        if r["split"] == "val" and finite and r.get("num-examples"):
-            pairs.setdefault(r["round"], []).append((float(auc), float(r["num-examples"])))
-        elif r["split"] == "test" and r["site"] == "global" and finite:
+        if r["split"] == "val":
+            val_rows.setdefault(r["round"], []).append(r)
+        elif r["split"] == "test" and r["site"] == "global" and isinstance(auc, (int, float)) and math.isfinite(auc):
             test[r["round"]] = float(auc)
         elif r["split"] == "selected" and r["site"] == "global":
             kept = int(r["round"])
-    val = {rnd: sum(a * n for a, n in p) / sum(n for _, n in p) for rnd, p in sorted(pairs.items())}
+    means = {rnd: weighted_means(group).get("auc") for rnd, group in sorted(val_rows.items())}
+    val = {rnd: auc for rnd, auc in means.items() if auc is not None}
     if not val:
         raise SystemExit(f"{run_dir}: no federated validation rows{f' of arm {arm}' if arm else ''} (a standalone "
                          "arm, or no fine-tuning)")

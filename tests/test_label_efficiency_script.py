@@ -179,6 +179,9 @@ def test_a_tag_keeps_its_runs_in_a_section_of_their_own(le: ModuleType, tmp_path
     assert f"| {le.SCRATCH} | 0.700 ± 0.000 | 0.600 ± 0.000 | n/a |" in text
     le.write_all([row], {"breastmnist": [{**meta, "config": {}}]}, results)
     assert "last-round federated evaluation" in results.read_text().split("label_efficiency-breastmnist:start")[1]
+    variant = {**row, "arm": "federated SSL: bv", "variant": "bv", "overrides": {"finetune-select": "best-validation"}}
+    text = le.section("breastmnist", [row, variant], [{**meta, "config": {}}])  # set by a variant, not --set
+    assert "| test AUC of the last round |" in text
     for bad in ("Select", "a b", "-x", ""):
         with pytest.raises(Exception, match="lower-case"):
             le.tag_name(bad)
