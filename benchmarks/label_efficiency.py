@@ -12,7 +12,10 @@ For every data set (default PneumoniaMNIST, BreastMNIST, AdrenalMNIST3D), labell
 * local-only supervised (each site alone, from scratch; mean over sites);
 * federated supervised from scratch (federated fine-tuning without pretraining);
 * on ``--dp-datasets`` at ``--dp-fraction``: the federated SSL variant chosen on validation, fine-tuned under
-  DP-SGD at ``--dp-epsilon`` (each seed's encoder; fresh ledgers each run; the DP recipe of medfed).
+  DP-SGD at ``--dp-epsilon`` (each seed's encoder; fresh ledgers each run; the DP recipe of medfed, with the
+  DP arm's own ``--dp-set`` settings over it, e.g. ``finetune-mode=linear``). DP runs of several recipes (files
+  merged) are shown apart, and the DP target is judged on the chosen variant's recipe with the highest mean
+  validation AUC.
 
 Pretraining depends on the seed, not on the labelled fraction (the partition is drawn before the labelled subsets,
 and pretraining uses every train image): each (data set, seed, pretraining settings) pretrains once, in the first
@@ -241,7 +244,8 @@ class Runner:
         return self.run(cfg, arm, label=label, slug=BASELINES[label], seed=seed, fraction=fraction)
 
     def run(self, cfg: RunConfig, arm: Arm, *, label: str, slug: str, seed: int, fraction: float,
-            variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+            variant: str | None = None, overrides: dict[str, Any] | None = None,
+            dp_set: dict[str, Any] | None = None) -> dict[str, Any]:
         """One arm in its own run directory; pretrains, or fine-tunes this seed's encoder of the same pretraining
         settings when there is one (or the ``encoder-init`` ``cfg`` names)."""
         key = pretraining_key(cfg, arm.mode) if arm.pretrain != NO_PRETRAIN else ""
@@ -271,6 +275,8 @@ class Runner:
                "wall": entry["wall_seconds"], "peak": entry["peak_memory_mb"], "pretrained": pretrains,
                "encoder": encoder, "dp": cfg.privacy.scope != "none", "run_dir": str(run_dir),
                "pretraining_key": key, "last_round_test_auc": last_round_test_auc(run_dir, arm.name)}
+        if dp_set:
+            row["dp_set"] = dp_set
         self.rows.append(row)
         compute = summary.get("compute", {})
         self.meta.update(
@@ -305,7 +311,8 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
             raise SystemExit(f"--ssl-variants {name}: a federated SSL variant must pretrain (pretrain is 'none')")
     dp_fraction = next((f for f in args.fractions if math.isclose(f, args.dp_fraction)), None)
     do_dp = stem in args.dp_datasets and dp_fraction is not None
-    dp_flat = {"dp": "finetune", "dp-epsilon": args.dp_epsilon}
+    dp_set = dp_settings(args.dp_set)
+    dp_flat = {"dp": "finetune", "dp-epsilon": args.dp_epsilon, **dp_set}
     if do_dp:  # refuse a variant that cannot run under DP now, not after hours of runs
         for name, cfg in configs.items():
             with_flat(cfg, dp_flat, f"--ssl-variants {name} under DP (it may be chosen for the DP arm)")
@@ -314,7 +321,8 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
             "cpu": platform.processor() or platform.machine(), "device": "?", "torch": torch.__version__,
             "settings": describe_settings(base), "set": overrides, "config": base.to_flat(), "seeds": args.seeds,
             "fractions": args.fractions, "variants": list(args.ssl_variants),
-            "dp": {"epsilon": args.dp_epsilon, "delta": base.privacy.delta, "fraction": dp_fraction} if do_dp else None,
+            "dp": {"epsilon": args.dp_epsilon, "delta": base.privacy.delta, "fraction": dp_fraction, "set": dp_set}
+            if do_dp else None,
             "minutes": 0.0}
     metas[stem] = [meta]
     runner = Runner(stem, rows, meta, save)
@@ -346,12 +354,40 @@ def run_dataset(data: str, stem: str, args: argparse.Namespace, overrides: dict[
     for source in sorted((r for r in ssl_rows(here) if r["variant"] == chosen), key=lambda r: r["seed"]):
         cfg = with_flat(configs[chosen], {**dp_flat, "encoder-init": source["encoder"]}, "DP arm")
         runner.run(cfg, Arm(Mode.FEDERATED.value, cfg.ssl.method), label=dp_label(args.dp_epsilon),
-                   slug=f"dp-{chosen}", seed=source["seed"], fraction=source["fraction"], variant=chosen,
-                   overrides={**next(v.flat for v in variants if v.name == chosen), **dp_flat})
+                   slug="-".join(["dp", chosen, *(re.sub(r"[^A-Za-z0-9.]+", "-", f"{k}-{v}") for k, v in
+                                                  dp_set.items())]),
+                   seed=source["seed"], fraction=source["fraction"], variant=chosen,
+                   overrides={**next(v.flat for v in variants if v.name == chosen), **dp_flat}, dp_set=dp_set)
+
+
+def dp_settings(items: list[str]) -> dict[str, Any]:
+    """``--dp-set`` as flat settings; refuses the settings the DP arm sets itself."""
+    dp_set = parse_pairs(items, "--dp-set")
+    if own := sorted({"dp", "dp-epsilon", "encoder-init"} & set(dp_set)):
+        raise SystemExit(f"--dp-set {', '.join(own)}: dp, dp-epsilon and encoder-init are the DP arm's own "
+                         "(--dp-epsilon; the encoder is each seed's chosen variant's)")
+    return dp_set
 
 
 def dp_label(epsilon: float) -> str:
     return f"federated SSL (chosen on validation) + DP-SGD fine-tuning, epsilon {epsilon:g}"
+
+
+def dp_recipe(row: dict[str, Any]) -> str:
+    """The DP arm's own settings of a DP row (``--dp-set``), as shown in its table label; empty: medfed's recipe
+    unchanged (rows written before ``--dp-set`` existed included)."""
+    return ",".join(f"{k}={v}" for k, v in (row.get("dp_set") or {}).items())
+
+
+def choose_dp(rows: list[dict[str, Any]]) -> str | None:
+    """Among the DP rows of one variant, the ``dp_recipe`` with the highest mean validation AUC (ties: the
+    earlier); None without DP rows."""
+    best: tuple[float, str] | None = None
+    for recipe in dict.fromkeys(dp_recipe(r) for r in rows):
+        val = mean(r["val_auc"] for r in rows if dp_recipe(r) == recipe)
+        if best is None or (val is not None and val > best[0]):
+            best = (val if val is not None else -math.inf, recipe)
+    return best[1] if best else None
 
 
 # ---- choosing and reporting -------------------------------------------------------------------------------------
@@ -425,7 +461,9 @@ def targets(stem: str, fraction: float, chosen: list[dict[str, Any]], scratch: l
                 lines.append("- DP at epsilon 8: no DP run fine-tuned the chosen variant's encoders (target >= 0.93: "
                              "not measured).")
             else:
-                lines.append(f"- DP at epsilon 8: test AUC {fmt(dp_auc)}, mean over {len(dp)} runs (target >= 0.93: "
+                recipe = dp_recipe(dp[0])
+                lines.append(f"- DP at epsilon 8{f' ({recipe}, chosen on validation)' if recipe else ''}: test AUC "
+                             f"{fmt(dp_auc)}, mean over {len(dp)} runs (target >= 0.93: "
                              f"{met(dp_auc is not None and dp_auc >= 0.93)}).")
     elif stem == "pneumoniamnist" and math.isclose(fraction, 0.01):
         low = [v for v in seeds.values() if v is None or v < 0.90]
@@ -474,15 +512,20 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], 
     if dp_meta:
         lines[-1] += (f" The DP arm fine-tunes each seed's encoder of the variant chosen on validation at "
                       f"{dp_meta['fraction']:.0%} labels with DP-SGD (dp finetune, medfed's DP recipe, epsilon "
-                      f"{dp_meta['epsilon']:g}, delta {dp_meta['delta']:g}, fresh ledgers each run).")
+                      f"{dp_meta['epsilon']:g}, delta {dp_meta['delta']:g}, fresh ledgers each run); a DP row's "
+                      "settings in brackets after its variant (`--dp-set`) change that recipe, and where the chosen "
+                      "variant has DP runs of several recipes, the DP target is judged on the one with the highest "
+                      "mean validation AUC.")
     lines.append("")
     for fraction in fractions:
         here = [r for r in rows if r["fraction"] == fraction]
         chosen = choose(here, order)
-        dp_by_variant: dict[str, list[dict[str, Any]]] = {}  # DP runs of several encoders (files merged)
+        dp_by_variant: dict[str, list[dict[str, Any]]] = {}  # DP runs of several encoders/recipes (files merged)
         for r in (r for r in here if r["dp"]):
-            dp_by_variant.setdefault(r["variant"], []).append(r)
-        dp = dp_by_variant.get(chosen, []) if chosen is not None else []  # the target is the chosen variant's
+            dp_by_variant.setdefault(", ".join(filter(None, [r["variant"], dp_recipe(r)])), []).append(r)
+        chosen_dp = [r for r in here if r["dp"] and r["variant"] == chosen] if chosen is not None else []
+        recipe = choose_dp(chosen_dp)  # the target: the chosen variant's DP recipe best on validation
+        dp = [r for r in chosen_dp if dp_recipe(r) == recipe]
         table: list[tuple[str, list[dict[str, Any]]]] = []
         if chosen is not None:
             table.append((f"**federated SSL (chosen on validation: {chosen})**",
@@ -589,8 +632,9 @@ def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]]
 
 
 def tag_name(text: str) -> str:
-    """A ``--tag``: lower-case letters, digits and dashes (it names a RESULTS.md section)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", text):
+    """A ``--tag``: lower-case letters, digits and dashes (it names a RESULTS.md section); empty (the default,
+    which argparse passes through this too): no tag."""
+    if text and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", text):
         raise argparse.ArgumentTypeError(f"{text!r}: use lower-case letters, digits and dashes")
     return text
 
@@ -612,6 +656,9 @@ def main() -> None:
                         help="data sets (stems) that also get the DP arm (none: no DP arm)")
     parser.add_argument("--dp-fraction", type=float, default=0.1)
     parser.add_argument("--dp-epsilon", type=float, default=8.0)
+    parser.add_argument("--dp-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the DP arm's own settings over the chosen variant's and medfed's DP recipe, e.g. "
+                             "finetune-mode=linear finetune-lr=0.05")
     parser.add_argument("--out-dir", default="runs/benchmarks/label_efficiency")
     parser.add_argument("--json", default="", help="write every run's numbers here (default: a new file in --out-dir)")
     parser.add_argument("--from-json", nargs="+", default=[], metavar="PATH",
@@ -639,6 +686,7 @@ def main() -> None:
 def run_all(args: argparse.Namespace, results: Path) -> None:
     """Run every data set; after each, write its section (and, after every run, the JSON file)."""
     common = parse_pairs(args.set, "--set")
+    dp_settings(args.dp_set)  # refused before any run
     per_dataset = {item[0]: parse_pairs(item[1:], f"--set-for {item[0]}") for item in args.set_for}
     stems = [RunConfig.from_flat({"data": data}).dataset.stem for data in args.datasets]
     if unknown := set(per_dataset) - set(stems):

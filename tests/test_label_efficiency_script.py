@@ -7,6 +7,7 @@ are pinned here: a variant restricted to 1 % labels must not run, nor be chosen,
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -182,9 +183,26 @@ def test_a_tag_keeps_its_runs_in_a_section_of_their_own(le: ModuleType, tmp_path
     variant = {**row, "arm": "federated SSL: bv", "variant": "bv", "overrides": {"finetune-select": "best-validation"}}
     text = le.section("breastmnist", [row, variant], [{**meta, "config": {}}])  # set by a variant, not --set
     assert "| test AUC of the last round |" in text
-    for bad in ("Select", "a b", "-x", ""):
+    for bad in ("Select", "a b", "-x"):
         with pytest.raises(Exception, match="lower-case"):
             le.tag_name(bad)
+
+
+def test_without_a_tag_the_command_line_writes_the_untagged_sections(le: ModuleType, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """argparse passes the empty default through ``tag_name`` too: no ``--tag`` must mean no tag, not an error."""
+    row = {"dataset": "breastmnist", "fraction": 0.1, "seed": 0, "arm": le.SCRATCH, "variant": None, "val_auc": 0.7,
+           "test": {"auc": 0.6, "accuracy": 0.8}, "wall": 1.0, "peak": 1.0, "encoder": "", "pretrained": False,
+           "dp": False, "personal_test_auc": None, "personal_val_auc": None, "global_site_test_auc": None,
+           "pretraining_key": ""}
+    meta = {"command": "c", "date": "d", "cores": 2, "cpu": "x", "device": "cpu", "torch": "t", "minutes": 1.0,
+            "settings": "s", "seeds": [0], "fractions": [0.1], "set": {}, "variants": [], "dp": None, "config": {}}
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps({"datasets": {"breastmnist": [meta]}, "rows": [row]}))
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["label_efficiency.py", "--from-json", str(runs), "--results", str(results)])
+    le.main()
+    assert "<!-- label_efficiency-breastmnist:start -->" in results.read_text()
 
 
 def test_the_last_rounds_test_auc_is_read_from_the_runs_metrics(le: ModuleType, tmp_path: Path) -> None:
@@ -207,3 +225,44 @@ def test_the_last_rounds_test_auc_is_read_from_the_runs_metrics(le: ModuleType, 
                             test_row(2, 1, 0.1, accepted=False)])
     assert le.last_round_test_auc(local) == pytest.approx((0.8 + 0.4) / 2)
     assert le.last_round_test_auc(tmp_path / "gone") is None
+
+
+def test_dp_runs_of_several_recipes_are_shown_apart_and_the_target_takes_the_one_best_on_validation(
+        le: ModuleType) -> None:
+    """``--dp-set`` rows (e.g. a head-only DP recipe) beside the plain DP recipe's: both in the table, the target on
+    the chosen variant's recipe with the higher mean validation AUC, never on test."""
+    def full(seed: int, val: float, test: float, *, dp_set: dict[str, Any] | None = None) -> dict[str, Any]:
+        row = {"dataset": "pneumoniamnist", "fraction": 0.1, "seed": seed, "arm": le.dp_label(8.0), "variant": "a",
+               "val_auc": val, "test": {"auc": test, "accuracy": 0.8}, "wall": 1.0, "peak": 1.0, "encoder": "",
+               "pretrained": False, "dp": True, "personal_test_auc": None, "personal_val_auc": None,
+               "global_site_test_auc": None}
+        return {**row, "dp_set": dp_set} if dp_set else row
+
+    ssl = [{**full(s, 0.99, 0.95), "arm": "federated SSL", "dp": False, "pretrained": True} for s in range(3)]
+    scratch = [{**full(s, 0.98, 0.92), "arm": le.SCRATCH, "variant": None, "dp": False} for s in range(3)]
+    linear = {"finetune-mode": "linear", "finetune-lr": 0.05}
+    meta = {"command": "c", "date": "d", "cores": 2, "cpu": "x", "device": "cpu", "torch": "t", "minutes": 1.0,
+            "settings": "s", "seeds": [0, 1, 2], "fractions": [0.1], "set": {}, "variants": ["a:"],
+            "dp": {"epsilon": 8.0, "delta": 1e-5, "fraction": 0.1, "set": linear}}
+    plain = [full(s, 0.90, 0.99) for s in range(3)]  # best on test, worse on validation: not the one judged
+    head = [full(s, 0.92, 0.931, dp_set=linear) for s in range(3)]
+    text = le.section("pneumoniamnist", ssl + scratch + plain + head, [meta])
+    assert f"| {le.dp_label(8.0)} (a) |" in text
+    assert f"| {le.dp_label(8.0)} (a, finetune-mode=linear,finetune-lr=0.05) |" in text
+    assert ("DP at epsilon 8 (finetune-mode=linear,finetune-lr=0.05, chosen on validation): test AUC 0.931, mean over "
+            "3 runs (target >= 0.93: met)") in text
+    worse = [full(s, 0.80, 0.931, dp_set=linear) for s in range(3)]
+    text = le.section("pneumoniamnist", ssl + scratch + plain + worse, [meta])
+    assert "DP at epsilon 8: test AUC 0.990, mean over 3 runs (target >= 0.93: met)" in text
+    assert le.choose_dp([]) is None
+
+
+def test_dp_set_refuses_the_dp_arms_own_settings_before_any_run(le: ModuleType, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["label_efficiency.py", "--datasets", "pneumoniamnist", "--dp-set",
+                                      "finetune-mode=linear", "dp-epsilon=3", "--json", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--dp-set dp-epsilon: dp, dp-epsilon and encoder-init are the DP arm's own"):
+        le.main()
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+    assert le.dp_settings(["finetune-mode=linear", "finetune_lr=0.05"]) == {"finetune-mode": "linear",
+                                                                           "finetune-lr": 0.05}
