@@ -572,15 +572,15 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], 
 
 # ---- input and output -------------------------------------------------------------------------------------------
 def load(paths: list[str], quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rows and per-data-set metas of several JSON files; a run (data set, fraction, seed, arm, variant) given
-    twice keeps the later file's. Rows written before rows carried their ``pretraining_key`` get it recomputed
+    """Rows and per-data-set metas of several JSON files; a run (data set, fraction, seed, arm, variant, DP recipe)
+    given twice keeps the later file's. Rows written before rows carried their ``pretraining_key`` get it recomputed
     from their data set's settings (the meta's ``config``) and the variant's overrides."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     metas: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         doc = json.loads(Path(path).read_text())
         for r in doc["rows"]:
-            key = (r["dataset"], r["fraction"], r["seed"], r["arm"], r["variant"])
+            key = (r["dataset"], r["fraction"], r["seed"], r["arm"], r["variant"], dp_recipe(r))
             if "pretraining_key" not in r:
                 r["pretraining_key"] = recomputed_key(r, doc["datasets"].get(r["dataset"], []))
             if "last_round_test_auc" not in r:  # rows written before rows carried it: from the run's metrics

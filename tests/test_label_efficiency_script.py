@@ -228,7 +228,7 @@ def test_the_last_rounds_test_auc_is_read_from_the_runs_metrics(le: ModuleType, 
 
 
 def test_dp_runs_of_several_recipes_are_shown_apart_and_the_target_takes_the_one_best_on_validation(
-        le: ModuleType) -> None:
+        le: ModuleType, tmp_path: Path) -> None:
     """``--dp-set`` rows (e.g. a head-only DP recipe) beside the plain DP recipe's: both in the table, the target on
     the chosen variant's recipe with the higher mean validation AUC, never on test."""
     def full(seed: int, val: float, test: float, *, dp_set: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -251,6 +251,13 @@ def test_dp_runs_of_several_recipes_are_shown_apart_and_the_target_takes_the_one
     assert f"| {le.dp_label(8.0)} (a, finetune-mode=linear,finetune-lr=0.05) |" in text
     assert ("DP at epsilon 8 (finetune-mode=linear,finetune-lr=0.05, chosen on validation): test AUC 0.931, mean over "
             "3 runs (target >= 0.93: met)") in text
+    # merged from files, the two recipes' runs of one seed stay apart
+    for name, part in (("plain.json", plain), ("head.json", head)):
+        (tmp_path / name).write_text(json.dumps({"datasets": {"pneumoniamnist": [meta]},
+                                                 "rows": [{**r, "pretraining_key": "", "last_round_test_auc": None}
+                                                          for r in part]}))
+    rows, _ = le.load([str(tmp_path / "plain.json"), str(tmp_path / "head.json")], quiet=True)
+    assert len(rows) == 6
     worse = [full(s, 0.80, 0.931, dp_set=linear) for s in range(3)]
     text = le.section("pneumoniamnist", ssl + scratch + plain + worse, [meta])
     assert "DP at epsilon 8: test AUC 0.990, mean over 3 runs (target >= 0.93: met)" in text
