@@ -70,6 +70,7 @@ from medfed.constants import NO_PRETRAIN, Mode, PersonalParts
 from medfed.exceptions import ConfigError
 from medfed.experiment.arms import Arm
 from medfed.experiment.phases import PRETRAINED_ENCODER
+from medfed.experiment.site_means import weighted_means
 from medfed.simulations.launcher import simulate as run_experiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -496,6 +497,7 @@ def section(stem: str, rows: list[dict[str, Any]], metas: list[dict[str, Any]], 
                   f"{m['torch']}, {m['minutes']:.1f} min. Settings: {m['settings']}; seeds {m['seeds']}, labelled "
                   f"fractions {m['fractions']}; overrides: "
                   + (" ".join(f"`{k}={v}`" for k, v in m["set"].items()) or "none") + ".", ""]
+    lines += [note + "\n" for note in dict.fromkeys(m["note"] for m in metas if m.get("note"))]
     lines += ["Federated SSL variants (`NAME:settings` over the run's): "
               + ", ".join(f"`{v}`" for v in dict.fromkeys(v for m in metas for v in m["variants"])) + ".",
               "Validation AUC: the global model's "
@@ -612,6 +614,35 @@ def last_round_test_auc(run_dir: Path, arm: str = "") -> float | None:
     return mean(r.get("auc") for r in last.values())
 
 
+def as_last_round(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as if its run had kept its last fine-tuning round (``finetune-select last``, the default): the runs
+    train the same either way (the choice only keeps a copy), so the last round's validation mean (federated arms:
+    the sites' shares weighted by images, as the run records it) and test AUC and accuracy (local-only: mean over
+    sites of each site's last round) are read from the run's metrics.jsonl.
+
+    Raises:
+        SystemExit: the run's metrics.jsonl is gone, or has no fine-tuning test rows.
+    """
+    metrics = Path(row.get("run_dir") or "/nonexistent") / "metrics.jsonl"
+    if not metrics.is_file():
+        raise SystemExit(f"{metrics}: gone; --last-rounds reads every run's rounds from it")
+    tests: dict[Any, dict[str, Any]] = {}
+    vals: dict[int, list[dict[str, Any]]] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("phase") != "finetune" or r.get("accepted", True) is False:
+            continue
+        if r.get("split") == "test" and (r["site"] not in tests or r["round"] >= tests[r["site"]]["round"]):
+            tests[r["site"]] = r
+        elif r.get("split") == "val":
+            vals.setdefault(r["round"], []).append(r)
+    if not tests:
+        raise SystemExit(f"{metrics}: no fine-tuning test rows")
+    test = {key: mean(r.get(key) for r in tests.values()) for key in ("auc", "accuracy")}
+    val = weighted_means(vals[max(vals)]).get("auc") if vals else None
+    return {**row, "val_auc": val, "test": test, "last_round_test_auc": None}
+
+
 def recomputed_key(row: dict[str, Any], metas: list[dict[str, Any]]) -> str:
     """The pretraining key of an older row that did not store it ("" when it did not pretrain or cannot tell)."""
     if not row.get("pretrained") or not metas or row["dp"]:
@@ -624,7 +655,18 @@ def recomputed_key(row: dict[str, Any], metas: list[dict[str, Any]]) -> str:
 
 
 def write_all(rows: list[dict[str, Any]], metas: dict[str, list[dict[str, Any]]], results: Path,
-              tag: str = "") -> None:
+              tag: str = "", last_rounds: bool = False) -> None:
+    """One section per data set; ``last_rounds``: every run read at its last round (`as_last_round`), the
+    sections saying so."""
+    if last_rounds:
+        rows = [as_last_round(r) for r in rows]
+        metas = {stem: [{**m, "config": {**m.get("config", {}), "finetune-select": "last"},
+                         "note": "Rebuilt with every run read at its last fine-tuning round (`--last-rounds`: what "
+                                 "`finetune-select last`, the default, reports; the runs train the same either way), "
+                                 "validation and test alike, baselines included."} for m in ms]
+                 for stem, ms in metas.items()}
+        for r in rows:
+            r["overrides"] = {k: v for k, v in (r.get("overrides") or {}).items() if k != "finetune-select"}
     for stem, ms in metas.items():
         text = section(stem, [r for r in rows if r["dataset"] == stem], ms, tag)
         write_section(f"label_efficiency-{tag + '-' if tag else ''}{stem}", text, results)
@@ -669,6 +711,9 @@ def main() -> None:
     parser.add_argument("--reuse-baselines", nargs="+", default=[], metavar="PATH",
                         help="JSON files of earlier runs: copy their centralized, local-only and from-scratch rows "
                              "(same data set, seed, fraction and run settings) instead of running them again")
+    parser.add_argument("--last-rounds", action="store_true",
+                        help="with --from-json: read every run at its last fine-tuning round (what finetune-select "
+                             "last reports), also runs that kept their best validation round")
     parser.add_argument("--results", default=str(RESULTS), help="the Markdown file to write the sections into")
     parser.add_argument("--tag", default="", type=tag_name,
                         help="write the sections as label_efficiency-TAG-<data>: runs kept apart from the untagged "
@@ -678,7 +723,7 @@ def main() -> None:
     results = Path(args.results)
 
     if args.from_json:
-        write_all(*load(args.from_json), results, args.tag)
+        write_all(*load(args.from_json), results, args.tag, args.last_rounds)
     else:
         run_all(args, results)
 

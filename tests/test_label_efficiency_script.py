@@ -273,3 +273,45 @@ def test_dp_set_refuses_the_dp_arms_own_settings_before_any_run(le: ModuleType, 
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
     assert le.dp_settings(["finetune-mode=linear", "finetune_lr=0.05"]) == {"finetune-mode": "linear",
                                                                            "finetune-lr": 0.05}
+
+
+def test_last_rounds_reads_every_run_at_its_last_round(le: ModuleType, tmp_path: Path) -> None:
+    """``--last-rounds``: a best-validation run's row becomes what ``finetune-select last`` reports: the last round's
+    validation mean (weighted by the sites' images) and test metrics, not the kept round's; local-only: mean over
+    sites' last rows. A run whose metrics are gone is refused, not skipped."""
+    def run(name: str, metrics: list[dict[str, Any]]) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        return str(d)
+
+    def m(split: str, rnd: int, site: str, auc: float, n: int = 10, acc: float = 0.5) -> dict[str, Any]:
+        return {"phase": "finetune", "split": split, "round": rnd, "site": site, "auc": auc, "accuracy": acc,
+                "num-examples": n}
+
+    fed = run("fed", [m("val", 1, "0", 0.99), m("val", 1, "1", 0.99), m("test", 1, "global", 0.95, acc=0.9),
+                      m("val", 2, "0", 0.70, n=30), m("val", 2, "1", 0.90), m("test", 2, "global", 0.60, acc=0.4),
+                      {**m("test", 3, "global", 0.1), "accepted": False}, {"phase": "finetune", "split": "selected",
+                                                                           "round": 1, "site": "global"}])
+    local = run("local", [m("test", 1, "0", 0.7), m("test", 2, "0", 0.8), m("test", 1, "1", 0.5)])
+    base = {"dataset": "pneumoniamnist", "fraction": 0.1, "seed": 0, "arm": "x", "variant": "a", "dp": False,
+            "val_auc": 0.99, "test": {"auc": 0.95, "accuracy": 0.9}, "last_round_test_auc": 0.6,
+            "overrides": {"finetune-select": "best-validation"}}
+    got = le.as_last_round({**base, "run_dir": fed})
+    assert got["val_auc"] == pytest.approx((0.70 * 30 + 0.90 * 10) / 40)
+    assert got["test"] == {"auc": pytest.approx(0.60), "accuracy": pytest.approx(0.4)}
+    got = le.as_last_round({**base, "variant": None, "run_dir": local})
+    assert got["val_auc"] is None and got["test"]["auc"] == pytest.approx((0.8 + 0.5) / 2)
+    with pytest.raises(SystemExit, match="gone"):
+        le.as_last_round({**base, "run_dir": str(tmp_path / "nothing")})
+    meta = {"command": "c", "date": "d", "cores": 2, "cpu": "x", "device": "cpu", "torch": "t", "minutes": 1.0,
+            "settings": "s", "seeds": [0], "fractions": [0.1], "set": {}, "variants": ["a:"], "dp": None,
+            "config": {"finetune-select": "best-validation"}}
+    results = tmp_path / "RESULTS.md"
+    row = {**base, "run_dir": fed, "wall": 1.0, "peak": 1.0, "encoder": "", "pretrained": True,
+           "personal_test_auc": None, "personal_val_auc": None, "global_site_test_auc": None,
+           "arm": "federated SSL"}
+    le.write_all([row], {"pneumoniamnist": [meta]}, results, "last", last_rounds=True)
+    text = results.read_text()
+    assert "read at its last fine-tuning round" in text and "test AUC of the last round" not in text
+    assert "| federated SSL: a | 0.750 ± 0.000 | 0.600 ± 0.000 |" in text
