@@ -722,6 +722,8 @@ def main() -> None:
     args = parser.parse_args()
     results = Path(args.results)
 
+    if args.last_rounds and not args.from_json:
+        parser.error("--last-rounds reads finished runs: give it --from-json (a run's own settings decide its rounds)")
     if args.from_json:
         write_all(*load(args.from_json), results, args.tag, args.last_rounds)
     else:

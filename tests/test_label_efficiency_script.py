@@ -315,3 +315,11 @@ def test_last_rounds_reads_every_run_at_its_last_round(le: ModuleType, tmp_path:
     text = results.read_text()
     assert "read at its last fine-tuning round" in text and "test AUC of the last round" not in text
     assert "| federated SSL: a | 0.750 ± 0.000 | 0.600 ± 0.000 |" in text
+
+
+def test_last_rounds_without_from_json_is_refused(le: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", ["label_efficiency.py", "--last-rounds"])
+    with pytest.raises(SystemExit):
+        le.main()
+    assert "--last-rounds reads finished runs: give it --from-json" in capsys.readouterr().err
